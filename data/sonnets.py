@@ -1,0 +1,63 @@
+"""
+Shakespeare's sonnets, as the Stanford CS224N GPT-2 project uses them.
+
+sonnets.txt holds a header (the Folger edition's title lines), then every sonnet as a line with its number,
+a blank line, and its lines (usually 14). The held-out files hold only each sonnet's first 3 lines: the
+prompt; the model writes the rest. TRUE_sonnets_held_out_dev.txt holds the same sonnets in full: the
+references that chrF compares the model's sonnets with.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.batching import Example
+from data.tokenizer import encode
+from fileio import InputError
+from model import END_OF_TEXT
+
+PROMPT_LINES = 3
+# The course splits a file on its number lines, exactly like this: re.split(r'\n\s*\d+\s*\n', text)
+NUMBER_LINE = re.compile(r"\n\s*(\d+)\s*\n")
+
+
+@dataclass(frozen=True)
+class Sonnet:
+    number: int
+    text: str  # the sonnet's lines joined by "\n", with surrounding whitespace stripped as the course does
+
+
+def read_sonnets(path, limit=None):
+    """Every sonnet in a file of the course's format (training, held-out or TRUE); `limit` keeps the first N."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; run `python -m data.download` or copy the course's sonnet "
+                         f"files into data/")
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    numbers = list(NUMBER_LINE.finditer(text))  # the same matches re.split splits on
+    if not numbers:
+        raise InputError(f"{path}: found no numbered sonnets (a line holding only a number, then the sonnet)")
+    sonnets = []
+    for this, following in zip(numbers, numbers[1:] + [None]):
+        body = text[this.end():following.start() if following else len(text)].strip()
+        if not body:
+            line = text.count("\n", 0, this.start(1)) + 1
+            raise InputError(f"{path}:{line}: sonnet {this.group(1)} has no lines")
+        sonnets.append(Sonnet(int(this.group(1)), body))
+    return sonnets[:limit]
+
+
+def split_prompt(sonnet_text, n_lines=PROMPT_LINES):
+    """(first n lines, the rest starting with its newline): the task's prompt and the continuation to write."""
+    lines = sonnet_text.split("\n")
+    if len(lines) <= n_lines:
+        raise ValueError(f"a sonnet of {len(lines)} lines has nothing after its first {n_lines}")
+    prompt = "\n".join(lines[:n_lines])
+    return prompt, sonnet_text[len(prompt):]
+
+
+def sonnet_example(sonnet):
+    """For SFT: learn to write the whole sonnet, then stop (the end-of-text token ends the target).
+
+    There is no prompt: every token after the first is a target, so the model learns openings too."""
+    return Example(prompt=[], target=encode(sonnet.text) + [END_OF_TEXT])

@@ -1,0 +1,30 @@
+"""GPT-2's byte-pair encoding (the 50257-token vocabulary), through tiktoken."""
+
+import functools
+
+import tiktoken
+
+from fileio import InputError
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer():
+    """tiktoken's "gpt2" encoding. It downloads its two BPE files once and caches them; offline, point
+    TIKTOKEN_CACHE_DIR at a folder that holds them under tiktoken's cache names."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises whatever its HTTP client raises
+        raise InputError(
+            f"could not load GPT-2's BPE files through tiktoken ({type(e).__name__}: {e}). tiktoken downloads "
+            f"them on first use; offline, set TIKTOKEN_CACHE_DIR to a folder holding its cached copies "
+            f"(this project's tests use ../shared/data/tiktoken_cache)."
+        ) from None
+
+
+def encode(text):
+    """Text -> token ids. Special-token strings such as "<|endoftext|>" inside the text stay plain text."""
+    return get_tokenizer().encode_ordinary(text)
+
+
+def decode(ids):
+    return get_tokenizer().decode(list(ids))

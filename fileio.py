@@ -1,0 +1,215 @@
+"""
+Everything that touches the disk or the network, in one place:
+
+- InputError: the one exception for "the input is wrong" (a bad file, a failed download). Scripts print its
+  message and exit; the message always says what was wrong, where, and what to do about it.
+- atomic_open: write to a temporary file, then rename, so a crash never leaves half a checkpoint or result.
+- download: a resumable, progress-barred, optionally hash-checked HTTP download (same atomic rename).
+- read_safetensors / write_safetensors: the safetensors format, read and written by hand. It is tiny:
+      [8 bytes: header length N, little-endian] [N bytes: JSON header] [raw tensor bytes]
+  and, unlike pickle (torch.load), reading it can never run code from the file.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+class InputError(Exception):
+    """A file, download or argument that the user supplied (or must supply) is missing or malformed."""
+
+
+# -----------------------------------------------------------------------------
+# atomic writes
+
+@contextmanager
+def atomic_open(path, mode="w", encoding="utf-8"):
+    """Open a temporary file beside `path`; on success fsync it and rename it over `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+# -----------------------------------------------------------------------------
+# downloads
+
+def download(url, dest, sha256=None, hint=""):
+    """Fetch `url` into `dest` unless it is already there. Returns dest as a Path.
+
+    Bytes go to `dest.part`; an interrupted download resumes from there (HTTP Range) on the next call.
+    Only a complete file (and, if `sha256` is given, one with that hash) is renamed to `dest`.
+    `hint` is appended to the error when the download fails, e.g. where to put the file by hand.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "gpt2-sft-dpo"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    failed = f"could not download {url} to {dest}"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416:  # 416 = nothing left past `have`: the .part file is already whole
+            raise InputError(f"{failed}: HTTP {e.code} {e.reason}. {hint}".strip()) from None
+        response = None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise InputError(f"{failed}: {reason}. {hint}".strip()) from None
+    if response is not None:
+        with response:
+            if have and response.status != 206:  # the server ignored our Range header: start over
+                have = 0
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length is not None else None
+            try:
+                with open(part, "ab" if have else "wb") as f, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=dest.name, disable=None,
+                ) as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            except OSError as e:
+                raise InputError(f"{failed}: interrupted ({e}); run again to resume from {part}") from None
+        if total is not None and part.stat().st_size != total:
+            raise InputError(f"{failed}: got {part.stat().st_size} of {total} bytes; run again to resume")
+    if sha256 is not None:
+        actual = sha256_of(part)
+        if actual != sha256:
+            part.unlink()
+            raise InputError(f"{failed}: sha256 is {actual}, expected {sha256}; the partial file was deleted")
+    os.replace(part, dest)
+    return dest
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# safetensors
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit on the JSON header
+assert sys.byteorder == "little", "safetensors stores little-endian bytes; this reader does not byte-swap"
+
+
+def read_safetensors(path):
+    """Read every tensor of a .safetensors file. Returns (tensors: dict name -> Tensor, metadata: dict).
+
+    Any inconsistency (truncated file, garbage header, offsets that do not match the shapes) raises
+    InputError naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    size = path.stat().st_size
+
+    def bad(problem):
+        return InputError(f"{path}: not a valid safetensors file: {problem}")
+
+    with open(path, "rb") as f:
+        if size < 8:
+            raise bad(f"the file is only {size} bytes long: truncated (an interrupted download?)")
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise bad(f"its header claims {header_len} bytes but the file has {size} (truncated, or another format)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"the header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise bad("the header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        data_start, data_size = 8 + header_len, size - 8 - header_len
+
+        # Tensors must tile the data region exactly: this is what catches a truncated download.
+        entries = []
+        for name, info in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = [int(n) for n in info["shape"]]
+                begin, end = (int(n) for n in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise bad(f"tensor {name!r} has a malformed entry {info!r}") from None
+            numel = 1
+            for n in shape:
+                numel *= n
+            if end - begin != numel * dtype.itemsize:
+                raise bad(f"tensor {name!r} has shape {shape} ({info['dtype']}) but {end - begin} bytes")
+            entries.append((begin, end, name, dtype, shape))
+        entries.sort()
+        expected_begin = 0
+        for begin, end, name, _, _ in entries:
+            if begin != expected_begin:
+                raise bad(f"tensor {name!r} starts at byte {begin}, expected {expected_begin}")
+            expected_begin = end
+        if expected_begin != data_size:
+            raise bad(f"the tensors need {expected_begin} bytes of data but the file holds {data_size} "
+                      f"(truncated or corrupted; delete it and download again)")
+
+        tensors = {}
+        for begin, end, name, dtype, shape in entries:
+            f.seek(data_start + begin)
+            buffer = bytearray(f.read(end - begin))
+            tensors[name] = (torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype))
+            tensors[name] = tensors[name].reshape(shape)
+    return tensors, metadata
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write a dict of tensors (and optional str -> str metadata) as a .safetensors file, atomically."""
+    names_to_dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, blobs, offset = {}, [], 0
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names_to_dtype[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the spec pads the header to a multiple of 8 with spaces
+    with atomic_open(path, "wb") as f:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for blob in blobs:
+            f.write(blob)

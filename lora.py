@@ -1,0 +1,193 @@
+"""
+LoRA, by hand (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+Full fine-tuning learns a whole new d_out x d_in matrix for every layer. LoRA freezes the pretrained W and
+learns the update as a product of two thin matrices, B (d_out x r) and A (r x d_in) with r << d:
+
+    h = W x + (alpha / r) * B A x                                   (Hu et al. 2021, eq. 3)
+
+A starts random and B starts at zero, so B A = 0 and training starts exactly at the pretrained function.
+alpha / r keeps the update's scale steady when you change r. After training, B A can be folded into W
+("merged"), so the adapted model runs as fast as the original one.
+
+    model = apply_lora(GPT.from_pretrained("gpt2"), r=8, alpha=16)  # freezes everything but A and B
+    ... train ...
+    save_lora(model, "adapter.safetensors")                        # a few MB, not the whole model
+    plain = merged_state_dict(model)                               # a plain GPT state dict, W + (alpha/r) B A
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from fileio import InputError, read_safetensors, write_safetensors
+
+# Every Linear in GPT-2's blocks. The output layer is never adapted: it is tied to the token embedding.
+DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: y = W x + b + (alpha / r) B A dropout(x)."""
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        self.base = base.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        weight = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=weight.device, dtype=weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear does for its own weight
+        self.lora_dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x):
+        if self.merged:
+            if self.training:
+                raise RuntimeError("this LoRA layer is merged into its base weight; call unmerge() before training")
+            return self.base(x)
+        return self.base(x) + (self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    def delta_weight(self):
+        """The update this layer adds to W: (alpha / r) B A, shape (out_features, in_features)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into W, so a forward pass costs one matmul. unmerge() undoes it."""
+        if not self.merged:
+            self.base.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.delta_weight()
+            self.merged = False
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}"
+
+
+def apply_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS):
+    """Replace every nn.Linear whose name is, or ends in, one of `targets` by a LoRALinear; freeze the rest.
+
+    Target names are matched by dotted suffix: "c_proj" matches attention's and the MLP's c_proj,
+    "attn.c_proj" only attention's, "transformer.h.0.attn.c_attn" one layer. Returns the model (changed in place).
+    """
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    if isinstance(targets, str) or not targets:
+        raise ValueError(f"LoRA targets must be a non-empty list of module names, got {targets!r}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("this model already has LoRA layers; apply_lora once per model")
+
+    linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = []
+    for target in targets:
+        matches = [name for name, _ in model.named_modules() if name == target or name.endswith("." + target)]
+        if not matches:
+            suffixes = sorted({".".join(n.split(".")[-2:]) for n in linear_names})
+            raise ValueError(f"LoRA target {target!r} matches no module; the Linear layers are named {suffixes}")
+        for name in matches:
+            module = model.get_submodule(name)
+            if name == "lm_head":
+                raise ValueError("lm_head is tied to the token embedding and is never adapted by LoRA")
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"LoRA target {target!r} matches {name}, which is {type(module).__name__}, not nn.Linear")
+            if name not in chosen:
+                chosen.append(name)
+
+    model.requires_grad_(False)  # only the new A and B matrices will train
+    for name in chosen:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), r, alpha, dropout))
+    return model
+
+
+def lora_layers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model):
+    for layer in lora_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model):
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# adapter-only checkpoints, and export to a plain GPT
+
+def lora_state_dict(model):
+    """Only the LoRA matrices: everything needed to rebuild the fine-tuned model from the base model."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def load_lora_state_dict(model, state_dict):
+    """Load A and B matrices into a model that already has exactly these LoRA layers (same names and shapes)."""
+    expected = lora_state_dict(model)
+    if not expected:
+        raise ValueError("the model has no LoRA layers; call apply_lora (or load_lora) first")
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"LoRA state dict does not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for key, tensor in state_dict.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"LoRA tensor {key} has shape {tuple(tensor.shape)}, the model has {tuple(expected[key].shape)}")
+    model.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def save_lora(model, path):
+    """Write the adapter (A, B of every LoRA layer, plus alpha and dropout) as a small safetensors file."""
+    layers = list(lora_layers(model).values())
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save")
+    write_safetensors(path, lora_state_dict(model),
+                      metadata={"lora_alpha": layers[0].alpha, "lora_dropout": layers[0].lora_dropout.p})
+
+
+def load_lora(model, path):
+    """Load an adapter written by save_lora. A model without LoRA layers gets them first, on exactly the
+    layers the file adapts, with the file's rank and alpha. Returns the model."""
+    tensors, metadata = read_safetensors(path)
+    if not lora_layers(model):
+        names = sorted(k.removesuffix(".lora_A") for k in tensors if k.endswith(".lora_A"))
+        if not names or "lora_alpha" not in metadata:
+            raise InputError(f"{path}: not a LoRA adapter written by save_lora (no lora_A tensors or no lora_alpha)")
+        apply_lora(model, r=tensors[names[0] + ".lora_A"].shape[0], alpha=float(metadata["lora_alpha"]),
+                   dropout=float(metadata.get("lora_dropout", 0.0)), targets=names)
+    try:
+        return load_lora_state_dict(model, tensors)
+    except ValueError as e:
+        raise InputError(f"{path}: {e}") from None
+
+
+def merged_state_dict(model):
+    """A plain GPT state dict (no LoRA names) whose weights are W + (alpha / r) B A. The model is unchanged."""
+    layers = lora_layers(model)
+    plain = {}
+    for key, value in model.state_dict().items():
+        if key.endswith((".lora_A", ".lora_B")):
+            continue
+        module_name, _, param = key.rpartition(".")
+        owner = layers.get(module_name.removesuffix(".base")) if module_name.endswith(".base") else None
+        if owner is not None:
+            key = f"{module_name.removesuffix('.base')}.{param}"
+            if param == "weight" and not owner.merged:
+                value = value + owner.delta_weight()
+        plain[key] = value.detach().clone()
+    return plain

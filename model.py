@@ -1,0 +1,390 @@
+"""
+GPT-2, in one file you can read top to bottom (after Karpathy's nanoGPT).
+
+    logits = model(input_ids, attention_mask=None)        # (B, T, vocab): a prediction at every position
+    model = GPT.from_pretrained("gpt2")                   # OpenAI's weights (or a local hub-layout directory)
+    tokens = model.generate(prompt_ids, max_new_tokens=128, temperature=1.2, top_p=0.9)
+
+The architecture is exactly GPT-2's (Radford et al. 2019): learned token and position embeddings, then
+n_layer pre-LayerNorm blocks of causal self-attention and a GELU MLP, a final LayerNorm, and an output
+layer that shares its weights with the token embedding. Module names match OpenAI's checkpoint, so loading
+is a rename plus a transpose.
+
+Padding: a batch of sequences of different lengths is padded to one length. `attention_mask` (B, T) marks
+real tokens with 1 and padding with 0. Positions count real tokens only, and no real token attends to
+padding, so every real position gets the logits it would get if its sequence ran alone. Right padding is
+what training and scoring use; left padding is what batched generation uses (every prompt then ends at
+the last column, where the next token goes).
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fileio import InputError, download, read_safetensors, write_json, write_safetensors
+
+END_OF_TEXT = 50256  # GPT-2's <|endoftext|>: ends a document, and pads batches (masked out by position)
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # the longest sequence, i.e. the number of learned positions
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # GPT-2 was pretrained with 0.1; fine-tuning often uses 0.0 or 0.1
+    layer_norm_epsilon: float = 1e-5
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.layer_idx = layer_idx  # which slot of a KVCache this layer reads and writes
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # split the channels into heads: (B, T, C) -> (B, n_head, T, head_size)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is not None:  # prepend the keys and values of the tokens already seen
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V        (Vaswani et al. 2017, eq. 1)
+        # M is -inf where a query may not look: the future (causal), and padding. attn_mask=None means
+        # "causal only", which lets PyTorch use its fastest kernels.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU; the exact erf form differs in the 4th decimal
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)  # pre-LayerNorm residual blocks
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class KVCache:
+    """The keys and values of every token seen so far, one tensor pair per layer.
+
+    With it, generating a token runs the network on that one token instead of the whole sequence again:
+    attention needs the new token's query, but the keys and values of all tokens, which never change.
+    """
+
+    def __init__(self, n_layer):
+        self.keys = [None] * n_layer
+        self.values = [None] * n_layer
+
+    def __len__(self):  # number of cached positions
+        return 0 if self.keys[0] is None else self.keys[0].size(2)
+
+    def update(self, layer_idx, k, v):
+        if self.keys[layer_idx] is not None:
+            k = torch.cat([self.keys[layer_idx], k], dim=2)
+            v = torch.cat([self.values[layer_idx], v], dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
+
+
+def attention_inputs(attention_mask, batch_size, seq_len, past_len, device):
+    """Position ids and attention mask for `seq_len` new tokens that follow `past_len` cached ones.
+
+    attention_mask: (B, past_len + seq_len) with 1 = real token, 0 = padding; or None for no padding.
+    Returns positions (B or 1, seq_len) and a boolean mask (B, 1, seq_len, past_len + seq_len) with
+    True = may attend, or None when plain causal attention is already exact (no padding, no cache).
+    """
+    if attention_mask is None:
+        positions = torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)
+        if past_len == 0:
+            return positions, None
+        attention_mask = torch.ones(batch_size, past_len + seq_len, dtype=torch.long, device=device)
+    if attention_mask.shape != (batch_size, past_len + seq_len):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                         f"{(batch_size, past_len + seq_len)} (cached + new tokens)")
+    real = attention_mask.bool()
+    # a token's position = how many real tokens precede it, so left padding does not shift positions
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+    query = torch.arange(past_len, past_len + seq_len, device=device).view(-1, 1)
+    key = torch.arange(past_len + seq_len, device=device).view(1, -1)
+    causal = key <= query  # (seq_len, past_len + seq_len)
+    # a padding query would otherwise see no key at all (softmax of all -inf = NaN): let it see itself
+    mask = causal & (real[:, None, None, :] | (key == query))
+    return positions, mask
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
+        # GPT-2's initialisation, for training from scratch (from_pretrained overwrites all of it)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # scale residual projections by 1/sqrt(number of residual adds)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, trainable_only=False):
+        """Parameters counted once each (the tied embedding too); trainable_only counts requires_grad ones."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def hidden_states(self, input_ids, attention_mask=None, kv_cache=None):
+        """The final (post-LayerNorm) hidden state at every position: (B, T, n_embd).
+
+        Callers that need only a few positions' logits (scoring, generation) apply lm_head to those alone.
+        """
+        B, T = input_ids.size()
+        past_len = len(kv_cache) if kv_cache is not None else 0
+        if past_len + T > self.config.block_size:
+            raise ValueError(f"sequence of {past_len + T} tokens is longer than block_size={self.config.block_size}")
+        positions, attn_mask = attention_inputs(attention_mask, B, T, past_len, input_ids.device)
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(positions))
+        for block in self.transformer.h:
+            x = block(x, attn_mask, kv_cache)
+        return self.transformer.ln_f(x)
+
+    def forward(self, input_ids, attention_mask=None, kv_cache=None):
+        """Logits for the next token at every position: (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, kv_cache))
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_p=1.0, attention_mask=None,
+                 eos_token_id=END_OF_TEXT, use_cache=True, generator=None):
+        """Continue each prompt by up to `max_new_tokens` tokens.
+
+        input_ids: (B, T) prompts, left-padded when their lengths differ (with attention_mask marking them).
+        temperature=0 picks the most likely token (greedy); otherwise sample from softmax(logits / temperature)
+        restricted to the top-p nucleus. Pass a seeded torch.Generator for reproducible samples.
+        A row that emits eos_token_id is finished: its later tokens are eos_token_id too, and generation
+        stops when every row is finished (eos_token_id=None: always max_new_tokens). Returns (B, T + new).
+        """
+        B, T = input_ids.size()
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds block_size={self.config.block_size}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif not attention_mask[:, -1].all():
+            raise ValueError("generate() needs left-padded prompts: every row must end with a real token")
+        kv_cache = KVCache(self.config.n_layer) if use_cache else None
+        tokens, new_tokens = input_ids, input_ids
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            # with the cache, feed only what the model has not seen yet; without it, the whole sequence
+            h = self.hidden_states(new_tokens if use_cache else tokens, attention_mask, kv_cache)
+            logits = self.lm_head(h[:, -1, :])  # (B, vocab): only the last position predicts what comes next
+            next_token = sample_next_token(logits, temperature, top_p, generator)
+            if eos_token_id is not None:
+                next_token = torch.where(finished, eos_token_id, next_token)
+                finished |= next_token == eos_token_id
+            new_tokens = next_token.unsqueeze(1)
+            tokens = torch.cat([tokens, new_tokens], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(new_tokens)], dim=1)
+            if finished.all():
+                break
+        return tokens
+
+    # -------------------------------------------------------------------------
+    # OpenAI's weights, in the Hugging Face hub's layout (config.json + model.safetensors)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dropout=0.0):
+        """One of gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once into GPT2_CACHE_DIR), or a local
+        directory holding config.json and model.safetensors, as the hub has them and save_pretrained writes."""
+        name_or_dir = str(name_or_dir)
+        if name_or_dir in PRETRAINED:
+            config = GPTConfig(**PRETRAINED[name_or_dir], dropout=dropout)
+            weights = download(
+                HUB_URL.format(name=name_or_dir), weights_cache_dir() / name_or_dir / "model.safetensors",
+                hint=f"Without internet access, get {name_or_dir}'s config.json and model.safetensors from "
+                     f"huggingface.co/openai-community/{name_or_dir} elsewhere, put them in a directory, "
+                     f"and pass that directory instead of the name.",
+            )
+        else:
+            directory = Path(name_or_dir)
+            if not directory.is_dir():
+                raise InputError(f"{name_or_dir!r} is neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
+            config = read_hub_config(directory / "config.json", dropout)
+            weights = directory / "model.safetensors"
+            if not weights.is_file():
+                pickled = " (pytorch_model.bin is a pickle, which this loader never opens)" if (
+                    directory / "pytorch_model.bin").exists() else ""
+                raise InputError(f"{weights}: no such file{pickled}; the directory needs model.safetensors")
+        model = cls(config)
+        tensors, _ = read_safetensors(weights)
+        model.load_state_dict(state_dict_from_hub(tensors, model, weights))
+        return model
+
+    def save_pretrained(self, directory):
+        """Write config.json and model.safetensors in the hub's layout: from_pretrained (ours, or Hugging
+        Face's GPT2LMHeadModel) loads them back. Each file is written atomically."""
+        directory = Path(directory)
+        tensors = {}
+        for name, tensor in self.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied to transformer.wte.weight
+            if name.endswith(CONV1D_WEIGHTS):
+                tensor = tensor.t()
+            tensors[name] = tensor
+        write_safetensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
+        c = self.config
+        write_json(directory / "config.json", {
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+            "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+            "n_head": c.n_head, "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
+            "bos_token_id": END_OF_TEXT, "eos_token_id": END_OF_TEXT, "tie_word_embeddings": True,
+        })
+
+
+def sample_next_token(logits, temperature=1.0, top_p=1.0, generator=None):
+    """Pick one token per row of logits (B, vocab): greedy when temperature == 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(logits / temperature, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def top_p_filter(logits, top_p):
+    """Nucleus filtering (Holtzman et al. 2020): keep the smallest set of most likely tokens whose probability
+    adds up to at least top_p, and set every other logit to -inf. The most likely token is always kept."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = F.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # probability of the more likely tokens
+    remove_sorted = mass_before >= top_p  # the nucleus is already full without this token
+    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)  # back to vocabulary order
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# -----------------------------------------------------------------------------
+# loading: names, shapes and the hub's file layout
+
+PRETRAINED = {  # OpenAI's four sizes (vocab_size=50257, block_size=1024 for all)
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
+# OpenAI's code stores these four as "Conv1D" weights, (in, out); nn.Linear keeps (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def weights_cache_dir():
+    return Path(os.environ.get("GPT2_CACHE_DIR", Path.home() / ".cache" / "gpt2-sft-dpo")).expanduser()
+
+
+def read_hub_config(path, dropout=0.0):
+    """GPTConfig from a Hugging Face GPT-2 config.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; a model directory needs config.json and model.safetensors")
+    try:
+        hub = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if hub.get("model_type", "gpt2") != "gpt2":
+        raise InputError(f"{path}: model_type is {hub['model_type']!r}, this loader reads GPT-2 checkpoints only")
+    hub.setdefault("n_positions", hub.get("n_ctx"))  # older configs name the context length n_ctx
+    for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if hub.get(key) is None:
+            raise InputError(f"{path}: missing the GPT-2 setting {key!r}")
+    try:
+        return GPTConfig(
+            block_size=int(hub["n_positions"]), vocab_size=int(hub["vocab_size"]), n_layer=int(hub["n_layer"]),
+            n_head=int(hub["n_head"]), n_embd=int(hub["n_embd"]),
+            layer_norm_epsilon=float(hub.get("layer_norm_epsilon", 1e-5)), dropout=dropout,
+        )
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: a GPT-2 setting is not a number ({e})") from None
+
+
+def state_dict_from_hub(tensors, model, source):
+    """Rename and transpose a hub checkpoint's tensors into `model`'s state dict, checking every name and shape."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}  # lm_head is tied
+    ours = {}
+    for name, tensor in tensors.items():
+        name = name.removeprefix("transformer.")  # present when Hugging Face saved a GPT2LMHeadModel
+        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the tied output layer, and causal-mask buffers that older checkpoints carry
+        name = "transformer." + name
+        if name.endswith(CONV1D_WEIGHTS) and tensor.dim() == 2:
+            tensor = tensor.t()
+        ours[name] = tensor
+    missing, unexpected = sorted(expected.keys() - ours.keys()), sorted(ours.keys() - expected.keys())
+    if missing or unexpected:
+        raise InputError(f"{source}: does not match a GPT-2 with n_layer={model.config.n_layer}: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for name, shape in expected.items():
+        if ours[name].shape != shape:
+            raise InputError(f"{source}: tensor {name} has shape {tuple(ours[name].shape)}, the model "
+                             f"(n_embd={model.config.n_embd}, vocab_size={model.config.vocab_size}) expects {tuple(shape)}")
+        ours[name] = ours[name].float()
+    ours["lm_head.weight"] = ours["transformer.wte.weight"]
+    return ours

@@ -1,0 +1,270 @@
+"""model.py against Hugging Face transformers' GPT-2 (the oracle), and its own invariants."""
+
+import json
+
+import pytest
+import torch
+
+import model as model_module
+from conftest import tiny_config
+from fileio import InputError
+from model import GPT, attention_inputs, top_p_filter
+
+
+def random_ids(batch, length, seed=0, vocab=50257):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# -----------------------------------------------------------------------------
+# parity with transformers
+
+def test_logits_match_transformers(hub_checkpoint):
+    directory, hf_model = hub_checkpoint
+    ours = GPT.from_pretrained(directory).eval()
+    ids = random_ids(3, 50)
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+        got = ours(ids)
+    assert got.shape == (3, 50, 50257)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
+
+
+def test_greedy_generation_matches_transformers(hub_checkpoint):
+    directory, hf_model = hub_checkpoint
+    ours = GPT.from_pretrained(directory).eval()
+    prompt = random_ids(1, 8, seed=1)
+    expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                                 do_sample=False, pad_token_id=50256, eos_token_id=None)
+    got = ours.generate(prompt, max_new_tokens=20, temperature=0, eos_token_id=None)
+    assert got.shape == (1, 28)
+    assert got.tolist() == expected.tolist()
+
+
+def test_transformers_loads_what_save_pretrained_writes(hub_checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    directory, _ = hub_checkpoint
+    ours = GPT.from_pretrained(directory).eval()
+    ours.save_pretrained(tmp_path)
+    hf_again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ours_again = GPT.from_pretrained(tmp_path).eval()
+    ids = random_ids(2, 20)
+    with torch.no_grad():
+        assert torch.allclose(hf_again(ids).logits, ours(ids), atol=1e-4, rtol=0)
+        assert torch.equal(ours_again(ids), ours(ids))
+
+
+# -----------------------------------------------------------------------------
+# padding and positions
+
+def test_right_padding_gives_each_sequence_its_own_logits(tiny_model):
+    lengths = [7, 12, 3]
+    seqs = [random_ids(1, n, seed=n)[0] for n in lengths]
+    ids = torch.full((3, 12), 50256)
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    with torch.no_grad():
+        padded = tiny_model(ids, attention_mask=mask)
+        unmasked = tiny_model(ids)  # causal attention alone never looks right, so right padding is harmless
+        for i, s in enumerate(seqs):
+            alone = tiny_model(s[None])[0]
+            assert torch.allclose(padded[i, :len(s)], alone, atol=1e-5)
+            assert torch.allclose(unmasked[i, :len(s)], alone, atol=1e-5)
+
+
+def test_left_padding_shifts_positions_and_matches_unpadded(tiny_model):
+    seqs = [random_ids(1, n, seed=10 + n)[0] for n in (5, 9)]
+    ids = torch.full((2, 9), 50256)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, 9 - len(s):], mask[i, 9 - len(s):] = s, 1
+    with torch.no_grad():
+        padded = tiny_model(ids, attention_mask=mask)
+        assert torch.isfinite(padded).all()  # padding rows see themselves, so no NaN anywhere
+        for i, s in enumerate(seqs):
+            assert torch.allclose(padded[i, 9 - len(s):], tiny_model(s[None])[0], atol=1e-5)
+
+
+def test_attention_inputs_positions_and_mask():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    positions, attn = attention_inputs(mask, 2, 4, 0, "cpu")
+    assert positions.tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    assert attn.shape == (2, 1, 4, 4)
+    assert attn[0, 0].tolist() == [[True, False, False, False], [False, True, False, False],
+                                   [False, False, True, False], [False, False, True, True]]
+    assert attn[1, 0].tolist() == torch.ones(4, 4).tril().bool().tolist()
+    assert attention_inputs(None, 2, 4, 0, "cpu")[1] is None  # no padding, no cache: plain causal kernel
+    positions, attn = attention_inputs(torch.tensor([[0, 1, 1, 1, 1]]), 1, 2, 3, "cpu")  # 2 new after 3 cached
+    assert positions.tolist() == [[2, 3]]
+    assert attn[0, 0].tolist() == [[False, True, True, True, False], [False, True, True, True, True]]
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        attention_inputs(torch.ones(2, 3), 2, 4, 0, "cpu")
+
+
+def test_sequence_longer_than_block_size_is_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match="longer than block_size=128"):
+        tiny_model(random_ids(1, 129))
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+def test_kv_cache_generates_the_same_tokens(tiny_model):
+    prompt = random_ids(1, 6, seed=3)
+    for temperature, top_p in ((0, 1.0), (1.0, 0.9)):
+        runs = [tiny_model.generate(prompt, 30, temperature=temperature, top_p=top_p, eos_token_id=None,
+                                    use_cache=use_cache, generator=torch.Generator().manual_seed(7))
+                for use_cache in (True, False)]
+        assert runs[0].shape == (1, 36)
+        assert runs[0].tolist() == runs[1].tolist()
+
+
+def test_batched_left_padded_generation_matches_one_at_a_time(tiny_model):
+    from data.batching import left_pad
+    prompts = [random_ids(1, n, seed=20 + n)[0].tolist() for n in (4, 10, 7)]
+    ids, mask = left_pad(prompts)
+    batched = tiny_model.generate(ids, 15, temperature=0, attention_mask=mask, eos_token_id=None)
+    for i, p in enumerate(prompts):
+        alone = tiny_model.generate(torch.tensor([p]), 15, temperature=0, eos_token_id=None)
+        assert batched[i, ids.size(1) - len(p):].tolist() == alone[0].tolist()
+
+
+def test_generation_stops_at_end_of_text(tiny_model):
+    # make token 42 the greedy choice everywhere, and call it the end-of-text token
+    with torch.no_grad():
+        tiny_model.transformer.ln_f.weight.zero_()  # every final hidden state becomes the all-ones vector
+        tiny_model.transformer.ln_f.bias.fill_(1.0)
+        tiny_model.lm_head.weight[42] = 1.0  # logit 64 for token 42, about 0 for the rest
+    out = tiny_model.generate(random_ids(2, 5), 20, temperature=0, eos_token_id=42)
+    assert out.shape == (2, 6) and (out[:, -1] == 42).all()
+
+
+def test_generate_rejects_right_padding_and_overlong_requests(tiny_model):
+    with pytest.raises(ValueError, match="left-padded"):
+        tiny_model.generate(random_ids(1, 4), 3, attention_mask=torch.tensor([[1, 1, 1, 0]]))
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        tiny_model.generate(random_ids(1, 100), 29)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.05, 0.5, 0.3, 0.15], [0.25, 0.25, 0.25, 0.25]])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p)).tolist()  # noqa: E731
+    assert kept(0.5) == [[False, True, False, False], [True, True, False, False]]
+    assert kept(0.8) == [[False, True, True, False], [True, True, True, True]]
+    assert kept(0.81) == [[False, True, True, True], [True, True, True, True]]
+    assert kept(0.01) == [[False, True, False, False], [True, False, False, False]]  # top token always kept
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_sampling_is_seeded_and_follows_the_nucleus(tiny_model):
+    prompt = random_ids(4, 5)
+    a = tiny_model.generate(prompt, 10, temperature=1.2, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    b = tiny_model.generate(prompt, 10, temperature=1.2, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    assert a.tolist() == b.tolist()
+    # with a tiny nucleus, sampling is greedy decoding
+    tight = tiny_model.generate(prompt, 10, temperature=1.0, top_p=1e-6, eos_token_id=None)
+    assert tight.tolist() == tiny_model.generate(prompt, 10, temperature=0, eos_token_id=None).tolist()
+
+
+def test_num_parameters_counts_the_tied_embedding_once(tiny_model):
+    c = tiny_config()
+    per_block = 12 * c.n_embd ** 2 + 13 * c.n_embd  # attention + MLP weights and biases, two LayerNorms
+    expected = c.vocab_size * c.n_embd + c.block_size * c.n_embd + c.n_layer * per_block + 2 * c.n_embd
+    assert tiny_model.num_parameters() == expected
+    tiny_model.transformer.wpe.weight.requires_grad_(False)
+    assert tiny_model.num_parameters(trainable_only=True) == expected - c.block_size * c.n_embd
+
+
+# -----------------------------------------------------------------------------
+# from_pretrained's errors: each one says what failed and where
+
+def copy_checkpoint(hub_checkpoint, tmp_path):
+    directory, _ = hub_checkpoint
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((directory / name).read_bytes())
+    return tmp_path
+
+
+def test_missing_directory_or_unknown_name(tmp_path):
+    with pytest.raises(InputError, match="neither a GPT-2 name"):
+        GPT.from_pretrained(tmp_path / "nope")
+    with pytest.raises(InputError, match="config.json: no such file"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_missing_weights_file(hub_checkpoint, tmp_path):
+    copy_checkpoint(hub_checkpoint, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(InputError, match="model.safetensors: no such file.*never opens"):
+        GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 100, -1000])
+def test_truncated_weights(hub_checkpoint, tmp_path, keep):
+    path = copy_checkpoint(hub_checkpoint, tmp_path) / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    with pytest.raises(InputError, match=r"model.safetensors: not a valid safetensors file: .*(short|truncated)"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_corrupted_header(hub_checkpoint, tmp_path):
+    path = copy_checkpoint(hub_checkpoint, tmp_path) / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:12] = b"\xff\xfe{]"
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="header is not JSON"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch(hub_checkpoint, tmp_path):
+    copy_checkpoint(hub_checkpoint, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_embd"] = 32  # the file's tensors are 64 wide
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"tensor transformer\.\S+ has shape .* expects"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_missing_layers(hub_checkpoint, tmp_path):
+    copy_checkpoint(hub_checkpoint, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_layer"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"n_layer=3: missing \['transformer.h.2"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_bad_config(hub_checkpoint, tmp_path):
+    copy_checkpoint(hub_checkpoint, tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+    with pytest.raises(InputError, match="missing the GPT-2 setting"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_offline_download_says_how_to_supply_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(model_module, "HUB_URL", "http://127.0.0.1:9/{name}/model.safetensors")  # refused
+    with pytest.raises(InputError, match="could not download .*pass that directory instead"):
+        GPT.from_pretrained("gpt2")
+    assert not (tmp_path / "gpt2" / "model.safetensors").exists()
+
+
+def test_loads_the_openai_hub_layout(hub_checkpoint, tmp_path):
+    """openai-community/gpt2's file names tensors without "transformer." and carries causal-mask buffers."""
+    from fileio import read_safetensors, write_safetensors
+    directory, hf_model = hub_checkpoint
+    copy_checkpoint(hub_checkpoint, tmp_path)
+    tensors, _ = read_safetensors(directory / "model.safetensors")
+    hub_style = {name.removeprefix("transformer."): t for name, t in tensors.items()}
+    for i in range(2):
+        hub_style[f"h.{i}.attn.bias"] = torch.ones(1, 1, 128, 128).tril()
+    write_safetensors(tmp_path / "model.safetensors", hub_style)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        assert torch.allclose(GPT.from_pretrained(tmp_path)(ids), hf_model(ids).logits, atol=1e-4, rtol=0)
