@@ -11,6 +11,7 @@ Everything that touches the disk or the network, in one place:
 """
 
 import hashlib
+import http.client
 import json
 import os
 import sys
@@ -32,13 +33,13 @@ class InputError(Exception):
 # atomic writes
 
 @contextmanager
-def atomic_open(path, mode="w", encoding="utf-8"):
+def atomic_open(path, mode="w", encoding="utf-8", newline=None):
     """Open a temporary file beside `path`; on success fsync it and rename it over `path` (atomic on POSIX)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(fd, mode, encoding=None if "b" in mode else encoding) as f:
+        with open(fd, mode, encoding=None if "b" in mode else encoding, newline=newline) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -97,7 +98,7 @@ def download(url, dest, sha256=None, hint=""):
                     while chunk := response.read(1 << 20):
                         f.write(chunk)
                         bar.update(len(chunk))
-            except OSError as e:
+            except (OSError, http.client.HTTPException) as e:
                 raise InputError(f"{failed}: interrupted ({e}); run again to resume from {part}") from None
         if total is not None and part.stat().st_size != total:
             raise InputError(f"{failed}: got {part.stat().st_size} of {total} bytes; run again to resume")

@@ -1,0 +1,117 @@
+"""
+Fetch the two tasks' data into data/, under the Stanford CS224N project's file names:
+
+    python -m data.download
+
+- The sonnet files come from a copy of the course's handout, pinned by commit and checked by sha256.
+- Quora: if you have the course's files, copy them into data/ (quora-train.csv, quora-dev.csv,
+  quora-test-student.csv) and nothing is downloaded. Otherwise this builds files in the same format
+  from GLUE's QQP: the labelled pairs of its train and dev sets, shuffled with a fixed seed and split into
+  the course's sizes (dev 40,429 pairs, test 80,858, the rest train). quora-test.csv keeps the test
+  labels, for a labelled held-out score; quora-test-student.csv drops them, as the course's does.
+
+Files that already exist are never touched. Downloads resume after an interruption and land atomically.
+"""
+
+import argparse
+import csv
+import io
+import random
+import sys
+import zipfile
+from pathlib import Path
+
+from fileio import InputError, atomic_open, download
+
+DATA_DIR = Path(__file__).resolve().parent
+HANDOUT = "https://raw.githubusercontent.com/ehersch/cs224n_gpt/306e163a0430dcc26697debebeefedffdd016bc7/data/"
+SONNET_FILES = {  # name -> sha256
+    "sonnets.txt": "1e97adb7182237e431bff16d207c7c1400391cce7a6417df06080205d9257237",
+    "sonnets_held_out_dev.txt": "309ae8da81a24de61a261c291c1299f5c6bfbf4e6b7d1d5b50bd15b6c1770afd",
+    "TRUE_sonnets_held_out_dev.txt": "fb41ee87e70107f554b658c8de07a6ae905298db09da84794dfaa2a61e892a1f",
+    "sonnets_held_out.txt": "daf7afd5d932acbe584d8c6e78c2669f9e97aa4967579d85ed4975b22ae33071",
+}
+QQP_URL = "https://dl.fbaipublicfiles.com/glue/data/QQP-clean.zip"
+QUORA_FILES = ("quora-train.csv", "quora-dev.csv", "quora-test.csv", "quora-test-student.csv")
+COURSE_DEV_SIZE, COURSE_TEST_SIZE = 40_429, 80_858
+SPLIT_SEED = 11711  # the course's default seed
+
+
+def fetch_sonnets(data_dir):
+    for name, sha256 in SONNET_FILES.items():
+        download(HANDOUT + name, data_dir / name, sha256=sha256,
+                 hint=f"Copy the course's {name} into {data_dir}/ instead.")
+
+
+def read_qqp_pairs(zip_path):
+    """The labelled pairs of GLUE QQP's train.tsv and dev.tsv: a list of (id, question1, question2, label)."""
+    pairs = []
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile:
+        raise InputError(f"{zip_path}: not a zip archive; delete it and run again") from None
+    with archive:
+        for member in ("QQP/train.tsv", "QQP/dev.tsv"):
+            if member not in archive.namelist():
+                raise InputError(f"{zip_path}: has no {member}; is it GLUE's QQP-clean.zip?")
+            with archive.open(member) as raw:
+                lines = io.TextIOWrapper(raw, encoding="utf-8").read().split("\n")
+            header = lines[0].rstrip("\r").split("\t")
+            if header != ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]:
+                raise InputError(f"{zip_path}:{member}:1: unexpected header {header}")
+            for line_number, line in enumerate(lines[1:], start=2):
+                fields = line.rstrip("\r").split("\t")
+                if line == "":
+                    continue
+                if len(fields) != 6 or fields[5] not in ("0", "1"):
+                    raise InputError(f"{zip_path}:{member}:{line_number}: expected 6 fields ending in a 0/1 "
+                                     f"label, found {fields!r}")
+                pairs.append((f"qqp-{fields[0]}", fields[3], fields[4], int(fields[5])))
+    return pairs
+
+
+def split_pairs(pairs, seed=SPLIT_SEED, dev_size=COURSE_DEV_SIZE, test_size=COURSE_TEST_SIZE):
+    """Shuffle with a fixed seed, then cut: (train, dev, test)."""
+    pairs = sorted(pairs)  # a canonical order first, so the split does not depend on the archive's order
+    random.Random(seed).shuffle(pairs)
+    return pairs[dev_size + test_size:], pairs[:dev_size], pairs[dev_size:dev_size + test_size]
+
+
+def write_quora(path, pairs, with_labels=True):
+    with atomic_open(path, newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["id", "sentence1", "sentence2"] + (["is_duplicate"] if with_labels else []))
+        for pair_id, s1, s2, label in pairs:
+            writer.writerow([pair_id, s1, s2] + ([f"{label:.1f}"] if with_labels else []))
+
+
+def fetch_quora(data_dir):
+    if all((data_dir / name).exists() for name in ("quora-train.csv", "quora-dev.csv", "quora-test-student.csv")):
+        print(f"Quora: using the files already in {data_dir}/")
+        return
+    zip_path = download(QQP_URL, data_dir / "QQP-clean.zip", hint=(
+        f"Copy the course's quora-train.csv, quora-dev.csv and quora-test-student.csv into {data_dir}/ instead."))
+    train, dev, test = split_pairs(read_qqp_pairs(zip_path))
+    for name, pairs, with_labels in (("quora-train.csv", train, True), ("quora-dev.csv", dev, True),
+                                     ("quora-test.csv", test, True), ("quora-test-student.csv", test, False)):
+        if not (data_dir / name).exists():
+            write_quora(data_dir / name, pairs, with_labels)
+    print(f"Quora: {len(train)} train, {len(dev)} dev, {len(test)} test pairs from GLUE QQP in {data_dir}/")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    parser.add_argument("--skip-quora", action="store_true", help="fetch the sonnets only")
+    args = parser.parse_args(argv)
+    try:
+        fetch_sonnets(args.data_dir)
+        print(f"Sonnets: {', '.join(SONNET_FILES)} in {args.data_dir}/")
+        if not args.skip_quora:
+            fetch_quora(args.data_dir)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""data/: the course's files, prompts and answer tokens, batches and loss masks, and the Quora download."""
+
+import re
+import zipfile
+
+import pytest
+import torch
+
+from data import download as download_module
+from data.batching import Example, batch_indices, collate, left_pad
+from data.quora import (NO_TOKEN, YES_TOKEN, QuoraPair, paraphrase_example, paraphrase_prompt, preprocess_string,
+                        read_quora)
+from data.sonnets import read_sonnets, sonnet_example, split_prompt
+from fileio import InputError
+from model import END_OF_TEXT
+
+# -----------------------------------------------------------------------------
+# Quora files
+
+
+def test_reads_the_course_quora_samples(shared_data):
+    train = read_quora(shared_data / "quora_samples" / "quora-train-30.csv")
+    dev = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")
+    test = read_quora(shared_data / "quora_samples" / "quora-test-student-30.csv")
+    assert len(train) == len(dev) == len(test) == 30
+    assert train[0] == QuoraPair("82861 44ae9297-536f-47d3-bc3a-58c7f874c3fc",
+                                 "How do I start learning about artificial intelligence?",
+                                 "How do you learn artificial intelligence?", 1)
+    assert {p.label for p in train + dev} == {0, 1}
+    assert all(p.label is None for p in test)
+    assert 'How do you make an "O" smoke ring?' in {p.sentence2 for p in test}  # csv-style "" quoting
+    assert len(read_quora(shared_data / "quora_samples" / "quora-dev-30.csv", limit=7)) == 7
+
+
+def write(tmp_path, text, name="q.csv"):
+    (tmp_path / name).write_text(text)
+    return tmp_path / name
+
+
+HEADER = "id\tsentence1\tsentence2\tis_duplicate\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"q.csv: the file is empty"),
+    ("id,sentence1,sentence2,is_duplicate\n", r"q.csv:1: header is \['id,sentence1,sentence2,is_duplicate'\]"),
+    ("id\tquestion1\tquestion2\tlabel\n", r"q.csv:1: header is"),
+    (HEADER + "1\ta?\tb?\t1.0\n2\ta?\tb?\n", r"q.csv:3: expected 4 tab-separated columns .* found 3"),
+    (HEADER + "1\ta?\tb?\t1.0\textra\n", r"q.csv:2: expected 4 .* found 5"),
+    (HEADER + "1\ta?\tb?\t1.0\n2\ta?\tb?\t0.5\n", r"q.csv:3: is_duplicate must be 0 or 1 .* found '0.5'"),
+    (HEADER + "1\ta?\tb?\tyes\n", r"q.csv:2: is_duplicate must be 0 or 1 .* found 'yes'"),
+    (HEADER + "1\ta?\tb?\t\n", r"q.csv:2: is_duplicate must be 0 or 1 .* found ''"),
+])
+def test_malformed_quora_files_name_file_and_line(tmp_path, text, message):
+    with pytest.raises(InputError, match=message):
+        read_quora(write(tmp_path, text))
+
+
+def test_missing_quora_file_says_how_to_get_it(tmp_path):
+    with pytest.raises(InputError, match=r"nope.csv: no such file; run `python -m data.download`"):
+        read_quora(tmp_path / "nope.csv")
+
+
+def test_paraphrase_prompt_is_the_courses():
+    assert preprocess_string("What's the U.S. capital, really?") == "what 's the u .s . capital , really ?"
+    assert paraphrase_prompt("How do I learn AI?", "How to learn AI?") == (
+        'Question 1: "how do i learn ai ?"\nQuestion 2: "how to learn ai ?\nAre these questions asking the same thing?\n')
+
+
+def test_answer_tokens_and_example(tokenizer):
+    assert tokenizer.encode("yes") == [YES_TOKEN] and tokenizer.encode("no") == [NO_TOKEN]
+    pair = QuoraPair("1", "How do I learn AI?", "How to learn AI?", 1)
+    example = paraphrase_example(pair)
+    assert tokenizer.decode(example.prompt) == paraphrase_prompt(pair.sentence1, pair.sentence2)
+    assert example.target == [YES_TOKEN]
+    assert paraphrase_example(QuoraPair("1", "a", "b", 0)).target == [NO_TOKEN]
+    assert paraphrase_example(QuoraPair("1", "a", "b", None)).target == []
+
+
+def test_tiktoken_matches_the_reference_gpt2_tokenizer(shared_data, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.GPT2Tokenizer(vocab=str(shared_data / "gpt2" / "encoder.json"),
+                                           merges=str(shared_data / "gpt2" / "vocab.bpe"))
+    assert len(reference) == 50257
+    texts = [s.text for s in read_sonnets(shared_data / "sonnets.txt")[:20]]
+    texts += [paraphrase_prompt(p.sentence1, p.sentence2)
+              for p in read_quora(shared_data / "quora_samples" / "quora-train-30.csv")]
+    for text in texts:
+        assert tokenizer.encode_ordinary(text) == reference.encode(text)
+
+
+def test_tokenizer_failure_says_to_set_the_cache_dir(monkeypatch):
+    import tiktoken
+
+    from data import tokenizer as tokenizer_module
+
+    def offline(name):
+        raise ConnectionError("no route to host")
+
+    tokenizer_module.get_tokenizer.cache_clear()
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    try:
+        with pytest.raises(InputError, match="ConnectionError: no route to host.*set TIKTOKEN_CACHE_DIR"):
+            tokenizer_module.get_tokenizer()
+    finally:
+        tokenizer_module.get_tokenizer.cache_clear()
+
+
+# -----------------------------------------------------------------------------
+# sonnet files
+
+
+def course_split(path):
+    """The course's own parser (SonnetsDataset._load_sonnets), for comparison."""
+    return [s.strip() for s in re.split(r"\n\s*\d+\s*\n", path.read_text(encoding="utf-8"))[1:]]
+
+
+def test_reads_the_course_sonnet_files(shared_data):
+    train = read_sonnets(shared_data / "sonnets.txt")
+    dev_prompts = read_sonnets(shared_data / "sonnets_held_out_dev.txt")
+    dev_true = read_sonnets(shared_data / "TRUE_sonnets_held_out_dev.txt")
+    test_prompts = read_sonnets(shared_data / "sonnets_held_out.txt")
+    assert len(train) == 131 and train[0].number == 1
+    assert train[0].text.startswith("From fairest creatures we desire increase,\nThat thereby")
+    assert train[0].text.endswith("To eat the world's due, by the grave and thee.")
+    assert [s.number for s in dev_prompts] == [s.number for s in dev_true] == list(range(132, 144))
+    assert [s.number for s in test_prompts] == list(range(145, 157))
+    assert all(len(s.text.split("\n")) == 3 for s in dev_prompts + test_prompts)
+    assert all(len(s.text.split("\n")) == 14 for s in dev_true)
+    for prompt, true in zip(dev_prompts, dev_true):
+        assert split_prompt(true.text)[0] == prompt.text  # the prompt is the true sonnet's first 3 lines
+    for name in ("sonnets.txt", "sonnets_held_out_dev.txt", "TRUE_sonnets_held_out_dev.txt", "sonnets_held_out.txt"):
+        assert [s.text for s in read_sonnets(shared_data / name)] == course_split(shared_data / name)
+    assert len(read_sonnets(shared_data / "sonnets.txt", limit=5)) == 5
+
+
+def test_malformed_sonnet_files(tmp_path):
+    with pytest.raises(InputError, match="found no numbered sonnets"):
+        read_sonnets(write(tmp_path, "Sonnets\nby nobody\n\nno numbers here\n", "s.txt"))
+    with pytest.raises(InputError, match=r"s.txt:6: sonnet 2 has no lines"):
+        read_sonnets(write(tmp_path, "Title\n\n1\n\nA line\n2\n\n\n", "s.txt"))
+    with pytest.raises(InputError, match="no such file"):
+        read_sonnets(tmp_path / "missing.txt")
+
+
+def test_split_prompt():
+    text = "one\ntwo\nthree\nfour\nfive"
+    assert split_prompt(text) == ("one\ntwo\nthree", "\nfour\nfive")
+    with pytest.raises(ValueError, match="nothing after"):
+        split_prompt("one\ntwo\nthree")
+
+
+def test_sonnet_example_learns_the_whole_sonnet_and_to_stop(shared_data, tokenizer):
+    sonnet = read_sonnets(shared_data / "sonnets.txt")[0]
+    example = sonnet_example(sonnet)
+    assert example.prompt == [] and example.target[-1] == END_OF_TEXT
+    assert tokenizer.decode(example.target[:-1]) == sonnet.text
+
+
+# -----------------------------------------------------------------------------
+# batches and loss masks
+
+
+def test_collate_masks_by_position_not_by_token_id():
+    # the second target ends with END_OF_TEXT, which is also the pad id: it must still be in the loss mask
+    examples = [Example([5, 6, 7], [8]), Example([9], [10, 11, END_OF_TEXT]), Example([1, 2], [])]
+    batch = collate(examples)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8], [9, 10, 11, END_OF_TEXT], [1, 2, END_OF_TEXT, END_OF_TEXT]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch.loss_mask.tolist() == [[0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 0, 0]]
+    assert batch.lengths.tolist() == [4, 4, 2]
+    with pytest.raises(ValueError, match="example 1 has 5 tokens"):
+        collate([Example([1], [2]), Example([1, 2, 3], [4, 5])], max_len=4)
+
+
+def test_loss_mask_covers_exactly_the_answer_tokens(shared_data):
+    pairs = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")[:8]
+    batch = collate([paraphrase_example(p) for p in pairs])
+    for i, p in enumerate(pairs):
+        n = batch.lengths[i].item()
+        assert batch.loss_mask[i].nonzero().flatten().tolist() == [n - 1]  # the answer: the last real token
+        assert batch.input_ids[i, n - 1].item() == (YES_TOKEN if p.label else NO_TOKEN)
+        assert batch.attention_mask[i].sum().item() == n
+
+
+def test_left_pad_ends_every_row_at_the_last_column():
+    ids, mask = left_pad([[1, 2, 3], [4]])
+    assert ids.tolist() == [[1, 2, 3], [END_OF_TEXT, END_OF_TEXT, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_batch_indices():
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10] * 10
+    eval_batches = batch_indices(lengths, 8)
+    flat = [i for b in eval_batches for i in b]
+    assert sorted(flat) == list(range(100))
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+    a = batch_indices(lengths, 8, shuffle=True, seed=1, pool_batches=5)
+    assert sorted(i for b in a for i in b) == list(range(100))
+    assert a == batch_indices(lengths, 8, shuffle=True, seed=1, pool_batches=5)
+    assert a != batch_indices(lengths, 8, shuffle=True, seed=2, pool_batches=5)
+    # sorted within pools of 40, a batch's lengths span far less than in batches cut from a plain shuffle
+    spread = lambda batches: sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)  # noqa: E731
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(0)).tolist()
+    plain = [order[i:i + 8] for i in range(0, 100, 8)]
+    assert spread(a) < spread(plain) / 2
+
+
+# -----------------------------------------------------------------------------
+# the Quora download: GLUE QQP -> the course's format
+
+
+def fake_qqp_zip(path, n_train=50, n_dev=20):
+    rows = lambda start, n: "".join(  # noqa: E731
+        f"{i}\t{2 * i}\t{2 * i + 1}\tWhat is \"{i}\"?\tIs {i}, a number?\t{i % 2}\n" for i in range(start, start + n))
+    header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("QQP/train.tsv", header + rows(0, n_train))
+        z.writestr("QQP/dev.tsv", header + rows(n_train, n_dev))
+        z.writestr("QQP/test.tsv", "id\tquestion1\tquestion2\n")
+
+
+def test_qqp_becomes_the_course_format(tmp_path):
+    fake_qqp_zip(tmp_path / "QQP-clean.zip")
+    pairs = download_module.read_qqp_pairs(tmp_path / "QQP-clean.zip")
+    assert len(pairs) == 70 and pairs[0] == ("qqp-0", 'What is "0"?', "Is 0, a number?", 0)
+    train, dev, test = download_module.split_pairs(pairs, dev_size=10, test_size=15)
+    assert (len(train), len(dev), len(test)) == (45, 10, 15)
+    assert sorted(train + dev + test) == sorted(pairs)
+    assert download_module.split_pairs(list(reversed(pairs)), dev_size=10, test_size=15) == (train, dev, test)
+    download_module.write_quora(tmp_path / "quora-dev.csv", dev)
+    download_module.write_quora(tmp_path / "quora-test-student.csv", test, with_labels=False)
+    assert read_quora(tmp_path / "quora-dev.csv") == [QuoraPair(*p) for p in dev]
+    assert read_quora(tmp_path / "quora-test-student.csv") == [QuoraPair(*p[:3], None) for p in test]
+
+
+def test_malformed_qqp_archive(tmp_path):
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as z:
+        z.writestr("QQP/train.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n1\t2\t3\tq1\n")
+        z.writestr("QQP/dev.tsv", "")
+    with pytest.raises(InputError, match=r"bad.zip:QQP/train.tsv:2: expected 6 fields"):
+        download_module.read_qqp_pairs(tmp_path / "bad.zip")
+    (tmp_path / "notzip.zip").write_bytes(b"html error page")
+    with pytest.raises(InputError, match="not a zip archive"):
+        download_module.read_qqp_pairs(tmp_path / "notzip.zip")
+
+
+def test_download_leaves_the_courses_own_files_alone(tmp_path, capsys):
+    for name in ("quora-train.csv", "quora-dev.csv", "quora-test-student.csv"):
+        (tmp_path / name).write_text("the course's file")
+    download_module.fetch_quora(tmp_path)  # no network needed
+    assert "using the files already in" in capsys.readouterr().out
+    assert (tmp_path / "quora-dev.csv").read_text() == "the course's file"
+
+
+def test_offline_download_says_which_files_to_place_where(tmp_path, monkeypatch):
+    monkeypatch.setattr(download_module, "HANDOUT", "http://127.0.0.1:9/")
+    with pytest.raises(SystemExit, match=r"error: could not download .*Copy the course's sonnets.txt into"):
+        download_module.main(["--data-dir", str(tmp_path)])

@@ -1,0 +1,169 @@
+"""eval.py: the metrics against their definitions and sacrebleu, and both evaluations end to end."""
+
+import random
+import shutil
+
+import pytest
+import torch
+
+import eval as evaluation
+from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_prompt, read_quora
+from data.sonnets import read_sonnets
+from data.tokenizer import encode
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def test_accuracy_and_macro_f1_on_hand_made_predictions():
+    predictions, labels = [1, 0, 1, 1], [1, 0, 0, 1]
+    assert evaluation.accuracy(predictions, labels) == 0.75
+    # class 1: TP 2, FP 1, FN 0 -> F1 4/5; class 0: TP 1, FP 0, FN 1 -> F1 2/3
+    assert evaluation.macro_f1(predictions, labels) == pytest.approx((4 / 5 + 2 / 3) / 2)
+    # always "yes": class 0 is never predicted, so its F1 is 0 (sklearn's value too)
+    assert evaluation.macro_f1([1, 1, 1, 1], [0, 1, 0, 1]) == pytest.approx((0 + 2 / 3) / 2)
+    assert evaluation.macro_f1([0, 1], [0, 1]) == 1.0
+    with pytest.raises(ValueError, match="equally many"):
+        evaluation.accuracy([1], [1, 0])
+
+
+def sacrebleu_chrf(hypotheses, references):
+    sacrebleu = pytest.importorskip("sacrebleu")
+    return sacrebleu.metrics.CHRF().corpus_score(hypotheses, [references]).score
+
+
+def test_chrf_equals_sacrebleu_on_real_sonnets(shared_data):
+    true = [s.text for s in read_sonnets(shared_data / "TRUE_sonnets_held_out_dev.txt")]
+    prompts = [s.text for s in read_sonnets(shared_data / "sonnets_held_out_dev.txt")]
+    train = [s.text for s in read_sonnets(shared_data / "sonnets.txt")]
+    rng = random.Random(0)
+    candidates = {
+        "the prompts alone": prompts,
+        "other sonnets": rng.sample(train, len(true)),
+        "the truth itself": true,
+        "prompt + another sonnet's lines": [p + "\n" + "\n".join(t.split("\n")[3:]) for p, t in zip(prompts, train)],
+        "shuffled words": [" ".join(rng.sample(t.split(), len(t.split()))) for t in true],
+        "with empty and tiny hypotheses": ["", "a", "Thine"] + prompts[3:],
+    }
+    for name, hypotheses in candidates.items():
+        assert evaluation.chrf(hypotheses, true) == pytest.approx(sacrebleu_chrf(hypotheses, true), abs=1e-9), name
+
+
+def test_chrf_edge_cases_equal_sacrebleu():
+    for hypotheses, references in [(["abc"], ["abcdefgh"]), (["a b c d e f g"], ["abcdefg"]), (["xyz"], ["abc"]),
+                                   (["short", "a much longer hypothesis here"], ["shore", "a longer reference"])]:
+        assert evaluation.chrf(hypotheses, references) == pytest.approx(sacrebleu_chrf(hypotheses, references))
+    assert evaluation.chrf(["same text"], ["same text"]) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="one reference per hypothesis"):
+        evaluation.chrf(["a"], ["a", "b"])
+
+
+# -----------------------------------------------------------------------------
+# paraphrase scoring
+
+
+def test_batched_scoring_equals_scoring_one_pair_at_a_time(shared_data, tiny_model):
+    pairs = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")
+    predictions = evaluation.predict_paraphrase(tiny_model, pairs, batch_size=7)
+    for pair, prediction in zip(pairs, predictions):
+        ids = torch.tensor([encode(paraphrase_prompt(pair.sentence1, pair.sentence2))])
+        with torch.no_grad():
+            logits = tiny_model(ids)[0, -1]  # full logits, the last prompt position
+        assert prediction == int(logits[YES_TOKEN] > logits[NO_TOKEN])
+
+
+def test_paraphrase_evaluation_end_to_end(shared_data, tiny_model):
+    pairs = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")
+    # a model that always says "yes": every final hidden state is all ones, and only "yes" has a large row
+    with torch.no_grad():
+        tiny_model.transformer.ln_f.weight.zero_()
+        tiny_model.transformer.ln_f.bias.fill_(1.0)
+        tiny_model.lm_head.weight[YES_TOKEN] = 1.0
+    result = evaluation.evaluate_paraphrase(tiny_model, pairs, batch_size=8)
+    labels = [p.label for p in pairs]
+    assert result["predictions"] == [1] * 30
+    assert result["accuracy"] == pytest.approx(sum(labels) / 30)
+    assert result["f1"] == pytest.approx(evaluation.macro_f1([1] * 30, labels))
+    with pytest.raises(ValueError, match="needs labelled pairs"):
+        evaluation.evaluate_paraphrase(tiny_model, read_quora(shared_data / "quora_samples" / "quora-test-student-30.csv"))
+
+
+# -----------------------------------------------------------------------------
+# sonnets
+
+
+def test_sonnet_evaluation_end_to_end(shared_data, tiny_model):
+    held_out = read_sonnets(shared_data / "sonnets_held_out_dev.txt")
+    true = read_sonnets(shared_data / "TRUE_sonnets_held_out_dev.txt")
+    result = evaluation.evaluate_sonnets(tiny_model, held_out, true, max_new_tokens=12, batch_size=5)
+    assert [n for n, _ in result["sonnets"]] == list(range(132, 144))
+    for (_, text), prompt in zip(result["sonnets"], held_out):
+        assert text.startswith(prompt.text) and len(text) > len(prompt.text)  # given lines kept, then new text
+    texts = [t for _, t in result["sonnets"]]
+    assert result["chrf"] == pytest.approx(sacrebleu_chrf(texts, [s.text for s in true]))
+    again = evaluation.evaluate_sonnets(tiny_model, held_out, true, max_new_tokens=12, batch_size=5)
+    assert again["sonnets"] == result["sonnets"]  # seeded
+
+
+def test_sonnet_file_round_trips_through_the_course_parser(tmp_path):
+    sonnets = [(132, "Line one,\nline two.\n  Indented couplet."), (133, "Another\nsonnet")]
+    evaluation.write_sonnets(tmp_path / "s.txt", sonnets)
+    assert [(s.number, s.text) for s in read_sonnets(tmp_path / "s.txt")] == sonnets
+
+
+def test_paraphrase_predictions_file_is_the_course_format(tmp_path, shared_data):
+    pairs = read_quora(shared_data / "quora_samples" / "quora-test-student-30.csv")[:2]
+    evaluation.write_paraphrase_predictions(tmp_path / "p.csv", pairs, [1, 0])
+    assert (tmp_path / "p.csv").read_text() == (
+        f"id \t Predicted_Is_Paraphrase \n{pairs[0].id}, 1 \n{pairs[1].id}, 0 \n")
+
+
+# -----------------------------------------------------------------------------
+# the command line, on a checkpoint in the hub's layout
+
+
+@pytest.fixture
+def data_dir(shared_data, tmp_path):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    shutil.copy(shared_data / "quora_samples" / "quora-dev-30.csv", directory / "quora-dev.csv")
+    shutil.copy(shared_data / "quora_samples" / "quora-test-student-30.csv", directory / "quora-test-student.csv")
+    for name in ("sonnets_held_out_dev.txt", "TRUE_sonnets_held_out_dev.txt", "sonnets_held_out.txt"):
+        shutil.copy(shared_data / name, directory / name)
+    return directory
+
+
+def run_cli(*args):
+    evaluation.main([*map(str, args), "--device", "cpu"])
+
+
+def test_cli_scores_paraphrases(hub_checkpoint, data_dir, tmp_path, capsys):
+    directory, _ = hub_checkpoint
+    run_cli("--task", "paraphrase", "--checkpoint", directory, "--data-dir", data_dir, "--out-dir", tmp_path / "p",
+            "--limit", 10)
+    out = capsys.readouterr().out
+    assert "paraphrase dev: accuracy" in out and "macro-F1" in out and "(10 pairs" in out
+    lines = (tmp_path / "p" / f"{directory.name}-para-dev-output.csv").read_text().splitlines()
+    assert lines[0] == "id \t Predicted_Is_Paraphrase " and len(lines) == 11
+    run_cli("--task", "paraphrase", "--checkpoint", directory, "--data-dir", data_dir, "--out-dir", tmp_path / "p",
+            "--split", "test")
+    assert "paraphrase test: (no labels)" in capsys.readouterr().out
+
+
+def test_cli_scores_sonnets(hub_checkpoint, data_dir, tmp_path, capsys):
+    directory, _ = hub_checkpoint
+    run_cli("--task", "sonnet", "--checkpoint", directory, "--data-dir", data_dir, "--out-dir", tmp_path / "s",
+            "--max-new-tokens", 8, "--limit", 3)
+    out = capsys.readouterr().out
+    assert "sonnet dev: chrF" in out and "(3 sonnets" in out
+    assert len(read_sonnets(tmp_path / "s" / f"{directory.name}-sonnets-dev.txt")) == 3
+
+
+def test_cli_errors_are_one_clear_line(hub_checkpoint, data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="error: .*neither a GPT-2 name"):
+        run_cli("--task", "paraphrase", "--checkpoint", tmp_path / "missing", "--data-dir", data_dir)
+    # the data is read before the model is loaded (or downloaded), so a missing file fails at once
+    with pytest.raises(SystemExit, match="error: .*quora-train.csv: no such file"):
+        run_cli("--task", "paraphrase", "--checkpoint", "gpt2", "--split", "train", "--data-dir", data_dir)
+    with pytest.raises(SystemExit, match="error: --task sonnet has a dev and a test split"):
+        run_cli("--task", "sonnet", "--checkpoint", hub_checkpoint[0], "--split", "train", "--data-dir", data_dir)

@@ -1,0 +1,123 @@
+"""fileio.py: safetensors against the safetensors library, atomic writes, resumable downloads."""
+
+import hashlib
+import http.server
+import threading
+
+import pytest
+import torch
+
+from fileio import InputError, atomic_open, download, read_safetensors, write_safetensors
+
+TENSORS = {
+    "f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
+    "f64": torch.randn(1, dtype=torch.float64), "i64": torch.arange(7), "i8": torch.tensor([-3, 4], dtype=torch.int8),
+    "u8": torch.tensor([0, 255], dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+    "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5),
+}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+
+
+def test_safetensors_round_trip_with_metadata(tmp_path):
+    write_safetensors(tmp_path / "t.safetensors", TENSORS, metadata={"alpha": 16})
+    tensors, metadata = read_safetensors(tmp_path / "t.safetensors")
+    assert_same(tensors, TENSORS)
+    assert metadata == {"alpha": "16"}
+
+
+def test_safetensors_agrees_with_the_reference_library(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    st.save_file(TENSORS, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
+    assert_same(read_safetensors(tmp_path / "theirs.safetensors")[0], TENSORS)
+    write_safetensors(tmp_path / "ours.safetensors", TENSORS)
+    assert_same(st.load_file(tmp_path / "ours.safetensors"), TENSORS)
+
+
+def test_atomic_open_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(path) as f:
+            f.write("half of the new")
+            raise RuntimeError("crash mid-write")
+    assert path.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    with atomic_open(path) as f:
+        f.write("new")
+    assert path.read_text() == "new"
+
+
+# -----------------------------------------------------------------------------
+# downloads, from a server on this machine
+
+PAYLOAD = bytes(range(256)) * 400  # 100 KiB
+
+
+class RangeServer(http.server.BaseHTTPRequestHandler):
+    """Serves PAYLOAD, honours "Range: bytes=N-", and can break off after `cut` bytes once."""
+    cut = None
+    requests = []
+
+    def do_GET(self):
+        start = 0
+        if rng := self.headers.get("Range"):
+            start = int(rng.removeprefix("bytes=").rstrip("-"))
+        RangeServer.requests.append(start)
+        body = PAYLOAD[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if RangeServer.cut is not None:
+            self.wfile.write(body[:RangeServer.cut])
+            RangeServer.cut = None
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    RangeServer.requests, RangeServer.cut = [], None
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/file"
+    httpd.shutdown()
+
+
+def test_download_checks_the_hash_and_renames(server, tmp_path):
+    dest = tmp_path / "sub" / "file.bin"
+    assert download(server, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest()) == dest
+    assert dest.read_bytes() == PAYLOAD and not (tmp_path / "sub" / "file.bin.part").exists()
+    download(server, dest)  # already there: no request at all
+    assert RangeServer.requests == [0]
+
+
+def test_interrupted_download_resumes(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    RangeServer.cut = 30000
+    with pytest.raises(InputError, match="run again to resume"):
+        download(server, dest)
+    assert not dest.exists() and (tmp_path / "file.bin.part").stat().st_size == 30000
+    download(server, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    assert RangeServer.requests == [0, 30000]
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_hash_mismatch_deletes_the_partial_file(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    with pytest.raises(InputError, match="sha256 is .* expected 00"):
+        download(server, dest, sha256="00" * 32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_server_says_what_to_do(tmp_path):
+    with pytest.raises(InputError, match=r"could not download http://127.0.0.1:9/x to .*x.bin: .*Put it there"):
+        download("http://127.0.0.1:9/x", tmp_path / "x.bin", hint="Put it there yourself.")
