@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= gpt2
+DATA ?= data
 LIMIT ?=
 LIMIT_ARG := $(if $(LIMIT),--limit $(LIMIT),)
 
@@ -22,11 +23,11 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	touch $@
 
 # The main job. Until the training scripts land, it scores pretrained GPT-2 (zero-shot) on both tasks' dev
-# sets. MODEL=gpt2-medium (or a checkpoint directory) and LIMIT=200 (pairs per split) are overridable.
+# sets. Overridable: MODEL=gpt2-medium (or a model directory), DATA=path/to/data, LIMIT=200 (Quora pairs).
 study: $(VENV)/.runtime
-	$(PY) -m data.download
-	$(PY) eval.py --task paraphrase --checkpoint $(MODEL) --split dev $(LIMIT_ARG)
-	$(PY) eval.py --task sonnet --checkpoint $(MODEL) --split dev
+	$(PY) -m data.download --data-dir $(DATA)
+	$(PY) eval.py --task paraphrase --checkpoint $(MODEL) --split dev --data-dir $(DATA) $(LIMIT_ARG)
+	$(PY) eval.py --task sonnet --checkpoint $(MODEL) --split dev --data-dir $(DATA)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
