@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from data.batching import Example, batch_indices, collate, left_pad
-from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_prompt, read_quora
+from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, read_quora
 from data.sonnets import read_sonnets
 from data.tokenizer import decode, encode
 from fileio import InputError, atomic_open
@@ -34,16 +34,20 @@ from model import END_OF_TEXT, GPT, default_device
 # metrics: pure functions of Python lists
 
 
-def accuracy(predictions, labels):
+def check_predictions(predictions, labels):
     if len(predictions) != len(labels) or not labels:
         raise ValueError(f"need equally many predictions and labels, got {len(predictions)} and {len(labels)}")
+
+
+def accuracy(predictions, labels):
+    check_predictions(predictions, labels)
     return sum(p == y for p, y in zip(predictions, labels)) / len(labels)
 
 
 def macro_f1(predictions, labels):
     """F1 of each class, F1 = 2 TP / (2 TP + FP + FN), averaged over the classes that occur in labels or
     predictions (what sklearn's f1_score(average="macro") computes)."""
-    accuracy(predictions, labels)  # the same argument checks
+    check_predictions(predictions, labels)
     scores = []
     for c in sorted(set(labels) | set(predictions)):
         tp = sum(p == c and y == c for p, y in zip(predictions, labels))
@@ -94,7 +98,7 @@ def chrf(hypotheses, references, max_order=6, beta=2.0):
 def predict_paraphrase(model, pairs, batch_size=64, device="cpu"):
     """1 (paraphrase) where the model's "yes" logit beats its "no" logit after the prompt, else 0."""
     model.eval()
-    prompts = [Example(encode(paraphrase_prompt(p.sentence1, p.sentence2)), []) for p in pairs]
+    prompts = [Example(paraphrase_example(p).prompt, []) for p in pairs]  # the prompt alone, no answer
     predictions = [0] * len(prompts)
     for idx in tqdm(batch_indices([len(p) for p in prompts], batch_size), desc="paraphrase", disable=None):
         batch = collate([prompts[i] for i in idx]).to(device)

@@ -188,7 +188,8 @@ def read_safetensors(path):
         tensors = {}
         for begin, end, name, dtype, shape in entries:
             f.seek(data_start + begin)
-            buffer = bytearray(f.read(end - begin))
+            buffer = bytearray(end - begin)
+            f.readinto(buffer)  # straight into the tensor's memory: one copy, not two
             tensors[name] = (torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype))
             tensors[name] = tensors[name].reshape(shape)
     return tensors, metadata

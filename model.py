@@ -215,6 +215,8 @@ class GPT(nn.Module):
         stops when every row is finished (eos_token_id=None: always max_new_tokens). Returns (B, T + new).
         """
         B, T = input_ids.size()
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds block_size={self.config.block_size}")
         if attention_mask is None:
@@ -309,6 +311,7 @@ def top_p_filter(logits, top_p):
     sorted_probs = F.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # probability of the more likely tokens
     remove_sorted = mass_before >= top_p  # the nucleus is already full without this token
+    remove_sorted[..., 0] = False  # however small top_p is, keep the most likely token
     remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)  # back to vocabulary order
     return logits.masked_fill(remove, float("-inf"))
 

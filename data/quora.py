@@ -40,7 +40,7 @@ def read_quora(path, limit=None):
         raise InputError(f"{path}: no such file; run `python -m data.download` or copy the course's "
                          f"Quora files into data/")
     pairs = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate the BOM some editors write
         rows = csv.reader(f, delimiter="\t")
         header = next(rows, None)
         if header is None:

@@ -55,6 +55,12 @@ def test_malformed_quora_files_name_file_and_line(tmp_path, text, message):
         read_quora(write(tmp_path, text))
 
 
+def test_quora_file_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(("\ufeff" + HEADER + "1\ta?\tb?\t1.0\n").encode("utf-8"))
+    assert read_quora(path) == [QuoraPair("1", "a?", "b?", 1)]
+
+
 def test_missing_quora_file_says_how_to_get_it(tmp_path):
     with pytest.raises(InputError, match=r"nope.csv: no such file; run `python -m data.download`"):
         read_quora(tmp_path / "nope.csv")

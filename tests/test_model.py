@@ -144,6 +144,9 @@ def test_generate_rejects_right_padding_and_overlong_requests(tiny_model):
         tiny_model.generate(random_ids(1, 4), 3, attention_mask=torch.tensor([[1, 1, 1, 0]]))
     with pytest.raises(ValueError, match="exceeds block_size"):
         tiny_model.generate(random_ids(1, 100), 29)
+    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match="need temperature >= 0 and 0 < top_p <= 1"):
+            tiny_model.generate(random_ids(1, 4), 3, **bad)
 
 
 def test_top_p_keeps_the_smallest_nucleus():
@@ -154,6 +157,7 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert kept(0.8) == [[False, True, True, False], [True, True, True, True]]
     assert kept(0.81) == [[False, True, True, True], [True, True, True, True]]
     assert kept(0.01) == [[False, True, False, False], [True, False, False, False]]  # top token always kept
+    assert kept(0.0) == kept(0.01)
     assert torch.equal(top_p_filter(logits, 1.0), logits)
 
 
