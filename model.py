@@ -249,6 +249,8 @@ class GPT(nn.Module):
         """One of gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once into GPT2_CACHE_DIR), or a local
         directory holding config.json and model.safetensors, as the hub has them and save_pretrained writes."""
         name_or_dir = str(name_or_dir)
+        if name_or_dir.removeprefix("openai-community/") in PRETRAINED and not Path(name_or_dir).is_dir():
+            name_or_dir = name_or_dir.removeprefix("openai-community/")
         if name_or_dir in PRETRAINED:
             config = GPTConfig(**PRETRAINED[name_or_dir], dropout=dropout)
             weights = download(

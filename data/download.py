@@ -44,8 +44,11 @@ def fetch_sonnets(data_dir):
 
 
 def read_qqp_pairs(zip_path):
-    """The labelled pairs of GLUE QQP's train.tsv and dev.tsv: a list of (id, question1, question2, label)."""
-    pairs = []
+    """The labelled pairs of GLUE QQP's train.tsv and dev.tsv: a list of (id, question1, question2, label).
+
+    Rows that are not 6 tab-separated fields ending in a 0/1 label are skipped and reported: this is someone
+    else's file, and one bad row among 400,000 should not stop you from getting the data."""
+    pairs, skipped = [], []
     try:
         archive = zipfile.ZipFile(zip_path)
     except zipfile.BadZipFile:
@@ -64,9 +67,12 @@ def read_qqp_pairs(zip_path):
                 if line == "":
                     continue
                 if len(fields) != 6 or fields[5] not in ("0", "1"):
-                    raise InputError(f"{zip_path}:{member}:{line_number}: expected 6 fields ending in a 0/1 "
-                                     f"label, found {fields!r}")
+                    skipped.append(f"{member}:{line_number}")
+                    continue
                 pairs.append((f"qqp-{fields[0]}", fields[3], fields[4], int(fields[5])))
+    if skipped:
+        print(f"{zip_path}: skipped {len(skipped)} malformed rows ({', '.join(skipped[:5])}"
+              f"{', ...' if len(skipped) > 5 else ''})")
     return pairs
 
 
@@ -85,13 +91,13 @@ def write_quora(path, pairs, with_labels=True):
             writer.writerow([pair_id, s1, s2] + ([f"{label:.1f}"] if with_labels else []))
 
 
-def fetch_quora(data_dir):
+def fetch_quora(data_dir, dev_size=COURSE_DEV_SIZE, test_size=COURSE_TEST_SIZE):
     if all((data_dir / name).exists() for name in ("quora-train.csv", "quora-dev.csv", "quora-test-student.csv")):
         print(f"Quora: using the files already in {data_dir}/")
         return
     zip_path = download(QQP_URL, data_dir / "QQP-clean.zip", hint=(
         f"Copy the course's quora-train.csv, quora-dev.csv and quora-test-student.csv into {data_dir}/ instead."))
-    train, dev, test = split_pairs(read_qqp_pairs(zip_path))
+    train, dev, test = split_pairs(read_qqp_pairs(zip_path), dev_size=dev_size, test_size=test_size)
     for name, pairs, with_labels in (("quora-train.csv", train, True), ("quora-dev.csv", dev, True),
                                      ("quora-test.csv", test, True), ("quora-test-student.csv", test, False)):
         if not (data_dir / name).exists():

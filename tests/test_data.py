@@ -1,6 +1,9 @@
 """data/: the course's files, prompts and answer tokens, batches and loss masks, and the Quora download."""
 
+import functools
+import http.server
 import re
+import threading
 import zipfile
 
 import pytest
@@ -239,15 +242,44 @@ def test_qqp_becomes_the_course_format(tmp_path):
     assert read_quora(tmp_path / "quora-test-student.csv") == [QuoraPair(*p[:3], None) for p in test]
 
 
-def test_malformed_qqp_archive(tmp_path):
+def test_malformed_qqp_rows_are_skipped_and_reported(tmp_path, capsys):
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as z:
-        z.writestr("QQP/train.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n1\t2\t3\tq1\n")
-        z.writestr("QQP/dev.tsv", "")
-    with pytest.raises(InputError, match=r"bad.zip:QQP/train.tsv:2: expected 6 fields"):
-        download_module.read_qqp_pairs(tmp_path / "bad.zip")
+        header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+        z.writestr("QQP/train.tsv", header + "1\t2\t3\tq1\n" + "4\t5\t6\tq?\tr?\t1\n")
+        z.writestr("QQP/dev.tsv", header + "7\t8\t9\tq?\tr?\tmaybe\n")
+    assert download_module.read_qqp_pairs(tmp_path / "bad.zip") == [("qqp-4", "q?", "r?", 1)]
+    assert "skipped 2 malformed rows (QQP/train.tsv:2, QQP/dev.tsv:2)" in capsys.readouterr().out
+    with zipfile.ZipFile(tmp_path / "wrong.zip", "w") as z:
+        z.writestr("QQP/train.tsv", "a\tb\n")
+        z.writestr("QQP/dev.tsv", "a\tb\n")
+    with pytest.raises(InputError, match=r"wrong.zip:QQP/train.tsv:1: unexpected header"):
+        download_module.read_qqp_pairs(tmp_path / "wrong.zip")
     (tmp_path / "notzip.zip").write_bytes(b"html error page")
     with pytest.raises(InputError, match="not a zip archive"):
         download_module.read_qqp_pairs(tmp_path / "notzip.zip")
+
+
+def test_quora_download_end_to_end(tmp_path, monkeypatch, capsys):
+    """QQP from a server on this machine, converted into the four files the course's reader accepts."""
+    served = tmp_path / "served"
+    served.mkdir()
+    fake_qqp_zip(served / "QQP-clean.zip", n_train=60, n_dev=40)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(download_module, "QQP_URL", f"http://127.0.0.1:{httpd.server_address[1]}/QQP-clean.zip")
+        data_dir = tmp_path / "data"
+        download_module.fetch_quora(data_dir, dev_size=10, test_size=20)
+    finally:
+        httpd.shutdown()
+    assert "70 train, 10 dev, 20 test pairs" in capsys.readouterr().out
+    train, dev = read_quora(data_dir / "quora-train.csv"), read_quora(data_dir / "quora-dev.csv")
+    test, student = read_quora(data_dir / "quora-test.csv"), read_quora(data_dir / "quora-test-student.csv")
+    assert (len(train), len(dev), len(test)) == (70, 10, 20)
+    assert [p.id for p in student] == [p.id for p in test] and all(p.label is None for p in student)
+    assert len({p.id for p in train + dev + test}) == 100
 
 
 def test_download_leaves_the_courses_own_files_alone(tmp_path, capsys):

@@ -256,6 +256,8 @@ def test_offline_download_says_how_to_supply_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(model_module, "HUB_URL", "http://127.0.0.1:9/{name}/model.safetensors")  # refused
     with pytest.raises(InputError, match="could not download .*pass that directory instead"):
         GPT.from_pretrained("gpt2")
+    with pytest.raises(InputError, match="could not download http://127.0.0.1:9/gpt2-medium/"):
+        GPT.from_pretrained("openai-community/gpt2-medium")  # the hub's full name works too
     assert not (tmp_path / "gpt2" / "model.safetensors").exists()
 
 
