@@ -166,7 +166,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
-        # GPT-2's initialisation, for training from scratch (from_pretrained overwrites all of it)
+        # GPT-2's initialisation, for training from scratch (from_pretrained skips it and loads every weight)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # scale residual projections by 1/sqrt(number of residual adds)
@@ -269,9 +269,11 @@ class GPT(nn.Module):
                 pickled = " (pytorch_model.bin is a pickle, which this loader never opens)" if (
                     directory / "pytorch_model.bin").exists() else ""
                 raise InputError(f"{weights}: no such file{pickled}; the directory needs model.safetensors")
-        model = cls(config)
+        with torch.device("meta"):  # shapes only: no memory and no random init for weights about to be replaced
+            model = cls(config)
         tensors, _ = read_safetensors(weights)
-        model.load_state_dict(state_dict_from_hub(tensors, model, weights))
+        model.load_state_dict(state_dict_from_hub(tensors, model, weights), assign=True)  # the file's tensors become the weights
+        model.transformer.wte.weight = model.lm_head.weight  # assign=True gave the two tied names separate Parameters
         return model
 
     def save_pretrained(self, directory):
@@ -379,7 +381,7 @@ def state_dict_from_hub(tensors, model, source):
             continue  # the tied output layer, and causal-mask buffers that older checkpoints carry
         name = "transformer." + name
         if name.endswith(CONV1D_WEIGHTS) and tensor.dim() == 2:
-            tensor = tensor.t()
+            tensor = tensor.t().contiguous()
         ours[name] = tensor
     missing, unexpected = sorted(expected.keys() - ours.keys()), sorted(ours.keys() - expected.keys())
     if missing or unexpected:
