@@ -274,3 +274,20 @@ def test_loads_the_openai_hub_layout(hub_checkpoint, tmp_path):
     ids = random_ids(2, 16)
     with torch.no_grad():
         assert torch.allclose(GPT.from_pretrained(tmp_path)(ids), hf_model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_gpt2_124m_shape_matches_transformers(tmp_path):
+    """Once at the real size (12 layers, 12 heads, 768 wide, 1024 positions), random weights: what the tiny
+    configs cannot catch (head splitting at 12 heads, the full position table, a 500 MB file)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    hf_model.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path).eval()
+    assert ours.num_parameters() == 124_439_808  # GPT-2 "124M"
+    ids = random_ids(2, 40, seed=5)
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), hf_model(ids).logits, atol=1e-4, rtol=0)
+    expected = hf_model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=8,
+                                 do_sample=False, pad_token_id=50256, eos_token_id=None)
+    assert ours.generate(ids[:1], 8, temperature=0, eos_token_id=None).tolist() == expected.tolist()
