@@ -47,6 +47,7 @@ HEADER = "id\tsentence1\tsentence2\tis_duplicate\n"
     ("", r"q.csv: the file is empty"),
     ("id,sentence1,sentence2,is_duplicate\n", r"q.csv:1: header is \['id,sentence1,sentence2,is_duplicate'\]"),
     ("id\tquestion1\tquestion2\tlabel\n", r"q.csv:1: header is"),
+    ("1\ta?\tb?\t1.0\n2\tc?\td?\t0.0\n", r"q.csv:1: header is \['1', 'a\?', 'b\?', '1.0'\]"),  # no header line
     (HEADER + "1\ta?\tb?\t1.0\n2\ta?\tb?\n", r"q.csv:3: expected 4 tab-separated columns .* found 3"),
     (HEADER + "1\ta?\tb?\t1.0\textra\n", r"q.csv:2: expected 4 .* found 5"),
     (HEADER + "1\ta?\tb?\t1.0\n2\ta?\tb?\t0.5\n", r"q.csv:3: is_duplicate must be 0 or 1 .* found '0.5'"),
