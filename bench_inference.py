@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from data.batching import Example, batch_indices, collate, left_pad
+from data.batching import left_pad
+from eval import answers_yes
 from model import GPT, PRETRAINED, GPTConfig, default_device
 
 
@@ -38,16 +39,6 @@ def random_prompts(n, low, high, generator):
     return [torch.randint(0, 50257, (n_tokens,), generator=generator).tolist() for n_tokens in lengths]
 
 
-@torch.no_grad()
-def score_last_positions(model, prompts, batch_size, device):
-    """The work of eval.predict_paraphrase: one forward per length-sorted batch, lm_head at the last position."""
-    examples = [Example(p, []) for p in prompts]
-    for idx in batch_indices([len(e) for e in examples], batch_size):
-        batch = collate([examples[i] for i in idx]).to(device)
-        hidden = model.hidden_states(batch.input_ids)
-        model.lm_head(hidden[torch.arange(len(idx), device=device), batch.lengths - 1])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=list(PRETRAINED), default="gpt2")
@@ -65,8 +56,8 @@ def main():
     rows = [("load (from_pretrained, random weights)", f"{load_s:.2f} s")]
 
     pairs = random_prompts(args.pairs, 29, 67, generator)
-    score_last_positions(model, pairs[:args.batch_size], args.batch_size, args.device)  # warm-up
-    _, score_s = timed(lambda: score_last_positions(model, pairs, args.batch_size, args.device), args.device)
+    answers_yes(model, pairs[:args.batch_size], args.batch_size, args.device)  # warm-up
+    _, score_s = timed(lambda: answers_yes(model, pairs, args.batch_size, args.device), args.device)
     rows.append(("paraphrase scoring", f"{args.pairs / score_s:.0f} pairs/s "
                  f"(the 40,429 dev pairs: {40429 / (args.pairs / score_s) / 60:.1f} min)"))
 
@@ -74,7 +65,7 @@ def main():
     input_ids, attention_mask = input_ids.to(args.device), attention_mask.to(args.device)
     outputs, seconds = {}, {}
     for use_cache in (True, False):
-        outputs[use_cache], seconds[use_cache] = timed(lambda: model.generate(
+        outputs[use_cache], seconds[use_cache] = timed(lambda use_cache=use_cache: model.generate(
             input_ids, args.new_tokens, temperature=1.2, top_p=0.9, attention_mask=attention_mask, eos_token_id=None,
             use_cache=use_cache, generator=torch.Generator(device=args.device).manual_seed(0)), args.device)
     assert torch.equal(outputs[True], outputs[False]), "the KV cache changed the generated tokens"

@@ -94,14 +94,19 @@ def chrf(hypotheses, references, max_order=6, beta=2.0):
 # paraphrase detection
 
 
-@torch.no_grad()
 def predict_paraphrase(model, pairs, batch_size=64, device="cpu"):
     """1 (paraphrase) where the model's "yes" logit beats its "no" logit after the prompt, else 0."""
+    return answers_yes(model, [paraphrase_example(p).prompt for p in pairs], batch_size, device)
+
+
+@torch.no_grad()
+def answers_yes(model, prompts, batch_size=64, device="cpu"):
+    """For each prompt (token ids): 1 if logit("yes") > logit("no") at its last position, else 0."""
     model.eval()
-    prompts = [Example(paraphrase_example(p).prompt, []) for p in pairs]  # the prompt alone, no answer
-    predictions = [0] * len(prompts)
-    for idx in tqdm(batch_indices([len(p) for p in prompts], batch_size), desc="paraphrase", disable=None):
-        batch = collate([prompts[i] for i in idx]).to(device)
+    examples = [Example(prompt, []) for prompt in prompts]
+    predictions = [0] * len(examples)
+    for idx in tqdm(batch_indices([len(e) for e in examples], batch_size), desc="paraphrase", disable=None):
+        batch = collate([examples[i] for i in idx]).to(device)
         # right padding needs no attention mask: causal attention never looks right, at the padding
         hidden = model.hidden_states(batch.input_ids)
         last = hidden[torch.arange(len(idx), device=device), batch.lengths - 1]  # (B, n_embd)
