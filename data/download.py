@@ -63,9 +63,9 @@ def read_qqp_pairs(zip_path):
             if header != ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]:
                 raise InputError(f"{zip_path}:{member}:1: unexpected header {header}")
             for line_number, line in enumerate(lines[1:], start=2):
-                fields = line.rstrip("\r").split("\t")
                 if line == "":
                     continue
+                fields = line.rstrip("\r").split("\t")
                 if len(fields) != 6 or fields[5] not in ("0", "1"):
                     skipped.append(f"{member}:{line_number}")
                     continue

@@ -1,7 +1,10 @@
-"""Shared test set-up: the project root on sys.path, offline tokenizer files, the shared data, tiny models."""
+"""Shared test set-up: the project root on sys.path, offline tokenizer files, the shared data, tiny models,
+and an HTTP server on this machine for the download tests."""
 
+import http.server
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,51 @@ def hub_checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("hub_gpt2")
     hf_model.save_pretrained(directory, safe_serialization=True)
     return directory, hf_model
+
+
+def always_predict(model, token):
+    """Rig a model so that `token` is the most likely next token everywhere: every final hidden state becomes
+    the all-ones vector, and only `token`'s output row is large (logit n_embd; the others are about 0)."""
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight[token] = 1.0
+    return model
+
+
+class LocalFileServer:
+    """Serves `payload` on 127.0.0.1 at any path. Honours "Range: bytes=N-", can break off after `cut` bytes
+    once (an interrupted download), and records each request's start offset in `requests`."""
+
+    def __init__(self):
+        self.payload, self.cut, self.requests = b"", None, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                start = 0
+                if rng := self.headers.get("Range"):
+                    start = int(rng.removeprefix("bytes=").rstrip("-"))
+                server.requests.append(start)
+                body = server.payload[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.cut is not None:
+                    body, server.cut = body[:server.cut], None
+                    self.close_connection = True
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/file"
+
+
+@pytest.fixture
+def file_server():
+    server = LocalFileServer()
+    threading.Thread(target=server.httpd.serve_forever, daemon=True).start()
+    yield server
+    server.httpd.shutdown()

@@ -1,9 +1,6 @@
 """data/: the course's files, prompts and answer tokens, batches and loss masks, and the Quora download."""
 
-import functools
-import http.server
 import re
-import threading
 import zipfile
 
 import pytest
@@ -260,21 +257,13 @@ def test_malformed_qqp_rows_are_skipped_and_reported(tmp_path, capsys):
         download_module.read_qqp_pairs(tmp_path / "notzip.zip")
 
 
-def test_quora_download_end_to_end(tmp_path, monkeypatch, capsys):
+def test_quora_download_end_to_end(tmp_path, monkeypatch, capsys, file_server):
     """QQP from a server on this machine, converted into the four files the course's reader accepts."""
-    served = tmp_path / "served"
-    served.mkdir()
-    fake_qqp_zip(served / "QQP-clean.zip", n_train=60, n_dev=40)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setattr(download_module, "QQP_URL", f"http://127.0.0.1:{httpd.server_address[1]}/QQP-clean.zip")
-        data_dir = tmp_path / "data"
-        download_module.fetch_quora(data_dir, dev_size=10, test_size=20)
-    finally:
-        httpd.shutdown()
+    fake_qqp_zip(tmp_path / "QQP-clean.zip", n_train=60, n_dev=40)
+    file_server.payload = (tmp_path / "QQP-clean.zip").read_bytes()
+    monkeypatch.setattr(download_module, "QQP_URL", file_server.url)
+    data_dir = tmp_path / "data"
+    download_module.fetch_quora(data_dir, dev_size=10, test_size=20)
     assert "70 train, 10 dev, 20 test pairs" in capsys.readouterr().out
     train, dev = read_quora(data_dir / "quora-train.csv"), read_quora(data_dir / "quora-dev.csv")
     test, student = read_quora(data_dir / "quora-test.csv"), read_quora(data_dir / "quora-test-student.csv")

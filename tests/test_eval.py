@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import eval as evaluation
+from conftest import always_predict
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_prompt, read_quora
 from data.sonnets import read_sonnets
 from data.tokenizer import encode
@@ -74,11 +75,7 @@ def test_batched_scoring_equals_scoring_one_pair_at_a_time(shared_data, tiny_mod
 
 def test_paraphrase_evaluation_end_to_end(shared_data, tiny_model):
     pairs = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")
-    # a model that always says "yes": every final hidden state is all ones, and only "yes" has a large row
-    with torch.no_grad():
-        tiny_model.transformer.ln_f.weight.zero_()
-        tiny_model.transformer.ln_f.bias.fill_(1.0)
-        tiny_model.lm_head.weight[YES_TOKEN] = 1.0
+    always_predict(tiny_model, YES_TOKEN)  # a model that always says "yes"
     result = evaluation.evaluate_paraphrase(tiny_model, pairs, batch_size=8)
     labels = [p.label for p in pairs]
     assert result["predictions"] == [1] * 30

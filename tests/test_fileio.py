@@ -1,8 +1,6 @@
 """fileio.py: safetensors against the safetensors library, atomic writes, resumable downloads."""
 
 import hashlib
-import http.server
-import threading
 
 import pytest
 import torch
@@ -58,63 +56,35 @@ def test_atomic_open_keeps_the_old_file_when_writing_fails(tmp_path):
 PAYLOAD = bytes(range(256)) * 400  # 100 KiB
 
 
-class RangeServer(http.server.BaseHTTPRequestHandler):
-    """Serves PAYLOAD, honours "Range: bytes=N-", and can break off after `cut` bytes once."""
-    cut = None
-    requests = []
-
-    def do_GET(self):
-        start = 0
-        if rng := self.headers.get("Range"):
-            start = int(rng.removeprefix("bytes=").rstrip("-"))
-        RangeServer.requests.append(start)
-        body = PAYLOAD[start:]
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if RangeServer.cut is not None:
-            self.wfile.write(body[:RangeServer.cut])
-            RangeServer.cut = None
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeServer)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    RangeServer.requests, RangeServer.cut = [], None
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/file"
-    httpd.shutdown()
+def server(file_server):
+    file_server.payload = PAYLOAD
+    return file_server
 
 
 def test_download_checks_the_hash_and_renames(server, tmp_path):
     dest = tmp_path / "sub" / "file.bin"
-    assert download(server, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest()) == dest
+    assert download(server.url, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest()) == dest
     assert dest.read_bytes() == PAYLOAD and not (tmp_path / "sub" / "file.bin.part").exists()
-    download(server, dest)  # already there: no request at all
-    assert RangeServer.requests == [0]
+    download(server.url, dest)  # already there: no request at all
+    assert server.requests == [0]
 
 
 def test_interrupted_download_resumes(server, tmp_path):
     dest = tmp_path / "file.bin"
-    RangeServer.cut = 30000
+    server.cut = 30000
     with pytest.raises(InputError, match="run again to resume"):
-        download(server, dest)
+        download(server.url, dest)
     assert not dest.exists() and (tmp_path / "file.bin.part").stat().st_size == 30000
-    download(server, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest())
-    assert RangeServer.requests == [0, 30000]
+    download(server.url, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    assert server.requests == [0, 30000]
     assert dest.read_bytes() == PAYLOAD
 
 
 def test_hash_mismatch_deletes_the_partial_file(server, tmp_path):
     dest = tmp_path / "file.bin"
     with pytest.raises(InputError, match="sha256 is .* expected 00"):
-        download(server, dest, sha256="00" * 32)
+        download(server.url, dest, sha256="00" * 32)
     assert list(tmp_path.iterdir()) == []
 
 

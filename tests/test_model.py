@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import model as model_module
-from conftest import tiny_config
+from conftest import always_predict, tiny_config
 from fileio import InputError
 from model import GPT, attention_inputs, top_p_filter
 
@@ -130,11 +130,7 @@ def test_batched_left_padded_generation_matches_one_at_a_time(tiny_model):
 
 
 def test_generation_stops_at_end_of_text(tiny_model):
-    # make token 42 the greedy choice everywhere, and call it the end-of-text token
-    with torch.no_grad():
-        tiny_model.transformer.ln_f.weight.zero_()  # every final hidden state becomes the all-ones vector
-        tiny_model.transformer.ln_f.bias.fill_(1.0)
-        tiny_model.lm_head.weight[42] = 1.0  # logit 64 for token 42, about 0 for the rest
+    always_predict(tiny_model, 42)  # call token 42 the end-of-text token
     out = tiny_model.generate(random_ids(2, 5), 20, temperature=0, eos_token_id=42)
     assert out.shape == (2, 6) and (out[:, -1] == 42).all()
 
