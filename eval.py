@@ -28,7 +28,7 @@ from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, read_quora
 from data.sonnets import read_sonnets
 from data.tokenizer import decode, encode
 from fileio import InputError, atomic_open
-from model import END_OF_TEXT, GPT, default_device
+from model import END_OF_TEXT, default_device, load_model
 
 # -----------------------------------------------------------------------------
 # metrics: pure functions of Python lists
@@ -184,14 +184,6 @@ SONNET_SPLITS = {"dev": ("sonnets_held_out_dev.txt", "TRUE_sonnets_held_out_dev.
                 "test": ("sonnets_held_out.txt", None)}
 
 
-def load_model(checkpoint, adapter=None, device="cpu"):
-    model = GPT.from_pretrained(checkpoint)
-    if adapter is not None:
-        from lora import load_lora, merge_lora
-        merge_lora(load_lora(model, adapter))
-    return model.to(device).eval()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Score a GPT-2 checkpoint on paraphrase detection or sonnets.")
     parser.add_argument("--task", choices=["paraphrase", "sonnet"], required=True)
@@ -225,7 +217,7 @@ def run(args):
         prompts_file, references_file = SONNET_SPLITS[args.split]
         held_out = read_sonnets(args.data_dir / prompts_file, limit=args.limit)
         references = read_sonnets(args.data_dir / references_file) if references_file else None
-    model = load_model(args.checkpoint, args.adapter, args.device)
+    model = load_model(args.checkpoint, args.adapter).to(args.device).eval()
     name = Path(args.checkpoint).name + (f"+{Path(args.adapter).stem}" if args.adapter else "")
     print(f"{args.checkpoint}: {model.num_parameters() / 1e6:.1f}M parameters on {args.device}")
 

@@ -191,3 +191,10 @@ def merged_state_dict(model):
                 value = value + owner.delta_weight()
         plain[key] = value.detach().clone()
     return plain
+
+
+def merged_model(model):
+    """A new plain GPT (no LoRA layers) whose weights are W + (alpha / r) B A: what save_pretrained can write."""
+    plain = type(model)(model.config).to(next(model.parameters()).device)
+    plain.load_state_dict(merged_state_dict(model))
+    return plain.train(model.training)

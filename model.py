@@ -280,6 +280,9 @@ class GPT(nn.Module):
         """Write config.json and model.safetensors in the hub's layout: from_pretrained (ours, or Hugging
         Face's GPT2LMHeadModel) loads them back. Each file is written atomically."""
         directory = Path(directory)
+        if any(name.endswith((".lora_A", ".lora_B")) for name in self.state_dict()):
+            raise ValueError("this model has LoRA layers, whose names a GPT-2 checkpoint does not have: save the "
+                             "adapter with lora.save_lora, or save lora.merged_model(model) (a plain GPT-2)")
         tensors = {}
         for name, tensor in self.state_dict().items():
             if name == "lm_head.weight":
@@ -395,3 +398,39 @@ def state_dict_from_hub(tensors, model, source):
         ours[name] = ours[name].float()
     ours["lm_head.weight"] = ours["transformer.wte.weight"]
     return ours
+
+
+# -----------------------------------------------------------------------------
+# one loader for everything a script may be pointed at
+
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+
+
+def load_model(name_or_dir, adapter=None, dropout=0.0):
+    """A plain GPT (no LoRA layers) from any of:
+
+    - a GPT-2 name (gpt2, gpt2-medium, ...) or a hub-layout directory (config.json + model.safetensors);
+    - a LoRA run's folder: adapter.safetensors + adapter_config.json, whose "base_model_name_or_path" is
+      loaded first (by this same function, so a base may itself be an adapter folder) and the adapter is
+      folded into its weights, W + (alpha/r) B A;
+    - a training run's output folder (out/my-run): its best/ checkpoint.
+    `adapter` (a .safetensors file written by lora.save_lora) is folded in on top.
+    """
+    from lora import load_lora, merged_model  # lora.py does not import this file, so no cycle
+
+    directory = Path(str(name_or_dir))
+    if directory.is_dir() and not (directory / "config.json").exists() and not (directory / ADAPTER_CONFIG).exists() \
+            and (directory / "best").is_dir():
+        directory = directory / "best"  # a run folder: its best checkpoint
+    if directory.is_dir() and (directory / ADAPTER_CONFIG).is_file():
+        config_path = directory / ADAPTER_CONFIG
+        try:
+            base = json.loads(config_path.read_text())["base_model_name_or_path"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{config_path}: not an adapter config with a base_model_name_or_path ({e!r})") from None
+        model = merged_model(load_lora(load_model(base, dropout=dropout), directory / ADAPTER_FILE))
+    else:
+        model = GPT.from_pretrained(name_or_dir, dropout=dropout)
+    if adapter is not None:
+        model = merged_model(load_lora(model, adapter))
+    return model
