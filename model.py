@@ -27,9 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.tokenizer import END_OF_TEXT
 from fileio import InputError, download, read_safetensors, write_json, write_safetensors
-
-END_OF_TEXT = 50256  # GPT-2's <|endoftext|>: ends a document, and pads batches (masked out by position)
 
 
 @dataclass
@@ -199,9 +198,17 @@ class GPT(nn.Module):
             x = block(x, attn_mask, kv_cache)
         return self.transformer.ln_f(x)
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None):
-        """Logits for the next token at every position: (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, kv_cache))
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, logits_at=None):
+        """Logits for the next token at every position: (B, T, vocab_size).
+
+        logits_at (B, K) long: only at these positions of each row, (B, K, vocab_size). The output layer is
+        a large share of GPT-2's compute (50257 x n_embd per position), so a loss that reads a few positions
+        (paraphrase: one answer token) should not pay for all of them.
+        """
+        h = self.hidden_states(input_ids, attention_mask, kv_cache)  # (B, T, n_embd)
+        if logits_at is not None:
+            h = h.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, h.size(-1)))  # (B, K, n_embd)
+        return self.lm_head(h)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_p=1.0, attention_mask=None,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import END_OF_TEXT
+from data.tokenizer import END_OF_TEXT
 
 
 @dataclass(frozen=True)

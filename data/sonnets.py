@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.batching import Example
-from data.tokenizer import encode
+from data.tokenizer import END_OF_TEXT, encode
 from fileio import InputError
-from model import END_OF_TEXT
 
 PROMPT_LINES = 3
 # The course splits a file on its number lines, exactly like this: re.split(r'\n\s*\d+\s*\n', text)

@@ -1,10 +1,15 @@
-"""GPT-2's byte-pair encoding (the 50257-token vocabulary), through tiktoken."""
+"""GPT-2's byte-pair encoding (the 50257-token vocabulary), through tiktoken.
+
+Importing this file reads nothing and needs no network: tiktoken's BPE files load on the first encode/decode.
+"""
 
 import functools
 
 import tiktoken
 
 from fileio import InputError
+
+END_OF_TEXT = 50256  # GPT-2's <|endoftext|>: ends a document, and pads batches (masked out by position)
 
 
 @functools.lru_cache(maxsize=None)

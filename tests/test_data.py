@@ -1,18 +1,21 @@
 """data/: the course's files, prompts and answer tokens, batches and loss masks, and the Quora download."""
 
 import re
+import subprocess
+import sys
 import zipfile
 
 import pytest
 import torch
 
+from conftest import ROOT
 from data import download as download_module
 from data.batching import Example, batch_indices, collate, left_pad
 from data.quora import (NO_TOKEN, YES_TOKEN, QuoraPair, paraphrase_example, paraphrase_prompt, preprocess_string,
                         read_quora)
 from data.sonnets import read_sonnets, sonnet_example, split_prompt
+from data.tokenizer import END_OF_TEXT
 from fileio import InputError
-from model import END_OF_TEXT
 
 # -----------------------------------------------------------------------------
 # Quora files
@@ -93,6 +96,24 @@ def test_tiktoken_matches_the_reference_gpt2_tokenizer(shared_data, tokenizer):
               for p in read_quora(shared_data / "quora_samples" / "quora-train-30.csv")]
     for text in texts:
         assert tokenizer.encode_ordinary(text) == reference.encode(text)
+
+
+def test_end_of_text_is_the_tokenizers(tokenizer):
+    assert tokenizer.eot_token == END_OF_TEXT and tokenizer.decode([END_OF_TEXT]) == "<|endoftext|>"
+
+
+def test_data_imports_neither_the_model_nor_the_network(tmp_path):
+    """data/ stands below model.py, and importing it opens no connection (tiktoken loads on first use)."""
+    code = ("import socket, sys\n"
+            "def refuse(*a, **k): raise AssertionError('network used at import')\n"
+            "socket.socket.connect = socket.socket.connect_ex = refuse\n"
+            "import data.tokenizer, data.batching, data.quora, data.sonnets, data.download\n"
+            "assert 'model' not in sys.modules, 'data/ imported model.py'\n"
+            "import model\n"
+            "assert model.END_OF_TEXT is data.tokenizer.END_OF_TEXT\n")
+    env = {"PATH": "", "TIKTOKEN_CACHE_DIR": str(tmp_path)}  # an empty cache: any load would need the network
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 
 def test_tokenizer_failure_says_to_set_the_cache_dir(monkeypatch):
