@@ -3,8 +3,11 @@ Everything that touches the disk or the network, in one place:
 
 - InputError: the one exception for "the input is wrong" (a bad file, a failed download). Scripts print its
   message and exit; the message always says what was wrong, where, and what to do about it.
+- read_text: a UTF-8 text file, or an error naming the line and byte that are not UTF-8.
+- writable_dir: prove an output folder can be created and written to before any work is done.
 - atomic_open: write to a temporary file, then rename, so a crash never leaves half a checkpoint or result.
-- download: a resumable, progress-barred, optionally hash-checked HTTP download (same atomic rename).
+- download: a resumable, progress-barred, optionally hash-checked HTTP download (same atomic rename);
+  check_sha256 checks a file already on disk.
 - read_safetensors / write_safetensors: the safetensors format, read and written by hand. It is tiny:
       [8 bytes: header length N, little-endian] [N bytes: JSON header] [raw tensor bytes]
   and, unlike pickle (torch.load), reading it can never run code from the file.
@@ -27,6 +30,37 @@ from tqdm import tqdm
 
 class InputError(Exception):
     """A file, download or argument that the user supplied (or must supply) is missing or malformed."""
+
+
+# -----------------------------------------------------------------------------
+# reading text, checking output folders
+
+def read_text(path, encoding="utf-8"):
+    """The whole file as a str. Bytes that are not valid `encoding` are an InputError naming line and byte."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise InputError(f"{path}:{line}: byte 0x{data[e.start]:02x} (column {column}) is not valid UTF-8; "
+                         f"save the file as UTF-8") from None
+
+
+def writable_dir(path, what="directory"):
+    """Create `path` if needed and prove a file can be written in it; else an InputError naming `what`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path}: is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot write there ({e.strerror or e})") from None
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -62,11 +96,14 @@ def download(url, dest, sha256=None, hint=""):
     """Fetch `url` into `dest` unless it is already there. Returns dest as a Path.
 
     Bytes go to `dest.part`; an interrupted download resumes from there (HTTP Range) on the next call.
-    Only a complete file (and, if `sha256` is given, one with that hash) is renamed to `dest`.
+    Only a complete file (and, if `sha256` is given, one with that hash) is renamed to `dest`; a `dest` that is
+    already there is checked against `sha256` too.
     `hint` is appended to the error when the download fails, e.g. where to put the file by hand.
     """
     dest = Path(dest)
     if dest.exists():
+        if sha256 is not None:
+            check_sha256(dest, sha256)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -109,6 +146,14 @@ def download(url, dest, sha256=None, hint=""):
             raise InputError(f"{failed}: sha256 is {actual}, expected {sha256}; the partial file was deleted")
     os.replace(part, dest)
     return dest
+
+
+def check_sha256(path, expected):
+    """An InputError unless the file at `path` has this sha256: a truncated or wrong file is never used."""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise InputError(f"{path}: sha256 is {actual}, expected {expected} (truncated, or not the right file); "
+                         f"delete it and run again to download it afresh")
 
 
 def sha256_of(path):

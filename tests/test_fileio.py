@@ -5,7 +5,7 @@ import hashlib
 import pytest
 import torch
 
-from fileio import InputError, atomic_open, download, read_safetensors, write_safetensors
+from fileio import InputError, atomic_open, download, read_safetensors, read_text, writable_dir, write_safetensors
 
 TENSORS = {
     "f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
@@ -50,6 +50,25 @@ def test_atomic_open_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_text() == "new"
 
 
+def test_read_text_names_the_line_and_byte_that_are_not_utf8(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("first line\nna\u00efve\n".encode("utf-8") + "caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.txt:3: byte 0xe9 \(column 4\) is not valid UTF-8"):
+        read_text(path)
+    path.write_text("first line\nna\u00efve\n", encoding="utf-8")
+    assert read_text(path) == "first line\nna\u00efve\n"
+
+
+def test_writable_dir(tmp_path):
+    assert writable_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe file is gone
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"--out-dir .*file: is a file, not a directory"):
+        writable_dir(tmp_path / "file", "--out-dir")
+    with pytest.raises(InputError, match=r"--out-dir .*file/sub: cannot write there \(Not a directory\)"):
+        writable_dir(tmp_path / "file" / "sub", "--out-dir")
+
+
 # -----------------------------------------------------------------------------
 # downloads, from a server on this machine
 
@@ -86,6 +105,17 @@ def test_hash_mismatch_deletes_the_partial_file(server, tmp_path):
     with pytest.raises(InputError, match="sha256 is .* expected 00"):
         download(server.url, dest, sha256="00" * 32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_already_there_is_checked_against_its_hash(server, tmp_path):
+    dest = tmp_path / "file.bin"
+    dest.write_bytes(PAYLOAD[:1000])  # truncated
+    with pytest.raises(InputError, match=r"file.bin: sha256 is [0-9a-f]{64}, expected [0-9a-f]{64} .*delete it"):
+        download(server.url, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    assert server.requests == [] and dest.read_bytes() == PAYLOAD[:1000]  # nothing fetched, nothing deleted
+    dest.unlink()
+    download(server.url, dest, sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    assert dest.read_bytes() == PAYLOAD
 
 
 def test_unreachable_server_says_what_to_do(tmp_path):
