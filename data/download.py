@@ -21,6 +21,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from data.quora import LABELED_HEADER, UNLABELED_HEADER, warn_skipped
 from fileio import InputError, atomic_open, download
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -48,7 +49,7 @@ def read_qqp_pairs(zip_path):
 
     Rows that are not 6 tab-separated fields ending in a 0/1 label are skipped and reported: this is someone
     else's file, and one bad row among 400,000 should not stop you from getting the data."""
-    pairs, skipped = [], []
+    pairs, skipped = [], []  # skipped: (member:line, what is wrong with it)
     try:
         archive = zipfile.ZipFile(zip_path)
     except zipfile.BadZipFile:
@@ -58,7 +59,10 @@ def read_qqp_pairs(zip_path):
             if member not in archive.namelist():
                 raise InputError(f"{zip_path}: has no {member}; is it GLUE's QQP-clean.zip?")
             with archive.open(member) as raw:
-                lines = io.TextIOWrapper(raw, encoding="utf-8").read().split("\n")
+                try:
+                    lines = io.TextIOWrapper(raw, encoding="utf-8").read().split("\n")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{zip_path}:{member}: not UTF-8 ({e}); delete it and run again") from None
             header = lines[0].rstrip("\r").split("\t")
             if header != ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]:
                 raise InputError(f"{zip_path}:{member}:1: unexpected header {header}")
@@ -66,13 +70,14 @@ def read_qqp_pairs(zip_path):
                 if line == "":
                     continue
                 fields = line.rstrip("\r").split("\t")
-                if len(fields) != 6 or fields[5] not in ("0", "1"):
-                    skipped.append(f"{member}:{line_number}")
-                    continue
-                pairs.append((f"qqp-{fields[0]}", fields[3], fields[4], int(fields[5])))
+                if len(fields) != 6:
+                    skipped.append((f"{member}:{line_number}", f"expected 6 tab-separated fields, found {len(fields)}"))
+                elif fields[5] not in ("0", "1"):
+                    skipped.append((f"{member}:{line_number}", f"is_duplicate is {fields[5]!r}, not 0 or 1"))
+                else:
+                    pairs.append((f"qqp-{fields[0]}", fields[3], fields[4], int(fields[5])))
     if skipped:
-        print(f"{zip_path}: skipped {len(skipped)} malformed rows ({', '.join(skipped[:5])}"
-              f"{', ...' if len(skipped) > 5 else ''})")
+        warn_skipped(zip_path, [where for where, _ in skipped], len(pairs) + len(skipped), skipped[0][1])
     return pairs
 
 
@@ -86,7 +91,7 @@ def split_pairs(pairs, seed=SPLIT_SEED, dev_size=COURSE_DEV_SIZE, test_size=COUR
 def write_quora(path, pairs, with_labels=True):
     with atomic_open(path, newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["id", "sentence1", "sentence2"] + (["is_duplicate"] if with_labels else []))
+        writer.writerow(LABELED_HEADER if with_labels else UNLABELED_HEADER)
         for pair_id, s1, s2, label in pairs:
             writer.writerow([pair_id, s1, s2] + ([f"{label:.1f}"] if with_labels else []))
 

@@ -8,17 +8,21 @@ File format (tab-separated, csv-style "" quoting, a header row):
 """
 
 import csv
+import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from data import check_limit
 from data.batching import Example
 from data.tokenizer import encode
-from fileio import InputError
+from fileio import InputError, read_text
 
 YES_TOKEN = 8505  # encode("yes"): the answer for a paraphrase
 NO_TOKEN = 3919  # encode("no")
 LABELED_HEADER = ["id", "sentence1", "sentence2", "is_duplicate"]
 UNLABELED_HEADER = ["id", "sentence1", "sentence2"]
+MAX_SHOWN = 5  # how many skipped rows a warning names
 
 
 @dataclass(frozen=True)
@@ -32,37 +36,59 @@ class QuoraPair:
 def read_quora(path, limit=None):
     """Read a Quora file in the course's format; `limit` keeps only the first N pairs.
 
-    Any malformed input (missing file, empty file, wrong header, wrong column count, a label other than
-    0/1) raises InputError naming the file and line.
+    Like the course's own loader, a malformed row (a wrong number of columns, a label other than 0/1) is
+    skipped, and one warning on stderr gives how many were skipped and their first line numbers; blank lines
+    are ignored. A missing or empty file, a file that is not UTF-8, a wrong header, no pairs at all, or a file
+    whose rows are mostly (over half) malformed is an InputError naming the file (and line).
     """
+    check_limit(limit)
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file; run `python -m data.download` or copy the course's "
                          f"Quora files into data/")
-    pairs = []
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate the BOM some editors write
-        rows = csv.reader(f, delimiter="\t")
-        header = next(rows, None)
-        if header is None:
-            raise InputError(f"{path}: the file is empty; expected a header line {' '.join(LABELED_HEADER)}")
-        header = [h.strip() for h in header]
-        if header not in (LABELED_HEADER, UNLABELED_HEADER):
-            raise InputError(f"{path}:1: header is {header}, expected {LABELED_HEADER} "
-                             f"(or {UNLABELED_HEADER} for unlabeled test data), tab-separated")
-        for row in rows:
-            if limit is not None and len(pairs) >= limit:
-                break
-            where = f"{path}:{rows.line_num}"
-            if len(row) != len(header):
-                raise InputError(f"{where}: expected {len(header)} tab-separated columns "
-                                 f"({' '.join(header)}), found {len(row)}: {row!r}")
-            label = None
-            if len(header) == 4:
-                label = {"0": 0, "0.0": 0, "1": 1, "1.0": 1}.get(row[3].strip())
-                if label is None:
-                    raise InputError(f"{where}: is_duplicate must be 0 or 1 (0.0 or 1.0), found {row[3]!r}")
-            pairs.append(QuoraPair(row[0].strip(), row[1], row[2], label))
+    text = read_text(path).removeprefix("\ufeff")  # tolerate the byte-order mark some editors write
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
+    header = next(rows, None)
+    if header is None:
+        raise InputError(f"{path}: the file is empty; expected a header line {' '.join(LABELED_HEADER)}")
+    header = [h.strip() for h in header]
+    if header not in (LABELED_HEADER, UNLABELED_HEADER):
+        raise InputError(f"{path}:1: header is {header}, expected {LABELED_HEADER} "
+                         f"(or {UNLABELED_HEADER} for unlabeled test data), tab-separated")
+    pairs, skipped = [], []  # skipped: (line number, what is wrong with it)
+    for row in rows:
+        if limit is not None and len(pairs) >= limit:
+            break
+        if not row:
+            continue  # a blank line: the course's csv.DictReader skips these too
+        if len(row) != len(header):
+            skipped.append((rows.line_num, f"expected {len(header)} tab-separated columns, found {len(row)}"))
+            continue
+        label = None
+        if len(header) == 4:
+            label = {"0": 0, "0.0": 0, "1": 1, "1.0": 1}.get(row[3].strip())
+            if label is None:
+                skipped.append((rows.line_num, f"is_duplicate is {row[3]!r}, not 0 or 1 (0.0 or 1.0)"))
+                continue
+        pairs.append(QuoraPair(row[0].strip(), row[1], row[2], label))
+    n_rows = len(pairs) + len(skipped)
+    if n_rows == 0:
+        raise InputError(f"{path}: has a header but no pairs")
+    if skipped:
+        line, problem = skipped[0]
+        if len(skipped) > n_rows / 2:
+            raise InputError(f"{path}: {len(skipped)} of {n_rows} rows are malformed (line {line}: {problem}); "
+                             f"expected tab-separated {' '.join(header)}")
+        warn_skipped(path, [f"line {line}" for line, _ in skipped], n_rows, problem)
     return pairs
+
+
+def warn_skipped(source, where, n_rows, first_problem):
+    """One line on stderr about skipped malformed rows: how many, where (the first few), and what was wrong
+    with the first."""
+    shown = ", ".join(where[:MAX_SHOWN]) + (", ..." if len(where) > MAX_SHOWN else "")
+    print(f"warning: {source}: skipped {len(where)} malformed row{'s' if len(where) > 1 else ''} of {n_rows} "
+          f"({shown}; the first: {first_problem})", file=sys.stderr)
 
 
 def preprocess_string(s):

@@ -11,9 +11,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from data import check_limit
 from data.batching import Example
 from data.tokenizer import END_OF_TEXT, encode
-from fileio import InputError
+from fileio import InputError, read_text
 
 PROMPT_LINES = 3
 # The course splits a file on its number lines, exactly like this: re.split(r'\n\s*\d+\s*\n', text)
@@ -28,11 +29,12 @@ class Sonnet:
 
 def read_sonnets(path, limit=None):
     """Every sonnet in a file of the course's format (training, held-out or TRUE); `limit` keeps the first N."""
+    check_limit(limit)
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file; run `python -m data.download` or copy the course's sonnet "
                          f"files into data/")
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    text = read_text(path).replace("\r\n", "\n").replace("\r", "\n")  # as Python's universal newlines
     numbers = list(NUMBER_LINE.finditer(text))  # the same matches re.split splits on
     if not numbers:
         raise InputError(f"{path}: found no numbered sonnets (a line holding only a number, then the sonnet)")

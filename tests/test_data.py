@@ -1,5 +1,6 @@
 """data/: the course's files, prompts and answer tokens, batches and loss masks, and the Quora download."""
 
+import csv
 import re
 import subprocess
 import sys
@@ -48,15 +49,82 @@ HEADER = "id\tsentence1\tsentence2\tis_duplicate\n"
     ("id,sentence1,sentence2,is_duplicate\n", r"q.csv:1: header is \['id,sentence1,sentence2,is_duplicate'\]"),
     ("id\tquestion1\tquestion2\tlabel\n", r"q.csv:1: header is"),
     ("1\ta?\tb?\t1.0\n2\tc?\td?\t0.0\n", r"q.csv:1: header is \['1', 'a\?', 'b\?', '1.0'\]"),  # no header line
-    (HEADER + "1\ta?\tb?\t1.0\n2\ta?\tb?\n", r"q.csv:3: expected 4 tab-separated columns .* found 3"),
-    (HEADER + "1\ta?\tb?\t1.0\textra\n", r"q.csv:2: expected 4 .* found 5"),
-    (HEADER + "1\ta?\tb?\t1.0\n2\ta?\tb?\t0.5\n", r"q.csv:3: is_duplicate must be 0 or 1 .* found '0.5'"),
-    (HEADER + "1\ta?\tb?\tyes\n", r"q.csv:2: is_duplicate must be 0 or 1 .* found 'yes'"),
-    (HEADER + "1\ta?\tb?\t\n", r"q.csv:2: is_duplicate must be 0 or 1 .* found ''"),
+    (HEADER, r"q.csv: has a header but no pairs"),
+    (HEADER + "\n\n", r"q.csv: has a header but no pairs"),
+    # mostly malformed: refused, naming the first bad line and what is wrong with it
+    (HEADER + "1\ta?\tb?\t1.0\textra\n", r"q.csv: 1 of 1 rows are malformed \(line 2: expected 4 tab-separated "
+                                           r"columns, found 5\)"),
+    (HEADER + "1\ta?\tb?\tyes\n", r"q.csv: 1 of 1 rows are malformed \(line 2: is_duplicate is 'yes', not 0 or 1"),
+    (HEADER + "1\ta?\tb?\t1\n2\ta?\tb?\t\n3\ta?\tb?\t0.5\n", r"q.csv: 2 of 3 rows .*line 3: is_duplicate is ''"),
+    (HEADER.replace("\tis_duplicate", "") + "1\ta?\n2\tb?\tc?\n3\td?\n", r"2 of 3 rows .*line 2: expected 3 .* found 2"),
 ])
-def test_malformed_quora_files_name_file_and_line(tmp_path, text, message):
+def test_bad_quora_files_name_file_and_line(tmp_path, text, message):
     with pytest.raises(InputError, match=message):
         read_quora(write(tmp_path, text))
+
+
+def course_quora_rows(path):
+    """The course's own loader (load_paraphrase_data for train/dev), for comparison: malformed rows are skipped."""
+    rows = []
+    with open(path) as fp:
+        for record in csv.DictReader(fp, delimiter="\t"):
+            try:
+                rows.append((preprocess_string(record["sentence1"]), preprocess_string(record["sentence2"]),
+                             int(float(record["is_duplicate"])), record["id"].lower().strip()))
+            except Exception:  # the course's bare `except: pass`
+                pass
+    return rows
+
+
+def test_malformed_quora_rows_are_skipped_with_one_warning(tmp_path, capsys):
+    good = [f"{i}\tWhat is {i}?\tIs {i} a number?\t{i % 2}.0\n" for i in range(10)]
+    bad = {3: "x\tonly two\n", 6: "y\ta?\tb?\tmaybe\n", 9: "z\ta?\n"}  # the data line each goes after
+    lines = [HEADER]
+    for i, row in enumerate(good):
+        lines.append(row)
+        if i in bad:
+            lines.append(bad[i])
+    lines.insert(5, "\n")  # a blank line: ignored, not counted, as csv.DictReader ignores it
+    path = write(tmp_path, "".join(lines))
+    pairs = read_quora(path)
+    assert [p.id for p in pairs] == [str(i) for i in range(10)]
+    assert [(preprocess_string(p.sentence1), preprocess_string(p.sentence2), p.label, p.id) for p in pairs] == \
+        course_quora_rows(path)
+    err = capsys.readouterr().err
+    assert err == (f"warning: {path}: skipped 3 malformed rows of 13 (line 7, line 11, line 15; "
+                   f"the first: expected 4 tab-separated columns, found 2)\n")
+    assert len(read_quora(path, limit=5)) == 5
+    assert "skipped 1 malformed row of 6 (line 7;" in capsys.readouterr().err  # rows past the limit are not read
+
+
+def test_a_warning_names_the_first_five_skipped_lines(tmp_path, capsys):
+    text = HEADER + "".join(f"{i}\ta?\tb?\t{'1' if i % 2 else 'bad'}\n" for i in range(14))  # 7 bad of 14
+    assert len(read_quora(write(tmp_path, text))) == 7
+    assert "skipped 7 malformed rows of 14 (line 2, line 4, line 6, line 8, line 10, ...; the first: " \
+           "is_duplicate is 'bad'" in capsys.readouterr().err
+    with pytest.raises(InputError, match="8 of 15 rows are malformed"):  # one more bad row: mostly malformed
+        read_quora(write(tmp_path, text + "14\ta?\tb?\tbad\n"))
+
+
+def test_non_utf8_bytes_name_the_file_line_and_byte(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_bytes((HEADER + "1\ta?\tb?\t1.0\n").encode() + b"2\tcaf\xe9?\tb?\t0.0\n")
+    with pytest.raises(InputError, match=r"q.csv:3: byte 0xe9 \(column 6\) is not valid UTF-8"):
+        read_quora(path)
+    path = tmp_path / "s.txt"
+    path.write_bytes(b"Title\n\n1\n\nA line \xff\n")
+    with pytest.raises(InputError, match=r"s.txt:5: byte 0xff \(column 8\) is not valid UTF-8"):
+        read_sonnets(path)
+
+
+@pytest.mark.parametrize("limit", [0, -5, 2.5, True, "3"])
+def test_limit_must_be_a_positive_whole_number(tmp_path, limit):
+    quora = write(tmp_path, HEADER + "1\ta?\tb?\t1.0\n")
+    sonnets = write(tmp_path, "Title\n\n1\n\nA line\n", "s.txt")
+    for read, path in ((read_quora, quora), (read_sonnets, sonnets)):
+        with pytest.raises(ValueError, match=f"limit must be a positive whole number .* got {re.escape(repr(limit))}"):
+            read(path, limit=limit)
+    assert len(read_quora(quora, limit=1)) == len(read_sonnets(sonnets, limit=1)) == 1
 
 
 def test_quora_file_with_a_byte_order_mark(tmp_path):
@@ -267,7 +335,8 @@ def test_malformed_qqp_rows_are_skipped_and_reported(tmp_path, capsys):
         z.writestr("QQP/train.tsv", header + "1\t2\t3\tq1\n" + "4\t5\t6\tq?\tr?\t1\n")
         z.writestr("QQP/dev.tsv", header + "7\t8\t9\tq?\tr?\tmaybe\n")
     assert download_module.read_qqp_pairs(tmp_path / "bad.zip") == [("qqp-4", "q?", "r?", 1)]
-    assert "skipped 2 malformed rows (QQP/train.tsv:2, QQP/dev.tsv:2)" in capsys.readouterr().out
+    assert "skipped 2 malformed rows of 3 (QQP/train.tsv:2, QQP/dev.tsv:2; the first: expected 6 tab-separated " \
+           "fields, found 4)" in capsys.readouterr().err
     with zipfile.ZipFile(tmp_path / "wrong.zip", "w") as z:
         z.writestr("QQP/train.tsv", "a\tb\n")
         z.writestr("QQP/dev.tsv", "a\tb\n")
