@@ -10,7 +10,9 @@ Fetch the two tasks' data into data/, under the Stanford CS224N project's file n
   the course's sizes (dev 40,429 pairs, test 80,858, the rest train). quora-test.csv keeps the test
   labels, for a labelled held-out score; quora-test-student.csv drops them, as the course's does.
 
-Files that already exist are never touched. Downloads resume after an interruption and land atomically.
+Files that already exist are never touched; sonnet files already there are checked against their sha256
+first. Offline, the error names every missing file and where to put it. Downloads resume after an
+interruption and land atomically.
 """
 
 import argparse
@@ -22,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 from data.quora import LABELED_HEADER, UNLABELED_HEADER, warn_skipped
-from fileio import InputError, atomic_open, download
+from fileio import InputError, atomic_open, check_sha256, download, writable_dir
 
 DATA_DIR = Path(__file__).resolve().parent
 HANDOUT = "https://raw.githubusercontent.com/ehersch/cs224n_gpt/306e163a0430dcc26697debebeefedffdd016bc7/data/"
@@ -33,15 +35,38 @@ SONNET_FILES = {  # name -> sha256
     "sonnets_held_out.txt": "daf7afd5d932acbe584d8c6e78c2669f9e97aa4967579d85ed4975b22ae33071",
 }
 QQP_URL = "https://dl.fbaipublicfiles.com/glue/data/QQP-clean.zip"
-QUORA_FILES = ("quora-train.csv", "quora-dev.csv", "quora-test.csv", "quora-test-student.csv")
+COURSE_QUORA_FILES = ("quora-train.csv", "quora-dev.csv", "quora-test-student.csv")  # the course gives these three
 COURSE_DEV_SIZE, COURSE_TEST_SIZE = 40_429, 80_858
 SPLIT_SEED = 11711  # the course's default seed
 
 
-def fetch_sonnets(data_dir):
+def check_present_files(data_dir, quora=True):
+    """Before anything is downloaded: sonnet files already there have the right sha256, and Quora files come
+    from one source (the course's three, or none of them, to be built from QQP), never a mix of both."""
     for name, sha256 in SONNET_FILES.items():
-        download(HANDOUT + name, data_dir / name, sha256=sha256,
-                 hint=f"Copy the course's {name} into {data_dir}/ instead.")
+        if (data_dir / name).exists():
+            check_sha256(data_dir / name, sha256)
+    present = [name for name in COURSE_QUORA_FILES if (data_dir / name).exists()]
+    if quora and 0 < len(present) < len(COURSE_QUORA_FILES):
+        missing = [name for name in COURSE_QUORA_FILES if name not in present]
+        raise InputError(f"{data_dir}/ has {', '.join(present)} but not {', '.join(missing)}: copy the course's "
+                         f"missing file there, or delete the Quora files to build all of them from GLUE QQP "
+                         f"(files from the two sources would share pairs across splits)")
+
+
+def offline_hint(data_dir, quora=True):
+    """Every data file still missing, by name, and where to put it: the whole list, not only the next one."""
+    sonnets = [name for name in SONNET_FILES if not (data_dir / name).exists()]
+    quora_files = [name for name in COURSE_QUORA_FILES if quora and not (data_dir / name).exists()]
+    where = [f"{', '.join(sonnets)} (the course handout's data/ folder)"] if sonnets else []
+    where += [f"{', '.join(quora_files)} (the course's Quora files)"] if quora_files else []
+    return (f"Offline, put the {len(sonnets) + len(quora_files)} missing files into {data_dir}/ by hand: "
+            f"{' and '.join(where)}.")
+
+
+def fetch_sonnets(data_dir, quora=True):
+    for name, sha256 in SONNET_FILES.items():
+        download(HANDOUT + name, data_dir / name, sha256=sha256, hint=offline_hint(data_dir, quora))
 
 
 def read_qqp_pairs(zip_path):
@@ -97,11 +122,10 @@ def write_quora(path, pairs, with_labels=True):
 
 
 def fetch_quora(data_dir, dev_size=COURSE_DEV_SIZE, test_size=COURSE_TEST_SIZE):
-    if all((data_dir / name).exists() for name in ("quora-train.csv", "quora-dev.csv", "quora-test-student.csv")):
+    if all((data_dir / name).exists() for name in COURSE_QUORA_FILES):
         print(f"Quora: using the files already in {data_dir}/")
         return
-    zip_path = download(QQP_URL, data_dir / "QQP-clean.zip", hint=(
-        f"Copy the course's quora-train.csv, quora-dev.csv and quora-test-student.csv into {data_dir}/ instead."))
+    zip_path = download(QQP_URL, data_dir / "QQP-clean.zip", hint=offline_hint(data_dir))
     train, dev, test = split_pairs(read_qqp_pairs(zip_path), dev_size=dev_size, test_size=test_size)
     for name, pairs, with_labels in (("quora-train.csv", train, True), ("quora-dev.csv", dev, True),
                                      ("quora-test.csv", test, True), ("quora-test-student.csv", test, False)):
@@ -116,7 +140,9 @@ def main(argv=None):
     parser.add_argument("--skip-quora", action="store_true", help="fetch the sonnets only")
     args = parser.parse_args(argv)
     try:
-        fetch_sonnets(args.data_dir)
+        writable_dir(args.data_dir, "--data-dir")
+        check_present_files(args.data_dir, quora=not args.skip_quora)
+        fetch_sonnets(args.data_dir, quora=not args.skip_quora)
         print(f"Sonnets: {', '.join(SONNET_FILES)} in {args.data_dir}/")
         if not args.skip_quora:
             fetch_quora(args.data_dir)

@@ -370,7 +370,51 @@ def test_download_leaves_the_courses_own_files_alone(tmp_path, capsys):
     assert (tmp_path / "quora-dev.csv").read_text() == "the course's file"
 
 
-def test_offline_download_says_which_files_to_place_where(tmp_path, monkeypatch):
-    monkeypatch.setattr(download_module, "HANDOUT", "http://127.0.0.1:9/")
-    with pytest.raises(SystemExit, match=r"error: could not download .*Copy the course's sonnets.txt into"):
+def test_offline_download_names_every_missing_file(tmp_path, monkeypatch, shared_data):
+    monkeypatch.setattr(download_module, "HANDOUT", "http://127.0.0.1:9/")  # refused: offline
+    monkeypatch.setattr(download_module, "QQP_URL", "http://127.0.0.1:9/QQP-clean.zip")
+    data_dir = tmp_path / "data"
+    with pytest.raises(SystemExit, match=re.escape(
+            f"could not download http://127.0.0.1:9/sonnets.txt to {data_dir}/sonnets.txt: ") + ".*" + re.escape(
+            f"Offline, put the 7 missing files into {data_dir}/ by hand: sonnets.txt, sonnets_held_out_dev.txt, "
+            f"TRUE_sonnets_held_out_dev.txt, sonnets_held_out.txt (the course handout's data/ folder) and "
+            f"quora-train.csv, quora-dev.csv, quora-test-student.csv (the course's Quora files).")):
+        download_module.main(["--data-dir", str(data_dir)])
+    with pytest.raises(SystemExit, match=r"put the 4 missing files .*sonnets_held_out.txt \(the course handout's "
+                                         r"data/ folder\)\.$"):
+        download_module.main(["--data-dir", str(data_dir), "--skip-quora"])
+    for name in download_module.SONNET_FILES:  # the real sonnet files: only Quora is missing now
+        (data_dir / name).write_bytes((shared_data / name).read_bytes())
+    with pytest.raises(SystemExit, match=r"QQP-clean.zip: .*put the 3 missing files into .* by hand: quora-train.csv, "
+                                         r"quora-dev.csv, quora-test-student.csv \(the course's Quora files\)\.$"):
+        download_module.main(["--data-dir", str(data_dir)])
+    assert sorted(p.name for p in data_dir.iterdir()) == sorted(download_module.SONNET_FILES)  # nothing new
+
+
+def test_download_checks_the_sonnet_files_already_there(tmp_path, shared_data, monkeypatch, file_server):
+    monkeypatch.setattr(download_module, "HANDOUT", file_server.url + "/")  # any request would show up
+    for name in download_module.SONNET_FILES:
+        (tmp_path / name).write_bytes((shared_data / name).read_bytes())
+    download_module.main(["--data-dir", str(tmp_path), "--skip-quora"])  # all four verified: nothing fetched
+    text = (tmp_path / "sonnets_held_out.txt").read_bytes()
+    (tmp_path / "sonnets_held_out.txt").write_bytes(text[:len(text) // 2])  # truncated
+    (tmp_path / "sonnets.txt").unlink()
+    expected = download_module.SONNET_FILES["sonnets_held_out.txt"]
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(tmp_path))}/sonnets_held_out.txt: sha256 is "
+                                         rf"[0-9a-f]{{64}}, expected {expected} .*delete it and run again"):
+        download_module.main(["--data-dir", str(tmp_path), "--skip-quora"])
+    assert file_server.requests == [] and not (tmp_path / "sonnets.txt").exists()  # checked before any download
+
+
+def test_download_refuses_a_mix_of_course_and_qqp_quora_files(tmp_path, shared_data):
+    for name in download_module.SONNET_FILES:
+        (tmp_path / name).write_bytes((shared_data / name).read_bytes())
+    (tmp_path / "quora-dev.csv").write_text("the course's file")
+    with pytest.raises(SystemExit, match=r"has quora-dev.csv but not quora-train.csv, quora-test-student.csv: copy"):
         download_module.main(["--data-dir", str(tmp_path)])
+
+
+def test_download_needs_a_writable_data_dir(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"^error: --data-dir .*file/data: cannot write there \(Not a directory\)$"):
+        download_module.main(["--data-dir", str(tmp_path / "file" / "data")])
