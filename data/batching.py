@@ -44,6 +44,8 @@ class Batch:
 
 def collate(examples, pad_id=END_OF_TEXT, max_len=1024):
     """Right-pad a list of Examples into a Batch."""
+    if not examples:
+        raise ValueError("collate needs at least one example")
     for i, ex in enumerate(examples):
         if len(ex) == 0 or len(ex) > max_len:
             raise ValueError(f"example {i} has {len(ex)} tokens; each needs 1 to max_len={max_len}")
@@ -62,6 +64,8 @@ def collate(examples, pad_id=END_OF_TEXT, max_len=1024):
 
 def left_pad(prompts, pad_id=END_OF_TEXT):
     """Left-pad token lists for batched generation: (input_ids, attention_mask), every row ending at column -1."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError(f"left_pad needs one or more prompts, none empty; got {[len(p) for p in prompts]} tokens")
     T = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
@@ -78,6 +82,9 @@ def batch_indices(lengths, batch_size, shuffle=False, seed=0, pool_batches=50):
     With shuffle: shuffle (seeded), sort within pools of pool_batches * batch_size examples, cut into
     batches, and shuffle the batches, so batch order and composition still change from epoch to epoch.
     """
+    for name, value in (("batch_size", batch_size), ("pool_batches", pool_batches)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive whole number, got {value!r}")
     order = list(range(len(lengths)))
     if not shuffle:
         order.sort(key=lambda i: -lengths[i])

@@ -56,7 +56,8 @@ HEADER = "id\tsentence1\tsentence2\tis_duplicate\n"
                                            r"columns, found 5\)"),
     (HEADER + "1\ta?\tb?\tyes\n", r"q.csv: 1 of 1 rows are malformed \(line 2: is_duplicate is 'yes', not 0 or 1"),
     (HEADER + "1\ta?\tb?\t1\n2\ta?\tb?\t\n3\ta?\tb?\t0.5\n", r"q.csv: 2 of 3 rows .*line 3: is_duplicate is ''"),
-    (HEADER.replace("\tis_duplicate", "") + "1\ta?\n2\tb?\tc?\n3\td?\n", r"2 of 3 rows .*line 2: expected 3 .* found 2"),
+    (HEADER.replace("\tis_duplicate", "") + "1\ta?\n2\tb?\tc?\n3\td?\n",
+     r"2 of 3 rows .*line 2: expected 3 .* found 2"),
 ])
 def test_bad_quora_files_name_file_and_line(tmp_path, text, message):
     with pytest.raises(InputError, match=message):
@@ -266,6 +267,10 @@ def test_collate_masks_by_position_not_by_token_id():
     assert batch.lengths.tolist() == [4, 4, 2]
     with pytest.raises(ValueError, match="example 1 has 5 tokens"):
         collate([Example([1], [2]), Example([1, 2, 3], [4, 5])], max_len=4)
+    with pytest.raises(ValueError, match="example 0 has 0 tokens"):
+        collate([Example([], [])])
+    with pytest.raises(ValueError, match="at least one example"):
+        collate([])
 
 
 def test_loss_mask_covers_exactly_the_answer_tokens(shared_data):
@@ -282,6 +287,9 @@ def test_left_pad_ends_every_row_at_the_last_column():
     ids, mask = left_pad([[1, 2, 3], [4]])
     assert ids.tolist() == [[1, 2, 3], [END_OF_TEXT, END_OF_TEXT, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    for bad in ([], [[1], []]):
+        with pytest.raises(ValueError, match="one or more prompts, none empty"):
+            left_pad(bad)
 
 
 def test_batch_indices():
@@ -299,6 +307,17 @@ def test_batch_indices():
     order = torch.randperm(100, generator=torch.Generator().manual_seed(0)).tolist()
     plain = [order[i:i + 8] for i in range(0, 100, 8)]
     assert spread(a) < spread(plain) / 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "batch_size must be a positive whole number, got 0"),
+    (dict(batch_size=-8), "batch_size must be a positive whole number, got -8"),
+    (dict(batch_size=2.5), "batch_size must be a positive whole number, got 2.5"),
+    (dict(batch_size=8, shuffle=True, pool_batches=0), "pool_batches must be a positive whole number, got 0"),
+])
+def test_batch_indices_rejects_sizes_that_make_no_batches(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        batch_indices([3, 1, 2], **kwargs)
 
 
 # -----------------------------------------------------------------------------
