@@ -1,12 +1,15 @@
 """
-The two tasks' scores, as the Stanford CS224N GPT-2 project defines them.
+The two tasks' scores, as the Stanford CS224N GPT-2 project defines them, and the statistics to compare them.
 
     python eval.py --task paraphrase --checkpoint gpt2 --split dev       # accuracy and macro-F1
     python eval.py --task sonnet --checkpoint out/my-model --split dev   # chrF of the generated sonnets
 
 --checkpoint is a GPT-2 name (gpt2, gpt2-medium, ...) or a directory with config.json + model.safetensors
-(what the training scripts write); --adapter adds a LoRA adapter on top. Predictions are written in the
-course's submission formats under predictions/.
+(what the training scripts write); --adapter adds a LoRA adapter on top. Every argument is checked before the
+data is read or a model is loaded. Predictions are written in the course's submission formats under --out_dir
+(predictions/), named <model>-para-<split>-output.csv and <model>-sonnets-<split>.txt for a default run, with
+a tag before the ending for every setting that changes the predictions: -limitN, and for sonnets also -seedS,
+-tempT, -toppP, -tokensM and -batchB when they differ from the defaults (see prediction_file).
 
 Paraphrase detection: the model reads the course's prompt and we compare its logits for "yes" and "no" at
 the last prompt position: predict "paraphrase" when yes > no. Sonnets: the model continues the first 3
@@ -15,11 +18,17 @@ sonnet, given lines included as in the course, is scored against the true sonnet
 """
 
 import argparse
+import math
+import os
 import sys
+import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,14 +37,14 @@ from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, read_quora
 from data.sonnets import read_sonnets
 from data.tokenizer import decode, encode
 from fileio import InputError, atomic_open
-from model import END_OF_TEXT, default_device, load_model
+from model import END_OF_TEXT, PRETRAINED, default_device, load_model
 
 # -----------------------------------------------------------------------------
 # metrics: pure functions of Python lists
 
 
 def check_predictions(predictions, labels):
-    if len(predictions) != len(labels) or not labels:
+    if len(predictions) != len(labels) or len(labels) == 0:
         raise ValueError(f"need equally many predictions and labels, got {len(predictions)} and {len(labels)}")
 
 
@@ -62,6 +71,18 @@ def char_ngrams(text, n):
     return Counter(text[i:i + n] for i in range(len(text) - n + 1))
 
 
+@lru_cache(maxsize=4096)  # a bootstrap rescores the same few sonnets thousands of times
+def chrf_counts(hypothesis, reference, max_order=6):
+    """For one hypothesis and its reference, per order n = 1..max_order: (hypothesis n-grams, reference
+    n-grams, matches clipped to the reference count). A corpus's counts are the sums of these."""
+    counts = []
+    for n in range(1, max_order + 1):
+        hyp, ref = char_ngrams(hypothesis, n), char_ngrams(reference, n)
+        n_hyp = sum(hyp.values()) if ref else 0  # sacrebleu: no reference n-grams, no hypothesis count
+        counts.append((n_hyp, sum(ref.values()), sum((hyp & ref).values())))
+    return tuple(counts)
+
+
 def chrf(hypotheses, references, max_order=6, beta=2.0):
     """Corpus chrF (Popović 2015), exactly as sacrebleu's CHRF().corpus_score computes it.
 
@@ -75,11 +96,8 @@ def chrf(hypotheses, references, max_order=6, beta=2.0):
         raise ValueError(f"chrF needs one reference per hypothesis, got {len(hypotheses)} and {len(references)}")
     n_hyp, n_ref, n_match = [0] * max_order, [0] * max_order, [0] * max_order
     for hypothesis, reference in zip(hypotheses, references):
-        for n in range(1, max_order + 1):
-            hyp, ref = char_ngrams(hypothesis, n), char_ngrams(reference, n)
-            n_hyp[n - 1] += sum(hyp.values()) if ref else 0  # sacrebleu: no reference n-grams, no hypothesis count
-            n_ref[n - 1] += sum(ref.values())
-            n_match[n - 1] += sum((hyp & ref).values())
+        for n, (h, r, m) in enumerate(chrf_counts(hypothesis, reference, max_order)):
+            n_hyp[n], n_ref[n], n_match[n] = n_hyp[n] + h, n_ref[n] + r, n_match[n] + m
     orders = [n for n in range(max_order) if n_hyp[n] > 0 and n_ref[n] > 0]
     if not orders:
         return 0.0
@@ -88,6 +106,80 @@ def chrf(hypotheses, references, max_order=6, beta=2.0):
     if precision + recall == 0:
         return 0.0
     return 100 * (1 + beta ** 2) * precision * recall / (beta ** 2 * precision + recall)
+
+
+# -----------------------------------------------------------------------------
+# statistics: how sure a score is, and whether two models differ
+
+
+def bootstrap_ci(metric, hypotheses, references, n_resamples=1000, confidence=0.95, seed=0):
+    """Percentile bootstrap interval (Efron) for a corpus-level metric(hypotheses, references) -> float.
+
+    Draw n_resamples sets of n example indices with replacement, keeping each hypothesis with its reference,
+    recompute the metric on each set: s_1..s_B. With a = 1 - confidence, the interval is
+        (a/2 quantile of s, 1 - a/2 quantile of s)       (numpy's linear interpolation, as scipy's "percentile")
+    Paraphrase: metric = accuracy or macro_f1 on (predictions, labels); sonnets: chrf on the 12 sonnets.
+    """
+    n = len(hypotheses)
+    if n != len(references) or n == 0:
+        raise ValueError(f"need equally many hypotheses and references, got {n} and {len(references)}")
+    if n_resamples < 1 or not 0 < confidence < 1:
+        raise ValueError(f"need n_resamples >= 1 and 0 < confidence < 1, got {n_resamples} and {confidence}")
+    rng = np.random.default_rng(seed)
+    scores = [metric([hypotheses[i] for i in idx], [references[i] for i in idx])
+              for idx in rng.integers(0, n, size=(n_resamples, n)).tolist()]
+    alpha = 1 - confidence
+    low, high = np.quantile(scores, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def discordant_pairs(correct_a, correct_b):
+    """(b, c): how many examples only A gets right, and how many only B gets right (same examples, in order)."""
+    if len(correct_a) != len(correct_b) or len(correct_a) == 0:
+        raise ValueError(f"need two equally long, non-empty lists, got {len(correct_a)} and {len(correct_b)}")
+    b = sum(bool(x) and not y for x, y in zip(correct_a, correct_b))
+    c = sum(bool(y) and not x for x, y in zip(correct_a, correct_b))
+    return b, c
+
+
+def mcnemar_exact(correct_a, correct_b):
+    """Two-sided exact McNemar test of "A and B are equally accurate" on paired examples.
+
+    Only discordant pairs say anything: under the null each of the n = b + c is equally likely to favour A or B,
+    so b ~ Binomial(n, 1/2) and
+        p = min(1, 2 * sum_{k=0}^{min(b, c)} C(n, k) / 2^n)       (p = 1.0 when n = 0: no evidence either way)
+    """
+    b, c = discordant_pairs(correct_a, correct_b)
+    n = b + c
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n)  # exact integers, then /
+
+
+def paired_difference(correct_a, correct_b):
+    """Accuracy of A minus accuracy of B on the same examples, = (b - c) / N, with McNemar's exact p-value.
+
+    Returns {"difference", "p_value", "only_a_correct" (b), "only_b_correct" (c), "n" (examples)}."""
+    b, c = discordant_pairs(correct_a, correct_b)
+    return {"difference": (b - c) / len(correct_a), "p_value": mcnemar_exact(correct_a, correct_b),
+            "only_a_correct": b, "only_b_correct": c, "n": len(correct_a)}
+
+
+# -----------------------------------------------------------------------------
+# the model in eval mode, and back
+
+
+@contextmanager
+def eval_mode(model):
+    """model.eval() (dropout off) inside the block; afterwards every module is back in the mode it had, so
+    evaluating inside a training loop does not leave dropout switched off."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 # -----------------------------------------------------------------------------
@@ -102,18 +194,18 @@ def predict_paraphrase(model, pairs, batch_size=64, device="cpu"):
 @torch.no_grad()
 def answers_yes(model, prompts, batch_size=64, device="cpu"):
     """For each prompt (token ids): 1 if logit("yes") > logit("no") at its last position, else 0."""
-    model.eval()
     examples = [Example(prompt, []) for prompt in prompts]
     predictions = [0] * len(examples)
-    for idx in tqdm(batch_indices([len(e) for e in examples], batch_size), desc="paraphrase", disable=None):
-        batch = collate([examples[i] for i in idx]).to(device)
-        # right padding needs no attention mask: causal attention never looks right, at the padding
-        hidden = model.hidden_states(batch.input_ids)
-        last = hidden[torch.arange(len(idx), device=device), batch.lengths - 1]  # (B, n_embd)
-        logits = model.lm_head(last)
-        says_yes = (logits[:, YES_TOKEN] > logits[:, NO_TOKEN]).tolist()
-        for i, yes in zip(idx, says_yes):
-            predictions[i] = int(yes)
+    with eval_mode(model):
+        for idx in tqdm(batch_indices([len(e) for e in examples], batch_size), desc="paraphrase", disable=None):
+            batch = collate([examples[i] for i in idx]).to(device)
+            # right padding needs no attention mask: causal attention never looks right, at the padding
+            hidden = model.hidden_states(batch.input_ids)
+            last = hidden[torch.arange(len(idx), device=device), batch.lengths - 1]  # (B, n_embd)
+            logits = model.lm_head(last)
+            says_yes = (logits[:, YES_TOKEN] > logits[:, NO_TOKEN]).tolist()
+            for i, yes in zip(idx, says_yes):
+                predictions[i] = int(yes)
     return predictions
 
 
@@ -141,19 +233,19 @@ def write_paraphrase_predictions(path, pairs, predictions):
 def generate_sonnets(model, prompts, temperature=1.2, top_p=0.9, max_new_tokens=128, seed=11711, batch_size=16,
                      device="cpu"):
     """Each prompt followed by the model's continuation (up to its end-of-text token), as text."""
-    model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     sonnets = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sonnets", disable=None):
-        prompt_ids = [encode(p) for p in prompts[start:start + batch_size]]
-        input_ids, attention_mask = left_pad(prompt_ids)
-        out = model.generate(input_ids.to(device), max_new_tokens, temperature=temperature, top_p=top_p,
-                             attention_mask=attention_mask.to(device), generator=generator)
-        for ids, row in zip(prompt_ids, out.tolist()):
-            new = row[input_ids.size(1):]
-            if END_OF_TEXT in new:
-                new = new[:new.index(END_OF_TEXT)]
-            sonnets.append(decode(ids + new).strip())
+    with eval_mode(model):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="sonnets", disable=None):
+            prompt_ids = [encode(p) for p in prompts[start:start + batch_size]]
+            input_ids, attention_mask = left_pad(prompt_ids)
+            out = model.generate(input_ids.to(device), max_new_tokens, temperature=temperature, top_p=top_p,
+                                 attention_mask=attention_mask.to(device), generator=generator)
+            for ids, row in zip(prompt_ids, out.tolist()):
+                new = row[input_ids.size(1):]
+                if END_OF_TEXT in new:
+                    new = new[:new.index(END_OF_TEXT)]
+                sonnets.append(decode(ids + new).strip())
     return sonnets
 
 
@@ -177,11 +269,99 @@ def write_sonnets(path, numbered_sonnets):
 
 
 # -----------------------------------------------------------------------------
+# checks on the command line's values, before any real work
+
+
+def check_device(device, flag="--device"):
+    """`device` if this machine has it (cpu, cuda, cuda:N, mps); else InputError naming the flag, the value
+    and the devices there are."""
+    here = ["cpu"]
+    if torch.cuda.is_available():
+        here += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        here += ["mps"]
+    if str(device) not in here:
+        kind = str(device).split(":")[0]
+        why = (f"this machine has {torch.cuda.device_count()} CUDA device(s)" if kind == "cuda" and "cuda" in here
+               else f"{kind.upper()} is not available on this machine" if kind in ("cuda", "mps")
+               else "not a device name")
+        raise InputError(f"{flag} {device!r}: {why}; valid here: {', '.join(here)}")
+    return str(device)
+
+
+def check_writable_dir(path, flag="--out_dir"):
+    """Prove `path` can hold our files: create it (and missing parents) and a temporary file in it, then
+    remove all of that again, so a run that fails later leaves nothing behind."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {str(path)!r}: is a file, not a directory")
+    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise InputError(f"{flag} {str(path)!r}: cannot be created or written ({e.strerror or e})") from None
+    finally:
+        for directory in created:
+            try:
+                directory.rmdir()
+            except OSError:
+                pass  # never made, or someone else's files are in it now
+
+
+def check_args(args):
+    """Every value the command line gave, checked before the data is read or a model is loaded."""
+    if args.task == "sonnet" and args.split not in SONNET_SPLITS:
+        raise InputError(f"--split {args.split}: --task sonnet has a dev and a test split (sonnets.txt is for "
+                         f"training)")
+    for flag, value in (("--limit", args.limit), ("--batch_size", args.batch_size),
+                        ("--max_new_tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} {value}: must be at least 1")
+    if not 0 <= args.seed < 2 ** 64:  # what torch.Generator.manual_seed takes
+        raise InputError(f"--seed {args.seed}: must be in [0, 2**64)")
+    if not args.temperature >= 0:  # also catches nan
+        raise InputError(f"--temperature {args.temperature}: must be >= 0 (0 picks the most likely token)")
+    if not 0 < args.top_p <= 1:
+        raise InputError(f"--top_p {args.top_p}: must be in (0, 1]")
+    check_device(args.device)
+    name = args.checkpoint.removeprefix("openai-community/")
+    if name not in PRETRAINED and not Path(args.checkpoint).is_dir():
+        raise InputError(f"--checkpoint {args.checkpoint!r}: neither a GPT-2 name ({', '.join(PRETRAINED)}) "
+                         f"nor an existing directory")
+    if args.adapter is not None and not Path(args.adapter).is_file():
+        raise InputError(f"--adapter {args.adapter!r}: no such file (a .safetensors written by lora.save_lora)")
+    check_writable_dir(args.out_dir)
+
+
+def prediction_file(args):
+    """Where a run's predictions go: the course's base names for a default run,
+        <model>-para-<split>-output.csv     <model>-sonnets-<split>.txt
+    with a tag before the ending for every setting that changes the predictions, so two different runs never
+    overwrite each other: -limitN; for sonnets also -seedS -tempT -toppP -tokensM -batchB where not the default.
+    <model> is the checkpoint's last path component, plus "+<adapter file stem>" with --adapter."""
+    checkpoint = Path(args.checkpoint)
+    name = (checkpoint.resolve() if checkpoint.is_dir() else checkpoint).name
+    name += f"+{Path(args.adapter).stem}" if args.adapter else ""
+    tags = [f"limit{args.limit}"] if args.limit is not None else []
+    if args.task == "paraphrase":
+        return args.out_dir / ("-".join([name, "para", args.split, *tags, "output"]) + ".csv")
+    for setting, tag in (("seed", "seed"), ("temperature", "temp"), ("top_p", "topp"), ("max_new_tokens", "tokens"),
+                         ("batch_size", "batch")):
+        if getattr(args, setting) != DEFAULTS[setting]:
+            tags.append(f"{tag}{getattr(args, setting)}")
+    return args.out_dir / ("-".join([name, "sonnets", args.split, *tags]) + ".txt")
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 QUORA_SPLITS = {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"}
 SONNET_SPLITS = {"dev": ("sonnets_held_out_dev.txt", "TRUE_sonnets_held_out_dev.txt"),
                 "test": ("sonnets_held_out.txt", None)}
+DEFAULTS = dict(batch_size=64, seed=11711, temperature=1.2, top_p=0.9, max_new_tokens=128)
 
 
 def main(argv=None):
@@ -190,17 +370,18 @@ def main(argv=None):
     parser.add_argument("--checkpoint", default="gpt2", help="gpt2, gpt2-medium, ... or a model directory")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter (.safetensors) to apply on top")
     parser.add_argument("--split", choices=["train", "dev", "test"], default="dev")
-    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent / "data")
+    parser.add_argument("--data_dir", "--data-dir", type=Path, default=Path(__file__).resolve().parent / "data")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default=default_device())
-    parser.add_argument("--seed", type=int, default=11711)
-    parser.add_argument("--temperature", type=float, default=1.2)
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--out-dir", type=Path, default=Path("predictions"))
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="sonnet sampling seed")
+    parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0: greedy")
+    parser.add_argument("--top_p", "--top-p", type=float, default=DEFAULTS["top_p"])
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
+    parser.add_argument("--out_dir", "--out-dir", type=Path, default=Path("predictions"))
     args = parser.parse_args(argv)
     try:
+        check_args(args)
         run(args)
     except InputError as e:
         sys.exit(f"error: {e}")
@@ -212,16 +393,14 @@ def run(args):
     if args.task == "paraphrase":
         pairs = read_quora(args.data_dir / QUORA_SPLITS[args.split], limit=args.limit)
     else:
-        if args.split not in SONNET_SPLITS:
-            raise InputError("--task sonnet has a dev and a test split (sonnets.txt is for training)")
         prompts_file, references_file = SONNET_SPLITS[args.split]
         held_out = read_sonnets(args.data_dir / prompts_file, limit=args.limit)
         references = read_sonnets(args.data_dir / references_file) if references_file else None
     model = load_model(args.checkpoint, args.adapter).to(args.device).eval()
-    name = Path(args.checkpoint).name + (f"+{Path(args.adapter).stem}" if args.adapter else "")
     print(f"{args.checkpoint}: {model.num_parameters() / 1e6:.1f}M parameters on {args.device}")
 
     t1 = time.time()
+    out = prediction_file(args)
     if args.task == "paraphrase":
         if pairs and pairs[0].label is not None:
             result = evaluate_paraphrase(model, pairs, args.batch_size, args.device)
@@ -229,7 +408,6 @@ def run(args):
             score = f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f}"
         else:
             predictions, score = predict_paraphrase(model, pairs, args.batch_size, args.device), "(no labels)"
-        out = args.out_dir / f"{name}-para-{args.split}-output.csv"
         write_paraphrase_predictions(out, pairs, predictions)
         what = f"{len(pairs)} pairs"
     else:
@@ -241,7 +419,6 @@ def run(args):
         else:
             texts = generate_sonnets(model, [s.text for s in held_out], device=args.device, **generation)
             numbered, score = list(zip([s.number for s in held_out], texts)), "(no references)"
-        out = args.out_dir / f"{name}-sonnets-{args.split}.txt"
         write_sonnets(out, numbered)
         what = f"{len(held_out)} sonnets"
     print(f"{args.task} {args.split}: {score}  ({what}, {time.time() - t1:.1f}s scoring, "

@@ -1,16 +1,16 @@
 """eval.py: the metrics against their definitions and sacrebleu, and both evaluations end to end."""
 
 import random
-import shutil
 
 import pytest
 import torch
 
 import eval as evaluation
-from conftest import always_predict
+from conftest import always_predict, tiny_config
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_prompt, read_quora
 from data.sonnets import read_sonnets
 from data.tokenizer import encode
+from model import GPT
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -71,16 +71,18 @@ def test_batched_scoring_equals_scoring_one_pair_at_a_time(shared_data, tiny_mod
         with torch.no_grad():
             logits = tiny_model(ids)[0, -1]  # full logits, the last prompt position
         assert prediction == int(logits[YES_TOKEN] > logits[NO_TOKEN])
+    assert 0 < sum(predictions) < len(pairs)  # both answers occur, so a batch that mixed up rows would show
 
 
 def test_paraphrase_evaluation_end_to_end(shared_data, tiny_model):
     pairs = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")
     always_predict(tiny_model, YES_TOKEN)  # a model that always says "yes"
     result = evaluation.evaluate_paraphrase(tiny_model, pairs, batch_size=8)
-    labels = [p.label for p in pairs]
+    assert [p.label for p in pairs].count(1) == 8  # the sample file: 8 paraphrases, 22 not
     assert result["predictions"] == [1] * 30
-    assert result["accuracy"] == pytest.approx(sum(labels) / 30)
-    assert result["f1"] == pytest.approx(evaluation.macro_f1([1] * 30, labels))
+    assert result["accuracy"] == pytest.approx(8 / 30)
+    # class 1: TP 8, FP 22, FN 0 -> F1 = 16 / 38; class 0 is never predicted: TP 0 -> F1 0
+    assert result["f1"] == pytest.approx((16 / 38 + 0) / 2)
     with pytest.raises(ValueError, match="needs labelled pairs"):
         evaluation.evaluate_paraphrase(tiny_model, read_quora(shared_data / "quora_samples" / "quora-test-student-30.csv"))
 
@@ -116,51 +118,31 @@ def test_paraphrase_predictions_file_is_the_course_format(tmp_path, shared_data)
 
 
 # -----------------------------------------------------------------------------
-# the command line, on a checkpoint in the hub's layout
+# scoring inside a training loop: the caller's train/eval mode comes back
 
 
-@pytest.fixture
-def data_dir(shared_data, tmp_path):
-    directory = tmp_path / "data"
-    directory.mkdir()
-    shutil.copy(shared_data / "quora_samples" / "quora-dev-30.csv", directory / "quora-dev.csv")
-    shutil.copy(shared_data / "quora_samples" / "quora-test-student-30.csv", directory / "quora-test-student.csv")
-    for name in ("sonnets_held_out_dev.txt", "TRUE_sonnets_held_out_dev.txt", "sonnets_held_out.txt"):
-        shutil.copy(shared_data / name, directory / name)
-    return directory
+def modes(model):
+    return [m.training for m in model.modules()]
 
 
-def run_cli(*args):
-    evaluation.main([*map(str, args), "--device", "cpu"])
+def test_scoring_and_generation_restore_the_callers_mode(shared_data):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(dropout=0.5))
+    pairs = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")
+    prompts = [s.text for s in read_sonnets(shared_data / "sonnets_held_out_dev.txt")[:2]]
+    expected = evaluation.predict_paraphrase(model.eval(), pairs)
+    expected_sonnets = evaluation.generate_sonnets(model, prompts, max_new_tokens=6)
 
-
-def test_cli_scores_paraphrases(hub_checkpoint, data_dir, tmp_path, capsys):
-    directory, _ = hub_checkpoint
-    run_cli("--task", "paraphrase", "--checkpoint", directory, "--data-dir", data_dir, "--out-dir", tmp_path / "p",
-            "--limit", 10)
-    out = capsys.readouterr().out
-    assert "paraphrase dev: accuracy" in out and "macro-F1" in out and "(10 pairs" in out
-    lines = (tmp_path / "p" / f"{directory.name}-para-dev-output.csv").read_text().splitlines()
-    assert lines[0] == "id \t Predicted_Is_Paraphrase " and len(lines) == 11
-    run_cli("--task", "paraphrase", "--checkpoint", directory, "--data-dir", data_dir, "--out-dir", tmp_path / "p",
-            "--split", "test")
-    assert "paraphrase test: (no labels)" in capsys.readouterr().out
-
-
-def test_cli_scores_sonnets(hub_checkpoint, data_dir, tmp_path, capsys):
-    directory, _ = hub_checkpoint
-    run_cli("--task", "sonnet", "--checkpoint", directory, "--data-dir", data_dir, "--out-dir", tmp_path / "s",
-            "--max-new-tokens", 8, "--limit", 3)
-    out = capsys.readouterr().out
-    assert "sonnet dev: chrF" in out and "(3 sonnets" in out
-    assert len(read_sonnets(tmp_path / "s" / f"{directory.name}-sonnets-dev.txt")) == 3
-
-
-def test_cli_errors_are_one_clear_line(hub_checkpoint, data_dir, tmp_path):
-    with pytest.raises(SystemExit, match="error: .*neither a GPT-2 name"):
-        run_cli("--task", "paraphrase", "--checkpoint", tmp_path / "missing", "--data-dir", data_dir)
-    # the data is read before the model is loaded (or downloaded), so a missing file fails at once
-    with pytest.raises(SystemExit, match="error: .*quora-train.csv: no such file"):
-        run_cli("--task", "paraphrase", "--checkpoint", "gpt2", "--split", "train", "--data-dir", data_dir)
-    with pytest.raises(SystemExit, match="error: --task sonnet has a dev and a test split"):
-        run_cli("--task", "sonnet", "--checkpoint", hub_checkpoint[0], "--split", "train", "--data-dir", data_dir)
+    model.train()
+    model.transformer.h[0].eval()  # a mixed state, e.g. a frozen part of the model
+    before = modes(model)
+    assert evaluation.predict_paraphrase(model, pairs) == expected  # dropout (p=0.5) was off while scoring
+    assert modes(model) == before
+    assert evaluation.generate_sonnets(model, prompts, max_new_tokens=6) == expected_sonnets
+    assert modes(model) == before
+    with pytest.raises(ValueError, match="exceeds block_size"):  # a failed call restores the mode too
+        evaluation.generate_sonnets(model, prompts, max_new_tokens=500)
+    assert modes(model) == before
+    model.eval()
+    evaluation.predict_paraphrase(model, pairs[:2])
+    assert not any(modes(model))  # a model in eval mode stays in eval mode

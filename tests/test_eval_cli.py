@@ -1,0 +1,205 @@
+"""eval.py's command line: both tasks end to end, every bad argument refused before any work, file names."""
+
+import argparse
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import eval as evaluation
+from conftest import tiny_config
+from data.sonnets import read_sonnets
+from fileio import InputError
+from model import GPT
+
+
+@pytest.fixture
+def data_dir(shared_data, tmp_path):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    shutil.copy(shared_data / "quora_samples" / "quora-dev-30.csv", directory / "quora-dev.csv")
+    shutil.copy(shared_data / "quora_samples" / "quora-test-student-30.csv", directory / "quora-test-student.csv")
+    for name in ("sonnets_held_out_dev.txt", "TRUE_sonnets_held_out_dev.txt", "sonnets_held_out.txt"):
+        shutil.copy(shared_data / name, directory / name)
+    return directory
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    directory = tmp_path / "tiny"
+    GPT(tiny_config()).save_pretrained(directory)
+    return directory
+
+
+def run_cli(*args):
+    evaluation.main([*map(str, args), "--device", "cpu"])
+
+
+# -----------------------------------------------------------------------------
+# both tasks end to end, with the dashed (old) and snake_case (new) flag names
+
+
+def test_cli_scores_paraphrases(hub_checkpoint, data_dir, tmp_path, capsys):
+    directory, _ = hub_checkpoint
+    run_cli("--task", "paraphrase", "--checkpoint", directory, "--data-dir", data_dir, "--out-dir", tmp_path / "p",
+            "--limit", 10, "--batch-size", 4)
+    out = capsys.readouterr().out
+    assert "paraphrase dev: accuracy" in out and "macro-F1" in out and "(10 pairs" in out
+    lines = (tmp_path / "p" / f"{directory.name}-para-dev-limit10-output.csv").read_text().splitlines()
+    assert lines[0] == "id \t Predicted_Is_Paraphrase " and len(lines) == 11
+    run_cli("--task", "paraphrase", "--checkpoint", directory, "--data_dir", data_dir, "--out_dir", tmp_path / "p",
+            "--split", "test", "--batch_size", 8)
+    assert "paraphrase test: (no labels)" in capsys.readouterr().out
+    lines = (tmp_path / "p" / f"{directory.name}-para-test-output.csv").read_text().splitlines()
+    assert len(lines) == 31  # the course's base name for a full run: the header and 30 pairs
+    assert len(list((tmp_path / "p").iterdir())) == 2  # two runs, two files, no temporary file left
+
+
+def test_cli_scores_sonnets(tiny_checkpoint, data_dir, tmp_path, capsys):
+    run_cli("--task", "sonnet", "--checkpoint", tiny_checkpoint, "--data_dir", data_dir, "--out_dir", tmp_path / "s",
+            "--max_new_tokens", 8, "--limit", 3, "--top_p", 0.5, "--temperature", 0.7)
+    out = capsys.readouterr().out
+    assert "sonnet dev: chrF" in out and "(3 sonnets" in out
+    written = tmp_path / "s" / "tiny-sonnets-dev-limit3-temp0.7-topp0.5-tokens8.txt"
+    assert len(read_sonnets(written)) == 3
+    run_cli("--task", "sonnet", "--checkpoint", tiny_checkpoint, "--data-dir", data_dir, "--out-dir", tmp_path / "s",
+            "--max-new-tokens", 8, "--limit", 3, "--top-p", 0.5, "--temperature", 0.7, "--seed", 1)
+    assert (tmp_path / "s" / "tiny-sonnets-dev-limit3-seed1-temp0.7-topp0.5-tokens8.txt").is_file()
+    assert len(read_sonnets(written)) == 3  # the first run's file is still there
+
+
+def args_for(task, **overrides):
+    return argparse.Namespace(**{**dict(task=task, checkpoint="gpt2", adapter=None, split="dev", limit=None,
+                                        out_dir=evaluation.Path("predictions")), **evaluation.DEFAULTS, **overrides})
+
+
+def test_prediction_files_are_named_by_what_changes_them(tiny_checkpoint, tmp_path):
+    name = lambda task, **kw: evaluation.prediction_file(args_for(task, **kw)).name  # noqa: E731
+    # the default runs keep the course's names
+    assert name("paraphrase") == "gpt2-para-dev-output.csv"
+    assert name("sonnet", split="test") == "gpt2-sonnets-test.txt"
+    assert name("paraphrase", limit=200) == "gpt2-para-dev-limit200-output.csv"
+    # batch size and generation settings do not change paraphrase predictions, so not their file name
+    assert name("paraphrase", batch_size=8, seed=3, temperature=0.0) == "gpt2-para-dev-output.csv"
+    assert name("sonnet", limit=5, seed=1, temperature=0.0, top_p=1.0, max_new_tokens=64, batch_size=4) == (
+        "gpt2-sonnets-dev-limit5-seed1-temp0.0-topp1.0-tokens64-batch4.txt")
+    assert name("sonnet", seed=11711, temperature=1.2, top_p=0.9) == "gpt2-sonnets-dev.txt"  # defaults, spelled out
+    assert name("paraphrase", checkpoint=str(tiny_checkpoint), adapter=str(tmp_path / "a.safetensors")) == (
+        "tiny+a-para-dev-output.csv")
+    assert name("paraphrase", checkpoint="openai-community/gpt2-medium") == "gpt2-medium-para-dev-output.csv"
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line naming the flag and the value, before the data is read or a model loaded, nothing left
+
+
+@pytest.fixture
+def no_cuda_no_mps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.fixture
+def refuse_to_load(monkeypatch):
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(evaluation, "load_model", load_model)
+
+
+BAD_ARGUMENTS = [  # (arguments, what the one-line error must say)
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--batch-size", "-2"], "--batch_size -2: must be at least 1"),
+    (["--limit", "0"], "--limit 0: must be at least 1"),
+    (["--limit", "-5"], "--limit -5: must be at least 1"),
+    (["--max_new_tokens", "-3"], "--max_new_tokens -3: must be at least 1"),
+    (["--seed", "-1"], r"--seed -1: must be in \[0, 2\*\*64\)"),
+    (["--seed", str(2 ** 64)], "--seed 18446744073709551616: must be in"),
+    (["--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+    (["--temperature", "nan"], "--temperature nan: must be >= 0"),
+    (["--top_p", "1.5"], r"--top_p 1.5: must be in \(0, 1\]"),
+    (["--top-p", "0"], r"--top_p 0.0: must be in \(0, 1\]"),
+    (["--device", "cuda"], "--device 'cuda': CUDA is not available on this machine; valid here: cpu$"),
+    (["--device", "cuda:1"], "--device 'cuda:1': CUDA is not available on this machine; valid here: cpu$"),
+    (["--device", "mps"], "--device 'mps': MPS is not available on this machine; valid here: cpu$"),
+    (["--device", "banana"], "--device 'banana': not a device name; valid here: cpu$"),
+    (["--checkpoint", "gtp2"], "--checkpoint 'gtp2': neither a GPT-2 name .*gpt2-medium.* nor an existing directory"),
+    (["--adapter", "missing.safetensors"], "--adapter 'missing.safetensors': no such file"),
+    (["--task", "sonnet", "--split", "train"], "--split train: --task sonnet has a dev and a test split"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_refused_first(extra, message, tiny_checkpoint, tmp_path, no_cuda_no_mps, refuse_to_load):
+    out_dir = tmp_path / "new" / "predictions"
+    argv = ["--task", "paraphrase", "--checkpoint", str(tiny_checkpoint), "--data_dir", str(tmp_path / "no-data"),
+            "--out_dir", str(out_dir), "--device", "cpu", *extra]  # a later flag wins over an earlier one
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main(argv)
+    error = str(exit_info.value.code)
+    assert error.startswith("error: ") and "\n" not in error
+    assert exit_info.value.code != 0
+    assert re.search(message, error), error
+    assert not (tmp_path / "new").exists()  # nothing left behind, not even the output folder
+
+
+def test_unwritable_out_dir_is_refused_first(tiny_checkpoint, tmp_path, refuse_to_load):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    base = ["--task", "paraphrase", "--checkpoint", str(tiny_checkpoint), "--data_dir", str(tmp_path / "no-data")]
+    with pytest.raises(SystemExit, match=re.escape(f"error: --out_dir '{a_file}': is a file, not a directory")):
+        evaluation.main([*base, "--out_dir", str(a_file), "--device", "cpu"])
+    with pytest.raises(SystemExit, match=re.escape(f"error: --out_dir '{a_file / 'sub'}': cannot be created or "
+                                                   "written (Not a directory)")):
+        evaluation.main([*base, "--out_dir", str(a_file / "sub"), "--device", "cpu"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "tiny"]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write into a read-only folder")
+def test_read_only_out_dir_is_refused_first(tiny_checkpoint, tmp_path, refuse_to_load):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(SystemExit, match=r"error: --out_dir .*locked/out': cannot be created or written"):
+            evaluation.main(["--task", "paraphrase", "--checkpoint", str(tiny_checkpoint), "--out_dir",
+                             str(locked / "out"), "--device", "cpu"])
+    finally:
+        locked.chmod(0o700)
+    assert list(locked.iterdir()) == []
+
+
+def test_errors_after_the_checks_leave_nothing_behind(hub_checkpoint, data_dir, tmp_path):
+    out_dir = tmp_path / "new" / "predictions"
+    with pytest.raises(SystemExit, match="error: .*neither a GPT-2 name"):
+        run_cli("--task", "paraphrase", "--checkpoint", tmp_path / "missing", "--data-dir", data_dir)
+    # the data is read before the model is loaded (or downloaded), so a missing file fails at once
+    with pytest.raises(SystemExit, match="error: .*quora-train.csv: no such file"):
+        run_cli("--task", "paraphrase", "--checkpoint", "gpt2", "--split", "train", "--data_dir", data_dir,
+                "--out_dir", out_dir)
+    # a directory that is not a checkpoint passes the first check and fails when loaded, with its file named
+    with pytest.raises(SystemExit, match="error: .*config.json: no such file"):
+        run_cli("--task", "paraphrase", "--checkpoint", data_dir, "--data_dir", data_dir, "--out_dir", out_dir)
+    assert not (tmp_path / "new").exists()
+
+
+# -----------------------------------------------------------------------------
+# check_device, which the training scripts use too
+
+
+def test_check_device_names_what_this_machine_has(monkeypatch, no_cuda_no_mps):
+    assert evaluation.check_device("cpu") == "cpu"
+    with pytest.raises(InputError, match="--device 'cuda': CUDA is not available on this machine; valid here: cpu"):
+        evaluation.check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [evaluation.check_device(d) for d in ("cuda", "cuda:0", "cuda:1")] == ["cuda", "cuda:0", "cuda:1"]
+    with pytest.raises(InputError, match="'cuda:2': this machine has 2 CUDA device.*valid here: cpu, cuda, cuda:0, "
+                                         "cuda:1$"):
+        evaluation.check_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert evaluation.check_device("mps") == "mps"
+    with pytest.raises(InputError, match="^--init_device 'gpu': not a device name"):
+        evaluation.check_device("gpu", flag="--init_device")
