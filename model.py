@@ -40,13 +40,29 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0  # GPT-2 was pretrained with 0.1; fine-tuning often uses 0.0 or 0.1
     layer_norm_epsilon: float = 1e-5
+    attention: str = "sdpa"  # "sdpa": PyTorch's fused kernel; "manual": the same equation written out, to step through
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig {name} must be a positive whole number, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig n_embd={self.n_embd} is not divisible by n_head={self.n_head} "
+                             f"(each head gets n_embd / n_head channels)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"GPTConfig layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}")
+        if self.attention not in ("sdpa", "manual"):
+            raise ValueError(f"GPTConfig attention must be 'sdpa' or 'manual', got {self.attention!r}")
 
 
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
+        self.config = config  # shared by every layer: model.config.attention = "manual" switches them all
         self.layer_idx = layer_idx  # which slot of a KVCache this layer reads and writes
         self.n_head = config.n_head
         self.n_embd = config.n_embd
@@ -67,12 +83,29 @@ class CausalSelfAttention(nn.Module):
         # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V        (Vaswani et al. 2017, eq. 1)
         # M is -inf where a query may not look: the future (causal), and padding. attn_mask=None means
         # "causal only", which lets PyTorch use its fastest kernels.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        if self.config.attention == "manual":
+            y = manual_attention(q, k, v, attn_mask, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                               dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+
+def manual_attention(q, k, v, attn_mask=None, dropout_p=0.0):
+    """softmax(Q K^T / sqrt(d_k) + M) V written out: what scaled_dot_product_attention computes, fused.
+
+    q: (B, n_head, T, head_size) for T new tokens; k, v: (B, n_head, S, head_size) for all S tokens seen
+    (S = T without a KV cache); attn_mask: (B, 1, T, S) with True = may attend, or None for plain causal.
+    """
+    T, S = q.size(-2), k.size(-2)
+    if attn_mask is None:  # causal: query t sees keys 0..t (None comes only without a cache, so S == T)
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, n_head, T, S): Q K^T / sqrt(d_k)
+    scores = scores.masked_fill(~attn_mask, float("-inf"))  # + M
+    weights = F.dropout(F.softmax(scores, dim=-1), dropout_p)  # (B, n_head, T, S): each row sums to 1
+    return weights @ v  # (B, n_head, T, head_size): a weighted mean of the values
 
 
 class MLP(nn.Module):
@@ -190,6 +223,10 @@ class GPT(nn.Module):
         """
         B, T = input_ids.size()
         past_len = len(kv_cache) if kv_cache is not None else 0
+        outside = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+        if outside.any():
+            raise ValueError(f"token id {input_ids[outside][0].item()} is outside the vocabulary: ids must be in "
+                             f"[0, vocab_size={self.config.vocab_size})")
         if past_len + T > self.config.block_size:
             raise ValueError(f"sequence of {past_len + T} tokens is longer than block_size={self.config.block_size}")
         positions, attn_mask = attention_inputs(attention_mask, B, T, past_len, input_ids.device)
@@ -222,6 +259,8 @@ class GPT(nn.Module):
         stops when every row is finished (eos_token_id=None: always max_new_tokens). Returns (B, T + new).
         """
         B, T = input_ids.size()
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive whole number, got {max_new_tokens!r}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
         if T + max_new_tokens > self.config.block_size:
@@ -372,13 +411,15 @@ def read_hub_config(path, dropout=0.0):
         if hub.get(key) is None:
             raise InputError(f"{path}: missing the GPT-2 setting {key!r}")
     try:
-        return GPTConfig(
-            block_size=int(hub["n_positions"]), vocab_size=int(hub["vocab_size"]), n_layer=int(hub["n_layer"]),
-            n_head=int(hub["n_head"]), n_embd=int(hub["n_embd"]),
-            layer_norm_epsilon=float(hub.get("layer_norm_epsilon", 1e-5)), dropout=dropout,
-        )
+        settings = dict(block_size=int(hub["n_positions"]), vocab_size=int(hub["vocab_size"]),
+                        n_layer=int(hub["n_layer"]), n_head=int(hub["n_head"]), n_embd=int(hub["n_embd"]),
+                        layer_norm_epsilon=float(hub.get("layer_norm_epsilon", 1e-5)))
     except (TypeError, ValueError) as e:
         raise InputError(f"{path}: a GPT-2 setting is not a number ({e})") from None
+    try:
+        return GPTConfig(**settings, dropout=dropout)
+    except ValueError as e:  # numbers that make no GPT, e.g. n_embd not divisible by n_head
+        raise InputError(f"{path}: {e}") from None
 
 
 def state_dict_from_hub(tensors, model, source):

@@ -1,6 +1,7 @@
 """model.py against Hugging Face transformers' GPT-2 (the oracle), and its own invariants."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 import model as model_module
 from conftest import always_predict, tiny_config
 from fileio import InputError
-from model import GPT, attention_inputs, top_p_filter
+from model import GPT, GPTConfig, attention_inputs, manual_attention, top_p_filter
 
 
 def random_ids(batch, length, seed=0, vocab=50257):
@@ -106,6 +107,79 @@ def test_sequence_longer_than_block_size_is_a_clear_error(tiny_model):
         tiny_model(random_ids(1, 129))
 
 
+@pytest.mark.parametrize("bad_id", [50257, 99999, -1])
+def test_token_id_outside_the_vocabulary_is_a_clear_error(tiny_model, bad_id):
+    with pytest.raises(ValueError, match=rf"token id {bad_id} is outside the vocabulary: ids must be in "
+                                         rf"\[0, vocab_size=50257\)"):
+        tiny_model(torch.tensor([[5, 50256, bad_id, 7]]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_embd=65, n_head=4), r"n_embd=65 is not divisible by n_head=4"),
+    (dict(n_layer=0), r"n_layer must be a positive whole number, got 0"),
+    (dict(n_head=-2), r"n_head must be a positive whole number, got -2"),
+    (dict(block_size=0), r"block_size must be a positive whole number, got 0"),
+    (dict(vocab_size=2.5), r"vocab_size must be a positive whole number, got 2.5"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    (dict(layer_norm_epsilon=0.0), r"layer_norm_epsilon must be positive, got 0.0"),
+    (dict(attention="flash"), r"attention must be 'sdpa' or 'manual', got 'flash'"),
+])
+def test_config_values_that_make_no_gpt_are_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**dict(n_layer=2, n_head=4, n_embd=64), **overrides})
+
+
+# -----------------------------------------------------------------------------
+# the written-out attention: the reference beside the fused kernel
+
+def test_manual_attention_by_hand():
+    """With all-zero queries every visible key scores the same, so each query averages the values it sees."""
+    v = torch.arange(12.0).view(1, 1, 4, 3)  # 4 tokens, head size 3
+    q, k = torch.zeros(1, 1, 4, 3), torch.randn(1, 1, 4, 3)
+    expected = torch.stack([v[0, 0, :t + 1].mean(0) for t in range(4)])  # causal: token t sees 0..t
+    assert torch.allclose(manual_attention(q, k, v)[0, 0], expected)
+    mask = torch.tensor([[False, True, True, True]]).expand(4, 4).tril().clone()  # token 0 is padding ...
+    mask[0, 0] = True  # ... which sees itself, as attention_inputs arranges
+    expected = torch.stack([v[0, 0, 0]] + [v[0, 0, 1:t + 1].mean(0) for t in range(1, 4)])
+    assert torch.allclose(manual_attention(q, k, v, mask[None, None])[0, 0], expected)
+
+
+def run_both(model, fn):
+    """fn() with the fused kernel, then with the written-out attention."""
+    results = []
+    for attention in ("sdpa", "manual"):
+        model.config.attention = attention  # every layer reads the one shared config
+        results.append(fn())
+    model.config.attention = "sdpa"
+    return results
+
+
+def test_manual_attention_matches_sdpa_under_padding(tiny_model):
+    ids, mask = random_ids(3, 12, seed=4), torch.ones(3, 12, dtype=torch.long)
+    mask[0, 7:] = 0  # right padding
+    mask[1, :5] = 0  # left padding
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            fused, manual = run_both(tiny_model, lambda: tiny_model(ids, attention_mask=attention_mask))
+            assert torch.allclose(fused, manual, atol=1e-5, rtol=0), (fused - manual).abs().max()
+
+    def gradient():  # the backward pass agrees too: the manual path can be stepped through in training
+        tiny_model.zero_grad()
+        logits = tiny_model(ids, attention_mask=mask)
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50257), ids[:, 1:].reshape(-1)).backward()
+        return tiny_model.transformer.h[0].attn.c_attn.weight.grad.clone()
+    fused, manual = run_both(tiny_model, gradient)
+    assert fused.abs().sum() > 0 and torch.allclose(fused, manual, atol=1e-6, rtol=1e-4)
+
+
+def test_manual_attention_matches_sdpa_with_the_kv_cache(tiny_model):
+    from data.batching import left_pad
+    ids, mask = left_pad([random_ids(1, n, seed=30 + n)[0].tolist() for n in (3, 9, 6)])
+    fused, manual = run_both(tiny_model, lambda: tiny_model.generate(ids, 20, temperature=0, attention_mask=mask,
+                                                                     eos_token_id=None))
+    assert fused.shape == (3, 29) and fused.tolist() == manual.tolist()
+
+
 # -----------------------------------------------------------------------------
 # generation
 
@@ -143,18 +217,39 @@ def test_generate_rejects_right_padding_and_overlong_requests(tiny_model):
     for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError, match="need temperature >= 0 and 0 < top_p <= 1"):
             tiny_model.generate(random_ids(1, 4), 3, **bad)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be a positive whole number, got {bad}"):
+            tiny_model.generate(random_ids(1, 4), bad)
 
 
 def test_top_p_keeps_the_smallest_nucleus():
+    """By hand, with every top_p well away from a boundary of the cumulative mass (0.5, 0.8, 0.95, 1)."""
     probs = torch.tensor([[0.05, 0.5, 0.3, 0.15], [0.25, 0.25, 0.25, 0.25]])
     logits = probs.log()
-    kept = lambda p: torch.isfinite(top_p_filter(logits, p)).tolist()  # noqa: E731
-    assert kept(0.5) == [[False, True, False, False], [True, True, False, False]]
-    assert kept(0.8) == [[False, True, True, False], [True, True, True, True]]
-    assert kept(0.81) == [[False, True, True, True], [True, True, True, True]]
-    assert kept(0.01) == [[False, True, False, False], [True, False, False, False]]  # top token always kept
-    assert kept(0.0) == kept(0.01)
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))  # noqa: E731
+    assert kept(0.45)[0].tolist() == [False, True, False, False]  # 0.5 >= 0.45
+    assert kept(0.6)[0].tolist() == [False, True, True, False]  # 0.5 < 0.6 <= 0.5 + 0.3
+    assert kept(0.9)[0].tolist() == [False, True, True, True]  # 0.8 < 0.9 <= 0.95
+    assert kept(0.97)[0].tolist() == [True, True, True, True]
+    assert kept(0.01)[0].tolist() == [False, True, False, False]  # the top token is always kept
+    assert kept(0.0)[0].tolist() == [False, True, False, False]
+    # four equally likely tokens: which ones is arbitrary, how many is not
+    assert [kept(p)[1].sum().item() for p in (0.1, 0.3, 0.6, 0.9)] == [1, 2, 3, 4]
     assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_top_p_matches_transformers():
+    """Against transformers' TopPLogitsWarper, an independent implementation (it sorts ascending and removes
+    tokens whose cumulative mass is at most 1 - top_p), on random logits with no boundary near top_p."""
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    for top_p in (0.05, 0.3, 0.5, 0.9, 0.99):
+        sorted_probs = logits.softmax(-1).sort(descending=True).values
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        assert (mass_before - top_p).abs().min() > 1e-9  # no near-tie that float64 rounding could decide
+        expected = transformers.TopPLogitsWarper(top_p)(None, logits.clone())
+        assert torch.equal(torch.isfinite(top_p_filter(logits, top_p)), torch.isfinite(expected)), top_p
+        assert torch.equal(top_p_filter(logits, top_p)[torch.isfinite(expected)], logits[torch.isfinite(expected)])
 
 
 def test_sampling_is_seeded_and_follows_the_nucleus(tiny_model):
@@ -201,12 +296,21 @@ def test_missing_weights_file(hub_checkpoint, tmp_path):
         GPT.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("keep", [0, 5, 100, -1000])
-def test_truncated_weights(hub_checkpoint, tmp_path, keep):
+@pytest.mark.parametrize("cut", ["to 0 bytes", "to 5 bytes", "inside the header", "by its last 1000 bytes"])
+def test_truncated_weights(hub_checkpoint, tmp_path, cut):
     path = copy_checkpoint(hub_checkpoint, tmp_path) / "model.safetensors"
     data = path.read_bytes()
-    path.write_bytes(data[:keep] if keep >= 0 else data[:keep])
-    with pytest.raises(InputError, match=r"model.safetensors: not a valid safetensors file: .*(short|truncated)"):
+    header_len = int.from_bytes(data[:8], "little")  # the format: 8 bytes of header length, the header, the data
+    data_len = len(data) - 8 - header_len
+    kept, message = {
+        "to 0 bytes": (data[:0], "the file is only 0 bytes long: truncated"),
+        "to 5 bytes": (data[:5], "the file is only 5 bytes long: truncated"),
+        "inside the header": (data[:100], f"its header claims {header_len} bytes but the file has 100"),
+        "by its last 1000 bytes": (data[:-1000], f"the tensors need {data_len} bytes of data but the file holds "
+                                                 f"{data_len - 1000}"),
+    }[cut]
+    path.write_bytes(kept)
+    with pytest.raises(InputError, match=re.escape(f"model.safetensors: not a valid safetensors file: {message}")):
         GPT.from_pretrained(tmp_path)
 
 
@@ -244,6 +348,10 @@ def test_bad_config(hub_checkpoint, tmp_path):
         GPT.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
+        GPT.from_pretrained(tmp_path)
+    config = json.loads((hub_checkpoint[0] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_head": 5}))
+    with pytest.raises(InputError, match=r"config.json: GPTConfig n_embd=64 is not divisible by n_head=5"):
         GPT.from_pretrained(tmp_path)
 
 
