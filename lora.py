@@ -17,6 +17,7 @@ alpha / r keeps the update's scale steady when you change r. After training, B A
 """
 
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -152,28 +153,58 @@ def load_lora_state_dict(model, state_dict):
 
 
 def save_lora(model, path):
-    """Write the adapter (A, B of every LoRA layer, plus alpha and dropout) as a small safetensors file."""
+    """Write the adapter (A, B of every LoRA layer, plus alpha, dropout, and the model's depth, width and
+    rank, so load_lora can say what does not fit) as a small safetensors file."""
     layers = list(lora_layers(model).values())
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
-    write_safetensors(path, lora_state_dict(model),
-                      metadata={"lora_alpha": layers[0].alpha, "lora_dropout": layers[0].lora_dropout.p})
+    write_safetensors(path, lora_state_dict(model), metadata={
+        "lora_alpha": layers[0].alpha, "lora_dropout": layers[0].lora_dropout.p, "r": layers[0].r,
+        "n_layer": model.config.n_layer, "n_embd": model.config.n_embd})
 
 
 def load_lora(model, path):
     """Load an adapter written by save_lora. A model without LoRA layers gets them first, on exactly the
-    layers the file adapts, with the file's rank and alpha. Returns the model."""
+    layers the file adapts, with the file's rank and alpha. Returns the model.
+
+    An adapter made for a model of another depth (n_layer), width (n_embd) or LoRA rank is an InputError
+    naming the file and each mismatch."""
     tensors, metadata = read_safetensors(path)
-    if not lora_layers(model):
-        names = sorted(k.removesuffix(".lora_A") for k in tensors if k.endswith(".lora_A"))
-        if not names or "lora_alpha" not in metadata:
-            raise InputError(f"{path}: not a LoRA adapter written by save_lora (no lora_A tensors or no lora_alpha)")
-        apply_lora(model, r=tensors[names[0] + ".lora_A"].shape[0], alpha=float(metadata["lora_alpha"]),
-                   dropout=float(metadata.get("lora_dropout", 0.0)), targets=names)
+    names = sorted(k.removesuffix(".lora_A") for k in tensors if k.endswith(".lora_A"))
+    if not names or "lora_alpha" not in metadata or any(
+            not re.fullmatch(r"transformer\.h\.\d+\..+", name) or name + ".lora_B" not in tensors for name in names):
+        raise InputError(f"{path}: not a LoRA adapter written by save_lora (it needs lora_A and lora_B tensors "
+                         f"named transformer.h.<i>.<layer>, and lora_alpha)")
     try:
+        mismatches = adapter_mismatches(model, names, tensors, metadata)
+        if mismatches:
+            raise InputError(f"{path}: this adapter does not fit the model: {'; '.join(mismatches)}")
+        if not lora_layers(model):
+            apply_lora(model, r=tensors[names[0] + ".lora_A"].shape[0], alpha=float(metadata["lora_alpha"]),
+                       dropout=float(metadata.get("lora_dropout", 0.0)), targets=names)
         return load_lora_state_dict(model, tensors)
-    except ValueError as e:
+    except ValueError as e:  # targets this model does not have, shapes that differ, a damaged file
         raise InputError(f"{path}: {e}") from None
+
+
+def adapter_mismatches(model, names, tensors, metadata):
+    """What about an adapter does not fit `model`: its depth, width or rank, e.g. ["depth n_layer=3, the
+    model's is 2"]. Adapters saved without that metadata are measured from their names and shapes."""
+    c, A = model.config, tensors[names[0] + ".lora_A"]  # A: (r, in_features)
+    deepest = 1 + max(int(name.split(".")[2]) for name in names)  # names are transformer.h.{i}.<module>
+    depth = int(metadata.get("n_layer", deepest))
+    # width: what every adapted layer reads is n_embd wide, except the MLP's c_proj (4 n_embd), whose B is n_embd
+    width = int(metadata.get("n_embd", tensors[names[0] + ".lora_B"].shape[0] if names[0].endswith("mlp.c_proj")
+                                       else A.shape[1]))
+    model_ranks = sorted({layer.r for layer in lora_layers(model).values()})
+    mismatches = []
+    if depth != c.n_layer and (depth > c.n_layer or "n_layer" in metadata):
+        mismatches.append(f"depth n_layer={depth}, the model's is {c.n_layer}")
+    if width != c.n_embd:
+        mismatches.append(f"width n_embd={width}, the model's is {c.n_embd}")
+    if model_ranks and model_ranks != [A.shape[0]]:
+        mismatches.append(f"rank r={A.shape[0]}, the model's LoRA layers have r={', '.join(map(str, model_ranks))}")
+    return mismatches
 
 
 def merged_state_dict(model):

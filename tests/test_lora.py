@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny_config
-from fileio import InputError
+from fileio import InputError, read_safetensors, write_safetensors
 from lora import (LoRALinear, apply_lora, load_lora, lora_layers, lora_state_dict, merge_lora, merged_state_dict,
                   save_lora, unmerge_lora)
 from model import GPT
@@ -152,10 +152,44 @@ def test_loading_a_mismatched_adapter_is_a_clear_error(tmp_path):
     save_lora(make_model(r=4, targets=["c_attn"]), tmp_path / "a.safetensors")
     with pytest.raises(InputError, match="does not match the model: missing"):
         load_lora(make_model(r=4, targets=["c_fc"]), tmp_path / "a.safetensors")
-    with pytest.raises(InputError, match="has shape"):
+    with pytest.raises(InputError, match=r"a.safetensors: this adapter does not fit the model: rank r=4, the "
+                                         r"model's LoRA layers have r=2$"):
         load_lora(make_model(r=2, targets=["c_attn"]), tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="no LoRA layers to save"):
         save_lora(GPT(tiny_config()), tmp_path / "b.safetensors")
+    write_safetensors(tmp_path / "c.safetensors", {"x": torch.zeros(2)}, metadata={"lora_alpha": 8})
+    with pytest.raises(InputError, match="c.safetensors: not a LoRA adapter written by save_lora"):
+        load_lora(GPT(tiny_config()), tmp_path / "c.safetensors")
+
+
+def save_adapter_of(path, with_metadata=True, **config):
+    """An adapter saved from a model of another shape; without metadata, as older files were written."""
+    torch.manual_seed(0)
+    save_lora(apply_lora(GPT(tiny_config(**config)), r=4, alpha=8), path)
+    if not with_metadata:
+        tensors, _ = read_safetensors(path)
+        write_safetensors(path, tensors, metadata={"lora_alpha": 8})
+    return path
+
+
+@pytest.mark.parametrize("with_metadata", [True, False])
+@pytest.mark.parametrize("config, message", [
+    (dict(n_layer=3), "depth n_layer=3, the model's is 2"),
+    (dict(n_embd=128), "width n_embd=128, the model's is 64"),
+    (dict(n_layer=3, n_embd=32, n_head=2), "depth n_layer=3, the model's is 2; width n_embd=32, the model's is 64"),
+])
+def test_an_adapter_for_another_shape_names_what_differs(tmp_path, config, message, with_metadata):
+    path = save_adapter_of(tmp_path / "other.safetensors", with_metadata, **config)
+    for model in (GPT(tiny_config()), make_model(r=4)):  # without LoRA layers yet, and with them
+        with pytest.raises(InputError, match=rf"other.safetensors: this adapter does not fit the model: {message}$"):
+            load_lora(model, path)
+        assert not lora_layers(model) or all(layer.lora_B.abs().sum() == 0 for layer in lora_layers(model).values())
+
+
+def test_a_shallower_models_adapter_is_refused_when_its_depth_is_known(tmp_path):
+    """A 1-layer model's adapter names only layer 0, which a 2-layer model has too: only the saved depth tells."""
+    with pytest.raises(InputError, match="depth n_layer=1, the model's is 2$"):
+        load_lora(GPT(tiny_config()), save_adapter_of(tmp_path / "one.safetensors", n_layer=1))
 
 
 def test_merged_state_dict_is_a_plain_gpt():
