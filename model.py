@@ -478,7 +478,7 @@ def load_model(name_or_dir, adapter=None, dropout=0.0):
             raise InputError(f"{config_path}: not an adapter config with a base_model_name_or_path ({e!r})") from None
         model = merged_model(load_lora(load_model(base, dropout=dropout), directory / ADAPTER_FILE))
     else:
-        model = GPT.from_pretrained(name_or_dir, dropout=dropout)
+        model = GPT.from_pretrained(directory if directory.is_dir() else name_or_dir, dropout=dropout)
     if adapter is not None:
         model = merged_model(load_lora(model, adapter))
     return model
