@@ -15,6 +15,10 @@ real tokens with 1 and padding with 0. Positions count real tokens only, and no 
 padding, so every real position gets the logits it would get if its sequence ran alone. Right padding is
 what training and scoring use; left padding is what batched generation uses (every prompt then ends at
 the last column, where the next token goes).
+
+Attention runs PyTorch's fused scaled_dot_product_attention. To read or step through it, set
+model.config.attention = "manual": every layer then runs manual_attention, softmax(Q K^T / sqrt(d) + M) V
+written out in four lines (the tests check that both give the same logits, gradients and tokens).
 """
 
 import json
