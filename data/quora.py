@@ -56,21 +56,27 @@ def read_quora(path, limit=None):
         raise InputError(f"{path}:1: header is {header}, expected {LABELED_HEADER} "
                          f"(or {UNLABELED_HEADER} for unlabeled test data), tab-separated")
     pairs, skipped = [], []  # skipped: (line number, what is wrong with it)
-    for row in rows:
-        if limit is not None and len(pairs) >= limit:
-            break
-        if not row:
-            continue  # a blank line: the course's csv.DictReader skips these too
-        if len(row) != len(header):
-            skipped.append((rows.line_num, f"expected {len(header)} tab-separated columns, found {len(row)}"))
-            continue
-        label = None
-        if len(header) == 4:
-            label = {"0": 0, "0.0": 0, "1": 1, "1.0": 1}.get(row[3].strip())
-            if label is None:
-                skipped.append((rows.line_num, f"is_duplicate is {row[3]!r}, not 0 or 1 (0.0 or 1.0)"))
+    row_end = 1  # the line the last row read ended on
+    try:
+        for row in rows:
+            row_end = rows.line_num
+            if limit is not None and len(pairs) >= limit:
+                break
+            if not row:
+                continue  # a blank line: the course's csv.DictReader skips these too
+            if len(row) != len(header):
+                skipped.append((row_end, f"expected {len(header)} tab-separated columns, found {len(row)}"))
                 continue
-        pairs.append(QuoraPair(row[0].strip(), row[1], row[2], label))
+            label = None
+            if len(header) == 4:
+                label = {"0": 0, "0.0": 0, "1": 1, "1.0": 1}.get(row[3].strip())
+                if label is None:
+                    skipped.append((row_end, f"is_duplicate is {row[3]!r}, not 0 or 1 (0.0 or 1.0)"))
+                    continue
+            pairs.append(QuoraPair(row[0].strip(), row[1], row[2], label))
+    except csv.Error as e:  # e.g. a " that opens a quoted field and is never closed
+        raise InputError(f"{path}:{row_end + 1}: a row starting here runs on to line {rows.line_num} ({e}); "
+                         f'is a " quote left open?') from None
     n_rows = len(pairs) + len(skipped)
     if n_rows == 0:
         raise InputError(f"{path}: has a header but no pairs")

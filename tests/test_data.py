@@ -64,6 +64,13 @@ def test_bad_quora_files_name_file_and_line(tmp_path, text, message):
         read_quora(write(tmp_path, text))
 
 
+def test_an_unclosed_quote_names_the_line_it_opens_on(tmp_path):
+    text = HEADER + "1\ta?\tb?\t1.0\n" + '2\t"an open quote?\tb?\t0.0\n' + "3\tx?\ty?\t0.0\n" * 20000
+    with pytest.raises(InputError, match=r"q.csv:3: a row starting here runs on to line \d+ \(field larger than "
+                                         r"field limit .*\); is a \" quote left open\?"):
+        read_quora(write(tmp_path, text))
+
+
 def course_quora_rows(path):
     """The course's own loader (load_paraphrase_data for train/dev), for comparison: malformed rows are skipped."""
     rows = []
