@@ -42,10 +42,10 @@ from data.tokenizer import END_OF_TEXT, encode
 from eval import generate_sonnets
 from fileio import InputError, read_safetensors, write_json, write_safetensors
 from lora import lora_layers, merged_state_dict
-from train_sft import (all_reduce_sum, autocast_context, batch_logprobs, check_lengths, configure_optimizer,
-                       describe, end_of_epoch, epoch_batches, finish, gradient_sync, load_policy, load_task_data,
-                       micro_batches, optimizer_step, print_results, progress_bar, reset_peak_memory, run_results,
-                       set_lr, setup_distributed, start_or_resume, wrap_model)
+from train_sft import (all_reduce_sum, autocast_context, batch_logprobs, check_lengths, compute_dtype,
+                       configure_optimizer, describe, end_of_epoch, epoch_batches, finish, gradient_sync, load_policy,
+                       load_task_data, micro_batches, optimizer_step, print_results, progress_bar, reset_peak_memory,
+                       run_results, set_lr, setup_distributed, start_or_resume, wrap_model)
 
 # -----------------------------------------------------------------------------
 # settings: train_sft.py's, with these changes and additions
@@ -196,7 +196,8 @@ def cached_reference_logps(model, pairs, config, autocast, cache_dir, fingerprin
     the tokenizer/dtype: a rerun, or another condition with the same reference and pairs, reads them back,
     and a changed model or data set can never pick up a stale file."""
     key = fingerprint_of(fingerprint, [(p.chosen.prompt, p.chosen.target, p.rejected.target) for p in pairs],
-                         "gpt2-bpe", config["dtype"], str(autocast))
+                         "gpt2-bpe", compute_dtype(config, config["device"].split(":")[0]),
+                         config["device"].split(":")[0])
     path = Path(cache_dir) / f"reference-{name}-{key}.safetensors"
     if path.exists():
         tensors, _ = read_safetensors(path)

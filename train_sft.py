@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -295,11 +294,16 @@ def lr_at(step, total_steps, lr, warmup=0.05, min_lr_ratio=0.1):
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def compute_dtype(config, device_type):
+    """auto: bfloat16 on a GPU that has it (half the memory traffic, same range as float32), else float32."""
+    if config["dtype"] == "auto":
+        return "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return config["dtype"]
+
+
 def autocast_context(config, device_type):
-    dtype = config["dtype"]
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "bfloat16":
+    """bfloat16 autocast: matmuls in bfloat16, reductions such as softmax and the loss in float32."""
+    if compute_dtype(config, device_type) == "bfloat16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return nullcontext()
 

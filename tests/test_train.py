@@ -1,0 +1,371 @@
+"""SFT and DPO: the loss functions against hand computations, the training loops on a tiny GPT-2 and a task it
+can learn in seconds, resume after kill -9, exact gradient accumulation, and bad settings."""
+
+import csv
+import json
+from contextlib import nullcontext
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_dpo
+import train_sft
+from conftest import ROOT, tiny_config
+from data.batching import Example, collate
+from fileio import InputError, read_safetensors
+from lora import apply_lora
+from model import GPT, load_model
+
+# -----------------------------------------------------------------------------
+# the pure functions
+
+
+def test_dpo_loss_by_hand():
+    beta = 0.5
+    pc, pr, rc, rr = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0]), torch.tensor([-1.5, -2.0]), torch.tensor([-1.5, -2.5])
+    losses, chosen_rewards, rejected_rewards = train_dpo.dpo_loss(pc, pr, rc, rr, beta)
+    # pair 0: chosen ratio 0.5, rejected ratio -0.5 -> -log sigmoid(0.5 * 1.0); pair 1: -1.0 and 1.5 -> -log sigmoid(-1.25)
+    assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-0.5)), math.log(1 + math.exp(1.25))])
+    assert chosen_rewards.tolist() == pytest.approx([0.25, -0.5])
+    assert rejected_rewards.tolist() == pytest.approx([-0.25, 0.75])
+
+
+def test_dpo_loss_at_the_reference_is_ln2_and_its_gradient_prefers_the_chosen_answer():
+    policy_chosen = torch.tensor([-4.0, -7.0], requires_grad=True)
+    policy_rejected = torch.tensor([-5.0, -2.0], requires_grad=True)
+    losses, chosen_rewards, rejected_rewards = train_dpo.dpo_loss(
+        policy_chosen, policy_rejected, policy_chosen.detach(), policy_rejected.detach(), beta=0.1)
+    assert losses.tolist() == pytest.approx([math.log(2)] * 2)
+    assert chosen_rewards.tolist() == [0.0, 0.0] and rejected_rewards.tolist() == [0.0, 0.0]
+    assert not chosen_rewards.requires_grad
+    losses.sum().backward()
+    # gradient descent moves against the gradient: up for the chosen log-prob, down for the rejected one
+    assert (policy_chosen.grad < 0).all() and (policy_rejected.grad > 0).all()
+
+
+def test_sequence_logprobs_against_a_per_token_loop():
+    torch.manual_seed(0)
+    examples = [Example([5, 6, 7], [8, 9]), Example([1], [2, 3, 4, 5]), Example([], [11, 12, 13])]
+    batch = collate(examples, pad_id=49)  # a 50-token vocabulary; padding must never count
+    logits = torch.randn(*batch.input_ids.shape, 50)
+    got = train_sft.sequence_logprobs(logits, batch.input_ids, batch.loss_mask)
+    for row, ex in enumerate(examples):
+        tokens = ex.prompt + ex.target
+        expected = 0.0
+        for t in range(max(len(ex.prompt), 1), len(tokens)):  # each target token, predicted from position t - 1
+            expected += F.log_softmax(logits[row, t - 1].double(), -1)[tokens[t]].item()
+        assert got[row].item() == pytest.approx(expected, abs=1e-5)
+    assert got.dtype == torch.float32
+    assert train_sft.sequence_logprobs(logits.bfloat16(), batch.input_ids, batch.loss_mask).dtype == torch.float32
+
+
+def test_logits_only_where_a_loss_reads_them_give_the_same_logprobs(tiny_model):
+    torch.manual_seed(0)
+    examples = [Example(torch.randint(0, 50257, (n,)).tolist(), torch.randint(0, 50257, (k,)).tolist())
+                for n, k in ((7, 1), (3, 1), (12, 1), (5, 4), (0, 9))]
+    batch = collate(examples)
+    full = train_sft.sequence_logprobs(tiny_model(batch.input_ids), batch.input_ids, batch.loss_mask)
+    assert torch.allclose(train_sft.batch_logprobs(tiny_model, batch), full, atol=1e-5)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [train_sft.lr_at(s, 100, 1e-3, warmup=0.1, min_lr_ratio=0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+
+
+def test_weight_decay_only_on_matrices_and_never_on_lora(tiny_model):
+    apply_lora(tiny_model, r=2, alpha=4)
+    optimizer = train_sft.configure_optimizer(tiny_model, 1e-3, 0.1, "cpu")
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert decayed["params"] == []  # LoRA: only A and B train, and they are not decayed
+    assert len(plain["params"]) == 2 * 4 * 2  # A and B of 4 Linears in each of 2 blocks
+    full = GPT(tiny_config())
+    decayed, plain = train_sft.configure_optimizer(full, 1e-3, 0.1, "cpu").param_groups
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+
+
+# -----------------------------------------------------------------------------
+# training on a task a tiny model can learn: the answer is "yes" exactly when question 1 starts with "alpha"
+
+WORDS = "red green blue cat dog fish tree house car road book lamp door city river stone cloud bird".split()
+
+
+def write_learnable_quora(path, n, seed):
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["id", "sentence1", "sentence2", "is_duplicate"])
+        for i in range(n):
+            label = i % 2
+            s1 = ("alpha " if label else "omega ") + " ".join(rng.choices(WORDS, k=rng.randint(2, 6))) + "?"
+            s2 = " ".join(rng.choices(WORDS, k=rng.randint(2, 6))) + "?"
+            writer.writerow([f"q{i}", s1, s2, f"{label:.1f}"])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random tiny GPT-2 in the hub layout; block_size 256 so that a whole sonnet fits."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT(tiny_config(block_size=256)).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def learnable_data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("learnable")
+    write_learnable_quora(directory / "quora-train.csv", 96, seed=1)
+    write_learnable_quora(directory / "quora-dev.csv", 40, seed=2)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def course_data(tmp_path_factory):
+    """The course's real files (sonnets; Quora's 30-row samples under the course's names), when present."""
+    from conftest import SHARED_DATA
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present")
+    directory = tmp_path_factory.mktemp("course_data")
+    for name in ("sonnets.txt", "sonnets_held_out_dev.txt", "TRUE_sonnets_held_out_dev.txt"):
+        shutil.copy(SHARED_DATA / name, directory / name)
+    for split in ("train", "dev"):
+        shutil.copy(SHARED_DATA / "quora_samples" / f"quora-{split}-30.csv", directory / f"quora-{split}.csv")
+    return directory
+
+
+def settings(tiny_dir, data_dir, out_dir, **overrides):
+    return {**train_sft.defaults(), "task": "paraphrase", "init_from": str(tiny_dir), "data_dir": str(data_dir), "out_dir": str(out_dir),
+            "device": "cpu", "epochs": 3, "lr": 3e-3, "warmup": 0.0, "dropout": 0.0, **overrides}
+
+
+def weights(directory):
+    return read_safetensors(directory / "model.safetensors")[0]
+
+
+def test_sft_learns_the_task_and_writes_its_results(tiny_dir, learnable_data, tmp_path, capsys):
+    before = train_sft.evaluate(load_model(tiny_dir), "paraphrase",
+                                train_sft.load_task_data(settings(tiny_dir, learnable_data, tmp_path))[1],
+                                {"eval_batch_size": 64}, "cpu")
+    results = train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "sft"))
+    assert before["accuracy"] <= 0.6 < 0.9 <= results["metrics"]["accuracy"]
+    assert "paraphrase sft fft: accuracy" in capsys.readouterr().out
+    on_disk = json.loads((tmp_path / "sft" / "results.json").read_text())
+    assert on_disk["score"] == results["score"] == results["metrics"]["accuracy"]
+    for key in ("train_seconds", "eval_seconds", "tokens_per_second", "peak_memory_bytes", "total_parameters",
+                "trainable_parameters"):
+        assert results[key] > 0, key
+    assert results["total_parameters"] == results["trainable_parameters"]
+    assert results["config"]["lr"] == 3e-3 and results["device"] == "cpu" and len(results["history"]) == 3
+    # best/ and last/ are GPT-2 checkpoints that eval.py's loader (and Hugging Face) can read
+    best = load_model(tmp_path / "sft")  # a run folder means its best/
+    assert train_sft.evaluate(best, "paraphrase", train_sft.load_task_data(settings(tiny_dir, learnable_data, tmp_path))[1],
+                              {"eval_batch_size": 64}, "cpu")["accuracy"] == results["score"]
+    assert (tmp_path / "sft" / "last" / "config.json").exists()
+
+
+def test_lora_sft_trains_only_a_and_b_and_saves_only_the_adapter(tiny_dir, learnable_data, tmp_path):
+    results = train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "lora", lora_r=4, epochs=1))
+    assert results["method"] == "lora" and results["trainable_parameters"] == 2 * (4 * 64 + 192 * 4 + 4 * 64 + 64 * 4
+                                                                                  + 4 * 64 + 256 * 4 + 4 * 256 + 64 * 4)
+    assert sorted(p.name for p in (tmp_path / "lora" / "best").iterdir()) == ["adapter.safetensors",
+                                                                              "adapter_config.json"]
+    base, tuned = GPT.from_pretrained(tiny_dir), load_model(tmp_path / "lora")  # base + the adapter, merged
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    # only the adapted Linears' weights differ (by B A); embeddings, LayerNorms and biases are untouched
+    assert changed and all(k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for k in changed)
+
+
+def test_dpo_raises_the_reward_margin_and_accuracy(tiny_dir, learnable_data, tmp_path):
+    results = train_dpo.train(settings(tiny_dir, learnable_data, tmp_path / "dpo", epochs=3, beta=0.5))
+    last = results["history"][-1]
+    assert results["regime"] == "dpo"
+    assert last["reward_margin"] > 0.5 and last["reward_accuracy"] >= 0.9
+    assert last["accuracy"] >= 0.9  # preferring the right answer token is the task
+
+
+def test_the_reference_never_changes_and_live_equals_precomputed(tiny_dir, learnable_data, tmp_path, monkeypatch):
+    seen = []
+    original = train_dpo.dpo_loss
+
+    def spy(pc, pr, rc, rr, beta):
+        assert not rc.requires_grad and not rr.requires_grad  # no gradient ever reaches the reference
+        seen.append(original(pc, pr, rc, rr, beta)[0].detach().clone())
+        return original(pc, pr, rc, rr, beta)
+
+    monkeypatch.setattr(train_dpo, "dpo_loss", spy)
+    losses = {}
+    for method, lora_r in (("fft", 0), ("lora", 4)):
+        for live in (False, True):
+            seen.clear()
+            out = tmp_path / f"{method}-{live}"
+            train_dpo.train(settings(tiny_dir, learnable_data, out, epochs=1, lora_r=lora_r, live_reference=live,
+                                     train_limit=32))
+            losses[method, live] = torch.cat(seen)
+            if method == "lora":  # adapters off: the frozen base weights still equal the starting model's
+                assert load_model(out / "last").state_dict().keys() == weights_like(tiny_dir).keys()
+    for method in ("fft", "lora"):
+        assert torch.allclose(losses[method, False], losses[method, True], atol=1e-5)
+    assert GPT.from_pretrained(tiny_dir).state_dict().keys()  # the starting checkpoint on disk is untouched
+
+
+def weights_like(directory):
+    return GPT.from_pretrained(directory).state_dict()
+
+
+def test_sft_then_dpo_with_lora_uses_the_sft_model_as_reference(tiny_dir, learnable_data, tmp_path):
+    """The classic DPO bug: after LoRA SFT, 'adapters off' is base GPT-2, not the SFT model."""
+    train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "sft", lora_r=4, epochs=2))
+    config = train_dpo.check_config({**train_sft.defaults(train_dpo.SETTINGS),
+                                     **settings(tmp_path / "sft", learnable_data, tmp_path / "dpo", lora_r=4)})
+    policy = train_sft.load_policy(config)
+    pairs = train_dpo.paraphrase_pairs(train_sft.load_task_data(config)[0])[:16]
+    with train_dpo.adapters_off(policy):
+        ref = train_dpo.reference_logps(policy, pairs, config, nullcontext())
+    sft_model = load_model(tmp_path / "sft")
+    base = GPT.from_pretrained(tiny_dir)
+    assert torch.allclose(ref[0], train_dpo.reference_logps(sft_model, pairs, config, nullcontext())[0],
+                          atol=1e-5)
+    train_dpo.check_reference(policy, pairs, *ref, config, nullcontext())  # passes: same model
+    wrong = train_dpo.reference_logps(base, pairs, config, nullcontext())
+    with pytest.raises(InputError, match="the reference is not the model training starts from"):
+        train_dpo.check_reference(policy, pairs, *wrong, config, nullcontext())
+    results = train_dpo.train(settings(tmp_path / "sft", learnable_data, tmp_path / "dpo", lora_r=4, epochs=1))
+    assert results["regime"] == "sft_dpo"
+
+
+def test_gradient_accumulation_gives_the_same_update(tiny_dir, learnable_data, tmp_path):
+    one = settings(tiny_dir, learnable_data, tmp_path / "one", epochs=1, train_limit=32, batch_size=8, dropout=0.0)
+    train_sft.train(one)
+    train_sft.train({**one, "out_dir": str(tmp_path / "two"), "grad_accum": 2})
+    a, b = weights(tmp_path / "one" / "last"), weights(tmp_path / "two" / "last")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    moved = weights(tiny_dir)
+    assert max((a[k] - moved[k]).abs().max().item() for k in a) > 1e-3  # the runs did train
+
+
+def test_bf16_autocast_runs_on_cpu(tiny_dir, learnable_data, tmp_path):
+    results = train_dpo.train(settings(tiny_dir, learnable_data, tmp_path / "bf16", epochs=1, train_limit=16,
+                                       dtype="bfloat16"))
+    assert math.isfinite(results["history"][0]["dpo_loss"])
+
+
+def test_sonnet_sft_and_dpo_end_to_end(tiny_dir, course_data, tmp_path):
+    common = dict(task="sonnet", epochs=1, train_limit=8, max_new_tokens=8, lr=1e-3)
+    sft = train_sft.train(settings(tiny_dir, course_data, tmp_path / "sft", **common))
+    assert sft["score_name"] == "chrf" and 0 < sft["score"] < 100
+    dpo = train_dpo.train(settings(tmp_path / "sft", course_data, tmp_path / "dpo", lora_r=4, **common))
+    assert dpo["regime"] == "sft_dpo" and math.isfinite(dpo["history"][0]["reward_margin"])
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "dpo").glob("*-*.*"))
+    assert cached == ["reference", "reference", "rejections", "rejections"]  # train and dev, each cached once
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "dpo").glob("*-*.*")}
+    train_dpo.train(settings(tmp_path / "sft", course_data, tmp_path / "dpo2", lora_r=4,
+                             cache_dir=str(tmp_path / "dpo"), **common))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "dpo").glob("*-*.*")} == before  # read back, not redone
+    assert not list((tmp_path / "dpo2").glob("reference-*"))
+
+
+# -----------------------------------------------------------------------------
+# resuming
+
+
+def run_script(args, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "train_sft.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_resume_after_kill_9_ends_with_the_same_weights(tiny_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_learnable_quora(data / "quora-train.csv", 128, seed=3)
+    write_learnable_quora(data / "quora-dev.csv", 8, seed=4)
+    args = ["--task", "paraphrase", "--init_from", str(tiny_dir), "--data_dir", str(data), "--device", "cpu",
+            "--epochs", "2", "--lr", "1e-3", "--dropout", "0.1", "--checkpoint_every", "3"]
+    straight = run_script(args + ["--out_dir", str(tmp_path / "straight")])
+    killed = run_script(args + ["--out_dir", str(tmp_path / "killed")])
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
+    assert not (tmp_path / "killed" / "results.json").exists()
+    resumed = run_script(args + ["--out_dir", str(tmp_path / "killed"), "--resume"])
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0 and "resuming from" in output, output
+    assert straight.wait() == 0, straight.stdout.read()
+    a, b = weights(tmp_path / "straight" / "last"), weights(tmp_path / "killed" / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_dir, learnable_data, tmp_path, capsys):
+    train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "r", epochs=1, train_limit=8, resume=True))
+    assert "no " in capsys.readouterr().out and (tmp_path / "r" / "results.json").exists()
+
+
+# -----------------------------------------------------------------------------
+# bad settings: one line, before anything is loaded
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "poetry"], "--task poetry: must be paraphrase or sonnet"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--batch_size", "-1"], "--batch_size -1: must be at least 1"),
+    (["--lr", "0"], "--lr 0.0: must be a positive number"),
+    (["--lr", "nan"], "--lr nan: must be a positive number"),
+    (["--lora_r", "-2"], "--lora_r -2: must be 0"),
+    (["--lora_r", "4", "--lora_alpha", "0"], "--lora_alpha 0.0: must be positive"),
+    (["--grad_accum", "9"], "--grad_accum 9: cannot split a batch of 8"),
+    (["--train_limit", "0"], "--train_limit 0: must be at least 1"),
+    (["--device", "tpu"], "--device tpu: must be cpu, cuda"),
+    (["--init_from", "gpt5"], "--init_from gpt5: is neither a GPT-2 name"),
+    (["--dtype", "fp8"], "--dtype fp8: must be auto, float32 or bfloat16"),
+    (["--lora_r", "4", "--lora_targets", "attn.nope"], "--lora_targets attn.nope: LoRA target 'attn.nope' matches no module"),
+])
+def test_bad_settings_are_one_line_errors(flags, message, tiny_dir, learnable_data, tmp_path, capsys):
+    base = {"--task": "paraphrase", "--init_from": str(tiny_dir), "--data_dir": str(learnable_data),
+            "--out_dir": str(tmp_path / "out"), "--device": "cpu"}
+    for flag, value in zip(flags[::2], flags[1::2]):
+        base[flag] = value
+    for script in (train_sft, train_dpo):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main([item for pair in base.items() for item in pair])
+        assert str(exit_info.value).startswith("error: " + message), str(exit_info.value)
+        assert "\n" not in str(exit_info.value)
+        assert not (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_bad_beta_missing_data_and_unwritable_out_dir(tiny_dir, learnable_data, tmp_path):
+    common = ["--task", "paraphrase", "--init_from", str(tiny_dir), "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"error: --beta -0.1: must be a positive number"):
+        train_dpo.main(common + ["--data_dir", str(learnable_data), "--out_dir", str(tmp_path / "o"), "--beta", "-0.1"])
+    with pytest.raises(SystemExit, match=r"error: .*quora-train.csv: no such file"):
+        train_sft.main(common + ["--data_dir", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "o")])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"error: --out_dir .*a-file"):
+        train_sft.main(common + ["--data_dir", str(learnable_data), "--out_dir", str(blocker)])
+
+
+def test_an_example_longer_than_the_model_is_refused_before_training(learnable_data, tmp_path):
+    GPT(tiny_config(block_size=16)).save_pretrained(tmp_path / "short")
+    with pytest.raises(InputError, match="tokens long, more than the model's block_size of 16"):
+        train_sft.train(settings(tmp_path / "short", learnable_data, tmp_path / "o"))
+
+
+def test_a_nan_loss_stops_the_run_and_names_the_step(tiny_dir, learnable_data, tmp_path):
+    with pytest.raises(InputError, match=r"the loss is (nan|inf) at step [1-9][0-9]* \(epoch [12]\); stopped"):
+        train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "nan", lr=1e30, epochs=2, grad_clip=0.0,
+                                 warmup=0.0, checkpoint_every=1))
