@@ -333,10 +333,11 @@ def train(config):
         end_of_epoch(raw_model, optimizer, config, dev, progress, loss_sum, checkpoint, master, world_size,
                      extra_metrics=dev_metrics)
 
-    results = run_results(config, "sft_dpo" if is_sft_run(config["init_from"]) else "dpo", raw_model, progress,
-                          device_type, world_size)
-    results["beta"] = config["beta"]
+    results = None
     if master:
+        results = run_results(config, "sft_dpo" if is_sft_run(config["init_from"]) else "dpo", raw_model, progress,
+                              device_type, world_size)
+        results["beta"] = config["beta"]
         print_results(results)
     return finish(results, out_dir, rank)
 

@@ -501,7 +501,7 @@ def train(config):
         progress["train_seconds"] += time.time() - t0
         end_of_epoch(raw_model, optimizer, config, dev, progress, loss_sum, checkpoint, master, world_size)
 
-    results = run_results(config, "sft", raw_model, progress, device_type, world_size)
+    results = run_results(config, "sft", raw_model, progress, device_type, world_size) if master else None
     if master:
         print_results(results)
     return finish(results, out_dir, rank)
