@@ -37,7 +37,7 @@ from tqdm import tqdm
 from data.batching import batch_indices, collate
 from data.quora import paraphrase_example, read_quora
 from data.sonnets import read_sonnets, sonnet_example
-from eval import evaluate_paraphrase, evaluate_sonnets
+from eval import check_device, evaluate_paraphrase, evaluate_sonnets
 from fileio import InputError, atomic_open, writable_dir, write_json
 from lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, save_lora
 from model import ADAPTER_CONFIG, ADAPTER_FILE, PRETRAINED, default_device, load_model
@@ -148,16 +148,6 @@ def check_config(config, prefix="sft"):
         config["out_dir"] = f"out/{prefix}-{config['task']}-{'lora' if config['lora_r'] else 'fft'}"
     writable_dir(config["out_dir"], "--out_dir")
     return config
-
-
-def check_device(device):
-    kind = str(device).split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise InputError(f"--device {device}: must be cpu, cuda (cuda:N) or mps")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: this PyTorch sees no CUDA GPU; use --device cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {device}: MPS (Apple GPU) is not available here; use --device cpu")
 
 
 # -----------------------------------------------------------------------------
