@@ -292,7 +292,7 @@ def test_resume_after_kill_9_ends_with_the_same_weights(tiny_dir, tmp_path):
     write_learnable_quora(data / "quora-train.csv", 128, seed=3)
     write_learnable_quora(data / "quora-dev.csv", 8, seed=4)
     args = ["--task", "paraphrase", "--init_from", str(tiny_dir), "--data_dir", str(data), "--device", "cpu",
-            "--epochs", "2", "--lr", "1e-3", "--dropout", "0.1", "--checkpoint_every", "3"]
+            "--epochs", "2", "--lr", "1e-3", "--dropout", "0.1", "--checkpoint_every", "5"]
     straight = run_script(args + ["--out_dir", str(tmp_path / "straight")])
     killed = run_script(args + ["--out_dir", str(tmp_path / "killed")])
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
