@@ -36,7 +36,7 @@ from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, read_quora
 from data.sonnets import read_sonnets
 from data.tokenizer import decode, encode
 from fileio import InputError, atomic_open
-from model import END_OF_TEXT, PRETRAINED, default_device, load_model
+from model import END_OF_TEXT, check_source, default_device, load_model
 
 # -----------------------------------------------------------------------------
 # metrics: pure functions of Python lists
@@ -328,10 +328,7 @@ def check_args(args):
     if not 0 < args.top_p <= 1:
         raise InputError(f"--top_p {args.top_p}: must be in (0, 1]")
     check_device(args.device)
-    name = args.checkpoint.removeprefix("openai-community/")
-    if name not in PRETRAINED and not Path(args.checkpoint).is_dir():
-        raise InputError(f"--checkpoint {args.checkpoint!r}: neither a GPT-2 name ({', '.join(PRETRAINED)}) "
-                         f"nor an existing directory")
+    check_source(args.checkpoint, "--checkpoint")
     if args.adapter is not None and not Path(args.adapter).is_file():
         raise InputError(f"--adapter {args.adapter!r}: no such file (a .safetensors written by lora.save_lora)")
     check_writable_dir(args.out_dir)

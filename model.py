@@ -458,6 +458,13 @@ def state_dict_from_hub(tensors, model, source):
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
+def check_source(name_or_dir, flag):
+    """What a script was pointed at must be a GPT-2 name or an existing directory: checked before any work."""
+    if str(name_or_dir).removeprefix("openai-community/") not in PRETRAINED and not Path(name_or_dir).is_dir():
+        raise InputError(f"{flag} {str(name_or_dir)!r}: neither a GPT-2 name ({', '.join(PRETRAINED)}) "
+                         f"nor an existing directory")
+
+
 def load_model(name_or_dir, adapter=None, dropout=0.0):
     """A plain GPT (no LoRA layers) from any of:
 

@@ -40,7 +40,7 @@ from data.sonnets import read_sonnets, sonnet_example
 from eval import check_device, evaluate_paraphrase, evaluate_sonnets
 from fileio import InputError, atomic_open, writable_dir, write_json
 from lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, save_lora
-from model import ADAPTER_CONFIG, ADAPTER_FILE, PRETRAINED, default_device, load_model
+from model import ADAPTER_CONFIG, ADAPTER_FILE, check_source, default_device, load_model
 
 # -----------------------------------------------------------------------------
 # settings: name -> (default, type, why). Every one is a command-line flag: --name value.
@@ -141,9 +141,7 @@ def check_config(config, prefix="sft"):
     targets = [t.strip() for t in config["lora_targets"].split(",") if t.strip()]
     if not targets:
         bad("lora_targets", f"name at least one Linear layer, e.g. {','.join(DEFAULT_TARGETS)}")
-    init = config["init_from"]
-    if init.removeprefix("openai-community/") not in PRETRAINED and not Path(init).is_dir():
-        bad("init_from", f"is neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
+    check_source(config["init_from"], "--init_from")
     if config["out_dir"] is None:
         config["out_dir"] = f"out/{prefix}-{config['task']}-{'lora' if config['lora_r'] else 'fft'}"
     writable_dir(config["out_dir"], "--out_dir")

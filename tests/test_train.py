@@ -330,7 +330,7 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_dir, learnab
     (["--grad_accum", "9"], "--grad_accum 9: cannot split a batch of 8"),
     (["--train_limit", "0"], "--train_limit 0: must be at least 1"),
     (["--device", "tpu"], "--device 'tpu': not a device name"),
-    (["--init_from", "gpt5"], "--init_from gpt5: is neither a GPT-2 name"),
+    (["--init_from", "gpt5"], "--init_from 'gpt5': neither a GPT-2 name"),
     (["--dtype", "fp8"], "--dtype fp8: must be auto, float32 or bfloat16"),
     (["--lora_r", "4", "--lora_targets", "attn.nope"], "--lora_targets attn.nope: LoRA target 'attn.nope' matches no module"),
 ])
