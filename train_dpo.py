@@ -284,11 +284,11 @@ def train(config):
     optimizer = configure_optimizer(raw_model, config["lr"], config["weight_decay"], device_type)
     checkpoint = out_dir / "checkpoint.pt"
     progress = start_or_resume(config, checkpoint, raw_model, optimizer, master)
+    lengths = [len(p.chosen) + len(p.rejected) for p in pairs]
     if progress["step"] == 0:
-        first = epoch_batches([len(p.chosen) for p in pairs], config, 0, world_size)[0]
+        first = epoch_batches(lengths, config, 0, world_size)[0]
         check_reference(raw_model, [pairs[i] for i in first], ref_chosen[first], ref_rejected[first], config, autocast)
     model = wrap_model(raw_model, config, world_size)
-    lengths = [len(p.chosen) + len(p.rejected) for p in pairs]
     total_steps = config["epochs"] * len(epoch_batches(lengths, config, 0, world_size))
     if master:
         print(f"{config['task']} DPO ({describe(config)}, beta={config['beta']}, "
