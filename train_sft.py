@@ -593,7 +593,7 @@ def end_of_epoch(model, optimizer, config, dev, progress, train_loss, checkpoint
                        {k: v for k, v in metrics.items() if k in ("predictions", "sonnets")})
         summary = {k: v for k, v in metrics.items() if k not in ("predictions", "sonnets")}
         progress["history"].append({"epoch": progress["epoch"] + 1, "train_loss": train_loss, **summary})
-        print(f"epoch {progress['epoch'] + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items())
+        print(f"epoch {progress['epoch'] + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "score")
               + ("  (best so far)" if improved else ""))
     progress["eval_seconds"] += time.time() - t0
     progress["epoch"] += 1
