@@ -1,0 +1,180 @@
+"""bench.py: every figure is written, finite, by a real (tiny) run; its counts against hand computation; bad
+flags fail in one line before any work. Never a timed assertion: the figures themselves are not checked."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+import bench
+from conftest import tiny_config
+from data.batching import Example
+from lora import apply_lora
+from model import GPT
+from train_sft import configure_optimizer
+
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--warmup", "0", "--steps", "1", "--score_pairs", "2",
+        "--sonnet_rows", "1", "--new_tokens", "4", "--generate_runs", "1", "--device", "cpu"]
+KEYS = {"ours_over_hf_train_step", "lora_over_fft_step", "lora_over_fft_peak_mem", "dpo_live_over_sft_step",
+        "dpo_precomputed_over_sft_step", "kv_cache_speedup", "ours_over_hf_generate", "padding_efficiency", "device"}
+HF_KEYS = {"ours_over_hf_train_step", "ours_over_hf_generate"}
+
+
+def quora_sample(shared_data):
+    return shared_data / "quora_samples" / "quora-train-30.csv"
+
+
+def test_quick_run_writes_every_key_with_a_finite_value(shared_data, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", *TINY, "--quora", str(quora_sample(shared_data)), "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert set(results) == KEYS  # a CPU run: no mfu, no paraphrase_epoch_s
+    for key in KEYS - {"device"}:
+        assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
+    assert 0 < results["padding_efficiency"] <= 1
+    assert results["device"].startswith("cpu")
+    printed = capsys.readouterr().out
+    assert "peak resident memory" in printed  # says how CPU memory was measured
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left behind
+
+
+def test_without_transformers_it_says_so_in_one_line_and_skips_those_ratios(shared_data, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    out = tmp_path / "bench.json"
+    bench.main([*TINY, "--quora", str(quora_sample(shared_data)), "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert set(results) == KEYS - HF_KEYS
+    assert all(math.isfinite(v) for k, v in results.items() if k != "device")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "transformers is not installed" in line]
+    assert len(lines) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "error: --steps 0: must be at least 1"),
+    (["--batch_size", "-1"], "error: --batch_size -1: must be at least 1"),
+    (["--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16'"),
+    (["--size", "gpt3"], "error: argument --size: invalid choice: 'gpt3'"),
+    (["--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
+    (["--device", "tpu"], "error: --device 'tpu'"),
+    (["--n_embd", "30", "--n_head", "4"], "error: --n_head/--n_embd: GPTConfig n_embd=30 is not divisible"),
+    (["--lora_alpha", "nan"], "error: --lora_alpha nan: must be a positive number"),
+    (["--new_tokens", "1000"], "error: --new_tokens 1000"),
+    (["--quora", "no/such/file.csv"], "error: --quora no/such/file.csv: no such file"),
+    (["--threads", "-2"], "error: --threads -2: must be 0 or more"),
+    (["--bogus"], "error: unrecognized arguments: --bogus"),
+])
+def test_bad_flags_fail_in_one_line_before_any_work(argv, message, tmp_path, monkeypatch):
+    def no_work(args):
+        raise AssertionError("run() started despite a bad flag")
+
+    monkeypatch.setattr(bench, "run", no_work)
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*argv, "--out", str(out)])
+    assert str(exit_info.value.code).startswith(message)
+    assert "\n" not in str(exit_info.value.code)
+    assert not out.exists()
+
+
+def test_out_that_is_a_directory_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("run() started"))
+    with pytest.raises(SystemExit, match=r"error: --out .*: is a directory"):
+        bench.main(["--out", str(tmp_path)])
+
+
+def test_an_unlabelled_quora_file_is_an_error_before_any_model(shared_data):
+    with pytest.raises(SystemExit, match="error: --quora .*needs labelled pairs"):
+        bench.main([*TINY, "--quora", str(shared_data / "quora_samples" / "quora-test-student-30.csv")])
+
+
+def test_quick_fills_in_only_the_flags_not_given():
+    args = bench.parse_args(["--quick", "--steps", "5"])
+    assert args.steps == 5 and args.warmup == bench.QUICK["warmup"] and args.sonnet_rows == bench.QUICK["sonnet_rows"]
+    assert bench.parse_args([]).steps == bench.steps
+
+
+# -----------------------------------------------------------------------------
+# the counts that explain the figures, against hand computation
+
+
+def test_padding_efficiency_by_hand():
+    lengths = [2, 4, 3, 3]
+    # batch [0, 1] computes 2 x 4 = 8 positions for 6 real tokens; batch [2, 3] 2 x 3 = 6 for 6
+    assert bench.padding_efficiency(lengths, [[0, 1], [2, 3]]) == pytest.approx(12 / 14)
+    assert bench.padding_efficiency(lengths, [[2, 3], [0], [1]]) == 1.0
+
+
+def test_block_weights_are_the_blocks_linear_weights():
+    model = GPT(tiny_config())
+    linear_weights = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer.h.")
+                         and n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")))
+    assert bench.block_weights(model.config) == linear_weights == 12 * 2 * 64 ** 2
+
+
+def test_train_flops_by_hand():
+    config = tiny_config()  # L = 2, d = 64, V = 50257; N = 12 L d^2 = 98,304
+    lengths, n_targets = [3, 5], 2
+    attention = 12 * 2 * 64 * (9 + 25)
+    head = 6 * 64 * 50257 * 2
+    assert bench.train_flops(config, lengths, n_targets) == 6 * 98304 * 8 + attention + head
+    assert bench.train_flops(config, lengths, n_targets, lora=True) == 4 * 98304 * 8 + attention + head
+
+
+def test_state_bytes_count_gradients_and_adamw_state_for_trainable_weights_only():
+    torch.manual_seed(0)
+    examples = [Example([1, 2, 3], [4]), Example([5, 6], [7])]
+    for lora in (False, True):
+        model = GPT(tiny_config())
+        if lora:
+            apply_lora(model, r=2, alpha=4)
+        optimizer = configure_optimizer(model, 1e-3, 0.0, "cpu")
+        no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+        bench.train_step(model, optimizer, bench.sft_step_loss(examples, "cpu"), no_autocast, "cpu")
+        weights, grads, adam = bench.state_bytes(model, optimizer)
+        trainable = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert weights == 4 * sum(p.numel() for p in model.parameters())
+        assert grads == trainable and adam == 2 * trainable  # AdamW: two moments per trainable weight
+        if lora:  # A and B only: 2 layers x 4 Linears x r (d_in + d_out)
+            assert trainable == 4 * 2 * 2 * (64 + 192 + 64 + 64 + 64 + 256 + 256 + 64)
+
+
+def test_saved_activations_exclude_weights_and_grow_with_the_batch():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).train()
+    small = [Example([1, 2, 3, 4], [5])] * 2
+    big = small * 4
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    saved_small = bench.saved_activation_bytes(model, bench.sft_step_loss(small, "cpu"), no_autocast)
+    saved_big = bench.saved_activation_bytes(model, bench.sft_step_loss(big, "cpu"), no_autocast)
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert 0 < saved_small < saved_big < weight_bytes  # the tied 50257 x 64 embedding alone is 12.9 MB
+
+
+# -----------------------------------------------------------------------------
+# the GPU's code paths, run on the CPU so they cannot rot unseen
+
+
+def test_the_gpu_figures_run_on_the_cpu(shared_data, capsys):
+    """throughput() is what a GPU run adds (LoRA/FFT at a large batch, MFU, epoch seconds), with bf16 autocast
+    and fused AdamW, here on the CPU; measure_peak_flops too."""
+    from data.quora import paraphrase_example, read_quora
+
+    args = bench.parse_args([*TINY, "--big_batch_size", "4", "--dtype", "bfloat16", "--peak_tflops", "1"])
+    examples = [paraphrase_example(p) for p in read_quora(quora_sample(shared_data))]
+    config = bench.model_config(args)
+    autocast = lambda: bench.autocast_context({"dtype": "bfloat16"}, "cpu")  # noqa: E731
+    torch.manual_seed(0)
+    model = GPT(config).train()
+    lora_model = apply_lora(GPT(config).train(), 2, 4.0)
+    fft = (model, configure_optimizer(model, 1e-5, 0.0, "cpu"))
+    lora = (lora_model, configure_optimizer(lora_model, 1e-4, 0.0, "cpu"))
+    assert fft[1].defaults["fused"]  # the fused AdamW the GPU uses
+    figures = bench.throughput(config, fft, lora, examples, args, autocast, bench.Table())
+    assert set(figures) == {"mfu", "paraphrase_epoch_s"}
+    assert all(math.isfinite(v) and v > 0 for v in figures.values())
+    assert "MFU" in capsys.readouterr().out
+    assert math.isfinite(bench.measure_peak_flops("cpu", n=64, repeats=2, dtype=torch.float32))
