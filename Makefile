@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (Python 3.10+ with venv):
-#   make study   downloads the data and GPT-2, and runs the main job
+#   make study   downloads the data and GPT-2, and runs the study (study.py: 12 conditions, one table)
 #   make test    runs the test suite (CPU, a few minutes)
 # Each creates .venv and installs the pinned requirements the first time.
 
@@ -8,8 +8,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= gpt2
 DATA ?= data
-LIMIT ?=
-LIMIT_ARG := $(if $(LIMIT),--limit $(LIMIT),)
+SEEDS ?= 1
+PRESET ?= auto
+OUT ?=
 
 .PHONY: study test clean-venv
 
@@ -22,12 +23,16 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	touch $@
 
-# The main job. Until the training scripts land, it scores pretrained GPT-2 (zero-shot) on both tasks' dev
-# sets. Overridable: MODEL=gpt2-medium (or a model directory), DATA=path/to/data, LIMIT=200 (Quora pairs).
+# The main job: the study, 2 tasks x {SFT only, DPO only, SFT->DPO} x {FFT, LoRA}, one table in
+# out/study*/study.md (study.py says what each column means). With a CUDA GPU it is the full study; without one,
+# PRESET=auto runs the reduced preset (fewer training pairs and epochs, a dev subset: about an hour on a
+# 4-core laptop), and the table's header says so. Started again, it trains only what is not finished.
+# Overridable: MODEL=gpt2-medium (or a model directory), DATA=path/to/data, SEEDS=3 (runs per condition),
+# PRESET=full (the whole study, even on a CPU) or reduced, OUT=out/my-study (default out/study...).
+# python study.py --smoke is the same study with a tiny random GPT-2 on a few dozen examples (minutes).
 study: $(VENV)/.runtime
 	$(PY) -m data.download --data-dir $(DATA)
-	$(PY) eval.py --task paraphrase --checkpoint $(MODEL) --split dev --data-dir $(DATA) $(LIMIT_ARG)
-	$(PY) eval.py --task sonnet --checkpoint $(MODEL) --split dev --data-dir $(DATA)
+	$(PY) study.py --model $(MODEL) --data_dir $(DATA) --seeds $(SEEDS) --preset $(PRESET) $(if $(OUT),--out_dir $(OUT),)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests

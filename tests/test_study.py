@@ -1,0 +1,184 @@
+"""study.py end to end with --smoke (a tiny random GPT-2 on the course-format samples in ../shared/data): all 12
+conditions with measured figures, a second run that trains nothing, subsets, and bad flags."""
+
+import contextlib
+import csv
+import io
+import json
+import math
+
+import pytest
+
+import study
+import train_dpo
+import train_sft
+
+ALL = [(t, r, m) for t in study.TASKS for r in study.REGIMES for m in study.METHODS]
+needs_samples = pytest.mark.skipif(not study.SHARED_DATA.is_dir(), reason=f"{study.SHARED_DATA} not present")
+
+
+def forbid_training(monkeypatch):
+    def refuse(config):
+        raise AssertionError(f"trained {config['out_dir']} again")
+    monkeypatch.setattr(train_sft, "train", refuse)
+    monkeypatch.setattr(train_dpo, "train", refuse)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke study, run once for the module: (out_dir, study.json, study.md, what it printed)."""
+    if not study.SHARED_DATA.is_dir():
+        pytest.skip(f"{study.SHARED_DATA} not present")
+    out_dir = tmp_path_factory.mktemp("study") / "smoke"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        study.main(["--smoke", "--out_dir", str(out_dir), "--device", "cpu"])
+    return out_dir, json.loads((out_dir / "study.json").read_text()), (out_dir / "study.md").read_text(), printed.getvalue()
+
+
+def quora_dev_labels(path, limit):
+    """The dev labels, read with the csv module (not the project's reader)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t"))[1:limit + 1]
+    return [int(float(row[3])) for row in rows]
+
+
+def test_smoke_study_has_all_12_rows_with_measured_figures(smoke):
+    out_dir, summary, markdown, printed = smoke
+    rows = summary["rows"]
+    assert [(r["task"], r["regime"], r["method"]) for r in rows] == ALL
+    for row in rows:
+        assert row["seeds"] == [study.FIRST_SEED]
+        for key in ("train_seconds", "tokens_per_second", "peak_memory_bytes", "trainable_parameters"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["task"], row["regime"], row["method"], key)
+        low, high = row["ci95"]
+        assert low <= high and math.isfinite(low) and math.isfinite(high)
+        top = 1 if row["task"] == "paraphrase" else 100
+        assert 0 <= low <= row["score"] <= high <= top, row  # 30 pairs / 12 sonnets: the interval is wide
+        total = row["total_parameters"]
+        assert row["trainable_parameters"] == total if row["method"] == "fft" else 0 < row["trainable_parameters"] < total / 50
+        run = json.loads((out_dir / f"{row['task']}-{row['regime']}-{row['method']}-seed11711" / "results.json").read_text())
+        assert row["score"] == run["score"] and run["regime"] == row["regime"] and run["method"] == row["method"]
+    # SFT->DPO costs both stages: its train_seconds include the SFT run's
+    for task in study.TASKS:
+        for method in study.METHODS:
+            sft = next(r for r in rows if (r["task"], r["regime"], r["method"]) == (task, "sft", method))
+            staged = next(r for r in rows if (r["task"], r["regime"], r["method"]) == (task, "sft_dpo", method))
+            assert staged["train_seconds"] > sft["train_seconds"]
+    assert "SMOKE" in markdown and "| task" in markdown and summary["verdict"] in markdown
+    assert markdown.count("\n| paraphrase ") == 6 and markdown.count("\n| sonnet ") == 6
+    assert markdown.split("\n\n")[2] in printed  # the same table is printed
+
+
+def test_scores_and_paired_differences_follow_from_the_predictions(smoke):
+    """The table's accuracy and its difference from SFT-only FFT, recomputed by hand from each run's saved dev
+    predictions and the dev file; McNemar's p from scipy's exact binomial test on the discordant pairs."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    out_dir, summary, _, _ = smoke
+    labels = quora_dev_labels(out_dir / "data" / "quora-dev.csv", study.PRESETS["smoke"]["paraphrase"]["dev_limit"])
+
+    def correct(regime, method):
+        saved = json.loads((out_dir / f"paraphrase-{regime}-{method}-seed11711" / "best_dev_predictions.json").read_text())
+        return [int(p == y) for p, y in zip(saved["predictions"], labels, strict=True)]
+
+    baseline = correct("sft", "fft")
+    for row in [r for r in summary["rows"] if r["task"] == "paraphrase"]:
+        mine = correct(row["regime"], row["method"])
+        assert row["score"] == pytest.approx(sum(mine) / len(labels))
+        if row["regime"] == "sft" and row["method"] == "fft":
+            assert "vs_sft_fft" not in row
+            continue
+        only_mine = sum(a and not b for a, b in zip(mine, baseline))
+        only_base = sum(b and not a for a, b in zip(mine, baseline))
+        versus = row["vs_sft_fft"]
+        assert versus["difference"] == pytest.approx((only_mine - only_base) / len(labels))
+        expected = 1.0 if only_mine + only_base == 0 else scipy_stats.binomtest(only_mine, only_mine + only_base).pvalue
+        assert versus["p_values"] == [pytest.approx(expected)]
+    for row in [r for r in summary["rows"] if r["task"] == "sonnet" and (r["regime"], r["method"]) != ("sft", "fft")]:
+        low, high = row["vs_sft_fft"]["ci95"]
+        assert low <= row["vs_sft_fft"]["difference"] <= high
+
+
+def test_a_second_run_trains_nothing(smoke, monkeypatch):
+    out_dir, summary, _, _ = smoke
+    stamps = {p: p.stat().st_mtime_ns for p in out_dir.glob("*/results.json")}
+    assert len(stamps) == 12
+    forbid_training(monkeypatch)
+    rows = study.main(["--smoke", "--out_dir", str(out_dir), "--device", "cpu"])
+    assert {p: p.stat().st_mtime_ns for p in out_dir.glob("*/results.json")} == stamps
+    assert [r["score"] for r in rows] == [r["score"] for r in summary["rows"]]
+
+
+def test_tasks_regimes_and_methods_select_conditions(smoke, monkeypatch):
+    out_dir, _, _, _ = smoke
+    forbid_training(monkeypatch)
+    rows = study.main(["--smoke", "--out_dir", str(out_dir), "--device", "cpu", "--tasks", "sonnet",
+                       "--regimes", "sft_dpo,dpo", "--methods", "lora"])
+    assert [(r["task"], r["regime"], r["method"]) for r in rows] == [("sonnet", "dpo", "lora"), ("sonnet", "sft_dpo", "lora")]
+    written = json.loads((out_dir / "study.json").read_text())
+    assert [(r["task"], r["regime"], r["method"]) for r in written["rows"]] == [("sonnet", "dpo", "lora"),
+                                                                              ("sonnet", "sft_dpo", "lora")]
+    assert "vs_sft_fft" not in written["rows"][0]  # the baseline was not selected: nothing to pair with
+    assert "No paired differences" in written["verdict"]
+
+
+@needs_samples
+def test_a_finished_run_with_other_settings_is_refused_before_any_training(tmp_path, monkeypatch):
+    forbid_training(monkeypatch)
+    run = tmp_path / "paraphrase-sft-fft-seed11711"
+    run.mkdir()
+    config = study.run_config({"preset": "smoke", "model": str(tmp_path / "tiny-gpt2"), "data_dir": tmp_path / "data",
+                               "device": "cpu", "out_dir": tmp_path}, "paraphrase", "sft", "fft", 11711)
+    (run / "results.json").write_text(json.dumps({"config": {**config, "epochs": 5}}))
+    with pytest.raises(SystemExit) as e:
+        study.main(["--smoke", "--out_dir", str(tmp_path), "--tasks", "paraphrase", "--regimes", "sft", "--methods", "fft"])
+    assert str(e.value.code).startswith("error: ") and "epochs=5" in str(e.value.code) and "epochs=1" in str(e.value.code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paraphrase-sft-fft-seed11711"]  # nothing else written
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--tasks", "poems"], "--tasks"),
+    (["--regimes", "sft,rlhf"], "--regimes"),
+    (["--methods", "qlora"], "--methods"),
+    (["--seeds", "0"], "--seeds"),
+    (["--seeds", "three"], "--seeds"),
+    (["--device", "cuda:7"], "--device"),
+    (["--model", "gpt5"], "--model"),
+    (["--smoke", "--model", "gpt2"], "--model"),
+    (["--smoke", "--preset", "full"], "--preset"),
+    (["--preset", "huge"], "--preset"),
+])
+def test_bad_flags_are_one_line_errors_before_any_work(flags, named, tmp_path, monkeypatch):
+    forbid_training(monkeypatch)
+    out_dir = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        study.main([*flags, "--out_dir", str(out_dir)])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message and named in message
+    assert not out_dir.exists()
+
+
+def test_an_unwritable_out_dir_is_refused(tmp_path, monkeypatch):
+    forbid_training(monkeypatch)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        study.main(["--smoke", "--out_dir", str(a_file / "study")])
+    assert str(e.value.code).startswith("error: --out_dir") and str(a_file) in str(e.value.code)
+
+
+def test_smoke_says_what_it_needs_without_the_samples(tmp_path, monkeypatch):
+    forbid_training(monkeypatch)
+    monkeypatch.setattr(study, "SHARED_DATA", tmp_path / "no-shared-data")
+    with pytest.raises(SystemExit) as e:
+        study.main(["--smoke", "--out_dir", str(tmp_path / "out")])
+    message = str(e.value.code)
+    assert message.startswith("error: --smoke") and "quora-train-30.csv" in message and "--data_dir" in message
+    assert not (tmp_path / "out").exists()
+
+
+@needs_samples
+def test_smoke_data_dir_copies_the_samples_under_the_course_names(smoke):
+    out_dir, _, _, _ = smoke
+    for name, sample in study.SMOKE_FILES.items():
+        assert (out_dir / "data" / name).read_bytes() == (study.SHARED_DATA / sample).read_bytes()
