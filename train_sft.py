@@ -65,7 +65,7 @@ SETTINGS = {
     "lora_dropout": (0.0, float, "dropout on LoRA's input"),
     "lora_targets": (",".join(DEFAULT_TARGETS), str, "comma-separated Linear layers LoRA adapts (all of a block's)"),
     "seed": (11711, int, "the course's seed"),
-    "device": (default_device(), str, "cuda, mps or cpu (default: the best one here)"),
+    "device": (default_device(), str, "cuda, cuda:N, mps or cpu (the default is the best one here)"),
     "dtype": ("auto", str, "auto (bfloat16 autocast on a GPU that has it, else float32), float32 or bfloat16"),
     "compile": (False, bool, "torch.compile the model (worth it on a GPU for long runs)"),
     "train_limit": (None, int, "train on the first N examples only"),
