@@ -44,7 +44,7 @@ from lora import DEFAULT_TARGETS, apply_lora
 from model import END_OF_TEXT, GPT, PRETRAINED, GPTConfig, default_device
 from train_dpo import SETTINGS as DPO_SETTINGS, concatenated_logps, dpo_loss, paraphrase_pairs, reference_logps
 from train_sft import (SETTINGS as SFT_SETTINGS, autocast_context, configure_optimizer, epoch_batches,
-                       peak_memory_bytes, reset_peak_memory, sft_loss)
+                       peak_memory_bytes, reset_peak_memory, sft_loss, wrap_model)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -66,6 +66,7 @@ quora = ROOT / "data" / "quora-train.csv"  # labelled Quora pairs; without it, t
 if not quora.exists():
     quora = ROOT.parent / "shared" / "data" / "quora_samples" / "quora-train-30.csv"
 peak_tflops = 0.0  # the device's peak rate for MFU (GPU only); 0 = measure it with a large matmul
+compile = False  # torch.compile our model's steps, as train_sft.py --compile does (transformers' stay eager)
 threads = 0  # CPU threads for PyTorch; 0 = its default (one per core)
 seed = 0
 QUICK = dict(warmup=1, steps=3, score_pairs=32, sonnet_rows=2, generate_runs=1)
@@ -91,32 +92,38 @@ def clock(device):
     return time.perf_counter()
 
 
-def train_step(model, optimizer, loss_fn, autocast, device):
-    """One optimizer step as train_sft.py takes it, timed in three phases: (forward, backward, optimizer) s."""
+def train_step(model, optimizer, loss_fn, autocast, device, split=True):
+    """One optimizer step as train_sft.py takes it. Returns seconds (forward, backward, optimizer) with split,
+    else the whole step's seconds. Timing the phases needs a device synchronisation between them, which on a
+    GPU stops the CPU from queueing the next phase's kernels while the GPU works: so a GPU's step time is
+    measured without it, on steps of its own (on a CPU there is nothing to synchronise)."""
     t0 = clock(device)
     with autocast():
         loss = loss_fn(model)
-    t1 = clock(device)
+    t1 = clock(device) if split else None
     loss.backward()
-    t2 = clock(device)
+    t2 = clock(device) if split else None
     if SFT_GRAD_CLIP > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], SFT_GRAD_CLIP)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     t3 = clock(device)
-    return t1 - t0, t2 - t1, t3 - t2
+    return (t1 - t0, t2 - t1, t3 - t2) if split else t3 - t0
 
 
 def time_in_turns(cases, warmup, steps, device):
     """cases: {name: (model, optimizer, loss_fn, autocast)}. One step of each in turn, warmup + steps rounds.
     Returns {name: {"step", "forward", "backward", "optimizer"}}: medians of the timed rounds, in seconds."""
-    phases = {name: [] for name in cases}
+    on_gpu = str(device).startswith("cuda")
+    phases, whole = {name: [] for name in cases}, {name: [] for name in cases}
     for round_ in range(warmup + steps):
         for name, case in cases.items():
             times = train_step(*case, device)
+            step_s = train_step(*case, device, split=False) if on_gpu else sum(times)
             if round_ >= warmup:
                 phases[name].append(times)
-    return {name: {"step": statistics.median(sum(t) for t in times),
+                whole[name].append(step_s)
+    return {name: {"step": statistics.median(whole[name]),
                    **{phase: statistics.median(t[i] for t in times)
                       for i, phase in enumerate(("forward", "backward", "optimizer"))}}
             for name, times in phases.items()}
@@ -244,7 +251,8 @@ def resident_bytes():
     return 0
 
 
-def peak_memory_of_method(config, examples, lora_targets, device, dtype, lora_r, lora_alpha, n_steps=2):
+def peak_memory_of_method(config, examples, lora_targets, device, dtype, lora_r, lora_alpha, compile=False,
+                          n_steps=2):
     """Peak memory of training steps. GPU: the most PyTorch allocated (torch.cuda.max_memory_allocated).
     CPU: the process's peak resident memory (Linux VmHWM, reset after the model is built, so building's
     transients are not counted) minus its resident memory before the model existed. Either way weights,
@@ -257,9 +265,10 @@ def peak_memory_of_method(config, examples, lora_targets, device, dtype, lora_r,
         apply_lora(model, lora_r, lora_alpha, targets=lora_targets)
     optimizer = configure_optimizer(model, 1e-5, 0.0, device_type)
     autocast = lambda: autocast_context({"dtype": dtype}, device_type)  # noqa: E731
+    step_model = wrap_model(model, {"compile": compile}, 1)
     reset_peak_memory(device_type)
     for _ in range(n_steps):
-        train_step(model, optimizer, sft_step_loss(examples, device), autocast, device)
+        train_step(step_model, optimizer, sft_step_loss(examples, device), autocast, device)
     synchronize(device)
     return peak_memory_bytes(device_type) - before
 
@@ -357,7 +366,7 @@ def throughput(config, fft, lora, examples, args, autocast, table):
     step = time_in_turns({"FFT": (*fft, sft_step_loss(big, device), autocast),
                           "LoRA": (*lora, sft_step_loss(big, device), autocast)}, args.warmup, args.steps, device)
     memory = peak_memory_in_fresh_processes(
-        {name: (config, big, targets, device, args.dtype, args.lora_r, args.lora_alpha)
+        {name: (config, big, targets, device, args.dtype, args.lora_r, args.lora_alpha, args.compile)
          for name, targets in (("FFT", None), ("LoRA", DEFAULT_TARGETS))}, parallel=not device.startswith("cuda"))
     table.row(f"LoRA / FFT at a batch of {len(big)}, step", f"{step['LoRA']['step'] / step['FFT']['step']:.2f}",
               f"FFT {step['FFT']['step'] * 1e3:.1f} ms, LoRA {step['LoRA']['step'] * 1e3:.1f} ms")
@@ -432,8 +441,8 @@ def run(args):
     config = model_config(args)
     table, results = Table(), {}
     print(f"bench.py: n_layer={config.n_layer}, n_embd={config.n_embd} ({args.size}'s shape unless changed), random "
-          f"weights, dtype {args.dtype}, on {device_name(device)}, torch {torch.__version__}; "
-          f"{len(pairs)} Quora pairs from {args.quora}; {machine_load()}")
+          f"weights, dtype {args.dtype}{', torch.compile' if args.compile else ''}, on {device_name(device)}, "
+          f"torch {torch.__version__}; {len(pairs)} Quora pairs from {args.quora}; {machine_load()}")
 
     # 1. padding: the batches train_sft.py builds (batch_indices: shuffled pools, sorted by length)
     lengths = [len(e) for e in examples]
@@ -470,25 +479,27 @@ def run(args):
     n_targets = int(batch.loss_mask.sum())
     model.train()
     optimizer = configure_optimizer(model, 1e-5, 0.0, device_type)
-    cases = {"SFT, FFT (ours)": (model, optimizer, sft_step_loss(batch_examples, device), autocast),
+    wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731 - torch.compile as train_sft's --compile
+    cases = {"SFT, FFT (ours)": (wrap(model), optimizer, sft_step_loss(batch_examples, device), autocast),
              "SFT, FFT, output layer everywhere": (model, optimizer, full_logits_loss(batch), autocast)}
     if hf_model is not None:
         hf_model.train()
         cases["SFT, FFT (transformers)"] = (hf_model, configure_optimizer(hf_model, 1e-5, 0.0, device_type),
                                             hf_loss(batch), autocast)
+    lora_models = {}
     for name, targets in (("SFT, LoRA all block Linears", DEFAULT_TARGETS),
                           ("SFT, LoRA attn.c_attn", ("attn.c_attn",))):
-        lora_model = apply_lora(copy.deepcopy(model), args.lora_r, args.lora_alpha, targets=targets)
-        cases[name] = (lora_model, configure_optimizer(lora_model, 2e-4, 0.0, device_type),
+        lora_models[name] = apply_lora(copy.deepcopy(model), args.lora_r, args.lora_alpha, targets=targets)
+        cases[name] = (wrap(lora_models[name]), configure_optimizer(lora_models[name], 2e-4, 0.0, device_type),
                        sft_step_loss(batch_examples, device), autocast)
     dpo_model.train()
     dpo_optimizer = configure_optimizer(dpo_model, 1e-6, 0.0, device_type)
     reference = copy.deepcopy(dpo_model).requires_grad_(False).eval()  # as train_dpo.py's --live_reference
     precomputed = reference_logps(reference, batch_pairs, {"eval_batch_size": len(batch_pairs), "device": device},
                                   autocast())
-    cases["DPO, FFT, reference precomputed"] = (dpo_model, dpo_optimizer,
+    cases["DPO, FFT, reference precomputed"] = (wrap(dpo_model), dpo_optimizer,
                                                 dpo_step_loss(batch_pairs, precomputed, device, autocast), autocast)
-    cases["DPO, FFT, reference live"] = (dpo_model, dpo_optimizer,
+    cases["DPO, FFT, reference live"] = (wrap(dpo_model), dpo_optimizer,
                                          dpo_step_loss(batch_pairs, reference, device, autocast), autocast)
     timings = time_in_turns(cases, args.warmup, args.steps, device)
     del reference
@@ -523,7 +534,7 @@ def run(args):
               "target <= 2.8; FLOPs 2.67x: + the reference's forward of both (2N per token)")
 
     # 4. peak memory of each method, each in a fresh process
-    jobs = {name: (config, batch_examples, targets, device, args.dtype, args.lora_r, args.lora_alpha)
+    jobs = {name: (config, batch_examples, targets, device, args.dtype, args.lora_r, args.lora_alpha, args.compile)
             for name, targets in (("FFT", None), ("LoRA, all block Linears", DEFAULT_TARGETS),
                                   ("LoRA, attn.c_attn", ("attn.c_attn",)))}
     memory = peak_memory_in_fresh_processes(jobs, parallel=not on_gpu)
@@ -534,8 +545,8 @@ def run(args):
               f"target <= 0.6; {how}")
     for name, value in memory.items():
         table.row(f"  peak memory, {name}", f"{value / 2 ** 20:.0f} MiB")
-    for name, (m, opt) in (("FFT", cases["SFT, FFT (ours)"][:2]), ("LoRA, all block Linears",
-                                                                  cases["SFT, LoRA all block Linears"][:2])):
+    for name, (m, opt) in (("FFT", (model, optimizer)), ("LoRA, all block Linears", (
+            lora_models["SFT, LoRA all block Linears"], cases["SFT, LoRA all block Linears"][1]))):
         weights, grads, adam = state_bytes(m, opt)
         activations = saved_activation_bytes(m, sft_step_loss(batch_examples, device), autocast)
         table.row(f"  counted, {name}", f"{(weights + grads + adam + activations) / 2 ** 20:.0f} MiB",
@@ -622,6 +633,8 @@ def parse_args(argv=None):
     parser.add_argument("--generate_runs", "--generate-runs", type=int, default=generate_runs)
     parser.add_argument("--quora", type=Path, default=quora, help="labelled Quora pairs (the course's format)")
     parser.add_argument("--peak_tflops", "--peak-tflops", type=float, default=peak_tflops)
+    parser.add_argument("--compile", action="store_true", default=compile,
+                        help="torch.compile our model, as train_sft.py --compile")
     parser.add_argument("--threads", type=int, default=threads, help="CPU threads (0: PyTorch's default)")
     parser.add_argument("--seed", type=int, default=seed)
     args = parser.parse_args(argv)

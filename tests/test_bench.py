@@ -134,6 +134,9 @@ def test_state_bytes_count_gradients_and_adamw_state_for_trainable_weights_only(
         optimizer = configure_optimizer(model, 1e-3, 0.0, "cpu")
         no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
         bench.train_step(model, optimizer, bench.sft_step_loss(examples, "cpu"), no_autocast, "cpu")
+        step_s = bench.train_step(model, optimizer, bench.sft_step_loss(examples, "cpu"), no_autocast, "cpu",
+                                  split=False)  # the whole step at once, as a GPU's step time is taken
+        assert isinstance(step_s, float) and step_s > 0
         weights, grads, adam = bench.state_bytes(model, optimizer)
         trainable = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert weights == 4 * sum(p.numel() for p in model.parameters())
@@ -178,3 +181,17 @@ def test_the_gpu_figures_run_on_the_cpu(shared_data, capsys):
     assert all(math.isfinite(v) and v > 0 for v in figures.values())
     assert "MFU" in capsys.readouterr().out
     assert math.isfinite(bench.measure_peak_flops("cpu", n=64, repeats=2, dtype=torch.float32))
+
+
+def test_a_compiled_step_runs_on_the_cpu():
+    """--compile (torch.compile, as train_sft.py's) on a 1-layer model: the phases are timed, the weights move."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=1)).train()
+    optimizer = configure_optimizer(model, 1e-3, 0.0, "cpu")
+    before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    compiled = bench.wrap_model(model, {"compile": True}, 1)
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    phases = bench.train_step(compiled, optimizer, bench.sft_step_loss([Example([1, 2, 3], [4])] * 2, "cpu"),
+                              no_autocast, "cpu")
+    assert len(phases) == 3 and all(math.isfinite(t) and t >= 0 for t in phases)
+    assert not torch.equal(before, model.transformer.h[0].mlp.c_fc.weight)
