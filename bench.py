@@ -395,14 +395,19 @@ def device_name(device):
         models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                   if line.startswith("model name")]
         name = f"cpu ({models[0]})" if models else name
-    return f"{name}, {torch.get_num_threads()} threads" if device == "cpu" else name
+    n = torch.get_num_threads()
+    return f"{name}, {n} thread{'s' if n > 1 else ''}" if device == "cpu" else name
 
 
 def machine_load():
-    """Other work on the machine slows everything (on a small CPU, with several threads, very unevenly)."""
+    """Other work on the machine slows everything down, and with one PyTorch thread per core very unevenly:
+    every parallel operation waits for its slowest thread, and a thread that shares its core waits long."""
     if not hasattr(os, "getloadavg"):
         return "load average unknown"
-    return f"load average {os.getloadavg()[0]:.1f} over the last minute ({os.cpu_count()} cores)"
+    load, cores = os.getloadavg()[0], os.cpu_count()
+    busy = (f" (busy: other processes share the {cores} cores, so the figures are noisy"
+            f"{'; --threads 1 suffers least' if torch.get_num_threads() > 1 else ''})") if load > cores - 0.5 else ""
+    return f"load average {load:.1f} over the last minute, {cores} cores{busy}"
 
 
 def median_length_batch(lengths, batches):
