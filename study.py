@@ -75,7 +75,7 @@ PRESETS = {
     "reduced": {"paraphrase": dict(train_limit=2000, dev_limit=1000, epochs=1),
                 "sonnet": dict(train_limit=48, epochs=1)},
     "smoke": {"paraphrase": dict(train_limit=30, dev_limit=30, epochs=1),  # all of the 30-pair samples
-              "sonnet": dict(train_limit=16, epochs=1, max_new_tokens=24)},
+              "sonnet": dict(train_limit=8, epochs=1, max_new_tokens=16)},
 }
 BOOTSTRAP_RESAMPLES = 1000
 ROOT = Path(__file__).resolve().parent
@@ -86,7 +86,7 @@ SMOKE_FILES = {"quora-train.csv": "quora_samples/quora-train-30.csv", "quora-dev
                "TRUE_sonnets_held_out_dev.txt": "TRUE_sonnets_held_out_dev.txt"}
 assert set(SMOKE_FILES) == {*train_sft.QUORA.values(), *train_sft.SONNETS.values()}
 SMOKE_MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=256)  # 256 positions: a whole sonnet fits
-NAMES = {"paraphrase": "paraphrase", "sonnet": "sonnets", "sft": "SFT only", "dpo": "DPO only",
+NAMES = {"paraphrase": "paraphrase", "sonnet": "sonnets", "sft": "SFT-only", "dpo": "DPO-only",
          "sft_dpo": "SFT→DPO", "fft": "FFT", "lora": "LoRA"}
 
 
@@ -358,8 +358,9 @@ def condition_row(plan, results, task, regime, method):
            "trainable_parameters": own[0]["trainable_parameters"], "total_parameters": own[0]["total_parameters"],
            "seeds": seeds, "best_epochs": [r["best_epoch"] for r in own], "device": own[0]["device"],
            "runs": [str(run_dir(plan, task, regime, method, s)) for s in seeds],
-           "history": [r["history"] for r in own],
-           "sft_epochs": [len(st[0]["history"]) for st in stage_results] if regime == "sft_dpo" else None}
+           # per seed, epoch by epoch; SFT->DPO's DPO stage continues after its SFT stage's epochs
+           "history": [[{**h, "epoch": h["epoch"] + (len(st[0]["history"]) if i else 0)}
+                        for i, r in enumerate(st) for h in r["history"]] for st in stage_results]}
     if task == "paraphrase":
         row["f1"], row["f1_std"] = mean_std([r["metrics"]["f1"] for r in own])
     baseline = (task, "sft", "fft")
@@ -464,29 +465,31 @@ def describe_preset(plan):
 
 
 def plot(rows, out_dir):
-    """A PNG per task: dev score and training loss per epoch, each condition's mean over seeds. SFT->DPO's
-    DPO stage is drawn after its SFT stage's epochs. Returns the files, or None without matplotlib."""
+    """A PNG per task: dev score and training loss per epoch, each condition's mean over seeds (SFT->DPO: its
+    SFT stage, then its DPO stage). Returns the file names, or None without matplotlib (an optional extra)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     files = []
     for task in dict.fromkeys(row["task"] for row in rows):
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
         for row in [r for r in rows if r["task"] == task]:
-            histories = row["history"]
-            start = statistics.fmean(row["sft_epochs"]) if row["sft_epochs"] else 0
-            epochs = [start + h["epoch"] for h in histories[0]]
-            label = f"{NAMES[row['regime']]} {NAMES[row['method']]}"
+            histories = row["history"]  # per seed
+            epochs = [h["epoch"] for h in histories[0]]
+            style = dict(marker="o", linestyle="--" if row["method"] == "lora" else "-",
+                         label=f"{NAMES[row['regime']]} {NAMES[row['method']]}")
             for axis, key in ((left, "score"), (right, "train_loss")):
-                axis.plot(epochs, [statistics.fmean(h[i][key] for h in histories) for i in range(len(epochs))],
-                          marker="o", linestyle="--" if row["method"] == "lora" else "-", label=label)
-        left.set(xlabel="epoch", ylabel=f"dev {rows[0]['score_name'] if task == 'paraphrase' else 'chrF'}",
+                axis.plot(epochs, [statistics.fmean(h[i][key] for h in histories) for i in range(len(epochs))], **style)
+        left.set(xlabel="epoch", ylabel="dev accuracy" if task == "paraphrase" else "dev chrF",
                  title=f"{NAMES[task]}: dev score")
         right.set(xlabel="epoch", ylabel="training loss (SFT: cross-entropy, DPO: DPO loss)",
-                  title=f"{NAMES[task]}: training loss (last batch of the epoch)")
+                  title=f"{NAMES[task]}: training loss (last batch of each epoch)")
+        for axis in (left, right):
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         left.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"study-{task}.png"

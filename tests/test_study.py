@@ -6,7 +6,9 @@ import csv
 import io
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import study
@@ -70,6 +72,19 @@ def test_smoke_study_has_all_12_rows_with_measured_figures(smoke):
     assert markdown.split("\n\n")[2] in printed  # the same table is printed
 
 
+def test_plots_or_how_to_get_them(smoke):
+    """With matplotlib (an optional extra) a PNG per task, linked from study.md; without it, how to get them."""
+    out_dir, summary, markdown, _ = smoke
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert summary["plots"] is None and "pip install matplotlib" in markdown
+        return
+    assert summary["plots"] == ["study-paraphrase.png", "study-sonnet.png"]
+    for name in summary["plots"]:
+        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in markdown
+
+
 def test_scores_and_paired_differences_follow_from_the_predictions(smoke):
     """The table's accuracy and its difference from SFT-only FFT, recomputed by hand from each run's saved dev
     predictions and the dev file; McNemar's p from scipy's exact binomial test on the discordant pairs."""
@@ -120,6 +135,27 @@ def test_tasks_regimes_and_methods_select_conditions(smoke, monkeypatch):
                                                                               ("sonnet", "sft_dpo", "lora")]
     assert "vs_sft_fft" not in written["rows"][0]  # the baseline was not selected: nothing to pair with
     assert "No paired differences" in written["verdict"]
+
+
+def test_an_interrupted_study_trains_only_what_is_missing(smoke, monkeypatch):
+    """A run without results.json (the study stopped during it) is trained again, resuming from its checkpoint;
+    every other run is read back."""
+    out_dir, summary, _, _ = smoke
+    (out_dir / "sonnet-sft_dpo-lora-seed11711" / "results.json").unlink()
+    trained, real_train = [], train_dpo.train
+    forbid_training(monkeypatch)
+    monkeypatch.setattr(train_dpo, "train", lambda config: trained.append(config) or real_train(config))
+    rows = study.main(["--smoke", "--out_dir", str(out_dir), "--device", "cpu"])
+    assert [(Path(c["out_dir"]).name, c["resume"]) for c in trained] == [("sonnet-sft_dpo-lora-seed11711", True)]
+    assert [r["score"] for r in rows] == [r["score"] for r in summary["rows"]]
+
+
+def test_dpo_runs_share_one_cache(smoke):
+    """DPO-only FFT and LoRA start from the same model, so they share reference log-probabilities and sampled
+    rejections: 3 starting models per task (GPT-2, SFT FFT, SFT LoRA), each with a train and a dev file."""
+    cache = smoke[0] / "cache"
+    assert len(list(cache.glob("reference-train-*"))) == 6 and len(list(cache.glob("reference-dev-*"))) == 6
+    assert len(list(cache.glob("rejections-*"))) == 6  # sonnets only
 
 
 @needs_samples
@@ -175,6 +211,22 @@ def test_smoke_says_what_it_needs_without_the_samples(tmp_path, monkeypatch):
     message = str(e.value.code)
     assert message.startswith("error: --smoke") and "quora-train-30.csv" in message and "--data_dir" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_several_seeds_give_a_mean_and_a_spread(smoke):
+    """--seeds 2: each row is the mean and sample standard deviation of its runs (numpy as the oracle), and the
+    paired test against SFT-only FFT is done seed by seed. Trains only the two new seed-11712 runs."""
+    out_dir = smoke[0]
+    rows = study.main(["--smoke", "--out_dir", str(out_dir), "--device", "cpu", "--seeds", "2", "--tasks", "paraphrase",
+                       "--regimes", "sft,dpo", "--methods", "fft"])
+    for row in rows:
+        runs = [json.loads((out_dir / f"paraphrase-{row['regime']}-fft-seed{s}" / "results.json").read_text())
+                for s in (11711, 11712)]
+        assert row["seeds"] == [11711, 11712] and row["scores"] == [r["score"] for r in runs]
+        assert row["score"] == pytest.approx(np.mean(row["scores"]))
+        assert row["score_std"] == pytest.approx(np.std(row["scores"], ddof=1), abs=1e-12)
+        assert row["train_seconds"] == pytest.approx(np.mean([r["train_seconds"] for r in runs]))
+    assert len(rows[1]["vs_sft_fft"]["p_values"]) == 2 and "max over seeds" in (out_dir / "study.md").read_text()
 
 
 @needs_samples
