@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from data.batching import collate, left_pad
 from data.quora import read_quora
-from eval import answers_yes, check_device, check_writable_dir
-from fileio import InputError, write_json
+from eval import answers_yes, check_device
+from fileio import InputError, writable_dir, write_json
 from lora import DEFAULT_TARGETS, apply_lora
 from model import END_OF_TEXT, GPT, PRETRAINED, GPTConfig, default_device
 from train_dpo import SETTINGS as DPO_SETTINGS, concatenated_logps, dpo_loss, paraphrase_pairs, reference_logps
@@ -680,7 +680,7 @@ def check_args(args):
     if args.out is not None:
         if args.out.is_dir():
             raise InputError(f"--out {args.out}: is a directory; give a file name such as bench.json")
-        check_writable_dir(args.out.parent, "--out")
+        writable_dir(args.out.parent, "--out")
 
 
 def main(argv=None):

@@ -18,9 +18,7 @@ sonnet, given lines included as in the course, is scored against the true sonnet
 """
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -35,7 +33,7 @@ from data.batching import Example, batch_indices, collate, left_pad
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, read_quora
 from data.sonnets import read_sonnets
 from data.tokenizer import decode, encode
-from fileio import InputError, atomic_open
+from fileio import InputError, atomic_open, writable_dir
 from model import END_OF_TEXT, check_source, default_device, load_model
 
 # -----------------------------------------------------------------------------
@@ -290,28 +288,6 @@ def check_device(device, flag="--device"):
     return str(device)
 
 
-def check_writable_dir(path, flag="--out_dir"):
-    """Prove `path` can hold our files: create it (and missing parents) and a temporary file in it, then
-    remove all of that again, so a run that fails later leaves nothing behind."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{flag} {str(path)!r}: is a file, not a directory")
-    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise InputError(f"{flag} {str(path)!r}: cannot be created or written ({e.strerror or e})") from None
-    finally:
-        for directory in created:
-            try:
-                directory.rmdir()
-            except OSError:
-                pass  # never made, or someone else's files are in it now
-
-
 def check_args(args):
     """Every value the command line gave, checked before the data is read or a model is loaded."""
     if args.task == "sonnet" and args.split not in SONNET_SPLITS:
@@ -331,7 +307,7 @@ def check_args(args):
     check_source(args.checkpoint, "--checkpoint")
     if args.adapter is not None and not Path(args.adapter).is_file():
         raise InputError(f"--adapter {args.adapter!r}: no such file (a .safetensors written by lora.save_lora)")
-    check_writable_dir(args.out_dir)
+    writable_dir(args.out_dir, "--out_dir")
 
 
 def prediction_file(args):

@@ -48,18 +48,26 @@ def read_text(path, encoding="utf-8"):
                          f"save the file as UTF-8") from None
 
 
-def writable_dir(path, what="directory"):
-    """Create `path` if needed and prove a file can be written in it; else an InputError naming `what`."""
+def writable_dir(path, flag="--out_dir"):
+    """Prove `path` can hold our files before any work: create it (and missing parents) and a temporary file
+    in it, then remove all of that again, so a run that fails later leaves nothing behind. Returns the path."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise InputError(f"{what} {path}: is a file, not a directory")
+        raise InputError(f"{flag} {str(path)!r}: is a file, not a directory")
+    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise InputError(f"{what} {path}: cannot write there ({e.strerror or e})") from None
+        raise InputError(f"{flag} {str(path)!r}: cannot be created or written ({e.strerror or e})") from None
+    finally:
+        for directory in created:
+            try:
+                directory.rmdir()
+            except OSError:
+                pass  # never made, or someone else's files are in it now
     return path
 
 

@@ -37,8 +37,8 @@ import train_dpo
 import train_sft
 from data.quora import read_quora
 from data.sonnets import read_sonnets
-from eval import accuracy, bootstrap_ci, check_device, check_writable_dir, chrf, paired_difference
-from fileio import InputError, atomic_open, read_text, write_json
+from eval import accuracy, bootstrap_ci, check_device, chrf, paired_difference
+from fileio import InputError, atomic_open, read_text, writable_dir, write_json
 from model import GPT, PRETRAINED, GPTConfig, default_device
 
 # -----------------------------------------------------------------------------
@@ -68,8 +68,9 @@ FIRST_SEED = 11711  # the course's; --seeds N uses 11711, 11712, ..., 11711 + N 
 
 # What a preset changes on top of the table, per task (the same for all 6 of a task's conditions).
 # --preset auto: full with a CUDA GPU, reduced otherwise. reduced is sized to finish in about an hour on a
-# 4-core laptop CPU: steps timed at GPT-2 124M's shape on a 2-core machine add up to ~2 hours there (~1.5 h
-# of it paraphrase training and scoring, ~17 min sonnets), halved for 4 cores (1 -> 2 threads ran 1.86x faster).
+# 4-core laptop CPU (an estimate): its steps, scoring and sampling, each timed at GPT-2 124M's shape on a 2-core
+# machine, add up to 104 min there (89 paraphrase, 15 sonnets); a scaled-down run of the whole study took 20%
+# longer than the same sum (loading, saving), so ~2 h on 2 cores, and 1 -> 2 threads ran 1.86x faster.
 PRESETS = {
     "full": {"paraphrase": {}, "sonnet": {}},
     "reduced": {"paraphrase": dict(train_limit=2000, dev_limit=1000, epochs=1),
@@ -148,7 +149,7 @@ def check_args(args):
     name = Path(model).name if Path(model).is_dir() else model.removeprefix("openai-community/")
     out_dir = Path(args.out_dir or "out/study" + ("" if name == "gpt2" else f"-{name}")
                    + ("" if preset == "full" else f"-{preset}"))
-    check_writable_dir(out_dir, "--out_dir")
+    writable_dir(out_dir, "--out_dir")
     if preset == "smoke":
         model = str(out_dir / "tiny-gpt2")
         data_dir, copy_from = (Path(args.data_dir), None) if args.data_dir else (out_dir / "data", SHARED_DATA)
@@ -282,7 +283,7 @@ def run_all(plan):
         print(f"{what}: {trainer.__name__}.train from {config['init_from']}", flush=True)
         results[config["out_dir"]] = trainer.train(dict(config))
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the next run measures its own peak
+            torch.cuda.empty_cache()  # hand the finished run's cached blocks back
     return results
 
 
@@ -391,7 +392,10 @@ def verdict(rows, plan):
     if not compared:
         return ("No paired differences: SFT-only FFT (each task's baseline) is not among the selected conditions, "
                 "so nothing was compared with it.")
-    label = lambda r: f"{NAMES[r['task']]} {NAMES[r['regime']]} {NAMES[r['method']]}"  # noqa: E731
+
+    def label(r):
+        return f"{NAMES[r['task']]} {NAMES[r['regime']]} {NAMES[r['method']]}"
+
     apart = [label(r) for r in compared if r["vs_sft_fft"]["told_apart"]]
     not_apart = [label(r) for r in compared if not r["vs_sft_fft"]["told_apart"]]
     sizes = []
@@ -402,8 +406,9 @@ def verdict(rows, plan):
     every = " on every seed" if len(plan["seeds"]) > 1 else ""
     return (f"Against SFT-only FFT on the same {' and '.join(sizes)}, the data can tell apart "
             f"{', '.join(apart) or 'no condition'} (paraphrase: McNemar p < 0.05{every}; sonnets: the paired 95% "
-            f"interval of the chrF difference excludes 0), but not {', '.join(not_apart) or 'any other'}: "
-            f"differences that small are within what the choice of dev examples alone produces.")
+            f"interval of the chrF difference excludes 0)"
+            + (f", but not {', '.join(not_apart)}: differences that small are within what the choice of dev "
+               f"examples alone produces." if not_apart else "."))
 
 
 # -----------------------------------------------------------------------------
@@ -459,7 +464,7 @@ def describe_preset(plan):
         if "max_new_tokens" in s:
             what.append(f"at most {s['max_new_tokens']} generated tokens")
         parts.append(f"{NAMES[task]}: {', '.join(what)}")
-    kind = {"reduced": "REDUCED preset (no CUDA GPU; --preset full runs the whole study)",
+    kind = {"reduced": "REDUCED preset (the default without a CUDA GPU; --preset full runs the whole study)",
             "smoke": "SMOKE test: a tiny random 2-layer GPT-2, so the scores mean nothing"}[preset]
     return f"{kind}; {'; '.join(parts)}"
 

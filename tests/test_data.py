@@ -442,5 +442,5 @@ def test_download_refuses_a_mix_of_course_and_qqp_quora_files(tmp_path, shared_d
 
 def test_download_needs_a_writable_data_dir(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match=r"^error: --data-dir .*file/data: cannot write there \(Not a directory\)$"):
+    with pytest.raises(SystemExit, match=r"^error: --data-dir .*file/data': cannot be created or written \(Not a directory\)$"):
         download_module.main(["--data-dir", str(tmp_path / "file" / "data")])

@@ -60,12 +60,15 @@ def test_read_text_names_the_line_and_byte_that_are_not_utf8(tmp_path):
 
 
 def test_writable_dir(tmp_path):
-    assert writable_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
-    assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe file is gone
+    assert writable_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()  # proved writable, and nothing left behind: not even the folders
+    (tmp_path / "kept").mkdir()
+    writable_dir(tmp_path / "kept")
+    assert list((tmp_path / "kept").iterdir()) == []  # a folder that was there stays; the probe file is gone
     (tmp_path / "file").write_text("x")
-    with pytest.raises(InputError, match=r"--out-dir .*file: is a file, not a directory"):
+    with pytest.raises(InputError, match=r"--out-dir .*file': is a file, not a directory"):
         writable_dir(tmp_path / "file", "--out-dir")
-    with pytest.raises(InputError, match=r"--out-dir .*file/sub: cannot write there \(Not a directory\)"):
+    with pytest.raises(InputError, match=r"--out-dir .*file/sub': cannot be created or written \(Not a directory\)"):
         writable_dir(tmp_path / "file" / "sub", "--out-dir")
 
 

@@ -234,3 +234,23 @@ def test_smoke_data_dir_copies_the_samples_under_the_course_names(smoke):
     out_dir, _, _, _ = smoke
     for name, sample in study.SMOKE_FILES.items():
         assert (out_dir / "data" / name).read_bytes() == (study.SHARED_DATA / sample).read_bytes()
+
+
+def test_a_clear_difference_is_told_apart_and_named():
+    """The paired comparisons' positive branch, on made-up predictions: a model right on all 40 pairs where the
+    baseline is wrong on 12 (McNemar p from scipy), and sonnets copied from the references against nonsense."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    labels = [i % 2 for i in range(40)]
+    base = [1 - y if i < 12 else y for i, y in enumerate(labels)]
+    para = study.versus_baseline("paraphrase", [labels], [base], labels)
+    assert para["difference"] == pytest.approx(12 / 40)
+    assert para["p_values"] == [pytest.approx(scipy_stats.binomtest(12, 12).pvalue)] and para["told_apart"]
+    references = ["Shall I compare thee to a summer's day?", "When forty winters shall besiege thy brow",
+                  "Look in thy glass and tell the face thou viewest", "Music to hear, why hear'st thou music sadly?"]
+    sonnets = study.versus_baseline("sonnet", [references], [["zzz qqq"] * 4], references)
+    assert sonnets["difference"] > 50 and sonnets["ci95"][0] > 0 and sonnets["told_apart"]
+    rows = [{"task": "paraphrase", "regime": "dpo", "method": "lora", "vs_sft_fft": para},
+            {"task": "sonnet", "regime": "sft", "method": "lora", "vs_sft_fft": {**sonnets, "told_apart": False}}]
+    sentence = study.verdict(rows, {"dev": {"paraphrase": labels, "sonnet": dict(enumerate(references))}, "seeds": [1]})
+    assert "can tell apart paraphrase DPO-only LoRA (" in sentence and "but not sonnets SFT-only LoRA:" in sentence
+    assert "40 dev pairs and 4 dev sonnets" in sentence
