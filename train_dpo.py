@@ -85,7 +85,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 def concatenated_logps(model, chosen, rejected, device):
     """The policy's log-probabilities of the chosen and the rejected answers (lists of Examples) in one
     forward pass over one batch of 2B rows: half the kernel launches of two passes, and one backward."""
-    logps = batch_logprobs(model, collate(chosen + rejected).to(device))
+    logps = batch_logprobs(model, collate(chosen + rejected), device)
     return logps[:len(chosen)], logps[len(chosen):]
 
 

@@ -213,11 +213,13 @@ def target_window(batch):
     return positions, input_ids, loss_mask
 
 
-def batch_logprobs(model, batch):
+def batch_logprobs(model, batch, device=None):
     """sequence_logprobs of each row of a right-padded batch, with the output layer applied only where read.
-    No attention mask is needed: causal attention never looks right, where the padding is."""
-    positions, input_ids, loss_mask = target_window(batch)
-    logits = model(batch.input_ids, logits_at=positions)  # (B, W, V)
+    No attention mask is needed: causal attention never looks right, where the padding is. The batch may stay
+    on the CPU: its window is cut there (no GPU round trip) and what the model reads moves to `device`."""
+    device = device or next(model.parameters()).device
+    positions, input_ids, loss_mask = (t.to(device) for t in target_window(batch))
+    logits = model(batch.input_ids.to(device), logits_at=positions)  # (B, W, V)
     return sequence_logprobs(logits, input_ids, loss_mask)
 
 
@@ -476,7 +478,7 @@ def train(config):
             parts = micro_batches(indices[rank::world_size], config["grad_accum"])  # this process's share
             loss_sum, real_tokens = 0.0, 0
             for k, part in enumerate(parts):
-                batch = collate([examples[i] for i in part]).to(device)
+                batch = collate([examples[i] for i in part])  # on the CPU; batch_logprobs moves what it needs
                 with gradient_sync(model, k == len(parts) - 1), autocast:
                     loss, _ = sft_loss(model, batch, normalizer=n_targets / world_size)
                 loss.backward()
@@ -525,12 +527,24 @@ def all_reduce_sum(loss_sum, real_tokens, device, world_size):
     return stats[0].item(), int(stats[1].item())
 
 
+# settings a resumed run may change: they do not change what is trained
+RESUMABLE_CHANGES = ("resume", "checkpoint_every", "device", "out_dir", "data_dir", "cache_dir", "eval_batch_size",
+                     "compile", "grad_accum", "live_reference")
+
+
 def start_or_resume(config, checkpoint, model, optimizer, master):
+    trained_with = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
     progress = {"epoch": 0, "batch": 0, "step": 0, "best_score": None, "history": [], "train_seconds": 0.0,
-                "eval_seconds": 0.0, "real_tokens": 0}
+                "eval_seconds": 0.0, "real_tokens": 0, "config": trained_with}
     if config["resume"]:
         if checkpoint.exists():
             progress = load_checkpoint(checkpoint, model, optimizer)
+            changed = {k: (v, trained_with.get(k)) for k, v in progress.get("config", {}).items()
+                       if trained_with.get(k) != v}
+            if changed:
+                k, (then, now) = next(iter(changed.items()))
+                raise InputError(f"{checkpoint}: written by a run with other settings (--{k} {then} then, {now} now); "
+                                 f"resume with the same settings or use another --out_dir")
             if master:
                 print(f"resuming from {checkpoint}: epoch {progress['epoch'] + 1}, step {progress['step']}")
         elif master:

@@ -313,6 +313,10 @@ def test_resume_after_kill_9_ends_with_the_same_weights(tiny_dir, tmp_path):
 def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_dir, learnable_data, tmp_path, capsys):
     train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "r", epochs=1, train_limit=8, resume=True))
     assert "no " in capsys.readouterr().out and (tmp_path / "r" / "results.json").exists()
+    with pytest.raises(InputError, match=r"checkpoint.pt: written by a run with other settings \(--lr 0.003 then, "
+                                         r"0.001 now\)"):
+        train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "r", epochs=1, train_limit=8, resume=True,
+                                 lr=1e-3))
 
 
 # -----------------------------------------------------------------------------
