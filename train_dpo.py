@@ -40,7 +40,7 @@ from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example
 from data.sonnets import split_prompt
 from data.tokenizer import END_OF_TEXT, encode
 from eval import generate_sonnets
-from fileio import InputError, read_safetensors, write_json, write_safetensors
+from fileio import InputError, read_safetensors, writable_dir, write_json, write_safetensors
 from lora import lora_layers, merged_state_dict
 from train_sft import (all_reduce_sum, autocast_context, batch_logprobs, check_lengths, compute_dtype,
                        configure_optimizer, describe, end_of_epoch, epoch_batches, finish, gradient_sync, load_policy,
@@ -242,7 +242,7 @@ def check_config(config):
     if not (config["beta"] > 0 and math.isfinite(config["beta"])):
         raise InputError(f"--beta {config['beta']}: must be a positive number such as 0.1")
     config["cache_dir"] = config["cache_dir"] or config["out_dir"]
-    train_sft.writable_dir(config["cache_dir"], "--cache_dir")
+    writable_dir(config["cache_dir"], "--cache_dir")
     return config
 
 
