@@ -43,8 +43,9 @@ from fileio import InputError, writable_dir, write_json
 from lora import DEFAULT_TARGETS, apply_lora
 from model import END_OF_TEXT, GPT, PRETRAINED, GPTConfig, default_device
 from train_dpo import SETTINGS as DPO_SETTINGS, concatenated_logps, dpo_loss, paraphrase_pairs, reference_logps
-from train_sft import (SETTINGS as SFT_SETTINGS, autocast_context, configure_optimizer, epoch_batches,
-                       peak_memory_bytes, reset_peak_memory, sft_loss, wrap_model)
+from train_sft import SETTINGS as SFT_SETTINGS, sft_loss
+from trainer import (autocast_context, configure_optimizer, epoch_batches, peak_memory_bytes, reset_peak_memory,
+                     wrap_model)
 
 ROOT = Path(__file__).resolve().parent
 

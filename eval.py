@@ -33,8 +33,9 @@ from data.batching import Example, batch_indices, collate, left_pad
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, read_quora
 from data.sonnets import read_sonnets
 from data.tokenizer import decode, encode
+from checkpoint import check_source, load_model
 from fileio import InputError, atomic_open, writable_dir
-from model import END_OF_TEXT, check_source, default_device, load_model
+from model import END_OF_TEXT, default_device
 
 # -----------------------------------------------------------------------------
 # metrics: pure functions of Python lists
@@ -229,23 +230,28 @@ def write_paraphrase_predictions(path, pairs, predictions):
 
 
 @torch.no_grad()
+def sample_continuations(model, prompts, temperature=1.2, top_p=0.9, max_new_tokens=128, seed=11711, batch_size=16,
+                         device="cpu"):
+    """What the model writes after each prompt (lists of token ids), as sampled: up to and including its
+    end-of-text token when it wrote one within max_new_tokens, else the max_new_tokens it wrote."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    continuations = []
+    with eval_mode(model):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=None):
+            input_ids, attention_mask = left_pad(prompts[start:start + batch_size])
+            out = model.generate(input_ids.to(device), max_new_tokens, temperature=temperature, top_p=top_p,
+                                 attention_mask=attention_mask.to(device), generator=generator)
+            for row in out[:, input_ids.size(1):].tolist():
+                continuations.append(row[:row.index(END_OF_TEXT) + 1] if END_OF_TEXT in row else row)
+    return continuations
+
+
 def generate_sonnets(model, prompts, temperature=1.2, top_p=0.9, max_new_tokens=128, seed=11711, batch_size=16,
                      device="cpu"):
     """Each prompt followed by the model's continuation (up to its end-of-text token), as text."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sonnets = []
-    with eval_mode(model):
-        for start in tqdm(range(0, len(prompts), batch_size), desc="sonnets", disable=None):
-            prompt_ids = [encode(p) for p in prompts[start:start + batch_size]]
-            input_ids, attention_mask = left_pad(prompt_ids)
-            out = model.generate(input_ids.to(device), max_new_tokens, temperature=temperature, top_p=top_p,
-                                 attention_mask=attention_mask.to(device), generator=generator)
-            for ids, row in zip(prompt_ids, out.tolist()):
-                new = row[input_ids.size(1):]
-                if END_OF_TEXT in new:
-                    new = new[:new.index(END_OF_TEXT)]
-                sonnets.append(decode(ids + new).strip())
-    return sonnets
+    prompt_ids = [encode(p) for p in prompts]
+    new = sample_continuations(model, prompt_ids, temperature, top_p, max_new_tokens, seed, batch_size, device)
+    return [decode(ids + [t for t in tokens if t != END_OF_TEXT]).strip() for ids, tokens in zip(prompt_ids, new)]
 
 
 def evaluate_sonnets(model, held_out, references, device="cpu", **generation):

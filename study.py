@@ -36,6 +36,7 @@ import torch
 import train_dpo
 import train_sft
 from data.quora import read_quora
+from data.tasks import QUORA, SONNETS
 from data.sonnets import read_sonnets
 from eval import accuracy, bootstrap_ci, check_device, chrf, paired_difference
 from fileio import InputError, atomic_open, read_text, writable_dir, write_json
@@ -85,7 +86,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"  # the course-format samples --smo
 SMOKE_FILES = {"quora-train.csv": "quora_samples/quora-train-30.csv", "quora-dev.csv": "quora_samples/quora-dev-30.csv",
                "sonnets.txt": "sonnets.txt", "sonnets_held_out_dev.txt": "sonnets_held_out_dev.txt",
                "TRUE_sonnets_held_out_dev.txt": "TRUE_sonnets_held_out_dev.txt"}
-assert set(SMOKE_FILES) == {*train_sft.QUORA.values(), *train_sft.SONNETS.values()}
+assert set(SMOKE_FILES) == {QUORA["train"], QUORA["dev"], SONNETS["train"], SONNETS["dev"], SONNETS["dev_true"]}
 SMOKE_MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=256)  # 256 positions: a whole sonnet fits
 NAMES = {"paraphrase": "paraphrase", "sonnet": "sonnets", "sft": "SFT-only", "dpo": "DPO-only",
          "sft_dpo": "SFT→DPO", "fft": "FFT", "lora": "LoRA"}
@@ -181,14 +182,14 @@ def read_dev(plan, task):
     so checks) all of the task's files, with the preset's limits, before anything is trained."""
     limits = PRESETS[plan["preset"]][task]
     if task == "paraphrase":
-        read_quora(source(plan, train_sft.QUORA["train"]), limit=limits.get("train_limit"))
-        dev = read_quora(source(plan, train_sft.QUORA["dev"]), limit=limits.get("dev_limit"))
+        read_quora(source(plan, QUORA["train"]), limit=limits.get("train_limit"))
+        dev = read_quora(source(plan, QUORA["dev"]), limit=limits.get("dev_limit"))
         if any(p.label is None for p in dev):
-            raise InputError(f"{source(plan, train_sft.QUORA['dev'])}: the Quora dev file needs the is_duplicate column")
+            raise InputError(f"{source(plan, QUORA['dev'])}: the Quora dev file needs the is_duplicate column")
         return [p.label for p in dev]
-    read_sonnets(source(plan, train_sft.SONNETS["train"]), limit=limits.get("train_limit"))
-    read_sonnets(source(plan, train_sft.SONNETS["dev"]))
-    return {s.number: s.text for s in read_sonnets(source(plan, train_sft.SONNETS["dev_true"]))}
+    read_sonnets(source(plan, SONNETS["train"]), limit=limits.get("train_limit"))
+    read_sonnets(source(plan, SONNETS["dev"]))
+    return {s.number: s.text for s in read_sonnets(source(plan, SONNETS["dev_true"]))}
 
 
 # -----------------------------------------------------------------------------

@@ -11,22 +11,23 @@ DPO trains on pairs (x, y_w, y_l): a prompt, a chosen and a rejected answer. Its
 
 where pi is the model being trained (the policy) and ref the frozen model it started from. The implicit
 reward of an answer is beta * (log pi - log ref): DPO raises the chosen answer's reward above the rejected
-one's, and beta sets how far from the reference the policy may move.
+one's, and beta sets how far from the reference the policy may move. log pi(y|x) is the same summed
+log-likelihood that SFT maximises (train_sft.batch_logprobs).
 
 The pairs mirror each task's supervised objective:
 - paraphrase: the course's prompt; chosen = the correct answer token, rejected = the other one.
 - sonnets: the first 3 lines; chosen = the true rest of the sonnet, rejected = a continuation sampled from
-  the starting model (temperature 1.2, top-p 0.9, seeded), sampled once from the training sonnets and cached.
+  the starting model (the DPO paper's choice; --rejections_from another model instead), sampled once from the
+  training sonnets, kept as the sampled token ids, and cached.
 
-Everything else (settings, optimizer, schedule, checkpoints, --resume, results.json) is train_sft.py's.
+The loop (settings, optimizer, schedule, checkpoints, --resume, results.json) is trainer.py's.
 """
 
 import copy
 import hashlib
 import json
 import math
-import random
-import time
+import statistics
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,32 +35,33 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import train_sft
+import trainer
+from checkpoint import check_source, is_sft_run, load_model, model_context
 from data.batching import Example, batch_indices, collate
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example
-from data.sonnets import split_prompt
-from data.tokenizer import END_OF_TEXT, encode
-from eval import generate_sonnets
+from data.tasks import load_task_data
+from data.tokenizer import decode
+from eval import chrf, sample_continuations
 from fileio import InputError, read_safetensors, writable_dir, write_json, write_safetensors
 from lora import lora_layers, merged_state_dict
-from train_sft import (all_reduce_sum, autocast_context, batch_logprobs, check_lengths, compute_dtype,
-                       configure_optimizer, describe, end_of_epoch, epoch_batches, finish, gradient_sync, load_policy,
-                       load_task_data, micro_batches, optimizer_step, print_results, progress_bar, reset_peak_memory,
-                       run_results, set_lr, setup_distributed, start_or_resume, wrap_model)
+from train_sft import batch_logprobs, check_lengths, continuation_examples, evaluate
 
 # -----------------------------------------------------------------------------
-# settings: train_sft.py's, with these changes and additions
+# settings: trainer.py's, with these changes and additions
 SETTINGS = {
-    **train_sft.SETTINGS,
-    "init_from": ("gpt2", str, "DPO-only: a GPT-2 name or model directory; SFT->DPO: an SFT run's out_dir"),
-    "out_dir": (None, str, "where this run writes; default out/dpo-{task}-{fft|lora}"),
-    "dropout": (0.0, float, "off: at step 0 the policy must compute exactly the reference's function, and "
-                            "dropout noise in log pi - log ref biases the loss (the DPO authors' code turns it off)"),
-    "beta": (0.1, float, "DPO's beta, the strength of the pull towards the reference (the paper's 0.1)"),
-    "live_reference": (False, bool, "compute the reference's log-probabilities every step instead of once "
-                                    "before training (the same loss, for checking; slower)"),
-    "cache_dir": (None, str, "where reference log-probabilities and sampled rejections are cached, under a "
-                             "fingerprint of what they depend on; default out_dir"),
+    **trainer.SETTINGS,
+    "init_from": ("gpt2", str, None, "DPO-only: a GPT-2 name or model directory; SFT->DPO: an SFT run's out_dir"),
+    "out_dir": (None, str, None, "where this run writes; default out/dpo-{task}-{fft|lora}"),
+    "dropout": (0.0, float, trainer.between(0, 0.999), "off: at step 0 the policy must compute exactly the "
+                "reference's function, and dropout noise in log pi - log ref biases the loss (the DPO authors' "
+                "code turns it off)"),
+    "beta": (0.1, float, trainer.POSITIVE, "DPO's beta, the strength of the pull towards the reference (the paper's 0.1)"),
+    "live_reference": (False, bool, None, "compute the reference's log-probabilities every step instead of once "
+                                          "before training (the same loss, for checking; slower)"),
+    "cache_dir": (None, str, None, "where reference log-probabilities and sampled rejections are cached, under a "
+                                   "fingerprint of what they depend on; default out_dir"),
+    "rejections_from": (None, str, None, "sonnets: sample the rejected continuations from this model or run folder "
+                                         "instead of the starting model (e.g. one shared set for every regime)"),
 }
 
 
@@ -109,31 +111,36 @@ def paraphrase_pairs(quora_pairs):
     return pairs
 
 
-def sonnet_pairs(sonnets, rejected_texts):
-    """Prompt = the first 3 lines; chosen = the true rest, rejected = a sampled rest; both end with end-of-text."""
-    pairs = []
-    for sonnet, rejected in zip(sonnets, rejected_texts, strict=True):
-        prompt, rest = split_prompt(sonnet.text)
-        prompt_ids = encode(prompt)
-        pairs.append(Pair(Example(prompt_ids, encode(rest) + [END_OF_TEXT]),
-                          Example(prompt_ids, encode(rejected) + [END_OF_TEXT])))
-    return pairs
+def sonnet_pairs(sonnets, rejected):
+    """Prompt = the first 3 lines; chosen = the true rest and end-of-text, rejected = the sampled token ids
+    (with end-of-text only where the sampler wrote it)."""
+    return [Pair(chosen, Example(chosen.prompt, tokens))
+            for chosen, tokens in zip(continuation_examples(sonnets), rejected, strict=True)]
 
 
-def sample_rejections(model, sonnets, config, cache_dir, fingerprint):
-    """For each sonnet, what the starting model writes after its first 3 lines (cached: sampling is slow)."""
-    prompts = [split_prompt(s.text)[0] for s in sonnets]
-    key = fingerprint_of(fingerprint, prompts, config["temperature"], config["top_p"], config["max_new_tokens"],
-                         config["seed"])
+def sample_rejections(model, sonnets, config, cache_dir, fingerprint, block_size):
+    """For each sonnet, the token ids the sampling model writes after its first 3 lines, with a budget that fits
+    the longest true rest (cached: sampling is slow)."""
+    chosen = continuation_examples(sonnets)
+    prompts = [c.prompt for c in chosen]
+    budget = min(max(len(c.target) for c in chosen), block_size - max(len(p) for p in prompts))
+    key = fingerprint_of(fingerprint, prompts, config["temperature"], config["top_p"], budget, config["seed"])
     path = Path(cache_dir) / f"rejections-{key}.json"
     if path.exists():
         return json.loads(path.read_text())["rejected"]
-    written = generate_sonnets(model, prompts, temperature=config["temperature"], top_p=config["top_p"],
-                               max_new_tokens=config["max_new_tokens"], seed=config["seed"],
-                               batch_size=config["eval_batch_size"], device=config["device"])
-    rejected = [text[len(prompt):] for prompt, text in zip(prompts, written)]  # generate_sonnets returns prompt + new
+    rejected = sample_continuations(model, prompts, temperature=config["temperature"], top_p=config["top_p"],
+                                    max_new_tokens=budget, seed=config["seed"], batch_size=config["eval_batch_size"],
+                                    device=config["device"])
     write_json(path, {"rejected": rejected, "prompts": prompts})
     return rejected
+
+
+def rejection_stats(pairs):
+    """How the sampled rejections differ from the true continuations: mean sentence chrF of rejected against
+    chosen, and both mean lengths (SFT->DPO samples from a model that has just learnt these sonnets)."""
+    return {"chrf": statistics.fmean(chrf([decode(p.rejected.target)], [decode(p.chosen.target)]) for p in pairs),
+            "chosen_tokens": statistics.fmean(len(p.chosen.target) for p in pairs),
+            "rejected_tokens": statistics.fmean(len(p.rejected.target) for p in pairs)}
 
 
 # -----------------------------------------------------------------------------
@@ -195,9 +202,9 @@ def cached_reference_logps(model, pairs, config, autocast, cache_dir, fingerprin
     """reference_logps, computed once and kept under a fingerprint of the reference weights, the pairs and
     the tokenizer/dtype: a rerun, or another condition with the same reference and pairs, reads them back,
     and a changed model or data set can never pick up a stale file."""
+    device_type = config["device"].split(":")[0]
     key = fingerprint_of(fingerprint, [(p.chosen.prompt, p.chosen.target, p.rejected.target) for p in pairs],
-                         "gpt2-bpe", compute_dtype(config, config["device"].split(":")[0]),
-                         config["device"].split(":")[0])
+                         "gpt2-bpe", trainer.compute_dtype(config, device_type), device_type)
     path = Path(cache_dir) / f"reference-{name}-{key}.safetensors"
     if path.exists():
         tensors, _ = read_safetensors(path)
@@ -238,121 +245,85 @@ def preference_metrics(model, pairs, ref_chosen, ref_rejected, config, autocast)
 
 
 def check_config(config):
-    config = train_sft.check_config(config, prefix="dpo")
-    if not (config["beta"] > 0 and math.isfinite(config["beta"])):
-        raise InputError(f"--beta {config['beta']}: must be a positive number such as 0.1")
+    config = trainer.check_config(config, SETTINGS, prefix="dpo")
     config["cache_dir"] = config["cache_dir"] or config["out_dir"]
     writable_dir(config["cache_dir"], "--cache_dir")
+    if config["rejections_from"] is not None:
+        check_source(config["rejections_from"], "--rejections_from")
     return config
+
+
+def preference_pairs(model, train_data, dev, config):
+    """(training pairs, dev pairs). Sonnets: rejections sampled once (and cached) from the starting model or
+    --rejections_from; the dev rejections are only for measuring, never trained on."""
+    if config["task"] == "paraphrase":
+        return paraphrase_pairs(train_data), paraphrase_pairs(dev)
+    sampler = model if config["rejections_from"] is None else load_model(config["rejections_from"]).to(config["device"])
+    fingerprint, block_size = weights_fingerprint(sampler), model.config.block_size
+    held_out, references = dev
+    true = [s for s in references if s.number in {h.number for h in held_out}]
+    return tuple(sonnet_pairs(sonnets, sample_rejections(sampler, sonnets, config, config["cache_dir"], fingerprint,
+                                                         block_size)) for sonnets in (train_data, true))
 
 
 def train(config):
     """Run DPO as `config` (a dict of SETTINGS) says; returns what it writes to out_dir/results.json."""
-    config = check_config({**train_sft.defaults(SETTINGS), **config})
-    rank, world_size = setup_distributed(config)
-    master = rank == 0
-    out_dir, device, cache_dir = Path(config["out_dir"]), config["device"], Path(config["cache_dir"])
-    device_type = device.split(":")[0]
+    run = trainer.start(check_config(config))
+    config, device = run.config, run.device
     train_data, dev = load_task_data(config)  # before the model: a missing file fails in a second
-    if config["task"] == "paraphrase":
-        pairs, dev_pairs = paraphrase_pairs(train_data), paraphrase_pairs(dev)
-    else:
-        pairs = None  # the rejected answers are sampled from the starting model, loaded next
+    chosen = ([p.chosen for p in paraphrase_pairs(train_data)] if config["task"] == "paraphrase"
+              else continuation_examples(train_data))
+    check_lengths(chosen, model_context(config["init_from"]))  # before the model; the rejections once sampled
+    policy = trainer.load_policy(config).to(device)  # the starting model, and the trained one
+    autocast = trainer.autocast_context(config, run.device_type)
+    pairs, dev_pairs = preference_pairs(policy, train_data, dev, config)
+    check_lengths([e for p in pairs for e in (p.chosen, p.rejected)], policy.config.block_size)
 
-    reset_peak_memory(device_type)
-    torch.manual_seed(config["seed"])
-    random.seed(config["seed"])
-    raw_model = load_policy(config).to(device)  # the starting model, and the trained one
-    autocast = autocast_context(config, device_type)
-    fingerprint = weights_fingerprint(raw_model)
-    if pairs is None:  # sonnets: sample once from the starting model, cache; dev rejections only for measuring
-        pairs = sonnet_pairs(train_data, sample_rejections(raw_model, train_data, config, cache_dir, fingerprint))
-        held_out, references = dev
-        true = [s for s in references if s.number in {h.number for h in held_out}]
-        dev_pairs = sonnet_pairs(true, sample_rejections(raw_model, true, config, cache_dir, fingerprint))
-    check_lengths([p.chosen for p in pairs] + [p.rejected for p in pairs], raw_model.config.block_size)
-
-    # The reference: by default its log-probabilities are computed once, now, before any update (it never
-    # changes, so the loss is the same and each step skips a forward pass). --live_reference recomputes them
-    # every step: with LoRA on the same network with adapters off, with FFT on a frozen copy.
-    ref_chosen, ref_rejected = cached_reference_logps(raw_model, pairs, config, autocast, cache_dir, fingerprint, "train")
-    dev_ref = cached_reference_logps(raw_model, dev_pairs, config, autocast, cache_dir, fingerprint, "dev")
+    # The reference, built before fit restores any checkpoint, so it is always the starting model. By default
+    # its log-probabilities are computed once, now (it never changes, so the loss is the same and each step
+    # skips a forward pass). --live_reference recomputes them every step: with LoRA on the same network with
+    # its adapters off, with FFT on a frozen copy.
+    fingerprint = weights_fingerprint(policy)
+    ref_chosen, ref_rejected = cached_reference_logps(policy, pairs, config, autocast, config["cache_dir"],
+                                                      fingerprint, "train")
+    dev_ref = cached_reference_logps(policy, dev_pairs, config, autocast, config["cache_dir"], fingerprint, "dev")
+    lengths = [len(p.chosen) + len(p.rejected) for p in pairs]
+    first = trainer.epoch_batches(lengths, config, 0, run.world_size)[0]
+    check_reference(policy, [pairs[i] for i in first], ref_chosen[first], ref_rejected[first], config, autocast)
     reference = None
     if config["live_reference"]:
-        reference = raw_model if config["lora_r"] else copy.deepcopy(raw_model).requires_grad_(False).eval()
+        reference = policy if config["lora_r"] else copy.deepcopy(policy).requires_grad_(False).eval()
 
-    optimizer = configure_optimizer(raw_model, config["lr"], config["weight_decay"], device_type)
-    checkpoint = out_dir / "checkpoint.pt"
-    progress = start_or_resume(config, checkpoint, raw_model, optimizer, master)
-    lengths = [len(p.chosen) + len(p.rejected) for p in pairs]
-    if progress["step"] == 0:
-        first = epoch_batches(lengths, config, 0, world_size)[0]
-        check_reference(raw_model, [pairs[i] for i in first], ref_chosen[first], ref_rejected[first], config, autocast)
-    model = wrap_model(raw_model, config, world_size)
-    total_steps = config["epochs"] * len(epoch_batches(lengths, config, 0, world_size))
-    if master:
-        print(f"{config['task']} DPO ({describe(config)}, beta={config['beta']}, "
-              f"{'live' if reference is not None else 'precomputed'} reference) of {config['init_from']} on "
-              f"{device}: {raw_model.num_parameters(trainable_only=True):,} of {raw_model.num_parameters():,} "
-              f"parameters train; {len(pairs)} pairs, {total_steps} steps")
+    def loss_fn(model, part, batch):
+        policy_chosen, policy_rejected = concatenated_logps(model, [pairs[i].chosen for i in part],
+                                                            [pairs[i].rejected for i in part], device)
+        if reference is None:
+            reference_chosen, reference_rejected = ref_chosen[part], ref_rejected[part]
+        else:
+            with adapters_off(reference) if config["lora_r"] else nullcontext():
+                reference_chosen, reference_rejected = reference_logps(reference, [pairs[i] for i in part], config,
+                                                                       autocast)
+        losses, _, _ = dpo_loss(policy_chosen, policy_rejected, reference_chosen.to(device),
+                                reference_rejected.to(device), config["beta"])
+        return losses.sum() / len(batch)  # this part's share of the mean over the whole batch's pairs
 
-    def dev_metrics(m):
-        return preference_metrics(m, dev_pairs, *dev_ref, config, autocast)
+    def dev_metrics(model):
+        return {**evaluate(model, config["task"], dev, config, device),
+                **preference_metrics(model, dev_pairs, *dev_ref, config, autocast)}
 
-    while progress["epoch"] < config["epochs"]:
-        batches = epoch_batches(lengths, config, progress["epoch"], world_size)
-        model.train()
-        bar = progress_bar(progress, len(batches), config, master)
-        t0 = time.time()
-        while progress["batch"] < len(batches):
-            indices = batches[progress["batch"]]
-            lr = set_lr(optimizer, progress["step"], total_steps, config)
-            parts = micro_batches(indices[rank::world_size], config["grad_accum"])  # this process's share
-            loss_sum, real_tokens = 0.0, 0
-            for k, part in enumerate(parts):
-                chosen, rejected = [pairs[i].chosen for i in part], [pairs[i].rejected for i in part]
-                with gradient_sync(model, k == len(parts) - 1), autocast:
-                    policy_chosen, policy_rejected = concatenated_logps(model, chosen, rejected, device)
-                if reference is None:
-                    reference_chosen, reference_rejected = ref_chosen[part], ref_rejected[part]
-                else:
-                    with adapters_off(reference) if config["lora_r"] else nullcontext():
-                        reference_chosen, reference_rejected = reference_logps(reference, [pairs[i] for i in part],
-                                                                               config, autocast)
-                losses, _, _ = dpo_loss(policy_chosen, policy_rejected, reference_chosen.to(device),
-                                        reference_rejected.to(device), config["beta"])
-                loss = losses.sum() / (len(indices) / world_size)  # the mean over the whole batch's pairs
-                loss.backward()
-                loss_sum += loss.item() / world_size
-                real_tokens += sum(len(e) for e in chosen + rejected)
-            loss_sum, real_tokens = all_reduce_sum(loss_sum, real_tokens, device, world_size)
-            t0 = optimizer_step(raw_model, optimizer, loss_sum, real_tokens, lr, config, progress, checkpoint,
-                                bar, t0, len(batches), master)
-        bar.close()
-        progress["train_seconds"] += time.time() - t0
-        end_of_epoch(raw_model, optimizer, config, dev, progress, loss_sum, checkpoint, master, world_size,
-                     extra_metrics=dev_metrics)
-
-    results = None
-    if master:
-        results = run_results(config, "sft_dpo" if is_sft_run(config["init_from"]) else "dpo", raw_model, progress,
-                              device_type, world_size)
-        results["beta"] = config["beta"]
-        print_results(results)
-    return finish(results, out_dir, rank)
-
-
-def is_sft_run(init_from):
-    """Whether init_from is a training run's folder (SFT->DPO) rather than GPT-2 itself (DPO-only)."""
-    directory = Path(init_from)
-    return directory.is_dir() and ((directory / "results.json").exists() or (directory.parent / "results.json").exists())
+    regime = "sft_dpo" if is_sft_run(config["init_from"]) else "dpo"
+    title = (f"{config['task']} DPO ({trainer.describe(config)}, beta={config['beta']}, "
+             f"{'live' if reference is not None else 'precomputed'} reference) of {config['init_from']}")
+    extra = {"beta": config["beta"]}
+    if config["task"] == "sonnet":
+        extra["rejections"] = rejection_stats(pairs)
+        if run.master:
+            print("rejections: " + ", ".join(f"{k} {v:.1f}" for k, v in extra["rejections"].items()))
+    return trainer.fit(run, policy, lengths, loss_fn, dev_metrics, regime, title, extra)
 
 
 def main(argv=None):
-    try:
-        train(train_sft.parse_args(argv, SETTINGS, __doc__))
-    except InputError as e:
-        raise SystemExit(f"error: {e}")
+    trainer.main(train, SETTINGS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,15 @@ import torch.nn.functional as F
 
 import train_dpo
 import train_sft
+import trainer
 from conftest import ROOT, tiny_config
 from data.batching import Example, collate
+from data.quora import read_quora
+from data.tasks import load_task_data
 from fileio import InputError, read_safetensors
 from lora import apply_lora
-from model import GPT, load_model
+from checkpoint import load_model
+from model import GPT
 
 # -----------------------------------------------------------------------------
 # the pure functions
@@ -78,7 +82,7 @@ def test_logits_only_where_a_loss_reads_them_give_the_same_logprobs(tiny_model):
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    lrs = [train_sft.lr_at(s, 100, 1e-3, warmup=0.1, min_lr_ratio=0.1) for s in range(100)]
+    lrs = [trainer.lr_at(s, 100, 1e-3, warmup=0.1, min_lr_ratio=0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
@@ -86,13 +90,13 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 def test_weight_decay_only_on_matrices_and_never_on_lora(tiny_model):
     apply_lora(tiny_model, r=2, alpha=4)
-    optimizer = train_sft.configure_optimizer(tiny_model, 1e-3, 0.1, "cpu")
+    optimizer = trainer.configure_optimizer(tiny_model, 1e-3, 0.1, "cpu")
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert decayed["params"] == []  # LoRA: only A and B train, and they are not decayed
     assert len(plain["params"]) == 2 * 4 * 2  # A and B of 4 Linears in each of 2 blocks
     full = GPT(tiny_config())
-    decayed, plain = train_sft.configure_optimizer(full, 1e-3, 0.1, "cpu").param_groups
+    decayed, plain = trainer.configure_optimizer(full, 1e-3, 0.1, "cpu").param_groups
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
 
 
@@ -146,7 +150,7 @@ def course_data(tmp_path_factory):
 
 
 def settings(tiny_dir, data_dir, out_dir, **overrides):
-    return {**train_sft.defaults(), "task": "paraphrase", "init_from": str(tiny_dir), "data_dir": str(data_dir), "out_dir": str(out_dir),
+    return {**trainer.defaults(), "task": "paraphrase", "init_from": str(tiny_dir), "data_dir": str(data_dir), "out_dir": str(out_dir),
             "device": "cpu", "epochs": 3, "lr": 3e-3, "warmup": 0.0, "dropout": 0.0, **overrides}
 
 
@@ -156,7 +160,7 @@ def weights(directory):
 
 def test_sft_learns_the_task_and_writes_its_results(tiny_dir, learnable_data, tmp_path, capsys):
     before = train_sft.evaluate(load_model(tiny_dir), "paraphrase",
-                                train_sft.load_task_data(settings(tiny_dir, learnable_data, tmp_path))[1],
+                                load_task_data(settings(tiny_dir, learnable_data, tmp_path))[1],
                                 {"eval_batch_size": 64}, "cpu")
     results = train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "sft"))
     assert before["accuracy"] <= 0.6 < 0.9 <= results["metrics"]["accuracy"]
@@ -170,8 +174,8 @@ def test_sft_learns_the_task_and_writes_its_results(tiny_dir, learnable_data, tm
     assert results["config"]["lr"] == 3e-3 and results["device"] == "cpu" and len(results["history"]) == 3
     # best/ and last/ are GPT-2 checkpoints that eval.py's loader (and Hugging Face) can read
     best = load_model(tmp_path / "sft")  # a run folder means its best/
-    assert train_sft.evaluate(best, "paraphrase", train_sft.load_task_data(settings(tiny_dir, learnable_data, tmp_path))[1],
-                              {"eval_batch_size": 64}, "cpu")["accuracy"] == results["score"]
+    assert train_sft.evaluate(best, "paraphrase", load_task_data(settings(tiny_dir, learnable_data, tmp_path))[1],
+                              {"eval_batch_size": 64}, "cpu")["accuracy"] == results["best_score"]
     assert (tmp_path / "sft" / "last" / "config.json").exists()
 
 
@@ -217,8 +221,8 @@ def test_the_reference_never_changes_and_live_equals_precomputed(tiny_dir, learn
     for method in ("fft", "lora"):
         assert torch.allclose(losses[method, False], losses[method, True], atol=1e-5)
     # and the precomputed one is the starting model's: recompute it from the checkpoint on disk
-    config = {**train_sft.defaults(train_dpo.SETTINGS), "device": "cpu"}
-    pairs = train_dpo.paraphrase_pairs(train_sft.read_quora(learnable_data / "quora-train.csv", limit=32))
+    config = {**trainer.defaults(train_dpo.SETTINGS), "device": "cpu"}
+    pairs = train_dpo.paraphrase_pairs(read_quora(learnable_data / "quora-train.csv", limit=32))
     expected = train_dpo.reference_logps(GPT.from_pretrained(tiny_dir), pairs, config, nullcontext())
     for method in ("fft", "lora"):
         cached, = (tmp_path / f"{method}-False").glob("reference-train-*.safetensors")
@@ -230,10 +234,10 @@ def test_the_reference_never_changes_and_live_equals_precomputed(tiny_dir, learn
 def test_sft_then_dpo_with_lora_uses_the_sft_model_as_reference(tiny_dir, learnable_data, tmp_path):
     """The classic DPO bug: after LoRA SFT, 'adapters off' is base GPT-2, not the SFT model."""
     train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "sft", lora_r=4, epochs=2))
-    config = train_dpo.check_config({**train_sft.defaults(train_dpo.SETTINGS),
+    config = train_dpo.check_config({**trainer.defaults(train_dpo.SETTINGS),
                                      **settings(tmp_path / "sft", learnable_data, tmp_path / "dpo", lora_r=4)})
-    policy = train_sft.load_policy(config)
-    pairs = train_dpo.paraphrase_pairs(train_sft.load_task_data(config)[0])[:16]
+    policy = trainer.load_policy(config)
+    pairs = train_dpo.paraphrase_pairs(load_task_data(config)[0])[:16]
     with train_dpo.adapters_off(policy):
         ref = train_dpo.reference_logps(policy, pairs, config, nullcontext())
     sft_model = load_model(tmp_path / "sft")
@@ -316,7 +320,7 @@ def test_resume_after_kill_9_ends_with_the_same_weights(tiny_dir, tmp_path):
 def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_dir, learnable_data, tmp_path, capsys):
     train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "r", epochs=1, train_limit=8, resume=True))
     assert "no " in capsys.readouterr().out and (tmp_path / "r" / "results.json").exists()
-    with pytest.raises(InputError, match=r"checkpoint.pt: written by a run with other settings \(--lr 0.003 then, "
+    with pytest.raises(InputError, match=r"results.json: written by a run with other settings \(--lr 0.003 then, "
                                          r"0.001 now\)"):
         train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "r", epochs=1, train_limit=8, resume=True,
                                  lr=1e-3))
@@ -376,3 +380,12 @@ def test_a_nan_loss_stops_the_run_and_names_the_step(tiny_dir, learnable_data, t
     with pytest.raises(InputError, match=r"the loss is (nan|inf) at step [1-9][0-9]* \(epoch [12]\); stopped"):
         train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "nan", lr=1e30, epochs=2, grad_clip=0.0,
                                  warmup=0.0, checkpoint_every=1))
+
+
+def test_seeds_and_epochs_never_share_a_data_order():
+    lengths = list(range(1, 65))
+    orders = {(seed, epoch): trainer.epoch_batches(lengths, {"batch_size": 8, "seed": seed}, epoch)
+              for seed in (11711, 11712, 11713) for epoch in range(3)}
+    # with seed + epoch, seed 11711's epoch 1 was seed 11712's epoch 0: every pair must differ now
+    assert len({str(order) for order in orders.values()}) == len(orders)
+    assert orders[11711, 0] == trainer.epoch_batches(lengths, {"batch_size": 8, "seed": 11711}, 0)  # and repeat
