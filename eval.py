@@ -225,6 +225,11 @@ def paraphrase_answers(model, prompts, batch_size=64, device="cpu"):
     return tokens, yes
 
 
+def answer_tokens(labels):
+    """The answer token of each 0/1 label, the course's y_true: 1 -> "yes", 0 -> "no"."""
+    return [YES_TOKEN if y == 1 else NO_TOKEN for y in labels]
+
+
 def evaluate_paraphrase(model, pairs, batch_size=64, device="cpu"):
     """Score labelled pairs; accuracy and f1 are the course's, from the same logits as the restricted figures.
 
@@ -247,7 +252,7 @@ def evaluate_paraphrase(model, pairs, batch_size=64, device="cpu"):
     if None in labels:
         raise ValueError("evaluate_paraphrase needs labelled pairs; use predict_paraphrase for test-student data")
     tokens, predictions = paraphrase_answers(model, [paraphrase_example(p).prompt for p in pairs], batch_size, device)
-    answers = [YES_TOKEN if y == 1 else NO_TOKEN for y in labels]  # the course's y_true
+    answers = answer_tokens(labels)  # the course's y_true
     return {"accuracy": accuracy(tokens, answers), "f1": macro_f1(tokens, answers),
             "yes_no_accuracy": accuracy(predictions, labels), "yes_no_f1": macro_f1(predictions, labels),
             "yes_no_share": sum(t in (YES_TOKEN, NO_TOKEN) for t in tokens) / len(tokens),

@@ -20,10 +20,6 @@ def dev_pairs(shared_data):
     return read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")  # 8 paraphrases, 22 not
 
 
-def answer_tokens(pairs):
-    return [YES_TOKEN if p.label == 1 else NO_TOKEN for p in pairs]
-
-
 # -----------------------------------------------------------------------------
 # the metrics against sklearn
 
@@ -126,7 +122,9 @@ def test_evaluation_equals_one_pair_at_a_time_and_sklearn(shared_data, tiny_mode
     assert result["predicted_tokens"] == tokens and result["predictions"] == yes
     counts = Counter(tokens)
     assert counts[YES_TOKEN] and counts[NO_TOKEN] and sum(counts.values()) > counts[YES_TOKEN] + counts[NO_TOKEN]
-    answers, labels = answer_tokens(pairs), [p.label for p in pairs]
+    labels = [p.label for p in pairs]
+    answers = [encode("yes" if y == 1 else "no")[0] for y in labels]  # as the course's collate_fn tokenizes them
+    assert evaluation.answer_tokens(labels) == answers
     assert result["accuracy"] == pytest.approx(metrics.accuracy_score(answers, tokens))
     assert result["f1"] == pytest.approx(metrics.f1_score(answers, tokens, average="macro"))
     assert result["yes_no_accuracy"] == pytest.approx(metrics.accuracy_score(labels, yes))
