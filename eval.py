@@ -11,10 +11,13 @@ data is read or a model is loaded. Predictions are written in the course's submi
 a tag before the ending for every setting that changes the predictions: -limitN, and for sonnets also -seedS,
 -tempT, -toppP, -tokensM and -batchB when they differ from the defaults (see prediction_file).
 
-Paraphrase detection: the model reads the course's prompt and we compare its logits for "yes" and "no" at
-the last prompt position: predict "paraphrase" when yes > no. Sonnets: the model continues the first 3
-lines of each held-out sonnet (temperature 1.2, top-p 0.9, up to 128 new tokens, seeded), and the whole
-sonnet, given lines included as in the course, is scored against the true sonnet with corpus chrF.
+Paraphrase detection: the model reads the course's prompt, and its logits at the last prompt position are
+scored two ways. The course's accuracy and macro-F1 take the most likely token over the whole vocabulary and
+compare it with the answer token ("yes" or "no"): any other token is wrong. The restricted figures compare only
+logit("yes") with logit("no") (predict "paraphrase" when yes > no); the predictions file holds these, so it always
+gives an answer. Sonnets: the model continues the first 3 lines of each held-out sonnet (temperature 1.2, top-p
+0.9, up to 128 new tokens, seeded), and the whole sonnet, given lines included as in the course, is scored
+against the true sonnet with corpus chrF.
 """
 
 import argparse
@@ -53,7 +56,11 @@ def accuracy(predictions, labels):
 
 def macro_f1(predictions, labels):
     """F1 of each class, F1 = 2 TP / (2 TP + FP + FN), averaged over the classes that occur in labels or
-    predictions (what sklearn's f1_score(average="macro") computes)."""
+    predictions: sklearn's f1_score(labels, predictions, average="macro"), for any classes (0/1, or token ids).
+
+    A class that is only predicted (a third token) or never predicted has TP = 0, so F1 = 0, and it counts in the
+    average. Every class in the average occurs somewhere, so 2 TP + FP + FN > 0 and sklearn's zero_division (a
+    0/0 precision or recall) never changes the result."""
     check_predictions(predictions, labels)
     scores = []
     for c in sorted(set(labels) | set(predictions)):
@@ -187,38 +194,84 @@ def eval_mode(model):
 
 
 def predict_paraphrase(model, pairs, batch_size=64, device="cpu"):
-    """1 (paraphrase) where the model's "yes" logit beats its "no" logit after the prompt, else 0."""
+    """1 (paraphrase) where the model's "yes" logit beats its "no" logit after the prompt, else 0: the restricted
+    answer the predictions file holds (never a non-answer), not the course's whole-vocabulary argmax."""
     return answers_yes(model, [paraphrase_example(p).prompt for p in pairs], batch_size, device)
 
 
-@torch.no_grad()
 def answers_yes(model, prompts, batch_size=64, device="cpu"):
     """For each prompt (token ids): 1 if logit("yes") > logit("no") at its last position, else 0."""
+    return paraphrase_answers(model, prompts, batch_size, device)[1]
+
+
+@torch.no_grad()
+def paraphrase_answers(model, prompts, batch_size=64, device="cpu"):
+    """One forward pass per batch; from each prompt's logits at its last position, two answers:
+        tokens: argmax over the whole vocabulary     (the course's prediction; may be neither "yes" nor "no")
+        yes:    1 if logit("yes") > logit("no") else 0           (the restricted prediction)
+    Returns (tokens, yes), two lists in the order of the prompts."""
     examples = [Example(prompt, []) for prompt in prompts]
-    predictions = [0] * len(examples)
+    tokens, yes = [0] * len(examples), [0] * len(examples)
     with eval_mode(model):
         for idx in tqdm(batch_indices([len(e) for e in examples], batch_size), desc="paraphrase", disable=None):
             batch = collate([examples[i] for i in idx]).to(device)
             # right padding needs no attention mask: causal attention never looks right, at the padding
             hidden = model.hidden_states(batch.input_ids)
             last = hidden[torch.arange(len(idx), device=device), batch.lengths - 1]  # (B, n_embd)
-            logits = model.lm_head(last)
+            logits = model.lm_head(last)  # (B, vocab), computed once for both answers
+            top = logits.argmax(dim=-1).tolist()
             says_yes = (logits[:, YES_TOKEN] > logits[:, NO_TOKEN]).tolist()
-            for i, yes in zip(idx, says_yes):
-                predictions[i] = int(yes)
-    return predictions
+            for i, token, answer in zip(idx, top, says_yes):
+                tokens[i], yes[i] = token, int(answer)
+    return tokens, yes
+
+
+def answer_tokens(labels):
+    """The answer token of each 0/1 label, the course's y_true: 1 -> "yes", 0 -> "no"."""
+    return [YES_TOKEN if y == 1 else NO_TOKEN for y in labels]
 
 
 def evaluate_paraphrase(model, pairs, batch_size=64, device="cpu"):
+    """Score labelled pairs; accuracy and f1 are the course's, from the same logits as the restricted figures.
+
+    The course (CS224N GPT-2 starter, public_cs224n_gpt, commit 0102aef "Release second part to default final
+    project"): datasets.py ParaphraseDetectionDataset.collate_fn turns each label into its answer token (1 -> "yes"
+    = 8505, 0 -> "no" = 3919); evaluation.py model_eval_paraphrase takes preds = np.argmax(logits, axis=1) over the
+    model's next-token logits (the whole vocabulary, as ParaphraseGPT.forward's docstring describes) and returns
+    accuracy_score(y_true, y_pred) and f1_score(y_true, y_pred, average='macro') on these token ids. So a token
+    other than "yes"/"no" is wrong, and as a third predicted class it enters the macro average with F1 = 0.
+
+    Returns:
+        accuracy, f1      the course's: whole-vocabulary argmax token vs the answer token; sklearn's definitions
+        yes_no_accuracy   the restricted yes-vs-no comparison (logit("yes") > logit("no")) vs the 0/1 label
+        yes_no_f1         macro-F1 of the restricted predictions
+        yes_no_share      the fraction of argmax tokens that are "yes" or "no"
+        predictions       the restricted 0/1 predictions (what the predictions file holds)
+        predicted_tokens  the argmax token ids
+    """
     labels = [p.label for p in pairs]
     if None in labels:
         raise ValueError("evaluate_paraphrase needs labelled pairs; use predict_paraphrase for test-student data")
-    predictions = predict_paraphrase(model, pairs, batch_size, device)
-    return {"accuracy": accuracy(predictions, labels), "f1": macro_f1(predictions, labels), "predictions": predictions}
+    tokens, predictions = paraphrase_answers(model, [paraphrase_example(p).prompt for p in pairs], batch_size, device)
+    answers = answer_tokens(labels)  # the course's y_true
+    return {"accuracy": accuracy(tokens, answers), "f1": macro_f1(tokens, answers),
+            "yes_no_accuracy": accuracy(predictions, labels), "yes_no_f1": macro_f1(predictions, labels),
+            "yes_no_share": sum(t in (YES_TOKEN, NO_TOKEN) for t in tokens) / len(tokens),
+            "predictions": predictions, "predicted_tokens": tokens}
+
+
+def paraphrase_score(result):
+    """evaluate_paraphrase's figures on one line, naming which are the course's."""
+    return (f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's: argmax over the "
+            f"vocabulary)  yes/no accuracy {result['yes_no_accuracy']:.4f}  yes/no share {result['yes_no_share']:.4f}")
 
 
 def write_paraphrase_predictions(path, pairs, predictions):
-    """The course's submission format: a header, then "id, prediction" per line."""
+    """The course's submission format: a header, then "id, prediction" per line.
+
+    `predictions` are the restricted 0/1 answers (logit("yes") > logit("no")): always an answer, never another
+    token, and right wherever the course's argmax is (an argmax of "yes" also beats "no"), so at least as accurate.
+    The course's figures are evaluate_paraphrase's accuracy and f1."""
     with atomic_open(path) as f:
         f.write("id \t Predicted_Is_Paraphrase \n")
         for pair, prediction in zip(pairs, predictions):
@@ -385,7 +438,7 @@ def run(args):
         if pairs and pairs[0].label is not None:
             result = evaluate_paraphrase(model, pairs, args.batch_size, args.device)
             predictions = result["predictions"]
-            score = f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f}"
+            score = paraphrase_score(result)
         else:
             predictions, score = predict_paraphrase(model, pairs, args.batch_size, args.device), "(no labels)"
         write_paraphrase_predictions(out, pairs, predictions)
@@ -403,7 +456,8 @@ def run(args):
         what = f"{len(held_out)} sonnets"
     print(f"{args.task} {args.split}: {score}  ({what}, {time.time() - t1:.1f}s scoring, "
           f"{time.time() - t0:.1f}s total)")
-    print(f"predictions: {out}")
+    print(f"predictions: {out}" + ("  (yes/no answers: logit(yes) > logit(no), never a non-answer)"
+                                   if args.task == "paraphrase" else ""))
 
 
 if __name__ == "__main__":
