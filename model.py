@@ -265,8 +265,11 @@ class GPT(nn.Module):
         B, T = input_ids.size()
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive whole number, got {max_new_tokens!r}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+        if not 0 <= temperature < math.inf:  # also refuses nan
+            raise ValueError(f"temperature must be a finite number >= 0 (0 picks the most likely token), "
+                             f"got {temperature!r}")
+        if not 0 < top_p <= 1:  # also refuses nan
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds block_size={self.config.block_size}")
         if attention_mask is None:
@@ -330,6 +333,13 @@ class GPT(nn.Module):
         """Write config.json and model.safetensors in the hub's layout: from_pretrained (ours, or Hugging
         Face's GPT2LMHeadModel) loads them back. Each file is written atomically."""
         directory = Path(directory)
+        for path in [directory, *directory.parents]:  # the deepest part that exists must be a folder
+            if path.exists():
+                if not path.is_dir():
+                    where = "is a file" if path == directory else f"lies under {path}, which is a file"
+                    raise InputError(f"{directory}: {where}, not a folder; save_pretrained writes config.json and "
+                                     f"model.safetensors into a folder")
+                break
         if any(name.endswith((".lora_A", ".lora_B")) for name in self.state_dict()):
             raise ValueError("this model has LoRA layers, whose names a GPT-2 checkpoint does not have: save the "
                              "adapter with lora.save_lora, or save lora.merged_model(model) (a plain GPT-2)")
@@ -463,6 +473,38 @@ def check_source(name_or_dir, flag):
     if str(name_or_dir).removeprefix("openai-community/") not in PRETRAINED and not Path(name_or_dir).is_dir():
         raise InputError(f"{flag} {str(name_or_dir)!r}: neither a GPT-2 name ({', '.join(PRETRAINED)}) "
                          f"nor an existing directory")
+
+
+def model_context(name_or_dir):
+    """The number of positions (block_size) of the model load_model(name_or_dir) would load, read from JSON files
+    alone, before any weights: a GPT-2 name (1024), a hub-layout directory (config.json's n_positions, or n_ctx),
+    an adapter folder (its adapter_config.json's base_model_name_or_path, followed to the end), or a run folder
+    (its best/ checkpoint, else its last/)."""
+    seen = []
+    while True:
+        directory = Path(str(name_or_dir))
+        if directory.is_dir() and not (directory / "config.json").exists() and \
+                not (directory / ADAPTER_CONFIG).exists():
+            run_checkpoints = [directory / sub for sub in ("best", "last") if (directory / sub).is_dir()]
+            directory = run_checkpoints[0] if run_checkpoints else directory  # a run folder: its checkpoint
+        if not (directory.is_dir() and (directory / ADAPTER_CONFIG).is_file()):
+            break
+        config_path = directory / ADAPTER_CONFIG  # an adapter folder: the context is its base model's
+        if directory.resolve() in seen:
+            raise InputError(f"{config_path}: its base_model_name_or_path leads back to {directory} (a loop)")
+        seen.append(directory.resolve())
+        try:
+            name_or_dir = json.loads(config_path.read_text())["base_model_name_or_path"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{config_path}: not an adapter config with a base_model_name_or_path ({e!r})") from None
+    name = str(directory if directory.is_dir() else name_or_dir)  # as from_pretrained reads a name or a directory
+    if name.removeprefix("openai-community/") in PRETRAINED and not Path(name).is_dir():
+        name = name.removeprefix("openai-community/")
+    if name in PRETRAINED:
+        return GPTConfig(**PRETRAINED[name]).block_size
+    if not Path(name).is_dir():
+        raise InputError(f"{name!r} is neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
+    return read_hub_config(Path(name) / "config.json").block_size
 
 
 def load_model(name_or_dir, adapter=None, dropout=0.0):
