@@ -69,14 +69,21 @@ def model_folder(name_or_dir):
 
 
 def model_context(name_or_dir):
-    """How many positions (block_size) the model load_model would load has, read from its config files alone,
-    so lengths can be checked before any weights are loaded."""
-    if str(name_or_dir).removeprefix("openai-community/") in PRETRAINED:
-        return 1024  # all four of OpenAI's sizes
-    directory = model_folder(name_or_dir)
-    if (directory / ADAPTER_CONFIG).is_file():
-        return model_context(adapter_base(directory))
-    return read_hub_config(directory / "config.json").block_size
+    """How many positions (block_size) the model that load_model(name_or_dir) loads has, read from its JSON
+    files alone, so that lengths are checked before any weights are loaded: a GPT-2 name (1024), a hub folder's
+    config.json, an adapter folder's base (followed to the end), or a run folder's best/ (else last/)."""
+    seen = set()
+    while str(name_or_dir).removeprefix("openai-community/") not in PRETRAINED:
+        directory = model_folder(name_or_dir)
+        if not directory.is_dir():
+            raise InputError(f"{str(name_or_dir)!r} is neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
+        if not (directory / ADAPTER_CONFIG).is_file():
+            return read_hub_config(directory / "config.json").block_size
+        if directory.resolve() in seen:
+            raise InputError(f"{directory / ADAPTER_CONFIG}: its base_model_name_or_path leads back to {directory}")
+        seen.add(directory.resolve())
+        name_or_dir = adapter_base(directory)  # an adapter's context is its base model's
+    return 1024  # all four of OpenAI's sizes
 
 
 def adapter_base(directory):

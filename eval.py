@@ -36,7 +36,7 @@ from data.batching import Example, batch_indices, collate, left_pad
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, read_quora
 from data.sonnets import read_sonnets
 from data.tokenizer import decode, encode
-from checkpoint import check_source, load_model
+from checkpoint import check_source, load_model, model_context
 from fileio import InputError, atomic_open, writable_dir
 from model import END_OF_TEXT, default_device
 
@@ -193,10 +193,24 @@ def eval_mode(model):
 # paraphrase detection
 
 
-def predict_paraphrase(model, pairs, batch_size=64, device="cpu"):
+def predict_paraphrase(model, pairs, batch_size=64, device="cpu", max_len=None):
     """1 (paraphrase) where the model's "yes" logit beats its "no" logit after the prompt, else 0: the restricted
-    answer the predictions file holds (never a non-answer), not the course's whole-vocabulary argmax."""
-    return answers_yes(model, [paraphrase_example(p).prompt for p in pairs], batch_size, device)
+    answer the predictions file holds (never a non-answer), not the course's whole-vocabulary argmax.
+
+    max_len: a prompt longer than this keeps only its end (keep_the_end), so that every pair gets a prediction."""
+    prompts = [paraphrase_example(p).prompt for p in pairs]
+    if max_len is not None:
+        prompts = [keep_the_end(prompt, max_len) for prompt in prompts]
+    return answers_yes(model, prompts, batch_size, device)
+
+
+def keep_the_end(prompt, max_len):
+    """The last max_len tokens of a prompt (token ids). The end is what the answer rests on: the second question
+    and the line that asks "Are these questions asking the same thing?", which the model answers right after;
+    what is cut is the start of the first question."""
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len must be a positive whole number, got {max_len!r}")
+    return prompt[-max_len:]
 
 
 def answers_yes(model, prompts, batch_size=64, device="cpu"):
@@ -364,6 +378,9 @@ def check_args(args):
         raise InputError(f"--top_p {args.top_p}: must be in (0, 1]")
     check_device(args.device)
     check_source(args.checkpoint, "--checkpoint")
+    if args.task == "sonnet" and args.max_new_tokens >= (context := model_context(args.checkpoint)):
+        raise InputError(f"--max_new_tokens {args.max_new_tokens}: the model ({args.checkpoint}) has {context} "
+                         f"positions for the prompt and the new tokens together; give at most {context - 1}")
     if args.adapter is not None and not Path(args.adapter).is_file():
         raise InputError(f"--adapter {args.adapter!r}: no such file (a .safetensors written by lora.save_lora)")
     writable_dir(args.out_dir, "--out_dir")
@@ -386,6 +403,35 @@ def prediction_file(args):
         if getattr(args, setting) != DEFAULTS[setting]:
             tags.append(f"{tag}{getattr(args, setting)}")
     return args.out_dir / ("-".join([name, "sonnets", args.split, *tags]) + ".txt")
+
+
+def check_paraphrase_prompts(pairs, path, context):
+    """Every pair's prompt must fit the model's `context` positions. In labelled data (train, dev) a longer one is
+    an InputError naming the pair; in the test file, whose every pair needs a prediction, it will keep its end
+    (keep_the_end), with one warning. Returns the number of prompts that will be cut."""
+    too_long = [(row, pair, n) for row, pair in enumerate(pairs, start=1)
+                if (n := len(paraphrase_example(pair).prompt)) > context]
+    if not too_long:
+        return 0
+    row, pair, n = too_long[0]
+    if pair.label is not None:
+        more = f" (and {len(too_long) - 1} more)" if len(too_long) > 1 else ""
+        raise InputError(f"{path}: pair {row} (id {pair.id}) makes a prompt of {n} tokens, more than the model's "
+                         f"{context} positions{more}; shorten its questions or remove it")
+    print(f"warning: {path}: {len(too_long)} of {len(pairs)} prompts are longer than the model's {context} "
+          f"positions (the first: pair {row}, id {pair.id}, {n} tokens); each keeps its last {context} tokens, "
+          f"the start of question 1 is cut", file=sys.stderr)
+    return len(too_long)
+
+
+def check_sonnet_prompts(held_out, path, max_new_tokens, context):
+    """Each sonnet's prompt and the max_new_tokens to write after it must fit the model's `context` positions."""
+    for sonnet in held_out:
+        n = len(encode(sonnet.text))
+        if n + max_new_tokens > context:
+            raise InputError(f"{path}: sonnet {sonnet.number}'s prompt is {n} tokens; with --max_new_tokens "
+                             f"{max_new_tokens} that makes {n + max_new_tokens}, more than the model's {context} "
+                             f"positions; give --max_new_tokens at most {context - n}")
 
 
 # -----------------------------------------------------------------------------
@@ -424,11 +470,19 @@ def run(args):
     t0 = time.time()
     # read the data first: a missing file should fail before a model is downloaded or loaded
     if args.task == "paraphrase":
-        pairs = read_quora(args.data_dir / QUORA_SPLITS[args.split], limit=args.limit)
+        data_file = args.data_dir / QUORA_SPLITS[args.split]
+        pairs = read_quora(data_file, limit=args.limit)
     else:
         prompts_file, references_file = SONNET_SPLITS[args.split]
-        held_out = read_sonnets(args.data_dir / prompts_file, limit=args.limit)
+        data_file = args.data_dir / prompts_file
+        held_out = read_sonnets(data_file, limit=args.limit)
         references = read_sonnets(args.data_dir / references_file) if references_file else None
+    # then the prompts against the model's positions, read from its config alone: no weights loaded yet
+    context = model_context(args.checkpoint)
+    if args.task == "paraphrase":
+        check_paraphrase_prompts(pairs, data_file, context)
+    else:
+        check_sonnet_prompts(held_out, data_file, args.max_new_tokens, context)
     model = load_model(args.checkpoint, args.adapter).to(args.device).eval()
     print(f"{args.checkpoint}: {model.num_parameters() / 1e6:.1f}M parameters on {args.device}")
 
@@ -440,7 +494,7 @@ def run(args):
             predictions = result["predictions"]
             score = paraphrase_score(result)
         else:
-            predictions, score = predict_paraphrase(model, pairs, args.batch_size, args.device), "(no labels)"
+            predictions, score = predict_paraphrase(model, pairs, args.batch_size, args.device, context), "(no labels)"
         write_paraphrase_predictions(out, pairs, predictions)
         what = f"{len(pairs)} pairs"
     else:

@@ -265,8 +265,11 @@ class GPT(nn.Module):
         B, T = input_ids.size()
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive whole number, got {max_new_tokens!r}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+        if not 0 <= temperature < math.inf:  # also refuses nan
+            raise ValueError(f"temperature must be a finite number >= 0 (0 picks the most likely token), "
+                             f"got {temperature!r}")
+        if not 0 < top_p <= 1:  # also refuses nan
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds block_size={self.config.block_size}")
         if attention_mask is None:
@@ -330,6 +333,13 @@ class GPT(nn.Module):
         """Write config.json and model.safetensors in the hub's layout: from_pretrained (ours, or Hugging
         Face's GPT2LMHeadModel) loads them back. Each file is written atomically."""
         directory = Path(directory)
+        for path in [directory, *directory.parents]:  # the deepest part that exists must be a folder
+            if path.exists():
+                if not path.is_dir():
+                    where = "is a file" if path == directory else f"lies under {path}, which is a file"
+                    raise InputError(f"{directory}: {where}, not a folder; save_pretrained writes config.json and "
+                                     f"model.safetensors into a folder")
+                break
         if any(name.endswith((".lora_A", ".lora_B")) for name in self.state_dict()):
             raise ValueError("this model has LoRA layers, whose names a GPT-2 checkpoint does not have: save the "
                              "adapter with lora.save_lora, or save lora.merged_model(model) (a plain GPT-2)")

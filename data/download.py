@@ -41,8 +41,16 @@ SPLIT_SEED = 11711  # the course's default seed
 
 
 def check_present_files(data_dir, quora=True):
-    """Before anything is downloaded: sonnet files already there have the right sha256, and Quora files come
-    from one source (the course's three, or none of them, to be built from QQP), never a mix of both."""
+    """Before anything is downloaded: no file's name is taken by a folder, sonnet files already there have the
+    right sha256, and Quora files come from one source (the course's three, or none of them, to be built from
+    QQP), never a mix of both."""
+    names = [*SONNET_FILES, *(name + ".part" for name in SONNET_FILES)]
+    if quora:
+        names += [*COURSE_QUORA_FILES, "quora-test.csv", "QQP-clean.zip", "QQP-clean.zip.part"]
+    for name in names:
+        if (data_dir / name).exists() and not (data_dir / name).is_file():
+            raise InputError(f"{data_dir / name}: is a folder, where data.download puts the file {name}; "
+                             f"move or rename the folder")
     for name, sha256 in SONNET_FILES.items():
         if (data_dir / name).exists():
             check_sha256(data_dir / name, sha256)

@@ -1,5 +1,5 @@
-"""Shared test set-up: the project root on sys.path, offline tokenizer files, the shared data, tiny models,
-and an HTTP server on this machine for the download tests."""
+"""Shared test set-up: the project root on sys.path, offline tokenizer files, the data (the project's own samples,
+and the course's real files where present), tiny models, and an HTTP server on this machine for the download tests."""
 
 import http.server
 import os
@@ -11,26 +11,59 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = ROOT / "data" / "samples"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-# tiktoken downloads GPT-2's BPE on first use; the shared folder holds its cache, so tests run offline.
+# tiktoken downloads GPT-2's BPE on first use; a ../shared folder, where there is one, holds its cache, so tests
+# run offline. Elsewhere set TIKTOKEN_CACHE_DIR, or let tiktoken download it once.
 if (SHARED_DATA / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
 
+from data.download import SONNET_FILES  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
 @pytest.fixture
+def sample_data():
+    """data/samples: the project's own small files in the course's formats (see its README.md)."""
+    return SAMPLE_DATA
+
+
+def course_data_dir():
+    """The first folder holding the course's real sonnet files (each with the sha256 data.download pins):
+    $CS224N_DATA_DIR, then data/ (where `python -m data.download` puts them), then ../shared/data. None if none."""
+    import hashlib
+    candidates = [os.environ.get("CS224N_DATA_DIR"), ROOT / "data", SHARED_DATA]
+    for directory in [Path(c) for c in candidates if c]:
+        if all((directory / name).is_file() and hashlib.sha256((directory / name).read_bytes()).hexdigest() == sha
+               for name, sha in SONNET_FILES.items()):
+            return directory
+    return None
+
+
+@pytest.fixture
+def course_data():
+    """A folder with the course's real sonnet files, for the tests that check something of those very files;
+    they skip where there is none."""
+    directory = course_data_dir()
+    if directory is None:
+        pytest.skip("the course's sonnet files are not here (run `python -m data.download`, or set CS224N_DATA_DIR "
+                    "to a folder holding them)")
+    return directory
+
+
+@pytest.fixture
 def shared_data():
-    """../shared/data when present (it is in CI); tests that read real course files skip without it."""
+    """../shared/data when present; tests that still read it skip without it. New tests use sample_data (the
+    course's formats) or course_data (the course's real files)."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
 
 
 @pytest.fixture
-def tokenizer(shared_data):
+def tokenizer():
     from data.tokenizer import get_tokenizer
     return get_tokenizer()
 

@@ -1,6 +1,7 @@
 """data/: the course's files, prompts and answer tokens, batches and loss masks, and the Quora download."""
 
 import csv
+import hashlib
 import re
 import subprocess
 import sys
@@ -22,18 +23,30 @@ from fileio import InputError
 # Quora files
 
 
-def test_reads_the_course_quora_samples(shared_data):
-    train = read_quora(shared_data / "quora_samples" / "quora-train-30.csv")
-    dev = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")
-    test = read_quora(shared_data / "quora_samples" / "quora-test-student-30.csv")
-    assert len(train) == len(dev) == len(test) == 30
-    assert train[0] == QuoraPair("82861 44ae9297-536f-47d3-bc3a-58c7f874c3fc",
-                                 "How do I start learning about artificial intelligence?",
-                                 "How do you learn artificial intelligence?", 1)
-    assert {p.label for p in train + dev} == {0, 1}
+QQP_ID = re.compile(r"\d+ [0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # "82861 44ae9297-..."
+
+
+def test_reads_the_sample_quora_files_as_the_course_does(sample_data, capsys):
+    train = read_quora(sample_data / "quora-train.csv")
+    dev = read_quora(sample_data / "quora-dev.csv")
+    test = read_quora(sample_data / "quora-test-student.csv")
+    assert (len(train), len(dev), len(test)) == (40, 30, 20)  # data/samples/README.md promises these
+    for name, pairs in (("quora-train.csv", train), ("quora-dev.csv", dev)):
+        assert [(preprocess_string(p.sentence1), preprocess_string(p.sentence2), p.label, p.id) for p in pairs] == \
+            course_quora_rows(sample_data / name)
+    with open(sample_data / "quora-test-student.csv", newline="") as f:  # the course's loader for test data
+        assert [(p.id, p.sentence1, p.sentence2) for p in test] == [
+            (r["id"], r["sentence1"], r["sentence2"]) for r in csv.DictReader(f, delimiter="\t")]
+    assert {p.label for p in train} == {p.label for p in dev} == {0, 1}
     assert all(p.label is None for p in test)
-    assert 'How do you make an "O" smoke ring?' in {p.sentence2 for p in test}  # csv-style "" quoting
-    assert len(read_quora(shared_data / "quora_samples" / "quora-dev-30.csv", limit=7)) == 7
+    everything = train + dev + test
+    assert all(QQP_ID.fullmatch(p.id) for p in everything) and len({p.id for p in everything}) == 90
+    questions = {q for p in everything for q in (p.sentence1, p.sentence2)}
+    # the awkward rows: csv-style "" quoting, a tab inside a quoted field, non-ASCII text
+    assert {'What does "carpe diem" actually mean?', 'Is "irregardless" a real word?'} <= questions
+    assert any("\t" in q for q in questions) and any(not q.isascii() for q in questions)
+    assert capsys.readouterr().err == ""  # valid files: not one row skipped
+    assert len(read_quora(sample_data / "quora-dev.csv", limit=7)) == 7
 
 
 def write(tmp_path, text, name="q.csv"):
@@ -162,14 +175,24 @@ def test_answer_tokens_and_example(tokenizer):
     assert paraphrase_example(QuoraPair("1", "a", "b", None)).target == []
 
 
-def test_tiktoken_matches_the_reference_gpt2_tokenizer(shared_data, tokenizer):
+def test_tiktoken_matches_the_reference_gpt2_tokenizer(sample_data, tokenizer, tmp_path):
+    """transformers' GPT2Tokenizer (BPE in Python) on OpenAI's own encoder.json and vocab.bpe: the very files
+    tiktoken loads, from its cache (or the network), checked against OpenAI's sha256 as tiktoken checks them."""
     transformers = pytest.importorskip("transformers")
-    reference = transformers.GPT2Tokenizer(vocab=str(shared_data / "gpt2" / "encoder.json"),
-                                           merges=str(shared_data / "gpt2" / "vocab.bpe"))
+    import tiktoken.load
+    files = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+             "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+    for name, sha256 in files.items():
+        url = f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}"
+        (tmp_path / name).write_bytes(tiktoken.load.read_file_cached(url, sha256))
+    reference = transformers.GPT2Tokenizer(vocab=str(tmp_path / "encoder.json"), merges=str(tmp_path / "vocab.bpe"))
     assert len(reference) == 50257
-    texts = [s.text for s in read_sonnets(shared_data / "sonnets.txt")[:20]]
+    texts = [s.text for name in ("sonnets.txt", "TRUE_sonnets_held_out_dev.txt", "sonnets_held_out.txt")
+             for s in read_sonnets(sample_data / name)]
     texts += [paraphrase_prompt(p.sentence1, p.sentence2)
-              for p in read_quora(shared_data / "quora_samples" / "quora-train-30.csv")]
+              for name in ("quora-train.csv", "quora-dev.csv", "quora-test-student.csv")
+              for p in read_quora(sample_data / name)]
+    texts += ["Smørrebrød, déjà vu, こんにちは 🙂\ttab  two spaces\n\nand   trailing   "]
     for text in texts:
         assert tokenizer.encode_ordinary(text) == reference.encode(text)
 
@@ -218,23 +241,34 @@ def course_split(path):
     return [s.strip() for s in re.split(r"\n\s*\d+\s*\n", path.read_text(encoding="utf-8"))[1:]]
 
 
-def test_reads_the_course_sonnet_files(shared_data):
-    train = read_sonnets(shared_data / "sonnets.txt")
-    dev_prompts = read_sonnets(shared_data / "sonnets_held_out_dev.txt")
-    dev_true = read_sonnets(shared_data / "TRUE_sonnets_held_out_dev.txt")
-    test_prompts = read_sonnets(shared_data / "sonnets_held_out.txt")
-    assert len(train) == 131 and train[0].number == 1
-    assert train[0].text.startswith("From fairest creatures we desire increase,\nThat thereby")
-    assert train[0].text.endswith("To eat the world's due, by the grave and thee.")
-    assert [s.number for s in dev_prompts] == [s.number for s in dev_true] == list(range(132, 144))
-    assert [s.number for s in test_prompts] == list(range(145, 157))
+def check_sonnet_files(directory, train_numbers, dev_numbers, test_numbers):
+    """The four sonnet files in `directory` read as the course reads them, with these sonnet numbers."""
+    train = read_sonnets(directory / "sonnets.txt")
+    dev_prompts = read_sonnets(directory / "sonnets_held_out_dev.txt")
+    dev_true = read_sonnets(directory / "TRUE_sonnets_held_out_dev.txt")
+    test_prompts = read_sonnets(directory / "sonnets_held_out.txt")
+    assert [s.number for s in train] == list(train_numbers)
+    assert [s.number for s in dev_prompts] == [s.number for s in dev_true] == list(dev_numbers)
+    assert [s.number for s in test_prompts] == list(test_numbers)
     assert all(len(s.text.split("\n")) == 3 for s in dev_prompts + test_prompts)
     assert all(len(s.text.split("\n")) == 14 for s in dev_true)
     for prompt, true in zip(dev_prompts, dev_true):
         assert split_prompt(true.text)[0] == prompt.text  # the prompt is the true sonnet's first 3 lines
     for name in ("sonnets.txt", "sonnets_held_out_dev.txt", "TRUE_sonnets_held_out_dev.txt", "sonnets_held_out.txt"):
-        assert [s.text for s in read_sonnets(shared_data / name)] == course_split(shared_data / name)
-    assert len(read_sonnets(shared_data / "sonnets.txt", limit=5)) == 5
+        assert [s.text for s in read_sonnets(directory / name)] == course_split(directory / name)
+    assert len(read_sonnets(directory / "sonnets.txt", limit=5)) == 5
+    return train
+
+
+def test_reads_the_sample_sonnet_files(sample_data):
+    train = check_sonnet_files(sample_data, range(1, 11), range(11, 15), range(15, 18))
+    assert all(len(s.text.split("\n")) == 14 for s in train)
+
+
+def test_reads_the_course_sonnet_files(course_data):
+    train = check_sonnet_files(course_data, range(1, 132), range(132, 144), range(145, 157))
+    assert train[0].text.startswith("From fairest creatures we desire increase,\nThat thereby")
+    assert train[0].text.endswith("To eat the world's due, by the grave and thee.")
 
 
 def test_malformed_sonnet_files(tmp_path):
@@ -253,8 +287,8 @@ def test_split_prompt():
         split_prompt("one\ntwo\nthree")
 
 
-def test_sonnet_example_learns_the_whole_sonnet_and_to_stop(shared_data, tokenizer):
-    sonnet = read_sonnets(shared_data / "sonnets.txt")[0]
+def test_sonnet_example_learns_the_whole_sonnet_and_to_stop(sample_data, tokenizer):
+    sonnet = read_sonnets(sample_data / "sonnets.txt")[0]
     example = sonnet_example(sonnet)
     assert example.prompt == [] and example.target[-1] == END_OF_TEXT
     assert tokenizer.decode(example.target[:-1]) == sonnet.text
@@ -280,8 +314,8 @@ def test_collate_masks_by_position_not_by_token_id():
         collate([])
 
 
-def test_loss_mask_covers_exactly_the_answer_tokens(shared_data):
-    pairs = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")[:8]
+def test_loss_mask_covers_exactly_the_answer_tokens(sample_data):
+    pairs = read_quora(sample_data / "quora-dev.csv")[:8]
     batch = collate([paraphrase_example(p) for p in pairs])
     for i, p in enumerate(pairs):
         n = batch.lengths[i].item()
@@ -396,7 +430,15 @@ def test_download_leaves_the_courses_own_files_alone(tmp_path, capsys):
     assert (tmp_path / "quora-dev.csv").read_text() == "the course's file"
 
 
-def test_offline_download_names_every_missing_file(tmp_path, monkeypatch, shared_data):
+def pin_the_sample_sonnets(monkeypatch, sample_data):
+    """data.download checks sonnet files against the course's sha256; let it expect the samples' instead, so the
+    tests can stand the samples in for the course's files."""
+    monkeypatch.setattr(download_module, "SONNET_FILES", {
+        name: hashlib.sha256((sample_data / name).read_bytes()).hexdigest() for name in download_module.SONNET_FILES})
+
+
+def test_offline_download_names_every_missing_file(tmp_path, monkeypatch, sample_data):
+    pin_the_sample_sonnets(monkeypatch, sample_data)
     monkeypatch.setattr(download_module, "HANDOUT", "http://127.0.0.1:9/")  # refused: offline
     monkeypatch.setattr(download_module, "QQP_URL", "http://127.0.0.1:9/QQP-clean.zip")
     data_dir = tmp_path / "data"
@@ -409,18 +451,19 @@ def test_offline_download_names_every_missing_file(tmp_path, monkeypatch, shared
     with pytest.raises(SystemExit, match=r"put the 4 missing files .*sonnets_held_out.txt \(the course handout's "
                                          r"data/ folder\)\.$"):
         download_module.main(["--data-dir", str(data_dir), "--skip-quora"])
-    for name in download_module.SONNET_FILES:  # the real sonnet files: only Quora is missing now
-        (data_dir / name).write_bytes((shared_data / name).read_bytes())
+    for name in download_module.SONNET_FILES:  # the sonnet files are there: only Quora is missing now
+        (data_dir / name).write_bytes((sample_data / name).read_bytes())
     with pytest.raises(SystemExit, match=r"QQP-clean.zip: .*put the 3 missing files into .* by hand: quora-train.csv, "
                                          r"quora-dev.csv, quora-test-student.csv \(the course's Quora files\)\.$"):
         download_module.main(["--data-dir", str(data_dir)])
     assert sorted(p.name for p in data_dir.iterdir()) == sorted(download_module.SONNET_FILES)  # nothing new
 
 
-def test_download_checks_the_sonnet_files_already_there(tmp_path, shared_data, monkeypatch, file_server):
+def test_download_checks_the_sonnet_files_already_there(tmp_path, sample_data, monkeypatch, file_server):
+    pin_the_sample_sonnets(monkeypatch, sample_data)
     monkeypatch.setattr(download_module, "HANDOUT", file_server.url + "/")  # any request would show up
     for name in download_module.SONNET_FILES:
-        (tmp_path / name).write_bytes((shared_data / name).read_bytes())
+        (tmp_path / name).write_bytes((sample_data / name).read_bytes())
     download_module.main(["--data-dir", str(tmp_path), "--skip-quora"])  # all four verified: nothing fetched
     text = (tmp_path / "sonnets_held_out.txt").read_bytes()
     (tmp_path / "sonnets_held_out.txt").write_bytes(text[:len(text) // 2])  # truncated
@@ -432,12 +475,25 @@ def test_download_checks_the_sonnet_files_already_there(tmp_path, shared_data, m
     assert file_server.requests == [] and not (tmp_path / "sonnets.txt").exists()  # checked before any download
 
 
-def test_download_refuses_a_mix_of_course_and_qqp_quora_files(tmp_path, shared_data):
+def test_download_refuses_a_mix_of_course_and_qqp_quora_files(tmp_path, sample_data, monkeypatch):
+    pin_the_sample_sonnets(monkeypatch, sample_data)
     for name in download_module.SONNET_FILES:
-        (tmp_path / name).write_bytes((shared_data / name).read_bytes())
+        (tmp_path / name).write_bytes((sample_data / name).read_bytes())
     (tmp_path / "quora-dev.csv").write_text("the course's file")
     with pytest.raises(SystemExit, match=r"has quora-dev.csv but not quora-train.csv, quora-test-student.csv: copy"):
         download_module.main(["--data-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("name", ["sonnets_held_out.txt", "quora-dev.csv", "QQP-clean.zip", "sonnets.txt.part"])
+def test_a_folder_in_a_data_files_place_is_refused_before_any_download(tmp_path, monkeypatch, file_server, name):
+    monkeypatch.setattr(download_module, "HANDOUT", file_server.url + "/")  # any request would show up
+    monkeypatch.setattr(download_module, "QQP_URL", file_server.url)
+    (tmp_path / name).mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        download_module.main(["--data-dir", str(tmp_path)])
+    assert exit_info.value.code == (f"error: {tmp_path / name}: is a folder, where data.download puts the file "
+                                    f"{name}; move or rename the folder")
+    assert file_server.requests == [] and [p.name for p in tmp_path.iterdir()] == [name]
 
 
 def test_download_needs_a_writable_data_dir(tmp_path):

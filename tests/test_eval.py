@@ -33,10 +33,11 @@ def sacrebleu_chrf(hypotheses, references):
     return sacrebleu.metrics.CHRF().corpus_score(hypotheses, [references]).score
 
 
-def test_chrf_equals_sacrebleu_on_real_sonnets(shared_data):
-    true = [s.text for s in read_sonnets(shared_data / "TRUE_sonnets_held_out_dev.txt")]
-    prompts = [s.text for s in read_sonnets(shared_data / "sonnets_held_out_dev.txt")]
-    train = [s.text for s in read_sonnets(shared_data / "sonnets.txt")]
+def check_chrf_against_sacrebleu(data_dir):
+    """Our chrF and sacrebleu's on the dev sonnets of data_dir, for hypotheses from empty to perfect."""
+    true = [s.text for s in read_sonnets(data_dir / "TRUE_sonnets_held_out_dev.txt")]
+    prompts = [s.text for s in read_sonnets(data_dir / "sonnets_held_out_dev.txt")]
+    train = [s.text for s in read_sonnets(data_dir / "sonnets.txt")]
     rng = random.Random(0)
     candidates = {
         "the prompts alone": prompts,
@@ -48,6 +49,14 @@ def test_chrf_equals_sacrebleu_on_real_sonnets(shared_data):
     }
     for name, hypotheses in candidates.items():
         assert evaluation.chrf(hypotheses, true) == pytest.approx(sacrebleu_chrf(hypotheses, true), abs=1e-9), name
+
+
+def test_chrf_equals_sacrebleu_on_the_sample_sonnets(sample_data):
+    check_chrf_against_sacrebleu(sample_data)
+
+
+def test_chrf_equals_sacrebleu_on_the_courses_sonnets(course_data):
+    check_chrf_against_sacrebleu(course_data)
 
 
 def test_chrf_edge_cases_equal_sacrebleu():
@@ -63,8 +72,8 @@ def test_chrf_edge_cases_equal_sacrebleu():
 # paraphrase scoring
 
 
-def test_batched_scoring_equals_scoring_one_pair_at_a_time(shared_data, tiny_model):
-    pairs = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")
+def test_batched_scoring_equals_scoring_one_pair_at_a_time(sample_data, tiny_model):
+    pairs = read_quora(sample_data / "quora-dev.csv")
     predictions = evaluation.predict_paraphrase(tiny_model, pairs, batch_size=7)
     for pair, prediction in zip(pairs, predictions):
         ids = torch.tensor([encode(paraphrase_prompt(pair.sentence1, pair.sentence2))])
@@ -74,33 +83,33 @@ def test_batched_scoring_equals_scoring_one_pair_at_a_time(shared_data, tiny_mod
     assert 0 < sum(predictions) < len(pairs)  # both answers occur, so a batch that mixed up rows would show
 
 
-def test_paraphrase_evaluation_end_to_end(shared_data, tiny_model):
-    pairs = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")
+def test_paraphrase_evaluation_end_to_end(sample_data, tiny_model):
+    pairs = read_quora(sample_data / "quora-dev.csv")
     always_predict(tiny_model, YES_TOKEN)  # a model that always says "yes"
     result = evaluation.evaluate_paraphrase(tiny_model, pairs, batch_size=8)
-    assert [p.label for p in pairs].count(1) == 8  # the sample file: 8 paraphrases, 22 not
+    assert [p.label for p in pairs].count(1) == 12  # the sample file: 12 paraphrases, 18 not
     assert result["predictions"] == [1] * 30
-    assert result["accuracy"] == pytest.approx(8 / 30)
-    # class 1: TP 8, FP 22, FN 0 -> F1 = 16 / 38; class 0 is never predicted: TP 0 -> F1 0
-    assert result["f1"] == pytest.approx((16 / 38 + 0) / 2)
+    assert result["accuracy"] == pytest.approx(12 / 30)
+    # class 1: TP 12, FP 18, FN 0 -> F1 = 24 / 42; class 0 is never predicted: TP 0 -> F1 0
+    assert result["f1"] == pytest.approx((24 / 42 + 0) / 2)
     with pytest.raises(ValueError, match="needs labelled pairs"):
-        evaluation.evaluate_paraphrase(tiny_model, read_quora(shared_data / "quora_samples" / "quora-test-student-30.csv"))
+        evaluation.evaluate_paraphrase(tiny_model, read_quora(sample_data / "quora-test-student.csv"))
 
 
 # -----------------------------------------------------------------------------
 # sonnets
 
 
-def test_sonnet_evaluation_end_to_end(shared_data, tiny_model):
-    held_out = read_sonnets(shared_data / "sonnets_held_out_dev.txt")
-    true = read_sonnets(shared_data / "TRUE_sonnets_held_out_dev.txt")
-    result = evaluation.evaluate_sonnets(tiny_model, held_out, true, max_new_tokens=12, batch_size=5)
-    assert [n for n, _ in result["sonnets"]] == list(range(132, 144))
+def test_sonnet_evaluation_end_to_end(sample_data, tiny_model):
+    held_out = read_sonnets(sample_data / "sonnets_held_out_dev.txt")
+    true = read_sonnets(sample_data / "TRUE_sonnets_held_out_dev.txt")
+    result = evaluation.evaluate_sonnets(tiny_model, held_out, true, max_new_tokens=12, batch_size=3)
+    assert [n for n, _ in result["sonnets"]] == list(range(11, 15))
     for (_, text), prompt in zip(result["sonnets"], held_out):
         assert text.startswith(prompt.text) and len(text) > len(prompt.text)  # given lines kept, then new text
     texts = [t for _, t in result["sonnets"]]
     assert result["chrf"] == pytest.approx(sacrebleu_chrf(texts, [s.text for s in true]))
-    again = evaluation.evaluate_sonnets(tiny_model, held_out, true, max_new_tokens=12, batch_size=5)
+    again = evaluation.evaluate_sonnets(tiny_model, held_out, true, max_new_tokens=12, batch_size=3)
     assert again["sonnets"] == result["sonnets"]  # seeded
 
 
@@ -110,8 +119,8 @@ def test_sonnet_file_round_trips_through_the_course_parser(tmp_path):
     assert [(s.number, s.text) for s in read_sonnets(tmp_path / "s.txt")] == sonnets
 
 
-def test_paraphrase_predictions_file_is_the_course_format(tmp_path, shared_data):
-    pairs = read_quora(shared_data / "quora_samples" / "quora-test-student-30.csv")[:2]
+def test_paraphrase_predictions_file_is_the_course_format(tmp_path, sample_data):
+    pairs = read_quora(sample_data / "quora-test-student.csv")[:2]
     evaluation.write_paraphrase_predictions(tmp_path / "p.csv", pairs, [1, 0])
     assert (tmp_path / "p.csv").read_text() == (
         f"id \t Predicted_Is_Paraphrase \n{pairs[0].id}, 1 \n{pairs[1].id}, 0 \n")
@@ -125,11 +134,11 @@ def modes(model):
     return [m.training for m in model.modules()]
 
 
-def test_scoring_and_generation_restore_the_callers_mode(shared_data):
+def test_scoring_and_generation_restore_the_callers_mode(sample_data):
     torch.manual_seed(0)
     model = GPT(tiny_config(dropout=0.5))
-    pairs = read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")
-    prompts = [s.text for s in read_sonnets(shared_data / "sonnets_held_out_dev.txt")[:2]]
+    pairs = read_quora(sample_data / "quora-dev.csv")
+    prompts = [s.text for s in read_sonnets(sample_data / "sonnets_held_out_dev.txt")[:2]]
     expected = evaluation.predict_paraphrase(model.eval(), pairs)
     expected_sonnets = evaluation.generate_sonnets(model, prompts, max_new_tokens=6)
 

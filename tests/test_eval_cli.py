@@ -10,19 +10,21 @@ import torch
 
 import eval as evaluation
 from conftest import tiny_config
+from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, paraphrase_prompt, read_quora
 from data.sonnets import read_sonnets
+from data.tokenizer import decode, encode
 from fileio import InputError
 from model import GPT
 
 
 @pytest.fixture
-def data_dir(shared_data, tmp_path):
+def data_dir(sample_data, tmp_path):
+    """A copy of the samples' evaluation files (no quora-train.csv, no sonnets.txt)."""
     directory = tmp_path / "data"
     directory.mkdir()
-    shutil.copy(shared_data / "quora_samples" / "quora-dev-30.csv", directory / "quora-dev.csv")
-    shutil.copy(shared_data / "quora_samples" / "quora-test-student-30.csv", directory / "quora-test-student.csv")
-    for name in ("sonnets_held_out_dev.txt", "TRUE_sonnets_held_out_dev.txt", "sonnets_held_out.txt"):
-        shutil.copy(shared_data / name, directory / name)
+    for name in ("quora-dev.csv", "quora-test-student.csv", "sonnets_held_out_dev.txt",
+                 "TRUE_sonnets_held_out_dev.txt", "sonnets_held_out.txt"):
+        shutil.copy(sample_data / name, directory / name)
     return directory
 
 
@@ -54,7 +56,7 @@ def test_cli_scores_paraphrases(hub_checkpoint, data_dir, tmp_path, capsys):
             "--split", "test", "--batch_size", 8)
     assert "paraphrase test: (no labels)" in capsys.readouterr().out
     lines = (tmp_path / "p" / f"{directory.name}-para-test-output.csv").read_text().splitlines()
-    assert len(lines) == 31  # the course's base name for a full run: the header and 30 pairs
+    assert len(lines) == 21  # the course's base name for a full run: the header and 20 pairs
     assert len(list((tmp_path / "p").iterdir())) == 2  # two runs, two files, no temporary file left
 
 
@@ -203,3 +205,89 @@ def test_check_device_names_what_this_machine_has(monkeypatch, no_cuda_no_mps):
     assert evaluation.check_device("mps") == "mps"
     with pytest.raises(InputError, match="^--init_device 'gpu': not a device name"):
         evaluation.check_device("gpu", flag="--init_device")
+
+
+# -----------------------------------------------------------------------------
+# prompts and generation lengths against the model's positions, checked before any weights are loaded
+
+
+def sonnet_cli_error(*extra):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main(["--task", "sonnet", "--device", "cpu", *map(str, extra)])
+    error = str(exit_info.value.code)
+    assert error.startswith("error: ") and "\n" not in error
+    return error
+
+
+def test_max_new_tokens_beyond_the_models_positions_is_refused_first(tiny_checkpoint, tmp_path, refuse_to_load):
+    out_dir = tmp_path / "new"
+    assert sonnet_cli_error("--checkpoint", "gpt2", "--max_new_tokens", 5000, "--out_dir", out_dir) == (
+        "error: --max_new_tokens 5000: the model (gpt2) has 1024 positions for the prompt and the new tokens "
+        "together; give at most 1023")
+    assert sonnet_cli_error("--checkpoint", tiny_checkpoint, "--max_new_tokens", 128, "--out_dir", out_dir) == (
+        f"error: --max_new_tokens 128: the model ({tiny_checkpoint}) has 128 positions for the prompt and the new "
+        f"tokens together; give at most 127")
+    assert not out_dir.exists()
+
+
+def test_a_sonnet_prompt_that_does_not_fit_is_named_before_loading(tiny_checkpoint, data_dir, tmp_path,
+                                                                     refuse_to_load):
+    first = read_sonnets(data_dir / "sonnets_held_out_dev.txt")[0]
+    n = len(encode(first.text))  # tiktoken, the oracle for the prompt's length
+    error = sonnet_cli_error("--checkpoint", tiny_checkpoint, "--data_dir", data_dir, "--max_new_tokens", 129 - n,
+                             "--out_dir", tmp_path / "new")
+    assert error == (f"error: {data_dir / 'sonnets_held_out_dev.txt'}: sonnet {first.number}'s prompt is {n} tokens; "
+                     f"with --max_new_tokens {129 - n} that makes 129, more than the model's 128 positions; give "
+                     f"--max_new_tokens at most {128 - n}")
+    assert not (tmp_path / "new").exists()
+
+
+def long_pair_row(pair_id, words, label="\t1.0"):
+    """A Quora row whose first question alone is far longer than 128 tokens."""
+    return f"{pair_id}\tIs {' '.join(['very'] * words)} long a problem?\tIs length a problem?{label}\n"
+
+
+def test_a_quora_prompt_longer_than_the_model_is_an_error_in_labelled_data(tiny_checkpoint, data_dir, tmp_path,
+                                                                             refuse_to_load):
+    dev = data_dir / "quora-dev.csv"
+    dev.write_text(dev.read_text() + long_pair_row("9 long-one", 200) + long_pair_row("10 long-two", 300))
+    n = len(paraphrase_example(read_quora(dev)[30]).prompt)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--task", "paraphrase", "--checkpoint", tiny_checkpoint, "--data_dir", data_dir, "--out_dir",
+                tmp_path / "new")
+    assert exit_info.value.code == (f"error: {dev}: pair 31 (id 9 long-one) makes a prompt of {n} tokens, more than "
+                                    f"the model's 128 positions (and 1 more); shorten its questions or remove it")
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_test_split_predicts_every_pair_keeping_the_end_of_a_long_prompt(tiny_checkpoint, data_dir, tmp_path,
+                                                                               capsys):
+    test = data_dir / "quora-test-student.csv"
+    test.write_text(test.read_text() + long_pair_row("9 long-one", 200, "") + long_pair_row("10 long-two", 300, ""))
+    run_cli("--task", "paraphrase", "--checkpoint", tiny_checkpoint, "--data_dir", data_dir, "--out_dir", tmp_path,
+            "--split", "test", "--batch_size", 4)
+    err = capsys.readouterr().err
+    assert f"warning: {test}: 2 of 22 prompts are longer than the model's 128 positions (the first: pair 21, id " \
+           f"9 long-one" in err and "each keeps its last 128 tokens" in err
+    lines = (tmp_path / "tiny-para-test-output.csv").read_text().splitlines()
+    assert [line.rsplit(", ", 1)[0] for line in lines[1:]] == [p.id for p in read_quora(test)]  # every pair
+    # each long pair's prediction is the model's answer after the last 128 tokens of its prompt
+    model = GPT.from_pretrained(tiny_checkpoint).eval()
+    for pair, line in zip(read_quora(test)[-2:], lines[-2:]):
+        prompt = encode(paraphrase_prompt(pair.sentence1, pair.sentence2))
+        assert len(prompt) > 128
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt[-128:]]))[0, -1]
+        assert line == f"{pair.id}, {int(logits[YES_TOKEN] > logits[NO_TOKEN])} "
+
+
+def test_keep_the_end_keeps_the_question_that_is_asked():
+    assert evaluation.keep_the_end([1, 2, 3, 4, 5], 3) == [3, 4, 5]
+    assert evaluation.keep_the_end([1, 2], 3) == [1, 2]
+    prompt = encode(paraphrase_prompt("Is " + "very " * 300 + "long a problem?", "Is length a problem?"))
+    kept = evaluation.keep_the_end(prompt, 20)
+    assert len(kept) == 20 and decode(kept).endswith('"is length a problem ?\nAre these questions asking the same '
+                                                     'thing?\n')
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"max_len must be a positive whole number, got {bad}"):
+            evaluation.keep_the_end(prompt, bad)

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+import checkpoint
 import model as model_module
 from conftest import always_predict, tiny_config
 from fileio import InputError
@@ -214,9 +215,13 @@ def test_generate_rejects_right_padding_and_overlong_requests(tiny_model):
         tiny_model.generate(random_ids(1, 4), 3, attention_mask=torch.tensor([[1, 1, 1, 0]]))
     with pytest.raises(ValueError, match="exceeds block_size"):
         tiny_model.generate(random_ids(1, 100), 29)
-    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)):
-        with pytest.raises(ValueError, match="need temperature >= 0 and 0 < top_p <= 1"):
-            tiny_model.generate(random_ids(1, 4), 3, **bad)
+    for bad in (-1.0, -1e-9, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=re.escape(f"temperature must be a finite number >= 0 (0 picks the most "
+                                                       f"likely token), got {bad!r}")):
+            tiny_model.generate(random_ids(1, 4), 3, temperature=bad)
+    for bad in (0.0, -0.5, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=re.escape(f"top_p must be in (0, 1], got {bad!r}")):
+            tiny_model.generate(random_ids(1, 4), 3, top_p=bad)
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match=f"max_new_tokens must be a positive whole number, got {bad}"):
             tiny_model.generate(random_ids(1, 4), bad)
@@ -395,3 +400,86 @@ def test_gpt2_124m_shape_matches_transformers(tmp_path):
     expected = hf_model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=8,
                                  do_sample=False, pad_token_id=50256, eos_token_id=None)
     assert ours.generate(ids[:1], 8, temperature=0, eos_token_id=None).tolist() == expected.tolist()
+
+
+# -----------------------------------------------------------------------------
+# save_pretrained into a place that cannot be a folder
+
+
+def test_save_pretrained_into_or_under_a_file_is_a_clear_error(tiny_model, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(InputError) as error:
+        tiny_model.save_pretrained(a_file)
+    assert str(error.value) == (f"{a_file}: is a file, not a folder; save_pretrained writes config.json and "
+                                f"model.safetensors into a folder")
+    with pytest.raises(InputError) as error:
+        tiny_model.save_pretrained(a_file / "run" / "best")
+    assert str(error.value) == (f"{a_file / 'run' / 'best'}: lies under {a_file}, which is a file, not a folder; "
+                                f"save_pretrained writes config.json and model.safetensors into a folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"] and a_file.read_text() == "x"  # nothing left behind
+    tiny_model.save_pretrained(tmp_path / "new" / "deeper")  # a folder that is not there yet is made
+    assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["config.json", "model.safetensors"]
+
+
+# -----------------------------------------------------------------------------
+# model_context: the positions of what load_model would load, from JSON alone
+
+
+def adapter_folder(directory, base, block_size):
+    """A LoRA run's folder as train_sft writes it: adapter.safetensors and adapter_config.json naming its base."""
+    from lora import apply_lora, save_lora
+    torch.manual_seed(0)
+    model = apply_lora(GPT(tiny_config(block_size=block_size)), r=2, alpha=4)
+    directory.mkdir(parents=True)
+    save_lora(model, directory / checkpoint.ADAPTER_FILE)
+    (directory / checkpoint.ADAPTER_CONFIG).write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    return directory
+
+
+def test_model_context_is_the_block_size_load_model_gives(tmp_path):
+    torch.manual_seed(0)
+    GPT(tiny_config(block_size=96)).save_pretrained(tmp_path / "hub")
+    adapter = adapter_folder(tmp_path / "lora-run", tmp_path / "hub", 96)
+    on_adapter = adapter_folder(tmp_path / "lora-on-lora", adapter, 96)
+    GPT(tiny_config(block_size=48)).save_pretrained(tmp_path / "fft-run" / "best")
+    adapter_folder(tmp_path / "run-of-adapter" / "best", on_adapter, 96)
+    expected = {"hub": 96, "lora-run": 96, "lora-on-lora": 96, "fft-run": 48, "run-of-adapter": 96}
+    for name, block_size in expected.items():
+        assert checkpoint.model_context(tmp_path / name) == block_size, name
+        assert checkpoint.load_model(tmp_path / name).config.block_size == block_size, name
+
+
+def test_model_context_of_the_gpt2_names_reads_no_weights(monkeypatch, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))  # nothing downloaded, nothing read
+    monkeypatch.setattr(model_module, "read_safetensors", None)
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2"):
+        assert checkpoint.model_context(name) == transformers.GPT2Config().n_positions == 1024
+    # a hub directory: config.json's n_positions, or n_ctx in older configs; the weights are never opened
+    config = {"model_type": "gpt2", "vocab_size": 50257, "n_layer": 2, "n_head": 4, "n_embd": 64}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**config, "n_ctx": 64}))
+    assert checkpoint.model_context(tmp_path / "old") == 64
+    (tmp_path / "run" / "last").mkdir(parents=True)  # a run folder with no best/ yet: its last checkpoint
+    (tmp_path / "run" / "last" / "config.json").write_text(json.dumps({**config, "n_positions": 32}))
+    assert checkpoint.model_context(tmp_path / "run") == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "run"]  # nothing was downloaded
+
+
+def test_model_context_errors_name_what_is_wrong(tmp_path):
+    with pytest.raises(InputError, match=r"'nope' is neither a GPT-2 name \(gpt2, gpt2-medium"):
+        checkpoint.model_context("nope")
+    with pytest.raises(InputError, match=r"config.json: no such file"):
+        checkpoint.model_context(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"config.json: not valid JSON"):
+        checkpoint.model_context(tmp_path)
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    (loop / checkpoint.ADAPTER_CONFIG).write_text(json.dumps({"base_model_name_or_path": str(loop)}))
+    with pytest.raises(InputError, match=r"adapter_config.json: its base_model_name_or_path leads back to .*loop"):
+        checkpoint.model_context(loop)
+    (loop / checkpoint.ADAPTER_CONFIG).write_text(json.dumps({"base": "gpt2"}))
+    with pytest.raises(InputError, match=r"adapter_config.json: not an adapter config with a base_model_name_or_path"):
+        checkpoint.model_context(loop)
