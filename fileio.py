@@ -8,6 +8,7 @@ Everything that touches the disk or the network, in one place:
 - atomic_open: write to a temporary file, then rename, so a crash never leaves half a checkpoint or result.
 - download: a resumable, progress-barred, optionally hash-checked HTTP download (same atomic rename);
   check_sha256 checks a file already on disk.
+- fingerprint: a short hash of what a cached result depends on (weights, token ids, settings).
 - read_safetensors / write_safetensors: the safetensors format, read and written by hand. It is tiny:
       [8 bytes: header length N, little-endian] [N bytes: JSON header] [raw tensor bytes]
   and, unlike pickle (torch.load), reading it can never run code from the file.
@@ -154,6 +155,19 @@ def download(url, dest, sha256=None, hint=""):
             raise InputError(f"{failed}: sha256 is {actual}, expected {sha256}; the partial file was deleted")
     os.replace(part, dest)
     return dest
+
+
+def fingerprint(*parts):
+    """A short hash of what a cached result depends on (weights, token ids, settings)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, dict):  # a state dict
+            for name in sorted(part):
+                h.update(name.encode())
+                h.update(part[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(part, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 def check_sha256(path, expected):

@@ -24,7 +24,6 @@ The loop (settings, optimizer, schedule, checkpoints, --resume, results.json) is
 """
 
 import copy
-import hashlib
 import json
 import math
 import statistics
@@ -42,7 +41,7 @@ from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example
 from data.tasks import load_task_data
 from data.tokenizer import decode
 from eval import chrf, sample_continuations
-from fileio import InputError, read_safetensors, writable_dir, write_json, write_safetensors
+from fileio import InputError, fingerprint, read_safetensors, writable_dir, write_json, write_safetensors
 from lora import lora_layers, merged_state_dict
 from train_sft import batch_logprobs, check_lengths, continuation_examples, evaluate
 
@@ -118,13 +117,13 @@ def sonnet_pairs(sonnets, rejected):
             for chosen, tokens in zip(continuation_examples(sonnets), rejected, strict=True)]
 
 
-def sample_rejections(model, sonnets, config, cache_dir, fingerprint, block_size):
+def sample_rejections(model, sonnets, config, cache_dir, weights_id, block_size):
     """For each sonnet, the token ids the sampling model writes after its first 3 lines, with a budget that fits
     the longest true rest (cached: sampling is slow)."""
     chosen = continuation_examples(sonnets)
     prompts = [c.prompt for c in chosen]
     budget = min(max(len(c.target) for c in chosen), block_size - max(len(p) for p in prompts))
-    key = fingerprint_of(fingerprint, prompts, config["temperature"], config["top_p"], budget, config["seed"])
+    key = fingerprint(weights_id, prompts, config["temperature"], config["top_p"], budget, config["seed"])
     path = Path(cache_dir) / f"rejections-{key}.json"
     if path.exists():
         return json.loads(path.read_text())["rejected"]
@@ -147,23 +146,10 @@ def rejection_stats(pairs):
 # the reference model: the frozen starting point
 
 
-def fingerprint_of(*parts):
-    """A short hash of what a cached result depends on (weights, token ids, settings)."""
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, dict):  # a state dict
-            for name in sorted(part):
-                h.update(name.encode())
-                h.update(part[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        else:
-            h.update(json.dumps(part, default=str).encode())
-    return h.hexdigest()[:16]
-
-
 def weights_fingerprint(model):
     """Of the function the model computes: with fresh LoRA adapters (B = 0) that is the base model's, so
     DPO-only FFT and LoRA share one cache."""
-    return fingerprint_of(merged_state_dict(model))
+    return fingerprint(merged_state_dict(model))
 
 
 @contextmanager
@@ -198,12 +184,12 @@ def reference_logps(model, pairs, config, autocast):
     return chosen, rejected
 
 
-def cached_reference_logps(model, pairs, config, autocast, cache_dir, fingerprint, name):
+def cached_reference_logps(model, pairs, config, autocast, cache_dir, weights_id, name):
     """reference_logps, computed once and kept under a fingerprint of the reference weights, the pairs and
     the tokenizer/dtype: a rerun, or another condition with the same reference and pairs, reads them back,
     and a changed model or data set can never pick up a stale file."""
     device_type = config["device"].split(":")[0]
-    key = fingerprint_of(fingerprint, [(p.chosen.prompt, p.chosen.target, p.rejected.target) for p in pairs],
+    key = fingerprint(weights_id, [(p.chosen.prompt, p.chosen.target, p.rejected.target) for p in pairs],
                          "gpt2-bpe", trainer.compute_dtype(config, device_type), device_type)
     path = Path(cache_dir) / f"reference-{name}-{key}.safetensors"
     if path.exists():
@@ -259,10 +245,10 @@ def preference_pairs(model, train_data, dev, config):
     if config["task"] == "paraphrase":
         return paraphrase_pairs(train_data), paraphrase_pairs(dev)
     sampler = model if config["rejections_from"] is None else load_model(config["rejections_from"]).to(config["device"])
-    fingerprint, block_size = weights_fingerprint(sampler), model.config.block_size
+    weights_id, block_size = weights_fingerprint(sampler), model.config.block_size
     held_out, references = dev
     true = [s for s in references if s.number in {h.number for h in held_out}]
-    return tuple(sonnet_pairs(sonnets, sample_rejections(sampler, sonnets, config, config["cache_dir"], fingerprint,
+    return tuple(sonnet_pairs(sonnets, sample_rejections(sampler, sonnets, config, config["cache_dir"], weights_id,
                                                          block_size)) for sonnets in (train_data, true))
 
 
@@ -283,10 +269,10 @@ def train(config):
     # its log-probabilities are computed once, now (it never changes, so the loss is the same and each step
     # skips a forward pass). --live_reference recomputes them every step: with LoRA on the same network with
     # its adapters off, with FFT on a frozen copy.
-    fingerprint = weights_fingerprint(policy)
+    weights_id = weights_fingerprint(policy)
     ref_chosen, ref_rejected = cached_reference_logps(policy, pairs, config, autocast, config["cache_dir"],
-                                                      fingerprint, "train")
-    dev_ref = cached_reference_logps(policy, dev_pairs, config, autocast, config["cache_dir"], fingerprint, "dev")
+                                                      weights_id, "train")
+    dev_ref = cached_reference_logps(policy, dev_pairs, config, autocast, config["cache_dir"], weights_id, "dev")
     lengths = [len(p.chosen) + len(p.rejected) for p in pairs]
     first = trainer.epoch_batches(lengths, config, 0, run.world_size)[0]
     check_reference(policy, [pairs[i] for i in first], ref_chosen[first], ref_rejected[first], config, autocast)

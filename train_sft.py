@@ -27,7 +27,7 @@ from data.quora import paraphrase_example
 from data.sonnets import sonnet_example, split_prompt
 from data.tasks import load_task_data
 from data.tokenizer import END_OF_TEXT, encode
-from eval import eval_mode, evaluate_paraphrase, evaluate_sonnets
+from eval import answer_tokens, eval_mode, evaluate_paraphrase, evaluate_sonnets
 from fileio import InputError
 
 SETTINGS = trainer.SETTINGS  # SFT adds none of its own: GPT-2's dropout 0.1 is the default
@@ -133,14 +133,16 @@ def mean_token_nll(model, examples, batch_size, device):
 
 
 def evaluate(model, task, dev, config, device):
-    """The dev figures with eval.py's own functions. 'score' is what the study reports (accuracy or chrF) and
+    """The dev figures with eval.py's own functions, and per-example lists (predictions, the argmax tokens and
+    whether each is correct; the sampled sonnets) for dev_predictions.json. 'score' is what the study reports
+    (the course's accuracy, or chrF) and
     'selection' what best/ is chosen by: paraphrase accuracy; for sonnets minus the dev loss (the true
     continuations' log-likelihood), since chrF of a dozen sampled sonnets moves by about a point with the
     sampling seed alone, and choosing the epoch by it would mostly choose noise."""
-    if task == "paraphrase":
+    if task == "paraphrase":  # accuracy and f1 are the course's (whole-vocabulary argmax); see eval.py
         result = evaluate_paraphrase(model, dev, config["eval_batch_size"], device)
-        return {"score": result["accuracy"], "selection": result["accuracy"], "accuracy": result["accuracy"],
-                "f1": result["f1"], "predictions": result["predictions"]}
+        correct = [int(t == a) for t, a in zip(result["predicted_tokens"], answer_tokens([p.label for p in dev]))]
+        return {"score": result["accuracy"], "selection": result["accuracy"], **result, "correct": correct}
     held_out, references = dev
     result = evaluate_sonnets(model, held_out, references, device=device, temperature=config["temperature"],
                               top_p=config["top_p"], max_new_tokens=config["max_new_tokens"], seed=config["seed"],

@@ -16,8 +16,8 @@ metrics = pytest.importorskip("sklearn.metrics")
 THIRD = 11  # ",": a token that is neither "yes" nor "no"
 
 
-def dev_pairs(shared_data):
-    return read_quora(shared_data / "quora_samples" / "quora-dev-30.csv")  # 8 paraphrases, 22 not
+def dev_pairs(sample_data):
+    return read_quora(sample_data / "quora-dev.csv")  # 12 paraphrases, 18 not
 
 
 # -----------------------------------------------------------------------------
@@ -69,8 +69,8 @@ def test_macro_f1_equals_sklearn_on_random_token_predictions():
 # evaluate_paraphrase on models
 
 
-def test_a_model_that_answers_a_third_token_scores_zero(shared_data, tiny_model):
-    pairs = dev_pairs(shared_data)
+def test_a_model_that_answers_a_third_token_scores_zero(sample_data, tiny_model):
+    pairs = dev_pairs(sample_data)
     always_predict(tiny_model, THIRD)  # every final hidden state is all ones: logit(t) = sum of t's output row
     with torch.no_grad():
         tiny_model.lm_head.weight[NO_TOKEN] = 0.5  # logit("no") = 32 < logit(THIRD) = 64, still far above "yes"
@@ -78,25 +78,25 @@ def test_a_model_that_answers_a_third_token_scores_zero(shared_data, tiny_model)
     assert result["predicted_tokens"] == [THIRD] * 30
     assert result["accuracy"] == 0.0 and result["f1"] == 0.0  # yes, no and the third token: F1 0 each
     assert result["yes_no_share"] == 0.0
-    # the yes-no margin says "no" for every pair: right on the 22 that are not paraphrases
+    # the yes-no margin says "no" for every pair: right on the 18 that are not paraphrases
     assert result["predictions"] == [0] * 30
-    assert result["yes_no_accuracy"] == pytest.approx(22 / 30)
-    # class 0: TP 22, FP 8 -> 44 / 52; class 1: never predicted -> 0
-    assert result["yes_no_f1"] == pytest.approx((44 / 52 + 0) / 2)
+    assert result["yes_no_accuracy"] == pytest.approx(18 / 30)
+    # class 0: TP 18, FP 12 -> 2 * 18 / (2 * 18 + 12) = 36 / 48; class 1: never predicted -> 0
+    assert result["yes_no_f1"] == pytest.approx((36 / 48 + 0) / 2)
 
     with torch.no_grad():
         tiny_model.lm_head.weight[YES_TOKEN] = 0.75  # now "yes" beats "no" (48 > 32), THIRD still wins (64)
     result = evaluation.evaluate_paraphrase(tiny_model, pairs, batch_size=8)
     assert result["accuracy"] == 0.0 and result["yes_no_share"] == 0.0
-    assert result["predictions"] == [1] * 30 and result["yes_no_accuracy"] == pytest.approx(8 / 30)
+    assert result["predictions"] == [1] * 30 and result["yes_no_accuracy"] == pytest.approx(12 / 30)
 
 
-def test_a_model_that_answers_yes_is_scored_the_same_both_ways(shared_data, tiny_model):
-    pairs = dev_pairs(shared_data)
+def test_a_model_that_answers_yes_is_scored_the_same_both_ways(sample_data, tiny_model):
+    pairs = dev_pairs(sample_data)
     always_predict(tiny_model, YES_TOKEN)
     result = evaluation.evaluate_paraphrase(tiny_model, pairs, batch_size=8)
     assert result["yes_no_share"] == 1.0
-    assert result["accuracy"] == result["yes_no_accuracy"] == pytest.approx(8 / 30)
+    assert result["accuracy"] == result["yes_no_accuracy"] == pytest.approx(12 / 30)
     assert result["f1"] == pytest.approx(result["yes_no_f1"])
 
 
@@ -109,8 +109,8 @@ def rig_three_answers(model):
     return model
 
 
-def test_evaluation_equals_one_pair_at_a_time_and_sklearn(shared_data, tiny_model):
-    pairs = dev_pairs(shared_data)
+def test_evaluation_equals_one_pair_at_a_time_and_sklearn(sample_data, tiny_model):
+    pairs = dev_pairs(sample_data)
     rig_three_answers(tiny_model)
     result = evaluation.evaluate_paraphrase(tiny_model, pairs, batch_size=7)
     tokens, yes = [], []
@@ -134,8 +134,8 @@ def test_evaluation_equals_one_pair_at_a_time_and_sklearn(shared_data, tiny_mode
     assert evaluation.predict_paraphrase(tiny_model, pairs, batch_size=5) == yes  # the predictions file's answers
 
 
-def test_one_forward_pass_per_batch_gives_both_answers(shared_data, tiny_model):
-    pairs = dev_pairs(shared_data)
+def test_one_forward_pass_per_batch_gives_both_answers(sample_data, tiny_model):
+    pairs = dev_pairs(sample_data)
     calls = []
     forward = tiny_model.hidden_states
     tiny_model.hidden_states = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)

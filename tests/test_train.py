@@ -135,20 +135,6 @@ def learnable_data(tmp_path_factory):
     return directory
 
 
-@pytest.fixture(scope="module")
-def course_data(tmp_path_factory):
-    """The course's real files (sonnets; Quora's 30-row samples under the course's names), when present."""
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not present")
-    directory = tmp_path_factory.mktemp("course_data")
-    for name in ("sonnets.txt", "sonnets_held_out_dev.txt", "TRUE_sonnets_held_out_dev.txt"):
-        shutil.copy(SHARED_DATA / name, directory / name)
-    for split in ("train", "dev"):
-        shutil.copy(SHARED_DATA / "quora_samples" / f"quora-{split}-30.csv", directory / f"quora-{split}.csv")
-    return directory
-
-
 def settings(tiny_dir, data_dir, out_dir, **overrides):
     return {**trainer.defaults(), "task": "paraphrase", "init_from": str(tiny_dir), "data_dir": str(data_dir), "out_dir": str(out_dir),
             "device": "cpu", "epochs": 3, "lr": 3e-3, "warmup": 0.0, "dropout": 0.0, **overrides}
@@ -162,7 +148,8 @@ def test_sft_learns_the_task_and_writes_its_results(tiny_dir, learnable_data, tm
     before = train_sft.evaluate(load_model(tiny_dir), "paraphrase",
                                 load_task_data(settings(tiny_dir, learnable_data, tmp_path))[1],
                                 {"eval_batch_size": 64}, "cpu")
-    results = train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "sft"))
+    # 5 epochs: at 3 the task is learnt or not depending on the data order (2 of 5 seeds' orders)
+    results = train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "sft", epochs=5))
     assert before["accuracy"] <= 0.6 < 0.9 <= results["metrics"]["accuracy"]
     assert "paraphrase sft fft: accuracy" in capsys.readouterr().out
     on_disk = json.loads((tmp_path / "sft" / "results.json").read_text())
@@ -171,7 +158,7 @@ def test_sft_learns_the_task_and_writes_its_results(tiny_dir, learnable_data, tm
                 "trainable_parameters"):
         assert results[key] > 0, key
     assert results["total_parameters"] == results["trainable_parameters"]
-    assert results["config"]["lr"] == 3e-3 and results["device"] == "cpu" and len(results["history"]) == 3
+    assert results["config"]["lr"] == 3e-3 and results["device"] == "cpu" and len(results["history"]) == 5
     # best/ and last/ are GPT-2 checkpoints that eval.py's loader (and Hugging Face) can read
     best = load_model(tmp_path / "sft")  # a run folder means its best/
     assert train_sft.evaluate(best, "paraphrase", load_task_data(settings(tiny_dir, learnable_data, tmp_path))[1],
@@ -192,11 +179,14 @@ def test_lora_sft_trains_only_a_and_b_and_saves_only_the_adapter(tiny_dir, learn
 
 
 def test_dpo_raises_the_reward_margin_and_accuracy(tiny_dir, learnable_data, tmp_path):
-    results = train_dpo.train(settings(tiny_dir, learnable_data, tmp_path / "dpo", epochs=3, beta=0.5))
+    # 5 epochs: at 3 the margin passes 0.5 or not depending on the data order
+    results = train_dpo.train(settings(tiny_dir, learnable_data, tmp_path / "dpo", epochs=5, beta=0.5))
     last = results["history"][-1]
     assert results["regime"] == "dpo"
     assert last["reward_margin"] > 0.5 and last["reward_accuracy"] >= 0.9
-    assert last["accuracy"] >= 0.9  # preferring the right answer token is the task
+    assert last["yes_no_accuracy"] >= 0.9  # preferring the right answer token of the two is the task
+    # DPO moves only the yes-no margin: the course's argmax over the vocabulary need not land on either
+    assert last["accuracy"] <= last["yes_no_accuracy"]
 
 
 def test_the_reference_never_changes_and_live_equals_precomputed(tiny_dir, learnable_data, tmp_path, monkeypatch):
@@ -268,16 +258,16 @@ def test_bf16_autocast_runs_on_cpu(tiny_dir, learnable_data, tmp_path):
     assert math.isfinite(results["history"][0]["dpo_loss"])
 
 
-def test_sonnet_sft_and_dpo_end_to_end(tiny_dir, course_data, tmp_path):
+def test_sonnet_sft_and_dpo_end_to_end(tiny_dir, sample_data, tmp_path):
     common = dict(task="sonnet", epochs=1, train_limit=8, max_new_tokens=8, lr=1e-3)
-    sft = train_sft.train(settings(tiny_dir, course_data, tmp_path / "sft", **common))
+    sft = train_sft.train(settings(tiny_dir, sample_data, tmp_path / "sft", **common))
     assert sft["score_name"] == "chrf" and 0 < sft["score"] < 100
-    dpo = train_dpo.train(settings(tmp_path / "sft", course_data, tmp_path / "dpo", lora_r=4, **common))
+    dpo = train_dpo.train(settings(tmp_path / "sft", sample_data, tmp_path / "dpo", lora_r=4, **common))
     assert dpo["regime"] == "sft_dpo" and math.isfinite(dpo["history"][0]["reward_margin"])
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "dpo").glob("*-*.*"))
     assert cached == ["reference", "reference", "rejections", "rejections"]  # train and dev, each cached once
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "dpo").glob("*-*.*")}
-    train_dpo.train(settings(tmp_path / "sft", course_data, tmp_path / "dpo2", lora_r=4,
+    train_dpo.train(settings(tmp_path / "sft", sample_data, tmp_path / "dpo2", lora_r=4,
                              cache_dir=str(tmp_path / "dpo"), **common))
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "dpo").glob("*-*.*")} == before  # read back, not redone
     assert not list((tmp_path / "dpo2").glob("reference-*"))
