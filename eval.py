@@ -32,13 +32,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checkpoint import check_source, load_model, model_context
 from data.batching import Example, batch_indices, collate, left_pad
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, read_quora
 from data.sonnets import read_sonnets
+from data.tasks import QUORA, SONNETS
 from data.tokenizer import decode, encode
-from checkpoint import check_source, load_model, model_context
 from fileio import InputError, atomic_open, writable_dir
-from model import END_OF_TEXT, default_device
+from model import END_OF_TEXT, check_device, default_device
 
 # -----------------------------------------------------------------------------
 # metrics: pure functions of Python lists
@@ -344,23 +345,6 @@ def write_sonnets(path, numbered_sonnets):
 # checks on the command line's values, before any real work
 
 
-def check_device(device, flag="--device"):
-    """`device` if this machine has it (cpu, cuda, cuda:N, mps); else InputError naming the flag, the value
-    and the devices there are."""
-    here = ["cpu"]
-    if torch.cuda.is_available():
-        here += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        here += ["mps"]
-    if str(device) not in here:
-        kind = str(device).split(":")[0]
-        why = (f"this machine has {torch.cuda.device_count()} CUDA device(s)" if kind == "cuda" and "cuda" in here
-               else f"{kind.upper()} is not available on this machine" if kind in ("cuda", "mps")
-               else "not a device name")
-        raise InputError(f"{flag} {device!r}: {why}; valid here: {', '.join(here)}")
-    return str(device)
-
-
 def check_args(args):
     """Every value the command line gave, checked before the data is read or a model is loaded."""
     if args.task == "sonnet" and args.split not in SONNET_SPLITS:
@@ -437,9 +421,7 @@ def check_sonnet_prompts(held_out, path, max_new_tokens, context):
 # -----------------------------------------------------------------------------
 # command line
 
-QUORA_SPLITS = {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"}
-SONNET_SPLITS = {"dev": ("sonnets_held_out_dev.txt", "TRUE_sonnets_held_out_dev.txt"),
-                "test": ("sonnets_held_out.txt", None)}
+SONNET_SPLITS = {"dev": (SONNETS["dev"], SONNETS["dev_true"]), "test": (SONNETS["test"], None)}  # prompts, references
 DEFAULTS = dict(batch_size=64, seed=11711, temperature=1.2, top_p=0.9, max_new_tokens=128)
 
 
@@ -470,7 +452,7 @@ def run(args):
     t0 = time.time()
     # read the data first: a missing file should fail before a model is downloaded or loaded
     if args.task == "paraphrase":
-        data_file = args.data_dir / QUORA_SPLITS[args.split]
+        data_file = args.data_dir / QUORA[args.split]
         pairs = read_quora(data_file, limit=args.limit)
     else:
         prompts_file, references_file = SONNET_SPLITS[args.split]

@@ -391,6 +391,23 @@ def default_device():
     return "cpu"
 
 
+def check_device(device, flag="--device"):
+    """`device` if this machine has it (cpu, cuda, cuda:N, mps); else InputError naming the flag, the value
+    and the devices there are."""
+    here = ["cpu"]
+    if torch.cuda.is_available():
+        here += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        here += ["mps"]
+    if str(device) not in here:
+        kind = str(device).split(":")[0]
+        why = (f"this machine has {torch.cuda.device_count()} CUDA device(s)" if kind == "cuda" and "cuda" in here
+               else f"{kind.upper()} is not available on this machine" if kind in ("cuda", "mps")
+               else "not a device name")
+        raise InputError(f"{flag} {device!r}: {why}; valid here: {', '.join(here)}")
+    return str(device)
+
+
 # -----------------------------------------------------------------------------
 # loading: names, shapes and the hub's file layout
 

@@ -40,10 +40,9 @@ from tqdm import tqdm
 
 from checkpoint import CHECKPOINT, check_source, load_checkpoint, load_model, save_checkpoint, save_model
 from data.batching import batch_indices
-from eval import check_device
 from fileio import InputError, read_text, writable_dir, write_json
 from lora import DEFAULT_TARGETS, apply_lora
-from model import default_device
+from model import check_device, default_device
 
 # -----------------------------------------------------------------------------
 # settings: name -> (default, type, valid values, why). Every one is a command-line flag: --name value.
