@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import trainer
-from checkpoint import check_source, is_sft_run, load_model, model_context
+from checkpoint import check_source, is_sft_run, load_model
 from data.batching import Example, batch_indices, collate
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example
 from data.tasks import load_task_data
@@ -43,7 +43,7 @@ from data.tokenizer import decode
 from eval import chrf, sample_continuations
 from fileio import InputError, fingerprint, read_safetensors, writable_dir, write_json, write_safetensors
 from lora import lora_layers, merged_state_dict
-from train_sft import batch_logprobs, check_lengths, continuation_examples, evaluate
+from train_sft import batch_logprobs, check_lengths, check_task_lengths, continuation_examples, evaluate
 
 # -----------------------------------------------------------------------------
 # settings: trainer.py's, with these changes and additions
@@ -259,7 +259,7 @@ def train(config):
     train_data, dev = load_task_data(config)  # before the model: a missing file fails in a second
     chosen = ([p.chosen for p in paraphrase_pairs(train_data)] if config["task"] == "paraphrase"
               else continuation_examples(train_data))
-    check_lengths(chosen, model_context(config["init_from"]))  # before the model; the rejections once sampled
+    check_task_lengths(config, chosen, dev)  # before the model; the rejections once they are sampled
     policy = trainer.load_policy(config).to(device)  # the starting model, and the trained one
     autocast = trainer.autocast_context(config, run.device_type)
     pairs, dev_pairs = preference_pairs(policy, train_data, dev, config)

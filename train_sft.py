@@ -18,6 +18,8 @@ This file holds only what SFT is: its examples, the log-likelihood, the loss, an
 (best/, last/, checkpoint.pt, results.json) is described in checkpoint.py. --help lists every setting.
 """
 
+from pathlib import Path
+
 import torch
 
 import trainer
@@ -25,9 +27,10 @@ from checkpoint import model_context
 from data.batching import Example, batch_indices, collate
 from data.quora import paraphrase_example
 from data.sonnets import sonnet_example, split_prompt
-from data.tasks import load_task_data
+from data.tasks import QUORA, SONNETS, load_task_data
 from data.tokenizer import END_OF_TEXT, encode
-from eval import answer_tokens, eval_mode, evaluate_paraphrase, evaluate_sonnets
+from eval import (answer_tokens, check_paraphrase_prompts, check_sonnet_prompts, eval_mode, evaluate_paraphrase,
+                  evaluate_sonnets)
 from fileio import InputError
 
 SETTINGS = trainer.SETTINGS  # SFT adds none of its own: GPT-2's dropout 0.1 is the default
@@ -111,6 +114,18 @@ def check_lengths(examples, block_size, what="training example"):
                          f"model's block_size of {block_size} positions")
 
 
+def check_task_lengths(config, examples, dev):
+    """Everything the run will give the model must fit its positions: the training examples, and the dev
+    prompts (sonnets: with the --max_new_tokens written after them). Read from the model's config alone, so
+    that this fails before any weights are loaded."""
+    context = model_context(config["init_from"])
+    check_lengths(examples, context)
+    if config["task"] == "paraphrase":
+        check_paraphrase_prompts(dev, Path(config["data_dir"]) / QUORA["dev"], context)
+    else:
+        check_sonnet_prompts(dev[0], Path(config["data_dir"]) / SONNETS["dev"], config["max_new_tokens"], context)
+
+
 def continuation_examples(sonnets):
     """Each sonnet as its task poses it: the first 3 lines, then the true rest and end-of-text as the target."""
     examples = []
@@ -164,7 +179,7 @@ def train(config):
     config = run.config
     records, dev = load_task_data(config)  # before the model: a missing file fails in a second
     examples = sft_examples(config["task"], records)
-    check_lengths(examples, model_context(config["init_from"]))  # before the model, too
+    check_task_lengths(config, examples, dev)  # before the model, too
     model = trainer.load_policy(config).to(run.device)
 
     def loss_fn(model, part, batch):

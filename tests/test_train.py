@@ -379,3 +379,48 @@ def test_seeds_and_epochs_never_share_a_data_order():
     # with seed + epoch, seed 11711's epoch 1 was seed 11712's epoch 0: every pair must differ now
     assert len({str(order) for order in orders.values()}) == len(orders)
     assert orders[11711, 0] == trainer.epoch_batches(lengths, {"batch_size": 8, "seed": 11711}, 0)  # and repeat
+
+
+@pytest.mark.parametrize("script", [train_sft, train_dpo])
+def test_lengths_that_do_not_fit_the_model_are_refused_before_it_loads(script, sample_data, tmp_path, monkeypatch):
+    GPT(tiny_config(block_size=120)).save_pretrained(tmp_path / "short")  # shorter than the sample sonnets (163)
+    GPT(tiny_config(block_size=256)).save_pretrained(tmp_path / "long")
+    monkeypatch.setattr(trainer, "load_model", None)  # any load would fail loudly: the checks read config.json only
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"is 1[0-9]{2} tokens long, more than the model's block_size of 120"):
+        script.train(settings(tmp_path / "short", sample_data, out, task="sonnet"))
+    with pytest.raises(InputError, match=r"sonnets_held_out_dev.txt: sonnet 1[1-4]'s prompt is \d+ tokens; with "
+                                         r"--max_new_tokens 250 that makes \d+, more than the model's 256 positions"):
+        script.train(settings(tmp_path / "long", sample_data, out, task="sonnet", max_new_tokens=250))
+    assert not out.exists()  # nothing left behind
+
+
+def test_sonnet_rejections_are_the_sampled_tokens_with_end_of_text_only_when_sampled(sample_data, tmp_path):
+    from data.batching import left_pad
+    from data.sonnets import read_sonnets
+    from data.tokenizer import END_OF_TEXT
+    from eval import sample_continuations
+
+    class Scripted(torch.nn.Module):  # "samples" fixed rows: one stops with end-of-text, one runs out of budget
+        def generate(self, input_ids, max_new_tokens, **_):
+            new = torch.tensor([[7, 8, END_OF_TEXT, END_OF_TEXT], [7, 8, 9, 10]])
+            return torch.cat([input_ids, new], dim=1)
+
+    assert sample_continuations(Scripted(), [[1, 2], [3]], max_new_tokens=4) == [[7, 8, END_OF_TEXT], [7, 8, 9, 10]]
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=256)).eval()
+    sonnets = read_sonnets(sample_data / "sonnets.txt")[:2]
+    config = {**trainer.defaults(train_dpo.SETTINGS), "device": "cpu"}
+    rejected = train_dpo.sample_rejections(model, sonnets, config, tmp_path, "weights", model.config.block_size)
+    chosen = train_sft.continuation_examples(sonnets)
+    budget = max(len(c.target) for c in chosen)  # the longest true rest, with its end-of-text, fits
+    ids, mask = left_pad([c.prompt for c in chosen])
+    out = model.generate(ids, budget, temperature=config["temperature"], top_p=config["top_p"], attention_mask=mask,
+                         generator=torch.Generator().manual_seed(config["seed"]))
+    for tokens, row in zip(rejected, out[:, ids.size(1):].tolist()):  # what generate wrote, token for token
+        assert tokens == (row[:row.index(END_OF_TEXT) + 1] if END_OF_TEXT in row else row)
+    pairs = train_dpo.sonnet_pairs(sonnets, rejected)
+    assert [p.rejected.target for p in pairs] == rejected and all(p.chosen.target[-1] == END_OF_TEXT for p in pairs)
+    stats = train_dpo.rejection_stats(pairs)
+    assert stats["rejected_tokens"] == sum(map(len, rejected)) / 2 and 0 <= stats["chrf"] <= 100
