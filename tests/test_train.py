@@ -424,3 +424,22 @@ def test_sonnet_rejections_are_the_sampled_tokens_with_end_of_text_only_when_sam
     assert [p.rejected.target for p in pairs] == rejected and all(p.chosen.target[-1] == END_OF_TEXT for p in pairs)
     stats = train_dpo.rejection_stats(pairs)
     assert stats["rejected_tokens"] == sum(map(len, rejected)) / 2 and 0 <= stats["chrf"] <= 100
+
+
+def test_rejections_from_another_model_are_that_models_samples(sample_data, tmp_path, capsys):
+    from data.sonnets import read_sonnets
+    torch.manual_seed(1)
+    other = GPT(tiny_config(block_size=256)).eval()
+    other.save_pretrained(tmp_path / "other")
+    torch.manual_seed(0)
+    policy = GPT(tiny_config(block_size=256)).eval()
+    sonnets = read_sonnets(sample_data / "sonnets.txt")[:2]
+    dev = (read_sonnets(sample_data / "sonnets_held_out_dev.txt")[:1], read_sonnets(sample_data / "TRUE_sonnets_held_out_dev.txt"))
+    config = {**trainer.defaults(train_dpo.SETTINGS), "task": "sonnet", "device": "cpu", "cache_dir": str(tmp_path),
+              "rejections_from": str(tmp_path / "other")}
+    pairs, dev_pairs = train_dpo.preference_pairs(policy, sonnets, dev, config)
+    expected = train_dpo.sample_rejections(other, sonnets, config, tmp_path / "fresh", "other", 256)
+    assert [p.rejected.target for p in pairs] == expected and len(dev_pairs) == 1
+    with pytest.raises(SystemExit, match=r"error: --rejections_from '.*nowhere': neither a GPT-2 name"):
+        train_dpo.main(["--task", "sonnet", "--device", "cpu", "--data_dir", str(sample_data), "--out_dir",
+                        str(tmp_path / "o"), "--rejections_from", str(tmp_path / "nowhere")])
