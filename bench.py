@@ -576,15 +576,15 @@ def step_cases(model, hf_model, examples, args):
     with the output layer everywhere, transformers', and LoRA on all block Linears and on attn.c_attn only."""
     device, device_type, autocast = args.device, args.device.split(":")[0], autocast_of(args)
     wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731 - torch.compile as train_sft's --compile
+    batch = collate(examples).to(device)
     model.train()
     optimizer = configure_optimizer(model, 1e-5, 0.0, device_type)
     cases = {"SFT, FFT (ours)": (wrap(model), optimizer, sft_step_loss(examples, device), autocast),
-             "SFT, FFT, output layer everywhere": (model, optimizer, full_logits_loss(collate(examples).to(device)),
-                                                   autocast)}
+             "SFT, FFT, output layer everywhere": (model, optimizer, full_logits_loss(batch), autocast)}
     if hf_model is not None:
         hf_model.train()
         cases["SFT, FFT (transformers)"] = (hf_model, configure_optimizer(hf_model, 1e-5, 0.0, device_type),
-                                            hf_loss(collate(examples).to(device)), autocast)
+                                            hf_loss(batch), autocast)
     for name, targets in (("SFT, LoRA all block Linears", DEFAULT_TARGETS),
                           ("SFT, LoRA attn.c_attn", ("attn.c_attn",))):
         lora_model = apply_lora(copy.deepcopy(model), args.lora_r, args.lora_alpha, targets=targets)
