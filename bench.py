@@ -2,11 +2,13 @@
 What each method costs, measured side by side on this machine (after nanoGPT's bench.py).
 
     python bench.py --quick --out bench.json     # a few minutes on a 2-core CPU
-    python bench.py                              # more steps, 12 sonnets at once, 256 pairs scored
+    python bench.py                              # more steps, 12 sonnets generated at once, 16 trained on
     python bench.py --device cuda --batch_size 64
+    python bench.py --data_dir data              # the course's files (python -m data.download), not the sample
 
 GPT-2 124M's shape with random weights (nothing to download: a step costs the same whatever the values),
-trained on real Quora examples (their lengths, hence their padding, are what training sees: --quora).
+trained on real Quora pairs and sonnets (their lengths, hence their padding, are what training sees): the
+course's quora-train.csv and sonnets.txt in --data_dir, by default the small sample in data/samples.
 Every ratio compares two things measured in the same run on the same batch and dtype, after warm-up:
 the median of several steps, taken in turns (A, B, C, A, B, C, ...) so that a machine busy with something
 else slows all of them alike, with the device synchronised around every timed phase.
@@ -16,7 +18,7 @@ d = width, V = vocabulary, L = layers, T = sequence length):
     forward 2N, backward 4N (2N for the input gradient, 2N for the weight gradient)
     full fine-tuning (FFT)  6N + 12 L d T                                    (Kaplan et al. 2020, PaLM app. B)
     LoRA                    4N + 12 L d T: a frozen weight needs no weight gradient, and no AdamW state
-    output layer            6 d V per token where a loss reads it (once per Quora pair), not per position
+    output layer            6 d V per token where a loss reads it (once per Quora pair, every sonnet token)
     DPO                     policy on chosen + rejected (2x the rows of SFT) + reference forward (2N each)
     generation, KV cache    2N per new token; without the cache every step recomputes the whole prefix
 """
@@ -31,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,12 +41,18 @@ import torch.nn.functional as F
 
 from data.batching import collate, left_pad
 from data.quora import read_quora
+from data.sonnets import read_sonnets, sonnet_example, split_prompt
+from data.tasks import QUORA, SONNETS
+from data.tokenizer import encode
 from eval import answers_yes, check_device
 from fileio import InputError, writable_dir, write_json
 from lora import DEFAULT_TARGETS, apply_lora
 from model import END_OF_TEXT, GPT, PRETRAINED, GPTConfig, default_device
-from train_dpo import SETTINGS as DPO_SETTINGS, concatenated_logps, dpo_loss, paraphrase_pairs, reference_logps
+# the training scripts' own losses, data and settings, so that a step here is the step training takes
+from train_dpo import (SETTINGS as DPO_SETTINGS, concatenated_logps, dpo_loss, paraphrase_pairs, reference_logps,
+                       sonnet_pairs)
 from train_sft import SETTINGS as SFT_SETTINGS, sft_loss
+# the training loop's helpers
 from trainer import (autocast_context, configure_optimizer, epoch_batches, peak_memory_bytes, reset_peak_memory,
                      wrap_model)
 
@@ -61,16 +70,17 @@ steps = 7  # timed rounds; each figure is the median
 lora_r, lora_alpha = 8, 16.0
 score_pairs = 256  # paraphrase prompts scored (eval.answers_yes)
 sonnet_rows = 12  # sonnets generated at once
+sonnet_batch = 16  # sonnets per sonnet training step: SFT reads 16 rows, DPO 32 (chosen + rejected)
+sonnet_layers = 0  # the sonnet steps' model: the size's layers (0) or fewer (--quick: a full-size step is slow)
 new_tokens = 128  # tokens generated per sonnet (the course's)
 generate_runs = 3  # timed generations with the cache (median); the slow uncached one runs once
-quora = ROOT / "data" / "quora-train.csv"  # labelled Quora pairs; without it, the course's 30-pair sample
-if not quora.exists():
-    quora = ROOT.parent / "shared" / "data" / "quora_samples" / "quora-train-30.csv"
+data_dir = ROOT / "data" / "samples"  # the course's quora-train.csv and sonnets.txt; here a sample of each
+quora = None  # labelled Quora pairs in the course's format; None: data_dir's quora-train.csv
 peak_tflops = 0.0  # the device's peak rate for MFU (GPU only); 0 = measure it with a large matmul
 compile = False  # torch.compile our model's steps, as train_sft.py --compile does (transformers' stay eager)
 threads = 0  # CPU threads for PyTorch; 0 = its default (one per core)
 seed = 0
-QUICK = dict(warmup=1, steps=3, score_pairs=32, sonnet_rows=2, generate_runs=1)
+QUICK = dict(warmup=1, steps=3, score_pairs=32, sonnet_rows=2, generate_runs=1, sonnet_batch=1, sonnet_layers=2)
 
 PARAPHRASE_TRAIN_PAIRS = 283_003  # the course's quora-train.csv: one epoch of FFT SFT is what we time on a GPU
 SFT_DROPOUT = SFT_SETTINGS["dropout"][0]  # train_sft.py's default, so steps cost what the training's cost
@@ -161,14 +171,29 @@ def hf_loss(batch):
     return lambda model: model(input_ids=batch.input_ids, labels=labels).loss
 
 
-def dpo_step_loss(pairs, reference, device, autocast):
+def plain_logprobs(model, batch):
+    """What train_sft.batch_logprobs computes, the plain way: the output layer at every position, the whole
+    (B, T, V) logits kept, then log_softmax and a gather. Per row: log p(targets) = sum_t log p(x_t+1 | x_<=t)."""
+    logits = model(batch.input_ids)[:, :-1].float()  # (B, T-1, V)
+    token_logps = F.log_softmax(logits, dim=-1).gather(2, batch.input_ids[:, 1:, None]).squeeze(2)  # (B, T-1)
+    return (token_logps * batch.loss_mask[:, 1:]).sum(-1)
+
+
+def plain_concatenated_logps(model, chosen, rejected, device):
+    """train_dpo.concatenated_logps (one batch of chosen + rejected rows) with plain_logprobs."""
+    logps = plain_logprobs(model, collate(chosen + rejected).to(device))
+    return logps[:len(chosen)], logps[len(chosen):]
+
+
+def dpo_step_loss(pairs, reference, device, autocast, policy_logps=concatenated_logps):
     """train_dpo.py's step on a batch of preference pairs: one forward of chosen + rejected (concatenated_logps)
     and the DPO loss. reference: a frozen model, whose log-probabilities are computed every step as
-    --live_reference does (train_dpo.reference_logps), or (chosen, rejected) log-probabilities computed once."""
+    --live_reference does (train_dpo.reference_logps), or (chosen, rejected) log-probabilities computed once.
+    policy_logps: plain_concatenated_logps for the same step with the plain log-probabilities."""
     chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
 
     def loss_fn(model):
-        policy_chosen, policy_rejected = concatenated_logps(model, chosen, rejected, device)
+        policy_chosen, policy_rejected = policy_logps(model, chosen, rejected, device)
         if isinstance(reference, tuple):
             ref_chosen, ref_rejected = reference
         else:
@@ -252,52 +277,86 @@ def resident_bytes():
     return 0
 
 
-def peak_memory_of_method(config, examples, lora_targets, device, dtype, lora_r, lora_alpha, compile=False,
-                          n_steps=2):
+def peak_memory_of_method(config, rows, lora_targets, device, dtype, lora_r, lora_alpha, compile=False,
+                          n_steps=2, kind="sft"):
     """Peak memory of training steps. GPU: the most PyTorch allocated (torch.cuda.max_memory_allocated).
     CPU: the process's peak resident memory (Linux VmHWM, reset after the model is built, so building's
     transients are not counted) minus its resident memory before the model existed. Either way weights,
-    gradients, AdamW state, activations and every phase's temporaries are in it."""
+    gradients, AdamW state, activations and every phase's temporaries are in it.
+    kind: "sft" (rows are Examples) or "dpo" (rows are Pairs; the reference log-probabilities are computed
+    once before the steps, from the starting model, as train_dpo.py does)."""
     device_type = device.split(":")[0]
     torch.manual_seed(0)
-    before = {"cuda": torch.cuda.memory_allocated, "mps": torch.mps.driver_allocated_memory}.get(
-        device_type, resident_bytes)()
+    before = current_bytes(device_type)
     model = GPT(config).to(device).train()
     if lora_targets:
         apply_lora(model, lora_r, lora_alpha, targets=lora_targets)
     optimizer = configure_optimizer(model, 1e-5, 0.0, device_type)
     autocast = lambda: autocast_context({"dtype": dtype}, device_type)  # noqa: E731
     step_model = wrap_model(model, {"compile": compile}, 1)
+    if kind == "dpo":
+        reference = reference_logps(model, rows, {"eval_batch_size": len(rows), "device": device}, autocast())
+        loss_fn = dpo_step_loss(rows, reference, device, autocast)
+    else:
+        loss_fn = sft_step_loss(rows, device)
     reset_peak_memory(device_type)
     for _ in range(n_steps):
-        train_step(step_model, optimizer, sft_step_loss(examples, device), autocast, device)
+        train_step(step_model, optimizer, loss_fn, autocast, device)
     synchronize(device)
     return peak_memory_bytes(device_type) - before
 
 
-def _memory_child(queue, args):
+def peak_memory_of_logprobs(config, pairs, device, dtype, plain):
+    """Peak memory growth of one policy log-probability and its backward on a DPO batch (chosen + rejected
+    rows), from just after the model is built: activations, the output layer's temporaries and the gradients.
+    plain: the full logits (plain_concatenated_logps), else the training's train_dpo.concatenated_logps."""
+    device_type = device.split(":")[0]
+    torch.manual_seed(0)
+    model = GPT(config).to(device).train()
+    chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
+    logps = plain_concatenated_logps if plain else concatenated_logps
+    synchronize(device)
+    before = current_bytes(device_type)
+    reset_peak_memory(device_type)
+    with autocast_context({"dtype": dtype}, device_type):
+        policy_chosen, policy_rejected = logps(model, chosen, rejected, device)
+    (policy_chosen.sum() + policy_rejected.sum()).backward()
+    synchronize(device)
+    return peak_memory_bytes(device_type) - before
+
+
+def current_bytes(device_type):
+    """What peak_memory_bytes counts, now: allocated (GPU), driver memory (MPS) or resident memory (CPU)."""
+    return {"cuda": torch.cuda.memory_allocated, "mps": torch.mps.driver_allocated_memory}.get(
+        device_type, resident_bytes)()
+
+
+def _memory_child(queue, measure, args, threads):
+    torch.set_num_threads(threads)  # the parent's (--threads)
     try:
-        queue.put(peak_memory_of_method(*args))
+        queue.put(measure(*args))
     except BaseException as e:  # noqa: BLE001 - the parent raises it
         queue.put(e)
 
 
-def peak_memory_in_fresh_processes(jobs, parallel):
-    """{name: peak_memory_of_method(*args)} for jobs {name: args}, each in a fresh (spawned) process, so no
-    method's memory counts another's. parallel: all at once (CPU: each process has its own peak)."""
+def peak_memory_in_fresh_processes(jobs, device):
+    """{name: measure(*args)} for jobs {name: (measure, args)}, each in a fresh (spawned) process, so no
+    method's memory counts another's. On a CPU one process per core at a time (each has its own peak); on a
+    GPU one at a time (they would share its memory)."""
     context = multiprocessing.get_context("spawn")
+    at_once = 1 if device.startswith("cuda") else os.cpu_count() or 1
     results, running = {}, []
-    for name, args in jobs.items():
+    for name, (measure, args) in jobs.items():
+        if len(running) == at_once:  # wait for the oldest
+            oldest = running.pop(0)
+            results[oldest[0]] = child_result(*oldest)
         queue = context.Queue()
-        process = context.Process(target=_memory_child, args=(queue, args))
+        process = context.Process(target=_memory_child, args=(queue, measure, args, torch.get_num_threads()))
         process.start()
         running.append((name, queue, process))
-        if not parallel:
-            results[name] = child_result(name, queue, process)
     for name, queue, process in running:
-        if name not in results:
-            results[name] = child_result(name, queue, process)
-    return results
+        results[name] = child_result(name, queue, process)
+    return {name: results[name] for name in jobs}
 
 
 def child_result(name, queue, process):
@@ -368,8 +427,9 @@ def throughput(config, fft, lora, examples, args, autocast, table):
     step = time_in_turns({"FFT": (*fft, sft_step_loss(big, device), autocast),
                           "LoRA": (*lora, sft_step_loss(big, device), autocast)}, args.warmup, args.steps, device)
     memory = peak_memory_in_fresh_processes(
-        {name: (config, big, targets, device, args.dtype, args.lora_r, args.lora_alpha, args.compile)
-         for name, targets in (("FFT", None), ("LoRA", DEFAULT_TARGETS))}, parallel=not device.startswith("cuda"))
+        {name: (peak_memory_of_method, (config, big, targets, device, args.dtype, args.lora_r, args.lora_alpha,
+                                        args.compile))
+         for name, targets in (("FFT", None), ("LoRA", DEFAULT_TARGETS))}, device)
     table.row(f"LoRA / FFT at a batch of {len(big)}, step", f"{step['LoRA']['step'] / step['FFT']['step']:.2f}",
               f"FFT {step['FFT']['step'] * 1e3:.1f} ms, LoRA {step['LoRA']['step'] * 1e3:.1f} ms")
     table.row(f"LoRA / FFT at a batch of {len(big)}, peak memory", f"{memory['LoRA'] / memory['FFT']:.2f}",
@@ -430,38 +490,67 @@ class Table:
         print(f"  {what:<52} {value:>12}  {note}", flush=True)
 
 
-def run(args):
-    t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # the data first: a missing or malformed file fails before any model is built
+def autocast_of(args):
+    """A fresh autocast context at each call, as train_sft.py's --dtype makes it."""
+    return lambda: autocast_context({"dtype": args.dtype}, args.device.split(":")[0])
+
+
+def unwrapped(model):
+    return getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the model itself
+
+
+def how_memory_is_measured(device_type):
+    return {"cuda": "torch.cuda.max_memory_allocated", "mps": "MPS driver memory after the steps (no peak counter)"
+            }.get(device_type, "growth of peak resident memory (VmHWM)") + ", a fresh process per method"
+
+
+def describe_batch(batch, rows):
+    return (f"{batch.input_ids.size(0)} {rows} x {batch.input_ids.size(1)} positions, {int(batch.lengths.sum())} "
+            f"real tokens, {int(batch.loss_mask.sum())} targets")
+
+
+def print_steps(title, timings, args, batches):
+    """The split of each step (forward, backward, optimizer) as a table."""
+    print(f"\n{title}, median of {args.steps} after {args.warmup} warm-up, in turns; {batches}")
+    print(f"  {'':<40} {'step':>8} {'forward':>8} {'backward':>8} {'optimizer':>9}")
+    for name, t in timings.items():
+        print(f"  {name:<40} {t['step']:>7.3f}s {t['forward']:>7.3f}s {t['backward']:>7.3f}s {t['optimizer']:>8.3f}s")
+    print()
+
+
+# -----------------------------------------------------------------------------
+# the figures, in the order run() measures them; each prints its rows and returns its bench.json keys
+
+
+def read_data(args):
+    """(labelled Quora pairs, sonnets), read before any model is built: a missing or malformed file fails first."""
     pairs = read_quora(args.quora)
     if not pairs or any(p.label is None for p in pairs):
         raise InputError(f"--quora {args.quora}: needs labelled pairs (the is_duplicate column)")
-    dpo_pairs = paraphrase_pairs(pairs)  # chosen: the right answer; rejected: the other one
-    examples = [p.chosen for p in dpo_pairs]  # = paraphrase_example(pair): what SFT trains on
-    transformers = import_transformers()
-    device, device_type = args.device, args.device.split(":")[0]
-    on_gpu = device_type == "cuda"
-    autocast = lambda: autocast_context({"dtype": args.dtype}, device_type)  # noqa: E731
-    torch.manual_seed(args.seed)
-    config = model_config(args)
-    table, results = Table(), {}
-    print(f"bench.py: n_layer={config.n_layer}, n_embd={config.n_embd} ({args.size}'s shape unless changed), random "
-          f"weights, dtype {args.dtype}{', torch.compile' if args.compile else ''}, on {device_name(device)}, "
-          f"torch {torch.__version__}; {len(pairs)} Quora pairs from {args.quora}; {machine_load()}")
+    sonnets = read_sonnets(args.sonnets)
+    for sonnet in sonnets:
+        try:
+            split_prompt(sonnet.text)  # DPO's prompt is the first 3 lines: a sonnet needs more
+        except ValueError as e:
+            raise InputError(f"--sonnets {args.sonnets}: sonnet {sonnet.number}: {e}") from None
+    return pairs, sonnets
 
-    # 1. padding: the batches train_sft.py builds (batch_indices: shuffled pools, sorted by length)
-    lengths = [len(e) for e in examples]
-    batches = epoch_batches(lengths, {"batch_size": args.batch_size, "seed": args.seed}, 0)
+
+def padding_figures(lengths, batches, args, table):
+    """How much of a step's work is on real tokens, in the batches train_sft.py builds (batch_indices: shuffled
+    pools, sorted by length), and in file order for comparison."""
     in_file_order = [list(range(i, min(i + args.batch_size, len(lengths))))
                      for i in range(0, len(lengths), args.batch_size)]
-    results["padding_efficiency"] = padding_efficiency(lengths, batches)
-    table.row("padding efficiency (real / computed tokens)", f"{results['padding_efficiency']:.3f}",
+    figures = {"padding_efficiency": padding_efficiency(lengths, batches)}
+    table.row("padding efficiency (real / computed tokens)", f"{figures['padding_efficiency']:.3f}",
               f"target >= 0.9; train_sft's batches of {args.batch_size} (unsorted, in file order: "
               f"{padding_efficiency(lengths, in_file_order):.3f})")
+    return figures
 
-    # 2. loading and scoring: what evaluation costs
+
+def load_models(config, transformers, device, table):
+    """(SFT's model, DPO's, transformers' GPT2LMHeadModel or None): the same random weights, saved and loaded
+    back as a trained model is (the load is timed), each with its training's dropout."""
     with tempfile.TemporaryDirectory() as directory:
         GPT(config).save_pretrained(directory)
         model, load_s = timed(lambda: GPT.from_pretrained(directory, dropout=SFT_DROPOUT).to(device), device)
@@ -472,113 +561,122 @@ def run(args):
             hf_model = transformers.GPT2LMHeadModel.from_pretrained(directory, resid_pdrop=p, embd_pdrop=p,
                                                                     attn_pdrop=p).to(device)
     table.row("load (GPT.from_pretrained)", f"{load_s:.2f} s", f"{model.num_parameters() / 1e6:.0f}M parameters")
+    return model, dpo_model, hf_model
+
+
+def scoring_rate(model, examples, args, table):
+    """What evaluation costs: paraphrase prompts scored per second (eval.answers_yes). Printed only."""
     prompts = [examples[i % len(examples)].prompt for i in range(args.score_pairs)]
-    answers_yes(model, prompts[:8], 64, device)  # warm-up
-    _, score_s = timed(lambda: answers_yes(model, prompts, 64, device), device)
+    answers_yes(model, prompts[:8], 64, args.device)  # warm-up
+    _, score_s = timed(lambda: answers_yes(model, prompts, 64, args.device), args.device)
     table.row("paraphrase scoring (eval.answers_yes, batches of 64)", f"{args.score_pairs / score_s:.0f} pairs/s",
               f"the 40,429 dev pairs: {40429 / (args.score_pairs / score_s) / 60:.1f} min")
 
-    # 3. training steps, in turns, on the same batch: a typical one of train_sft's
-    chosen_idx = median_length_batch(lengths, batches)
-    batch_examples, batch_pairs = [examples[i] for i in chosen_idx], [dpo_pairs[i] for i in chosen_idx]
-    batch = collate(batch_examples).to(device)
-    real_lengths = batch.lengths.tolist()
-    n_targets = int(batch.loss_mask.sum())
+
+def step_cases(model, hf_model, examples, args):
+    """SFT's steps on one batch: {name: (model, optimizer, loss_fn, autocast)} for time_in_turns. Ours, ours
+    with the output layer everywhere, transformers', and LoRA on all block Linears and on attn.c_attn only."""
+    device, device_type, autocast = args.device, args.device.split(":")[0], autocast_of(args)
+    wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731 - torch.compile as train_sft's --compile
+    batch = collate(examples).to(device)
     model.train()
     optimizer = configure_optimizer(model, 1e-5, 0.0, device_type)
-    wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731 - torch.compile as train_sft's --compile
-    cases = {"SFT, FFT (ours)": (wrap(model), optimizer, sft_step_loss(batch_examples, device), autocast),
+    cases = {"SFT, FFT (ours)": (wrap(model), optimizer, sft_step_loss(examples, device), autocast),
              "SFT, FFT, output layer everywhere": (model, optimizer, full_logits_loss(batch), autocast)}
     if hf_model is not None:
         hf_model.train()
         cases["SFT, FFT (transformers)"] = (hf_model, configure_optimizer(hf_model, 1e-5, 0.0, device_type),
                                             hf_loss(batch), autocast)
-    lora_models = {}
     for name, targets in (("SFT, LoRA all block Linears", DEFAULT_TARGETS),
                           ("SFT, LoRA attn.c_attn", ("attn.c_attn",))):
-        lora_models[name] = apply_lora(copy.deepcopy(model), args.lora_r, args.lora_alpha, targets=targets)
-        cases[name] = (wrap(lora_models[name]), configure_optimizer(lora_models[name], 2e-4, 0.0, device_type),
-                       sft_step_loss(batch_examples, device), autocast)
-    dpo_model.train()
-    dpo_optimizer = configure_optimizer(dpo_model, 1e-6, 0.0, device_type)
-    reference = copy.deepcopy(dpo_model).requires_grad_(False).eval()  # as train_dpo.py's --live_reference
-    precomputed = reference_logps(reference, batch_pairs, {"eval_batch_size": len(batch_pairs), "device": device},
-                                  autocast())
-    cases["DPO, FFT, reference precomputed"] = (wrap(dpo_model), dpo_optimizer,
-                                                dpo_step_loss(batch_pairs, precomputed, device, autocast), autocast)
-    cases["DPO, FFT, reference live"] = (wrap(dpo_model), dpo_optimizer,
-                                         dpo_step_loss(batch_pairs, reference, device, autocast), autocast)
-    timings = time_in_turns(cases, args.warmup, args.steps, device)
-    del reference
+        lora_model = apply_lora(copy.deepcopy(model), args.lora_r, args.lora_alpha, targets=targets)
+        cases[name] = (wrap(lora_model), configure_optimizer(lora_model, 2e-4, 0.0, device_type),
+                       sft_step_loss(examples, device), autocast)
+    return cases
 
-    print(f"\ntraining steps, median of {args.steps} after {args.warmup} warm-up, in turns; batch: {len(real_lengths)} "
-          f"pairs x {batch.input_ids.size(1)} positions, {sum(real_lengths)} real tokens, {n_targets} targets")
-    print(f"  {'':<40} {'step':>8} {'forward':>8} {'backward':>8} {'optimizer':>9}")
-    for name, t in timings.items():
-        print(f"  {name:<40} {t['step']:>7.3f}s {t['forward']:>7.3f}s {t['backward']:>7.3f}s {t['optimizer']:>8.3f}s")
-    print()
+
+def dpo_cases(dpo_model, pairs, args):
+    """DPO FFT's step on the same batch's preference pairs, with the reference's log-probabilities computed once
+    (train_dpo.py's default) and computed every step by a frozen copy (its --live_reference)."""
+    device, autocast = args.device, autocast_of(args)
+    dpo_model.train()
+    optimizer = configure_optimizer(dpo_model, 1e-6, 0.0, device.split(":")[0])
+    reference = copy.deepcopy(dpo_model).requires_grad_(False).eval()
+    precomputed = reference_logps(reference, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
+    wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731
+    return {"DPO, FFT, reference precomputed": (wrap(dpo_model), optimizer,
+                                                dpo_step_loss(pairs, precomputed, device, autocast), autocast),
+            "DPO, FFT, reference live": (wrap(dpo_model), optimizer, dpo_step_loss(pairs, reference, device, autocast),
+                                         autocast)}
+
+
+def step_figures(timings, config, batch, table):
+    """The step-time ratios: ours / transformers, LoRA / FFT, DPO / SFT, beside the FLOPs that explain them."""
     step = {name: t["step"] for name, t in timings.items()}
+    real_lengths, n_targets = batch.lengths.tolist(), int(batch.loss_mask.sum())
     fft_flops = train_flops(config, real_lengths, n_targets)
     lora_flops = train_flops(config, real_lengths, n_targets, lora=True)
-    if hf_model is not None:
-        results["ours_over_hf_train_step"] = step["SFT, FFT (ours)"] / step["SFT, FFT (transformers)"]
-        table.row("ours / transformers, training step", f"{results['ours_over_hf_train_step']:.2f}",
+    figures = {}
+    if "SFT, FFT (transformers)" in step:
+        figures["ours_over_hf_train_step"] = step["SFT, FFT (ours)"] / step["SFT, FFT (transformers)"]
+        table.row("ours / transformers, training step", f"{figures['ours_over_hf_train_step']:.2f}",
                   "target <= 1.0 (CPU), <= 0.8 (GPU); ours runs the output layer only where the loss reads it")
         table.row("ours with the output layer everywhere / transformers",
                   f"{step['SFT, FFT, output layer everywhere'] / step['SFT, FFT (transformers)']:.2f}",
                   "the same work as transformers' loss: the model code alone")
-    results["lora_over_fft_step"] = step["SFT, LoRA all block Linears"] / step["SFT, FFT (ours)"]
-    table.row("LoRA (all block Linears) / FFT, step", f"{results['lora_over_fft_step']:.2f}",
+    figures["lora_over_fft_step"] = step["SFT, LoRA all block Linears"] / step["SFT, FFT (ours)"]
+    table.row("LoRA (all block Linears) / FFT, step", f"{figures['lora_over_fft_step']:.2f}",
               f"target <= 0.75; FLOPs {lora_flops / fft_flops:.2f} (4N vs 6N per token)")
-    table.row("LoRA (attn.c_attn only) / FFT, step",
-              f"{step['SFT, LoRA attn.c_attn'] / step['SFT, FFT (ours)']:.2f}",
+    table.row("LoRA (attn.c_attn only) / FFT, step", f"{step['SFT, LoRA attn.c_attn'] / step['SFT, FFT (ours)']:.2f}",
               "FLOPs the same 4N: every frozen weight still passes the gradient down")
-    results["dpo_precomputed_over_sft_step"] = step["DPO, FFT, reference precomputed"] / step["SFT, FFT (ours)"]
-    results["dpo_live_over_sft_step"] = step["DPO, FFT, reference live"] / step["SFT, FFT (ours)"]
-    table.row("DPO (reference precomputed) / SFT, step", f"{results['dpo_precomputed_over_sft_step']:.2f}",
+    figures["dpo_precomputed_over_sft_step"] = step["DPO, FFT, reference precomputed"] / step["SFT, FFT (ours)"]
+    figures["dpo_live_over_sft_step"] = step["DPO, FFT, reference live"] / step["SFT, FFT (ours)"]
+    table.row("DPO (reference precomputed) / SFT, step", f"{figures['dpo_precomputed_over_sft_step']:.2f}",
               "target <= 2.1; FLOPs 2x: chosen + rejected, one forward")
-    table.row("DPO (reference live) / SFT, step", f"{results['dpo_live_over_sft_step']:.2f}",
+    table.row("DPO (reference live) / SFT, step", f"{figures['dpo_live_over_sft_step']:.2f}",
               "target <= 2.8; FLOPs 2.67x: + the reference's forward of both (2N per token)")
+    return figures
 
-    # 4. peak memory of each method, each in a fresh process
-    jobs = {name: (config, batch_examples, targets, device, args.dtype, args.lora_r, args.lora_alpha, args.compile)
+
+def memory_figures(config, cases, examples, args, table):
+    """Peak memory of SFT with FFT and with LoRA, each in a fresh process, and what it is made of, counted."""
+    jobs = {name: (peak_memory_of_method, (config, examples, targets, args.device, args.dtype, args.lora_r,
+                                           args.lora_alpha, args.compile))
             for name, targets in (("FFT", None), ("LoRA, all block Linears", DEFAULT_TARGETS),
                                   ("LoRA, attn.c_attn", ("attn.c_attn",)))}
-    memory = peak_memory_in_fresh_processes(jobs, parallel=not on_gpu)
-    results["lora_over_fft_peak_mem"] = memory["LoRA, all block Linears"] / memory["FFT"]
-    how = {"cuda": "torch.cuda.max_memory_allocated", "mps": "MPS driver memory after the steps (no peak counter)"
-           }.get(device_type, "growth of peak resident memory (VmHWM)") + ", a fresh process per method"
-    table.row("LoRA (all block Linears) / FFT, peak memory", f"{results['lora_over_fft_peak_mem']:.2f}",
-              f"target <= 0.6; {how}")
+    memory = peak_memory_in_fresh_processes(jobs, args.device)
+    figures = {"lora_over_fft_peak_mem": memory["LoRA, all block Linears"] / memory["FFT"]}
+    table.row("LoRA (all block Linears) / FFT, peak memory", f"{figures['lora_over_fft_peak_mem']:.2f}",
+              f"target <= 0.6; {how_memory_is_measured(args.device.split(':')[0])}")
     for name, value in memory.items():
         table.row(f"  peak memory, {name}", f"{value / 2 ** 20:.0f} MiB")
-    for name, (m, opt) in (("FFT", (model, optimizer)), ("LoRA, all block Linears", (
-            lora_models["SFT, LoRA all block Linears"], cases["SFT, LoRA all block Linears"][1]))):
-        weights, grads, adam = state_bytes(m, opt)
-        activations = saved_activation_bytes(m, sft_step_loss(batch_examples, device), autocast)
+    for name, case in (("FFT", cases["SFT, FFT (ours)"]), ("LoRA, all block Linears",
+                                                           cases["SFT, LoRA all block Linears"])):
+        model, optimizer = unwrapped(case[0]), case[1]
+        weights, grads, adam = state_bytes(model, optimizer)
+        activations = saved_activation_bytes(model, sft_step_loss(examples, args.device), autocast_of(args))
         table.row(f"  counted, {name}", f"{(weights + grads + adam + activations) / 2 ** 20:.0f} MiB",
                   f"weights {weights / 2 ** 20:.0f} + gradients {grads / 2 ** 20:.0f} + AdamW {adam / 2 ** 20:.0f}"
                   f" + saved activations {activations / 2 ** 20:.0f} MiB")
+    return figures
 
-    # 5. on a GPU: FFT and LoRA at a throughput-sized batch, MFU, and one epoch of paraphrase FFT SFT
-    if on_gpu:
-        results.update(throughput(config, cases["SFT, FFT (ours)"][:2], cases["SFT, LoRA all block Linears"][:2],
-                                  examples, args, autocast, table))
-    del cases, optimizer, dpo_model, dpo_optimizer
 
-    # 6. generation: sonnet-length prompts (32-37 tokens), the course's sampling, new_tokens per row
+def generation_figures(model, hf_model, config, args, table):
+    """Sonnet-length prompts (32-37 tokens), the course's sampling, new_tokens per row: ours with the KV cache
+    and without it (the same tokens, or an error), and transformers' generate, in turns."""
+    device = args.device
     model.eval()
     generator = torch.Generator().manual_seed(args.seed)
     input_ids, attention_mask = left_pad(random_prompts(args.sonnet_rows, 32, 37, generator, config.vocab_size))
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    generate_ours(model, input_ids, attention_mask, 8, True, device)  # warm-up
+    ours = lambda n, cache: generate_ours(model, input_ids, attention_mask, n, cache, device)  # noqa: E731
+    ours(8, True)  # warm-up
     if hf_model is not None:
         hf_model.eval()
         generate_hf(hf_model, input_ids, attention_mask, 8)  # warm-up
     cache_runs, hf_runs = [], []
     for _ in range(args.generate_runs):  # in turns
-        cached, seconds = timed(lambda: generate_ours(model, input_ids, attention_mask, args.new_tokens, True,
-                                                      device), device)
+        cached, seconds = timed(lambda: ours(args.new_tokens, True), device)
         cache_runs.append(seconds)
         if hf_model is not None:
             out, seconds = timed(lambda: generate_hf(hf_model, input_ids, attention_mask, args.new_tokens), device)
@@ -586,23 +684,145 @@ def run(args):
                 raise RuntimeError(f"transformers generated {out.size(1) - input_ids.size(1)} tokens, not "
                                    f"{args.new_tokens}: the two generations would not be comparable")
             hf_runs.append(seconds)
-    uncached, no_cache_s = timed(lambda: generate_ours(model, input_ids, attention_mask, args.new_tokens, False,
-                                                       device), device)
+    uncached, no_cache_s = timed(lambda: ours(args.new_tokens, False), device)
     if not torch.equal(cached, uncached):
         raise RuntimeError("the KV cache changed the generated tokens")
-    cache_s = statistics.median(cache_runs)
-    results["kv_cache_speedup"] = no_cache_s / cache_s
+    return generation_rows(statistics.median(cache_runs), no_cache_s, hf_runs, args, table)
+
+
+def generation_rows(cache_s, no_cache_s, hf_runs, args, table):
+    figures = {"kv_cache_speedup": no_cache_s / cache_s}
     what = f"{args.sonnet_rows} sonnets x {args.new_tokens} new tokens"
-    table.row(f"generate {what}, KV cache", f"{cache_s:.2f} s", f"median of {len(cache_runs)}")
+    table.row(f"generate {what}, KV cache", f"{cache_s:.2f} s", f"median of {args.generate_runs}")
     table.row(f"generate {what}, no cache", f"{no_cache_s:.2f} s", "the same tokens")
-    table.row("KV cache speed-up", f"{results['kv_cache_speedup']:.1f}x", "target >= 5")
+    table.row("KV cache speed-up", f"{figures['kv_cache_speedup']:.1f}x", "target >= 5")
     if hf_runs:
         hf_s = statistics.median(hf_runs)
-        results["ours_over_hf_generate"] = cache_s / hf_s
+        figures["ours_over_hf_generate"] = cache_s / hf_s
         table.row(f"generate {what}, transformers", f"{hf_s:.2f} s", f"median of {len(hf_runs)}, its KV cache")
-        table.row("ours / transformers, generate", f"{results['ours_over_hf_generate']:.2f}", "target <= 1.0")
+        table.row("ours / transformers, generate", f"{figures['ours_over_hf_generate']:.2f}", "target <= 1.0")
+    return figures
 
-    results["device"] = device_name(device)
+
+def sonnet_training_rows(sonnets, n):
+    """n sonnets (the file's in turn, again from the first if it has fewer) as SFT's examples (a whole sonnet,
+    every token a target: train_sft.py's sonnet_example) and as DPO's pairs (train_dpo.sonnet_pairs: prompt =
+    the first 3 lines, chosen = the true rest). Training's rejected rest is sampled from the model (up to the
+    longest true rest); here it is the next sonnet's true rest, a real one of a realistic length: a step's cost
+    depends only on its rows' lengths, never on which tokens they hold."""
+    chosen = [sonnets[i % len(sonnets)] for i in range(n)]
+    rejected = [encode(split_prompt(sonnets[(i + 1) % len(sonnets)].text)[1]) for i in range(n)]
+    return [sonnet_example(s) for s in chosen], sonnet_pairs(chosen, rejected)
+
+
+def sonnet_cases(config, examples, pairs, args):
+    """The sonnet steps as train_sft.py and train_dpo.py take them, {SFT, DPO} x {FFT, LoRA on all block
+    Linears} (DPO: the reference's log-probabilities computed once, its default), and DPO FFT's step again
+    with the plain log-probabilities (plain_concatenated_logps): {name: (model, optimizer, loss_fn, autocast)}."""
+    device, device_type, autocast = args.device, args.device.split(":")[0], autocast_of(args)
+    wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731
+    torch.manual_seed(args.seed)
+    sft_model = GPT(config).to(device).train()
+    dpo_model = GPT(replace(config, dropout=DPO_DROPOUT)).to(device).train()
+    reference = reference_logps(dpo_model, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
+    losses = {"SFT": sft_step_loss(examples, device), "DPO": dpo_step_loss(pairs, reference, device, autocast)}
+    cases = {}
+    for kind, model in (("SFT", sft_model), ("DPO", dpo_model)):
+        lora_model = apply_lora(copy.deepcopy(model), args.lora_r, args.lora_alpha, targets=DEFAULT_TARGETS)
+        for method, m, lr in (("FFT", model, 1e-5), ("LoRA", lora_model, 2e-4)):
+            cases[f"sonnet {kind}, {method}"] = (wrap(m), configure_optimizer(m, lr, 0.0, device_type), losses[kind],
+                                                 autocast)
+    fft_model, fft_optimizer = cases["sonnet DPO, FFT"][:2]
+    cases["sonnet DPO, FFT, plain log-probs"] = (
+        fft_model, fft_optimizer, dpo_step_loss(pairs, reference, device, autocast, plain_concatenated_logps), autocast)
+    return cases
+
+
+def sonnet_step_figures(timings, table):
+    """Each sonnet step's seconds, and DPO FFT's step with our log-probabilities over the plain ones."""
+    step = {name: t["step"] for name, t in timings.items()}
+    figures = {f"sonnet_{kind.lower()}_{method.lower()}_step_s": step[f"sonnet {kind}, {method}"]
+               for kind in ("SFT", "DPO") for method in ("FFT", "LoRA")}
+    figures["sonnet_step_time_ratio"] = step["sonnet DPO, FFT"] / step["sonnet DPO, FFT, plain log-probs"]
+    table.row("sonnet DPO FFT step, ours / plain log-probabilities", f"{figures['sonnet_step_time_ratio']:.2f}",
+              "the output layer at every position either way; plain keeps the (B, T, V) logits")
+    return figures
+
+
+def sonnet_memory_figures(config, examples, pairs, dpo_batch, args, table):
+    """Peak memory of each sonnet step, and of one policy log-probability + backward on DPO's batch, ours
+    (train_dpo.concatenated_logps) over the plain one: each in a fresh process."""
+    dpo_config = replace(config, dropout=DPO_DROPOUT)
+    jobs = {f"sonnet_{kind}_{method}_peak_memory_bytes": (
+                peak_memory_of_method, (kind_config, rows, targets, args.device, args.dtype, args.lora_r,
+                                        args.lora_alpha, args.compile, 2, kind))
+            for kind, kind_config, rows in (("sft", config, examples), ("dpo", dpo_config, pairs))
+            for method, targets in (("fft", None), ("lora", DEFAULT_TARGETS))}
+    for name, plain in (("ours", False), ("plain", True)):
+        jobs[name] = (peak_memory_of_logprobs, (dpo_config, pairs, args.device, args.dtype, plain))
+    memory = peak_memory_in_fresh_processes(jobs, args.device)
+    ours, plain = memory.pop("ours"), memory.pop("plain")
+    B, T = dpo_batch.input_ids.shape
+    table.row("sonnet log-probs + backward, ours / plain, peak memory", f"{ours / plain:.2f}",
+              f"{B} rows x {T} positions, FFT: ours {ours / 2 ** 20:.0f} MiB, plain {plain / 2 ** 20:.0f} MiB (its "
+              f"float32 logits alone {B * (T - 1) * config.vocab_size * 4 / 2 ** 20:.0f} MiB); growth after the "
+              f"model is built, {how_memory_is_measured(args.device.split(':')[0])}")
+    for name, value in memory.items():
+        table.row(f"  peak memory, {name.removesuffix('_peak_memory_bytes').replace('_', ' ')} step",
+                  f"{value / 2 ** 20:.0f} MiB")
+    return {"sonnet_logprob_memory_ratio": ours / plain, **memory}
+
+
+def sonnet_figures(config, sonnets, args, table):
+    """Sonnet steps, where every token is a target and so the output layer runs at every position: their
+    seconds and peak memory for SFT and DPO, FFT and LoRA, and our log-probabilities against the plain ones."""
+    config = replace(config, n_layer=args.sonnet_layers or config.n_layer)
+    examples, pairs = sonnet_training_rows(sonnets, args.sonnet_batch)
+    timings = time_in_turns(sonnet_cases(config, examples, pairs, args), args.warmup, args.steps, args.device)
+    dpo_batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
+    print_steps(f"sonnet training steps, n_layer={config.n_layer}", timings, args,
+                f"SFT batch: {describe_batch(collate(examples), 'sonnets')}; "
+                f"DPO batch: {describe_batch(dpo_batch, 'rows (chosen + rejected)')}")
+    figures = sonnet_step_figures(timings, table)
+    figures.update(sonnet_memory_figures(config, examples, pairs, dpo_batch, args, table))
+    return figures
+
+
+def run(args):
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quora_pairs, sonnets = read_data(args)  # the data first: a missing or malformed file fails before any model
+    transformers = import_transformers()
+    torch.manual_seed(args.seed)
+    config, table, results = model_config(args), Table(), {}
+    print(f"bench.py: n_layer={config.n_layer}, n_embd={config.n_embd} ({args.size}'s shape unless changed), random "
+          f"weights, dtype {args.dtype}{', torch.compile' if args.compile else ''}, on {device_name(args.device)}, "
+          f"torch {torch.__version__}; {len(quora_pairs)} Quora pairs from {args.quora}, {len(sonnets)} sonnets from "
+          f"{args.sonnets}; {machine_load()}")
+    dpo_pairs = paraphrase_pairs(quora_pairs)  # chosen: the right answer; rejected: the other one
+    examples = [p.chosen for p in dpo_pairs]  # = paraphrase_example(pair): what SFT trains on
+    lengths = [len(e) for e in examples]
+    batches = epoch_batches(lengths, {"batch_size": args.batch_size, "seed": args.seed}, 0)
+    results.update(padding_figures(lengths, batches, args, table))
+    model, dpo_model, hf_model = load_models(config, transformers, args.device, table)
+    scoring_rate(model, examples, args, table)
+    typical = median_length_batch(lengths, batches)  # every step on this batch: a typical one of train_sft's
+    batch_examples, batch = [examples[i] for i in typical], collate([examples[i] for i in typical])
+    cases = {**step_cases(model, hf_model, batch_examples, args),
+             **dpo_cases(dpo_model, [dpo_pairs[i] for i in typical], args)}
+    timings = time_in_turns(cases, args.warmup, args.steps, args.device)
+    print_steps("training steps", timings, args, f"batch: {describe_batch(batch, 'pairs')}")
+    results.update(step_figures(timings, config, batch, table))
+    results.update(memory_figures(config, cases, batch_examples, args, table))
+    if args.device.startswith("cuda"):  # FFT and LoRA at a throughput-sized batch, MFU, one epoch's seconds
+        results.update(throughput(config, cases["SFT, FFT (ours)"][:2], cases["SFT, LoRA all block Linears"][:2],
+                                  examples, args, autocast_of(args), table))
+    del cases, dpo_model
+    results.update(generation_figures(model, hf_model, config, args, table))
+    del model, hf_model  # the sonnet steps build their own
+    results.update(sonnet_figures(config, sonnets, args, table))
+    results["device"] = device_name(args.device)
     print(f"\nbench.py took {time.perf_counter() - t_start:.0f} s; {machine_load()}")
     if args.out is not None:
         write_json(args.out, results)
@@ -636,9 +856,18 @@ def parse_args(argv=None):
     parser.add_argument("--lora_alpha", "--lora-alpha", type=float, default=lora_alpha)
     parser.add_argument("--score_pairs", "--score-pairs", type=int, default=score_pairs)
     parser.add_argument("--sonnet_rows", "--sonnet-rows", type=int, default=sonnet_rows)
+    parser.add_argument("--sonnet_batch", "--sonnet-batch", type=int, default=sonnet_batch,
+                        help="sonnets per sonnet training step (DPO's batch has twice the rows)")
+    parser.add_argument("--sonnet_layers", "--sonnet-layers", type=int, default=sonnet_layers,
+                        help="layers of the sonnet steps' model (0: the size's own)")
     parser.add_argument("--new_tokens", "--new-tokens", type=int, default=new_tokens)
     parser.add_argument("--generate_runs", "--generate-runs", type=int, default=generate_runs)
-    parser.add_argument("--quora", type=Path, default=quora, help="labelled Quora pairs (the course's format)")
+    parser.add_argument("--data_dir", "--data-dir", type=Path, default=data_dir,
+                        help=f"the course's {QUORA['train']} and {SONNETS['train']} (default: the repository's sample)")
+    parser.add_argument("--quora", type=Path, default=quora,
+                        help=f"labelled Quora pairs, the course's format (default: --data_dir's {QUORA['train']})")
+    parser.add_argument("--sonnets", type=Path, default=None,
+                        help=f"sonnets, the course's format (default: --data_dir's {SONNETS['train']})")
     parser.add_argument("--peak_tflops", "--peak-tflops", type=float, default=peak_tflops)
     parser.add_argument("--compile", action="store_true", default=compile,
                         help="torch.compile our model, as train_sft.py --compile")
@@ -648,16 +877,22 @@ def parse_args(argv=None):
     if args.quick:  # QUICK's values, except for flags given explicitly
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
+    args.quora = args.quora or args.data_dir / QUORA["train"]
+    args.sonnets = args.sonnets or args.data_dir / SONNETS["train"]
     return args
 
 
 def check_args(args):
-    """Every value, checked before any data is read or model built."""
-    for flag in ("batch_size", "big_batch_size", "steps", "lora_r", "score_pairs", "sonnet_rows", "new_tokens",
-                 "generate_runs"):
+    """Every value, checked before any data is read or model built; the output path first of all."""
+    if args.out is not None:
+        if args.out.is_dir():
+            raise InputError(f"--out {args.out}: is a directory; give a file name such as bench.json")
+        writable_dir(args.out.parent, "--out")
+    for flag in ("batch_size", "big_batch_size", "steps", "lora_r", "score_pairs", "sonnet_rows", "sonnet_batch",
+                 "new_tokens", "generate_runs"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    for flag in ("warmup", "threads"):
+    for flag in ("warmup", "threads", "sonnet_layers"):
         if getattr(args, flag) < 0:
             raise InputError(f"--{flag} {getattr(args, flag)}: must be 0 or more")
     if not (args.lora_alpha > 0 and math.isfinite(args.lora_alpha)):
@@ -675,13 +910,13 @@ def check_args(args):
     except ValueError as e:
         raise InputError(f"--n_head/--n_embd: {e}") from None
     check_device(args.device)
-    if not args.quora.is_file():
-        raise InputError(f"--quora {args.quora}: no such file (labelled Quora pairs: data/quora-train.csv after "
-                         f"`python -m data.download`, or the course's quora-train-30.csv sample)")
-    if args.out is not None:
-        if args.out.is_dir():
-            raise InputError(f"--out {args.out}: is a directory; give a file name such as bench.json")
-        writable_dir(args.out.parent, "--out")
+    if not args.data_dir.is_dir():
+        raise InputError(f"--data_dir {args.data_dir}: no such directory (it holds the course's {QUORA['train']} "
+                         f"and {SONNETS['train']}, as `python -m data.download` writes them to data/)")
+    for flag, name in (("quora", QUORA["train"]), ("sonnets", SONNETS["train"])):
+        if not getattr(args, flag).is_file():
+            raise InputError(f"--{flag} {getattr(args, flag)}: no such file (the course's {name}; by default "
+                             f"--data_dir's)")
 
 
 def main(argv=None):

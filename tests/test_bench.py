@@ -3,54 +3,76 @@ flags fail in one line before any work. Never a timed assertion: the figures the
 
 import json
 import math
+import shutil
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bench
-from conftest import tiny_config
-from data.batching import Example
+from conftest import ROOT, tiny_config
+from data.batching import Example, collate
+from data.sonnets import read_sonnets, split_prompt
+from data.tokenizer import END_OF_TEXT, decode
 from lora import apply_lora
 from model import GPT
-from train_sft import configure_optimizer
+from train_sft import batch_logprobs
+from trainer import configure_optimizer
 
+SAMPLES = ROOT / "data" / "samples"  # the repository's own sample of the course's files
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--warmup", "0", "--steps", "1", "--score_pairs", "2",
-        "--sonnet_rows", "1", "--new_tokens", "4", "--generate_runs", "1", "--device", "cpu"]
+        "--sonnet_rows", "1", "--new_tokens", "4", "--generate_runs", "1", "--sonnet_batch", "1", "--device", "cpu"]
+SONNET_KEYS = {"sonnet_logprob_memory_ratio", "sonnet_step_time_ratio",
+               *(f"sonnet_{kind}_{method}_{figure}" for kind in ("sft", "dpo") for method in ("fft", "lora")
+                 for figure in ("step_s", "peak_memory_bytes"))}
 KEYS = {"ours_over_hf_train_step", "lora_over_fft_step", "lora_over_fft_peak_mem", "dpo_live_over_sft_step",
-        "dpo_precomputed_over_sft_step", "kv_cache_speedup", "ours_over_hf_generate", "padding_efficiency", "device"}
+        "dpo_precomputed_over_sft_step", "kv_cache_speedup", "ours_over_hf_generate", "padding_efficiency", "device",
+        *SONNET_KEYS}
 HF_KEYS = {"ours_over_hf_train_step", "ours_over_hf_generate"}
 
 
-def quora_sample(shared_data):
-    return shared_data / "quora_samples" / "quora-train-30.csv"
-
-
-def test_quick_run_writes_every_key_with_a_finite_value(shared_data, tmp_path, capsys):
+def test_quick_run_writes_every_key_with_a_finite_value(tmp_path, capsys):
+    """From the repository alone: the Quora batch and the sonnets come from data/samples."""
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    bench.main(["--quick", *TINY, "--quora", str(quora_sample(shared_data)), "--out", str(out)])
+    bench.main(["--quick", *TINY, "--out", str(out)])
     results = json.loads(out.read_text())
     assert set(results) == KEYS  # a CPU run: no mfu, no paraphrase_epoch_s
     for key in KEYS - {"device"}:
-        assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
+        assert isinstance(results[key], (int, float)) and math.isfinite(results[key]) and results[key] > 0, key
+    assert all(isinstance(results[k], int) for k in SONNET_KEYS if k.endswith("_bytes"))
     assert 0 < results["padding_efficiency"] <= 1
     assert results["device"].startswith("cpu")
     printed = capsys.readouterr().out
     assert "peak resident memory" in printed  # says how CPU memory was measured
+    assert f"from {SAMPLES / 'quora-train.csv'}" in printed and f"from {SAMPLES / 'sonnets.txt'}" in printed
+    assert "sonnet DPO, FFT, plain log-probs" in printed and "n_layer=2" in printed  # --quick: a 2-layer model
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left behind
 
 
-def test_without_transformers_it_says_so_in_one_line_and_skips_those_ratios(shared_data, tmp_path, capsys,
-                                                                          monkeypatch):
+def test_without_transformers_it_says_so_in_one_line_and_skips_those_ratios(tmp_path, capsys, monkeypatch):
+    """--data_dir: the course's file names inside it."""
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    course = tmp_path / "course"
+    course.mkdir()
+    for name in ("quora-train.csv", "sonnets.txt"):
+        shutil.copy(SAMPLES / name, course / name)
     out = tmp_path / "bench.json"
-    bench.main([*TINY, "--quora", str(quora_sample(shared_data)), "--out", str(out)])
+    bench.main([*TINY, "--data_dir", str(course), "--out", str(out)])
     results = json.loads(out.read_text())
     assert set(results) == KEYS - HF_KEYS
     assert all(math.isfinite(v) for k, v in results.items() if k != "device")
-    lines = [line for line in capsys.readouterr().out.splitlines() if "transformers is not installed" in line]
-    assert len(lines) == 1
+    printed = capsys.readouterr().out
+    assert len([line for line in printed.splitlines() if "transformers is not installed" in line]) == 1
+    assert f"from {course / 'quora-train.csv'}" in printed and f"from {course / 'sonnets.txt'}" in printed
+
+
+def test_data_files_come_from_data_dir_unless_given():
+    assert bench.parse_args([]).quora == SAMPLES / "quora-train.csv"
+    assert bench.parse_args([]).sonnets == SAMPLES / "sonnets.txt"
+    args = bench.parse_args(["--data_dir", "d", "--quora", "q.csv"])
+    assert str(args.quora) == "q.csv" and str(args.sonnets) == "d/sonnets.txt"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -64,6 +86,10 @@ def test_without_transformers_it_says_so_in_one_line_and_skips_those_ratios(shar
     (["--lora_alpha", "nan"], "error: --lora_alpha nan: must be a positive number"),
     (["--new_tokens", "1000"], "error: --new_tokens 1000"),
     (["--quora", "no/such/file.csv"], "error: --quora no/such/file.csv: no such file"),
+    (["--sonnets", "no/such/file.txt"], "error: --sonnets no/such/file.txt: no such file"),
+    (["--data_dir", "no/such/dir"], "error: --data_dir no/such/dir: no such directory"),
+    (["--sonnet_batch", "0"], "error: --sonnet_batch 0: must be at least 1"),
+    (["--sonnet_layers", "-1"], "error: --sonnet_layers -1: must be 0 or more"),
     (["--threads", "-2"], "error: --threads -2: must be 0 or more"),
     (["--bogus"], "error: unrecognized arguments: --bogus"),
 ])
@@ -80,15 +106,25 @@ def test_bad_flags_fail_in_one_line_before_any_work(argv, message, tmp_path, mon
     assert not out.exists()
 
 
-def test_out_that_is_a_directory_is_refused(tmp_path, monkeypatch):
+def test_out_that_is_a_directory_is_refused_before_any_data_is_looked_at(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run", lambda args: pytest.fail("run() started"))
     with pytest.raises(SystemExit, match=r"error: --out .*: is a directory"):
         bench.main(["--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"error: --out .*: is a directory"):
+        bench.main(["--data_dir", str(tmp_path / "missing"), "--out", str(tmp_path)])
 
 
-def test_an_unlabelled_quora_file_is_an_error_before_any_model(shared_data):
-    with pytest.raises(SystemExit, match="error: --quora .*needs labelled pairs"):
-        bench.main([*TINY, "--quora", str(shared_data / "quora_samples" / "quora-test-student-30.csv")])
+@pytest.mark.parametrize("flag, text, message", [
+    ("--quora", "id\tsentence1\tsentence2\n1\tIs it?\tIs it so?\n", "error: --quora .*needs labelled pairs"),
+    ("--sonnets", "\n 1 \nOne\nTwo\nThree\nFour\n\n 2 \nOne\nTwo\nThree\n",
+     "error: --sonnets .*: sonnet 2: a sonnet of 3 lines has nothing after its first 3"),
+])
+def test_unusable_data_is_an_error_before_any_model(flag, text, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "GPT", None)  # building a model would now fail otherwise
+    path = tmp_path / "data"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        bench.main([*TINY, flag, str(path)])
 
 
 def test_quick_fills_in_only_the_flags_not_given():
@@ -158,16 +194,77 @@ def test_saved_activations_exclude_weights_and_grow_with_the_batch():
 
 
 # -----------------------------------------------------------------------------
+# the sonnet steps: their rows, and the plain log-probabilities they are compared with
+
+
+def test_sonnet_rows_are_whole_sonnets_and_prompt_plus_rest_pairs():
+    sonnets = read_sonnets(SAMPLES / "sonnets.txt")
+    n = len(sonnets) + 2  # more than the file holds: it starts again from the first
+    examples, pairs = bench.sonnet_training_rows(sonnets, n)
+    assert len(examples) == len(pairs) == n
+    for i, (example, pair) in enumerate(zip(examples, pairs)):
+        sonnet, following = sonnets[i % len(sonnets)], sonnets[(i + 1) % len(sonnets)]
+        assert example.prompt == [] and example.target[-1] == END_OF_TEXT  # SFT: every token a target
+        assert decode(example.target[:-1]) == sonnet.text
+        prompt, _ = split_prompt(sonnet.text)
+        assert pair.chosen.prompt == pair.rejected.prompt and decode(pair.chosen.prompt) == prompt
+        assert decode(pair.chosen.prompt + pair.chosen.target[:-1]) == sonnet.text  # chosen: the true rest
+        assert decode(pair.rejected.target) == split_prompt(following.text)[1]  # rejected: the next one's
+        assert pair.chosen.target[-1] == END_OF_TEXT  # the rejected rest ends where it was cut (no end-of-text)
+
+
+def test_plain_logprobs_equal_the_trainings_and_cross_entropy_values_and_gradients():
+    """Right-padded rows, every token a target (as a sonnet's) or only the last few (as DPO's answer)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    rows = [Example([], [5, 6, 7, 8, 9, 10]), Example([11, 12, 13], [14, 15]), Example([16], [17, 18, 19])]
+    batch = collate(rows)
+    grads = []
+    for logprobs in (lambda: bench.plain_logprobs(model, batch), lambda: batch_logprobs(model, batch)):
+        model.zero_grad()
+        value = logprobs()
+        value.sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        for i, row in enumerate(rows):  # the oracle: cross-entropy of each target, predicted by what precedes it
+            ids = torch.tensor([row.prompt + row.target])
+            first = max(len(row.prompt), 1)
+            with torch.no_grad():
+                expected = -F.cross_entropy(model(ids)[0, first - 1:-1], ids[0, first:], reduction="sum")
+            assert value[i].item() == pytest.approx(expected.item(), rel=1e-5)
+    for plain, ours in zip(*grads):
+        torch.testing.assert_close(plain, ours, rtol=1e-4, atol=1e-6)
+
+
+def test_the_plain_log_probabilities_hold_the_whole_logits():
+    """What the plain computation costs, counted: autograd keeps its (B, T-1, V) float32 log-softmax."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).train()
+    batch = collate([Example([], list(range(1, 41)))] * 3)
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    saved = bench.saved_activation_bytes(model, lambda m: bench.plain_logprobs(m, batch).sum(), no_autocast)
+    assert saved >= 3 * 39 * 50257 * 4
+
+
+def test_peak_memory_of_the_sonnet_log_probabilities_is_measured_for_both():
+    """Run here, not in a fresh process: the plain one's growth holds at least its float32 logits."""
+    pairs = bench.sonnet_training_rows(read_sonnets(SAMPLES / "sonnets.txt"), 2)[1]
+    rows = collate([p.chosen for p in pairs] + [p.rejected for p in pairs]).input_ids.shape
+    plain = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", True)
+    ours = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", False)
+    assert plain >= rows[0] * (rows[1] - 1) * 50257 * 4 and ours > 0
+
+
+# -----------------------------------------------------------------------------
 # the GPU's code paths, run on the CPU so they cannot rot unseen
 
 
-def test_the_gpu_figures_run_on_the_cpu(shared_data, capsys):
+def test_the_gpu_figures_run_on_the_cpu(capsys):
     """throughput() is what a GPU run adds (LoRA/FFT at a large batch, MFU, epoch seconds), with bf16 autocast
     and fused AdamW, here on the CPU; measure_peak_flops too."""
     from data.quora import paraphrase_example, read_quora
 
     args = bench.parse_args([*TINY, "--big_batch_size", "4", "--dtype", "bfloat16", "--peak_tflops", "1"])
-    examples = [paraphrase_example(p) for p in read_quora(quora_sample(shared_data))]
+    examples = [paraphrase_example(p) for p in read_quora(SAMPLES / "quora-train.csv")]
     config = bench.model_config(args)
     autocast = lambda: bench.autocast_context({"dtype": "bfloat16"}, "cpu")  # noqa: E731
     torch.manual_seed(0)
