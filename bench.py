@@ -49,8 +49,8 @@ from fileio import InputError, writable_dir, write_json
 from lora import DEFAULT_TARGETS, apply_lora
 from model import END_OF_TEXT, GPT, PRETRAINED, GPTConfig, default_device
 # the training scripts' own losses, data and settings, so that a step here is the step training takes
-from train_dpo import (SETTINGS as DPO_SETTINGS, concatenated_logps, dpo_loss, paraphrase_pairs, reference_logps,
-                       sonnet_pairs)
+from preferences import paraphrase_pairs, sonnet_pairs
+from train_dpo import SETTINGS as DPO_SETTINGS, concatenated_logps, dpo_loss, reference_logps
 from train_sft import SETTINGS as SFT_SETTINGS, sft_loss
 # the training loop's helpers
 from trainer import (autocast_context, configure_optimizer, epoch_batches, peak_memory_bytes, reset_peak_memory,
@@ -706,7 +706,7 @@ def generation_rows(cache_s, no_cache_s, hf_runs, args, table):
 
 def sonnet_training_rows(sonnets, n):
     """n sonnets (the file's in turn, again from the first if it has fewer) as SFT's examples (a whole sonnet,
-    every token a target: train_sft.py's sonnet_example) and as DPO's pairs (train_dpo.sonnet_pairs: prompt =
+    every token a target: train_sft.py's sonnet_example) and as DPO's pairs (preferences.sonnet_pairs: prompt =
     the first 3 lines, chosen = the true rest). Training's rejected rest is sampled from the model (up to the
     longest true rest); here it is the next sonnet's true rest, a real one of a realistic length: a step's cost
     depends only on its rows' lengths, never on which tokens they hold."""

@@ -47,6 +47,7 @@ def save_model(model, directory, config):
     save_lora(model, directory / ADAPTER_FILE)
     write_json(directory / ADAPTER_CONFIG, {
         "base_model_name_or_path": base, "r": config["lora_r"], "lora_alpha": config["lora_alpha"],
+        "use_rslora": config["lora_rslora"],  # PEFT's name: the scale is alpha / sqrt(r), not alpha / r
         "target_modules": config["lora_targets"].split(","),
     })
 

@@ -10,6 +10,11 @@ A starts random and B starts at zero, so B A = 0 and training starts exactly at 
 alpha / r keeps the update's scale steady when you change r. After training, B A can be folded into W
 ("merged"), so the adapted model runs as fast as the original one.
 
+rsLoRA (rslora=True; Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA")
+scales by alpha / sqrt(r) instead: with alpha / r a larger rank learns slower (the update shrinks as 1/r
+while its variance grows only as r), so ranks above ~16 gain nothing; alpha / sqrt(r) keeps the learning
+speed steady in r. (LoRA+, B's own learning rate, is the optimizer's: trainer.configure_optimizer.)
+
     model = apply_lora(GPT.from_pretrained("gpt2"), r=8, alpha=16)  # freezes everything but A and B
     ... train ...
     save_lora(model, "adapter.safetensors")                        # a few MB, not the whole model
@@ -29,14 +34,16 @@ DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update: y = W x + b + (alpha / r) B A dropout(x)."""
+    """A frozen nn.Linear plus a trainable low-rank update: y = W x + b + (alpha / r) B A dropout(x), or with
+    rslora the scale alpha / sqrt(r)."""
 
-    def __init__(self, base, r, alpha, dropout=0.0):
+    def __init__(self, base, r, alpha, dropout=0.0, rslora=False):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         self.base = base.requires_grad_(False)
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         weight = base.weight
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=weight.device, dtype=weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=weight.device, dtype=weight.dtype))
@@ -52,7 +59,7 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
     def delta_weight(self):
-        """The update this layer adds to W: (alpha / r) B A, shape (out_features, in_features)."""
+        """The update this layer adds to W: scaling B A, shape (out_features, in_features)."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
     @torch.no_grad()
@@ -69,11 +76,12 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}"
+        return f"r={self.r}, alpha={self.alpha}" + (", rslora" if self.rslora else "")
 
 
-def apply_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS):
+def apply_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS, rslora=False):
     """Replace every nn.Linear whose name is, or ends in, one of `targets` by a LoRALinear; freeze the rest.
+    rslora: scale the update by alpha / sqrt(r) instead of alpha / r.
 
     Target names are matched by dotted suffix: "c_proj" matches attention's and the MLP's c_proj,
     "attn.c_proj" only attention's, "transformer.h.0.attn.c_attn" one layer. Returns the model (changed in place).
@@ -109,7 +117,7 @@ def apply_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS):
     for name in chosen:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), r, alpha, dropout))
+        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), r, alpha, dropout, rslora))
     return model
 
 
@@ -153,19 +161,20 @@ def load_lora_state_dict(model, state_dict):
 
 
 def save_lora(model, path):
-    """Write the adapter (A, B of every LoRA layer, plus alpha, dropout, and the model's depth, width and
-    rank, so load_lora can say what does not fit) as a small safetensors file."""
+    """Write the adapter (A, B of every LoRA layer, plus alpha, dropout, whether it is rsLoRA, and the model's
+    depth, width and rank, so load_lora can say what does not fit) as a small safetensors file."""
     layers = list(lora_layers(model).values())
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
     write_safetensors(path, lora_state_dict(model), metadata={
         "lora_alpha": layers[0].alpha, "lora_dropout": layers[0].lora_dropout.p, "r": layers[0].r,
-        "n_layer": model.config.n_layer, "n_embd": model.config.n_embd})
+        "rslora": layers[0].rslora, "n_layer": model.config.n_layer, "n_embd": model.config.n_embd})
 
 
 def load_lora(model, path):
     """Load an adapter written by save_lora. A model without LoRA layers gets them first, on exactly the
-    layers the file adapts, with the file's rank and alpha. Returns the model.
+    layers the file adapts, with the file's rank, alpha and scaling (alpha / r, or rsLoRA's alpha / sqrt(r);
+    files written before rsLoRA are alpha / r). Returns the model.
 
     An adapter made for a model of another depth (n_layer), width (n_embd) or LoRA rank is an InputError
     naming the file and each mismatch."""
@@ -181,10 +190,15 @@ def load_lora(model, path):
             raise InputError(f"{path}: this adapter does not fit the model: {'; '.join(mismatches)}")
         if not lora_layers(model):
             apply_lora(model, r=tensors[names[0] + ".lora_A"].shape[0], alpha=float(metadata["lora_alpha"]),
-                       dropout=float(metadata.get("lora_dropout", 0.0)), targets=names)
+                       dropout=float(metadata.get("lora_dropout", 0.0)), targets=names, rslora=saved_rslora(metadata))
         return load_lora_state_dict(model, tensors)
     except ValueError as e:  # targets this model does not have, shapes that differ, a damaged file
         raise InputError(f"{path}: {e}") from None
+
+
+def saved_rslora(metadata):
+    """Whether save_lora wrote an rsLoRA adapter (safetensors metadata is text: "True" or "False")."""
+    return metadata.get("rslora", "False") == "True"
 
 
 def adapter_mismatches(model, names, tensors, metadata):
@@ -197,6 +211,7 @@ def adapter_mismatches(model, names, tensors, metadata):
     width = int(metadata.get("n_embd", tensors[names[0] + ".lora_B"].shape[0] if names[0].endswith("mlp.c_proj")
                                        else A.shape[1]))
     model_ranks = sorted({layer.r for layer in lora_layers(model).values()})
+    model_rslora = {layer.rslora for layer in lora_layers(model).values()}
     mismatches = []
     if depth != c.n_layer and (depth > c.n_layer or "n_layer" in metadata):
         mismatches.append(f"depth n_layer={depth}, the model's is {c.n_layer}")
@@ -204,11 +219,14 @@ def adapter_mismatches(model, names, tensors, metadata):
         mismatches.append(f"width n_embd={width}, the model's is {c.n_embd}")
     if model_ranks and model_ranks != [A.shape[0]]:
         mismatches.append(f"rank r={A.shape[0]}, the model's LoRA layers have r={', '.join(map(str, model_ranks))}")
+    if model_rslora and model_rslora != {saved_rslora(metadata)}:
+        mismatches.append(f"scaling {'alpha/sqrt(r) (rsLoRA)' if saved_rslora(metadata) else 'alpha/r'}, the model's "
+                          f"LoRA layers scale by {'alpha/sqrt(r)' if True in model_rslora else 'alpha/r'}")
     return mismatches
 
 
 def merged_state_dict(model):
-    """A plain GPT state dict (no LoRA names) whose weights are W + (alpha / r) B A. The model is unchanged."""
+    """A plain GPT state dict (no LoRA names) whose weights are W + scaling B A. The model is unchanged."""
     layers = lora_layers(model)
     plain = {}
     for key, value in model.state_dict().items():
@@ -225,7 +243,7 @@ def merged_state_dict(model):
 
 
 def merged_model(model):
-    """A new plain GPT (no LoRA layers) whose weights are W + (alpha / r) B A: what save_pretrained can write."""
+    """A new plain GPT (no LoRA layers) whose weights are W + scaling B A: what save_pretrained can write."""
     plain = type(model)(model.config).to(next(model.parameters()).device)
     plain.load_state_dict(merged_state_dict(model))
     return plain.train(model.training)

@@ -14,36 +14,33 @@ reward of an answer is beta * (log pi - log ref): DPO raises the chosen answer's
 one's, and beta sets how far from the reference the policy may move. log pi(y|x) is the same summed
 log-likelihood that SFT maximises (train_sft.batch_logprobs).
 
-The pairs mirror each task's supervised objective:
-- paraphrase: the course's prompt; chosen = the correct answer token, rejected = the other one.
-- sonnets: the first 3 lines; chosen = the true rest of the sonnet, rejected = a continuation sampled from
-  the starting model (the DPO paper's choice; --rejections_from another model instead), sampled once from the
-  training sonnets, kept as the sampled token ids, and cached.
+Variants, each beside dpo_loss with its paper: --label_smoothing eps (cDPO: preferences flipped with
+probability eps), --loss_type ipo (IPO: a squared loss that holds the margin at 1/(2 beta) instead of pushing
+it on) and --rpo_alpha alpha (RPO: + alpha * the chosen answer's NLL, which holds its likelihood up). ORPO,
+which needs no reference model at all, is train_orpo.py.
+
+The pairs mirror each task's supervised objective (preferences.py, shared with ORPO): for paraphrase the
+correct answer token against the other one, for sonnets the true rest against one sampled from the starting
+model.
 
 The loop (settings, optimizer, schedule, checkpoints, --resume, results.json) is trainer.py's.
 """
 
 import copy
-import json
 import math
-import statistics
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import trainer
-from checkpoint import check_source, is_sft_run, load_model
-from data.batching import Example, batch_indices, collate
-from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example
-from data.tasks import load_task_data
-from data.tokenizer import decode
-from eval import chrf, sample_continuations
-from fileio import InputError, fingerprint, read_safetensors, writable_dir, write_json, write_safetensors
-from lora import lora_layers, merged_state_dict
-from train_sft import batch_logprobs, check_lengths, check_task_lengths, continuation_examples, evaluate
+from checkpoint import check_source, is_sft_run
+from data.batching import batch_indices, collate
+from fileio import InputError, fingerprint, read_safetensors, writable_dir, write_safetensors
+from lora import lora_layers
+from preferences import policy_and_pairs, rejections_summary, weights_fingerprint
+from train_sft import batch_logprobs, evaluate, predicted_targets
 
 # -----------------------------------------------------------------------------
 # settings: trainer.py's, with these changes and additions
@@ -55,6 +52,13 @@ SETTINGS = {
                 "reference's function, and dropout noise in log pi - log ref biases the loss (the DPO authors' "
                 "code turns it off)"),
     "beta": (0.1, float, trainer.POSITIVE, "DPO's beta, the strength of the pull towards the reference (the paper's 0.1)"),
+    "loss_type": ("sigmoid", str, trainer.one_of("sigmoid", "ipo"), "sigmoid: DPO (Rafailov et al. 2023); ipo: IPO "
+                  "(Azar et al. 2023), on per-token average log-probabilities as in the IPO paper and TRL"),
+    "label_smoothing": (0.0, float, (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"), "cDPO (Mitchell 2023, TRL's "
+                        "label_smoothing): the share eps of preference labels taken to be flipped; 0 = DPO"),
+    "rpo_alpha": (0.0, float, (lambda v: 0 <= v < math.inf, "must be 0 (off) or a positive number"),
+                  "RPO (Pang et al. 2024, TRL's rpo_alpha): add alpha * the chosen answer's per-token NLL; 0 = off "
+                  "(the paper's is 1)"),
     "live_reference": (False, bool, None, "compute the reference's log-probabilities every step instead of once "
                                           "before training (the same loss, for checking; slower)"),
     "cache_dir": (None, str, None, "where reference log-probabilities and sampled rejections are cached, under a "
@@ -68,19 +72,49 @@ SETTINGS = {
 # the loss
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta):
-    """The DPO loss of each pair (Rafailov et al. 2023, eq. 7), and the implicit rewards beta * (log pi - log ref).
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta,
+             loss_type="sigmoid", label_smoothing=0.0):
+    """The loss of each pair, and the implicit rewards beta * (log pi - log ref). With the margin of log-ratios
+    h = (pi_c - ref_c) - (pi_r - ref_r):
 
-        losses = -log sigmoid(beta * [(pi_c - ref_c) - (pi_r - ref_r)])
-    All inputs are (B,) summed log-probabilities of whole answers. Returns (losses, chosen_rewards,
+        sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)     eps = label_smoothing
+                 eps = 0: DPO (Rafailov et al. 2023, eq. 7); eps > 0: cDPO (Mitchell 2023, "A note on DPO with
+                 noisy preferences"; TRL's label_smoothing), DPO's expected loss if each label is flipped with
+                 probability eps
+        ipo      (h - 1 / (2 beta))^2          IPO (Azar et al. 2023, eq. 17): the margin is pulled to 1/(2 beta)
+
+    Inputs are (B,) log-probabilities of whole answers: summed for DPO, per-token averages for IPO (as the IPO
+    paper and TRL use; pair_losses passes each what it reads). Returns (losses, chosen_rewards,
     rejected_rewards), each (B,); the rewards are detached (they are for logging, not for gradients).
     """
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
-    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo" and not label_smoothing:
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type {loss_type!r} with label_smoothing {label_smoothing}: expected sigmoid, or ipo "
+                         f"without label smoothing")
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def rpo_loss(losses, policy_chosen_avg_logps, alpha):
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3; TRL's rpo_alpha): the pair
+    losses plus alpha times the chosen answer's per-token NLL, which holds up the chosen answer's likelihood
+    (DPO alone often lowers it):
+        L_RPO = L_DPO - alpha * log pi(y_w|x) / |y_w|                                             all (B,)"""
+    return losses - alpha * policy_chosen_avg_logps
+
+
+def average_logps(logps, examples):
+    """Per-token averages of summed log-probabilities (IPO, RPO, ORPO): each divided by its example's number
+    of target tokens. An answer with no target tokens has the sum 0, and its average is defined as 0 (not NaN)."""
+    counts = torch.tensor([predicted_targets(e) for e in examples], dtype=logps.dtype)
+    return logps / counts.clamp(min=1).to(logps.device)
 
 
 def concatenated_logps(model, chosen, rejected, device):
@@ -90,66 +124,19 @@ def concatenated_logps(model, chosen, rejected, device):
     return logps[:len(chosen)], logps[len(chosen):]
 
 
-# -----------------------------------------------------------------------------
-# preference pairs
-
-
-@dataclass(frozen=True)
-class Pair:
-    chosen: Example
-    rejected: Example
-
-
-def paraphrase_pairs(quora_pairs):
-    """Same prompt; chosen = the correct answer token, rejected = the other one."""
-    pairs = []
-    for p in quora_pairs:
-        prompt = paraphrase_example(p).prompt
-        right, wrong = (YES_TOKEN, NO_TOKEN) if p.label == 1 else (NO_TOKEN, YES_TOKEN)
-        pairs.append(Pair(Example(prompt, [right]), Example(prompt, [wrong])))
-    return pairs
-
-
-def sonnet_pairs(sonnets, rejected):
-    """Prompt = the first 3 lines; chosen = the true rest and end-of-text, rejected = the sampled token ids
-    (with end-of-text only where the sampler wrote it)."""
-    return [Pair(chosen, Example(chosen.prompt, tokens))
-            for chosen, tokens in zip(continuation_examples(sonnets), rejected, strict=True)]
-
-
-def sample_rejections(model, sonnets, config, cache_dir, weights_id, block_size):
-    """For each sonnet, the token ids the sampling model writes after its first 3 lines, with a budget that fits
-    the longest true rest (cached: sampling is slow)."""
-    chosen = continuation_examples(sonnets)
-    prompts = [c.prompt for c in chosen]
-    budget = min(max(len(c.target) for c in chosen), block_size - max(len(p) for p in prompts))
-    key = fingerprint(weights_id, prompts, config["temperature"], config["top_p"], budget, config["seed"])
-    path = Path(cache_dir) / f"rejections-{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())["rejected"]
-    rejected = sample_continuations(model, prompts, temperature=config["temperature"], top_p=config["top_p"],
-                                    max_new_tokens=budget, seed=config["seed"], batch_size=config["eval_batch_size"],
-                                    device=config["device"])
-    write_json(path, {"rejected": rejected, "prompts": prompts})
-    return rejected
-
-
-def rejection_stats(pairs):
-    """How the sampled rejections differ from the true continuations: mean sentence chrF of rejected against
-    chosen, and both mean lengths (SFT->DPO samples from a model that has just learnt these sonnets)."""
-    return {"chrf": statistics.fmean(chrf([decode(p.rejected.target)], [decode(p.chosen.target)]) for p in pairs),
-            "chosen_tokens": statistics.fmean(len(p.chosen.target) for p in pairs),
-            "rejected_tokens": statistics.fmean(len(p.rejected.target) for p in pairs)}
+def pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, pairs, config):
+    """dpo_loss as --loss_type and --label_smoothing say, on what it reads: the summed log-probabilities, or
+    for IPO the per-token averages. Only options that differ from plain DPO's are passed: DPO is dpo_loss(..., beta)."""
+    if config["loss_type"] == "ipo":
+        chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
+        policy_chosen, ref_chosen = average_logps(policy_chosen, chosen), average_logps(ref_chosen, chosen)
+        policy_rejected, ref_rejected = average_logps(policy_rejected, rejected), average_logps(ref_rejected, rejected)
+    options = {k: config[k] for k in ("loss_type", "label_smoothing") if config[k] != SETTINGS[k][0]}
+    return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config["beta"], **options)
 
 
 # -----------------------------------------------------------------------------
 # the reference model: the frozen starting point
-
-
-def weights_fingerprint(model):
-    """Of the function the model computes: with fresh LoRA adapters (B = 0) that is the base model's, so
-    DPO-only FFT and LoRA share one cache."""
-    return fingerprint(merged_state_dict(model))
 
 
 @contextmanager
@@ -201,24 +188,28 @@ def cached_reference_logps(model, pairs, config, autocast, cache_dir, weights_id
 
 
 def check_reference(model, pairs, ref_chosen, ref_rejected, config, autocast):
-    """At step 0 policy and reference are the same model, so every margin must be 0 and the loss ln 2. If
-    not, the reference is not the starting model (after LoRA SFT, for instance, base GPT-2 is the wrong one)."""
+    """At step 0 policy and reference are the same model, so every margin h must be 0 and the loss its value
+    there: ln 2 for DPO and cDPO ((1 - eps) ln 2 + eps ln 2), (0 - 1/(2 beta))^2 for IPO. If not, the reference
+    is not the starting model (after LoRA SFT, for instance, base GPT-2 is the wrong one)."""
     policy_chosen, policy_rejected = reference_logps(model, pairs, config, autocast)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                        config["beta"])
-    margin = (chosen_rewards - rejected_rewards).abs().max().item()
+    losses, chosen_rewards, rejected_rewards = pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                           pairs, config)
+    margin, loss = (chosen_rewards - rejected_rewards).abs().max().item(), losses.mean().item()
+    expected = (1 / (2 * config["beta"])) ** 2 if config["loss_type"] == "ipo" else math.log(2)
     tolerance = 1e-3 if isinstance(autocast, nullcontext) else 5e-2  # bfloat16 rounds differently per batch shape
-    if margin > tolerance or abs(losses.mean().item() - math.log(2)) > tolerance:
-        raise InputError(f"at step 0 the DPO loss is {losses.mean().item():.4f} (expected ln 2 = 0.6931) and a reward "
-                         f"margin is {margin:.4g} (expected 0): the reference is not the model training starts from")
+    if margin > tolerance or abs(loss - expected) > tolerance * max(1.0, expected):
+        raise InputError(f"at step 0 the {config['loss_type']} loss is {loss:.4f} (expected {expected:.4f}, its value "
+                         f"when policy = reference) and a reward margin is {margin:.4g} (expected 0): the reference "
+                         f"is not the model training starts from")
 
 
 def preference_metrics(model, pairs, ref_chosen, ref_rejected, config, autocast):
-    """Over the whole dev set: the DPO loss, reward accuracy (chosen reward > rejected), mean margin, and
-    both rewards and log-probabilities. A falling chosen log-probability is not a bug: DPO optimises only
-    the margin, and often lowers both answers' probabilities while pushing the rejected one down faster."""
+    """Over the whole dev set: the loss (--loss_type's, without RPO's NLL), reward accuracy (chosen reward >
+    rejected), mean margin, and both rewards and log-probabilities. A falling chosen log-probability is not a
+    bug: DPO optimises only the margin, and often lowers both answers' probabilities while pushing the rejected
+    one down faster (RPO's NLL term is there to stop that)."""
     chosen, rejected = reference_logps(model, pairs, config, autocast)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config["beta"])
+    losses, chosen_rewards, rejected_rewards = pair_losses(chosen, rejected, ref_chosen, ref_rejected, pairs, config)
     return {"dpo_loss": losses.mean().item(),
             "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
             "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
@@ -230,8 +221,12 @@ def preference_metrics(model, pairs, ref_chosen, ref_rejected, config, autocast)
 # training
 
 
-def check_config(config):
-    config = trainer.check_config(config, SETTINGS, prefix="dpo")
+def check_config(config, settings=SETTINGS, prefix="dpo"):
+    """trainer.check_config's checks, and DPO's (train_orpo.py's too, with its settings)."""
+    config = trainer.check_config(config, settings, prefix=prefix)
+    if config.get("loss_type") == "ipo" and config["label_smoothing"]:
+        raise InputError(f"--label_smoothing {config['label_smoothing']}: only for --loss_type sigmoid (cDPO); "
+                         f"IPO has none")
     config["cache_dir"] = config["cache_dir"] or config["out_dir"]
     writable_dir(config["cache_dir"], "--cache_dir")
     if config["rejections_from"] is not None:
@@ -239,31 +234,12 @@ def check_config(config):
     return config
 
 
-def preference_pairs(model, train_data, dev, config):
-    """(training pairs, dev pairs). Sonnets: rejections sampled once (and cached) from the starting model or
-    --rejections_from; the dev rejections are only for measuring, never trained on."""
-    if config["task"] == "paraphrase":
-        return paraphrase_pairs(train_data), paraphrase_pairs(dev)
-    sampler = model if config["rejections_from"] is None else load_model(config["rejections_from"]).to(config["device"])
-    weights_id, block_size = weights_fingerprint(sampler), model.config.block_size
-    held_out, references = dev
-    true = [s for s in references if s.number in {h.number for h in held_out}]
-    return tuple(sonnet_pairs(sonnets, sample_rejections(sampler, sonnets, config, config["cache_dir"], weights_id,
-                                                         block_size)) for sonnets in (train_data, true))
-
-
 def train(config):
     """Run DPO as `config` (a dict of SETTINGS) says; returns what it writes to out_dir/results.json."""
     run = trainer.start(check_config(config))
     config, device = run.config, run.device
-    train_data, dev = load_task_data(config)  # before the model: a missing file fails in a second
-    chosen = ([p.chosen for p in paraphrase_pairs(train_data)] if config["task"] == "paraphrase"
-              else continuation_examples(train_data))
-    check_task_lengths(config, chosen, dev)  # before the model; the rejections once they are sampled
-    policy = trainer.load_policy(config).to(device)  # the starting model, and the trained one
+    policy, pairs, dev_pairs, dev = policy_and_pairs(run)
     autocast = trainer.autocast_context(config, run.device_type)
-    pairs, dev_pairs = preference_pairs(policy, train_data, dev, config)
-    check_lengths([e for p in pairs for e in (p.chosen, p.rejected)], policy.config.block_size)
 
     # The reference, built before fit restores any checkpoint, so it is always the starting model. By default
     # its log-probabilities are computed once, now (it never changes, so the loss is the same and each step
@@ -281,31 +257,31 @@ def train(config):
         reference = policy if config["lora_r"] else copy.deepcopy(policy).requires_grad_(False).eval()
 
     def loss_fn(model, part, batch):
-        policy_chosen, policy_rejected = concatenated_logps(model, [pairs[i].chosen for i in part],
-                                                            [pairs[i].rejected for i in part], device)
+        chosen = [pairs[i].chosen for i in part]
+        policy_chosen, policy_rejected = concatenated_logps(model, chosen, [pairs[i].rejected for i in part], device)
         if reference is None:
             reference_chosen, reference_rejected = ref_chosen[part], ref_rejected[part]
         else:
             with adapters_off(reference) if config["lora_r"] else nullcontext():
                 reference_chosen, reference_rejected = reference_logps(reference, [pairs[i] for i in part], config,
                                                                        autocast)
-        losses, _, _ = dpo_loss(policy_chosen, policy_rejected, reference_chosen.to(device),
-                                reference_rejected.to(device), config["beta"])
+        losses, _, _ = pair_losses(policy_chosen, policy_rejected, reference_chosen.to(device),
+                                   reference_rejected.to(device), [pairs[i] for i in part], config)
+        if config["rpo_alpha"]:  # 0: plain DPO, not even computed differently
+            losses = rpo_loss(losses, average_logps(policy_chosen, chosen), config["rpo_alpha"])
         return losses.sum() / len(batch)  # this part's share of the mean over the whole batch's pairs
 
     def dev_metrics(model):
         return {**evaluate(model, config["task"], dev, config, device),
                 **preference_metrics(model, dev_pairs, *dev_ref, config, autocast)}
 
-    regime = "sft_dpo" if is_sft_run(config["init_from"]) else "dpo"
-    title = (f"{config['task']} DPO ({trainer.describe(config)}, beta={config['beta']}, "
-             f"{'live' if reference is not None else 'precomputed'} reference) of {config['init_from']}")
-    extra = {"beta": config["beta"]}
-    if config["task"] == "sonnet":
-        extra["rejections"] = rejection_stats(pairs)
-        if run.master:
-            print("rejections: " + ", ".join(f"{k} {v:.1f}" for k, v in extra["rejections"].items()))
-    return trainer.fit(run, policy, lengths, loss_fn, dev_metrics, regime, title, extra)
+    regime = "sft_dpo" if is_sft_run(config["init_from"]) else "rpo" if config["rpo_alpha"] else "dpo"
+    extra = {"beta": config["beta"], "reference": "live" if reference is not None else "precomputed"}
+    rpo = f", RPO alpha={config['rpo_alpha']}" if config["rpo_alpha"] else ""
+    title = (f"{config['task']} DPO ({trainer.describe(config)}, {config['loss_type']} loss, beta={config['beta']}"
+             f"{rpo}, {extra['reference']} reference) of {config['init_from']}")
+    return trainer.fit(run, policy, lengths, loss_fn, dev_metrics, regime, title,
+                       {**extra, **rejections_summary(run, pairs)})
 
 
 def main(argv=None):

@@ -87,6 +87,10 @@ SETTINGS = {
     "lora_alpha": (16.0, float, ANY, "LoRA scale alpha: the update is (alpha / r) B A (alpha = 2r, a common choice)"),
     "lora_dropout": (0.0, float, between(0, 0.999), "dropout on LoRA's input"),
     "lora_targets": (",".join(DEFAULT_TARGETS), str, ANY, "comma-separated Linear layers LoRA adapts (all of a block's)"),
+    "lora_rslora": (False, bool, ANY, "rsLoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of "
+                                      "alpha / r, so that a larger rank does not learn slower"),
+    "lora_plus_ratio": (1.0, float, POSITIVE, "LoRA+ (Hayou et al. 2024): B's learning rate is this times A's (--lr); "
+                                              "1 = plain LoRA, the paper suggests about 16"),
     "seed": (11711, int, ANY, "the course's seed"),
     "device": (default_device(), str, ANY, "cuda, cuda:N, mps or cpu (the default is the best one here)"),
     "dtype": ("auto", str, one_of("auto", "float32", "bfloat16"),
@@ -151,6 +155,9 @@ def check_config(config, settings=SETTINGS, prefix="sft"):
                          f"more micro-batches than examples")
     if config["lora_r"] and not config["lora_alpha"] > 0:
         raise InputError(f"--lora_alpha {config['lora_alpha']}: must be positive")
+    if not config["lora_r"] and (config["lora_rslora"] or config["lora_plus_ratio"] != 1):
+        flag = f"--lora_plus_ratio {config['lora_plus_ratio']}" if config["lora_plus_ratio"] != 1 else "--lora_rslora"
+        raise InputError(f"{flag}: needs --lora_r (full fine-tuning has no LoRA A and B)")
     if not lora_targets(config):
         raise InputError(f"--lora_targets {config['lora_targets']}: name at least one Linear layer, "
                          f"e.g. {','.join(DEFAULT_TARGETS)}")
@@ -217,14 +224,17 @@ def load_policy(config):
     if config["lora_r"]:
         try:
             apply_lora(model, r=config["lora_r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
-                       targets=lora_targets(config))
+                       targets=lora_targets(config), rslora=config["lora_rslora"])
         except ValueError as e:
             raise InputError(f"--lora_targets {config['lora_targets']}: {e}") from None
     return model
 
 
 def describe(config):
-    return f"LoRA r={config['lora_r']}" if config["lora_r"] else "full fine-tuning"
+    if not config["lora_r"]:
+        return "full fine-tuning"
+    return (f"{'rsLoRA' if config['lora_rslora'] else 'LoRA'} r={config['lora_r']}"
+            + (f", LoRA+ ratio {config['lora_plus_ratio']:g}" if config["lora_plus_ratio"] != 1 else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -237,7 +247,8 @@ def fit(run, model, lengths, loss_fn, evaluate, regime, title, extra=None):
     config, device, out_dir = run.config, run.device, Path(run.config["out_dir"])
     if (done := finished_results(run)) is not None:
         return done
-    optimizer = configure_optimizer(model, config["lr"], config["weight_decay"], run.device_type)
+    optimizer = configure_optimizer(model, config["lr"], config["weight_decay"], run.device_type,
+                                    config["lora_plus_ratio"])
     progress = start_or_resume(run, model, optimizer)
     ddp_model = wrap_model(model, config, run.world_size)  # compiled and/or DDP; the same weights as model
     autocast = autocast_context(config, run.device_type)
@@ -255,8 +266,8 @@ def fit(run, model, lengths, loss_fn, evaluate, regime, title, extra=None):
         while progress["batch"] < len(batches):
             batch = batches[progress["batch"]]
             lr = lr_at(progress["step"], total_steps, config["lr"], config["warmup"], config["min_lr_ratio"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group in optimizer.param_groups:  # LoRA+'s B group keeps its ratio to the rest
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # (checkpoints written before LoRA+ have none)
             parts = micro_batches(batch[run.rank::run.world_size], config["grad_accum"])  # this process's share
             for k, part in enumerate(parts):
                 # DDP averages gradients over processes once per batch, on its last micro-batch
@@ -391,13 +402,22 @@ def check_same_settings(path, saved, config):
 # the loop's parts: optimizer, schedule, batches, precision, devices
 
 
-def configure_optimizer(model, lr, weight_decay, device_type):
+def configure_optimizer(model, lr, weight_decay, device_type, lora_plus_ratio=1.0):
     """AdamW over the trainable parameters only (frozen GPT-2 weights get no optimizer state). Weight decay
-    applies to 2-D weight matrices; biases, LayerNorms and LoRA's A and B are not decayed."""
+    applies to 2-D weight matrices; biases, LayerNorms and LoRA's A and B are not decayed.
+
+    LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): with lora_plus_ratio
+    lambda != 1, LoRA's B matrices get their own group with learning rate lambda * lr (A keeps lr); B starts
+    at 0 and, in wide layers, learns efficiently only with a larger step than A. Each group's "lr_scale" is
+    its multiple of the schedule's learning rate (fit sets group["lr"] = lr_at(step) * lr_scale)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decayed = {n for n, p in params if p.dim() >= 2 and not n.endswith((".lora_A", ".lora_B"))}
-    groups = [{"params": [p for n, p in params if n in decayed], "weight_decay": weight_decay},
-              {"params": [p for n, p in params if n not in decayed], "weight_decay": 0.0}]
+    own_b = {n for n, _ in params if n.endswith(".lora_B")} if lora_plus_ratio != 1 else set()
+    groups = [{"params": [p for n, p in params if n in decayed], "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": [p for n, p in params if n not in decayed | own_b], "weight_decay": 0.0, "lr_scale": 1.0}]
+    if own_b:
+        groups.append({"params": [p for n, p in params if n in own_b], "weight_decay": 0.0,
+                       "lr": lr * lora_plus_ratio, "lr_scale": lora_plus_ratio})
     fused = device_type in ("cuda", "cpu")  # one kernel for the whole update instead of one per tensor
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
 

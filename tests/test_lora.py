@@ -203,3 +203,47 @@ def test_merged_state_dict_is_a_plain_gpt():
     plain.load_state_dict(merged_state_dict(model))
     with torch.no_grad():
         assert torch.allclose(plain(IDS), model(IDS), atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# rsLoRA (Kalajdzievski 2023): the update scaled by alpha / sqrt(r)
+
+
+@pytest.mark.parametrize("rslora, scaling", [(False, 12 / 9), (True, 12 / 3)])
+def test_rslora_scales_the_update_by_alpha_over_sqrt_r(rslora, scaling):
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = LoRALinear(base, r=9, alpha=12, rslora=rslora)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    assert layer.scaling == scaling
+    x = torch.randn(4, 6, dtype=torch.float64)
+    A, B, W, b = (t.detach().double() for t in (layer.lora_A, layer.lora_B, base.weight, base.bias))
+    assert torch.allclose(layer.double()(x), x @ W.t() + b + scaling * x @ A.t() @ B.t(), atol=1e-12)
+
+
+def test_rslora_round_trips_and_merges_with_its_scaling(tmp_path):
+    model = make_model(r=4, alpha=8, rslora=True).eval()
+    randomize_lora(model)
+    assert {layer.scaling for layer in lora_layers(model).values()} == {8 / 2}
+    save_lora(model, tmp_path / "rs.safetensors")
+    torch.manual_seed(0)
+    fresh = load_lora(GPT(tiny_config()), tmp_path / "rs.safetensors").eval()
+    assert all(layer.rslora and layer.scaling == 4.0 for layer in lora_layers(fresh).values())
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS), model(IDS))
+    # merged: W + alpha / sqrt(r) B A, by hand
+    layer = model.transformer.h[1].mlp.c_fc
+    merged = merged_state_dict(model)["transformer.h.1.mlp.c_fc.weight"]
+    assert torch.allclose(merged, layer.base.weight + 4.0 * layer.lora_B @ layer.lora_A, atol=1e-6)
+    # into a model whose LoRA layers scale by alpha / r: refused, not silently rescaled
+    with pytest.raises(InputError, match=r"rs.safetensors: this adapter does not fit the model: scaling "
+                                         r"alpha/sqrt\(r\) \(rsLoRA\), the model's LoRA layers scale by alpha/r$"):
+        load_lora(make_model(r=4, alpha=8), tmp_path / "rs.safetensors")
+
+
+def test_an_adapter_saved_before_rslora_loads_as_alpha_over_r(tmp_path):
+    path = save_adapter_of(tmp_path / "old.safetensors", with_metadata=False)  # only lora_alpha in its metadata
+    torch.manual_seed(0)
+    model = load_lora(GPT(tiny_config()), path)
+    assert all(not layer.rslora and layer.scaling == 8 / 4 for layer in lora_layers(model).values())

@@ -8,8 +8,8 @@ import pytest
 from conftest import ROOT
 
 # The reading order, which is also the only direction imports may run: a module imports only those before it.
-ORDER = ["fileio", "data", "model", "lora", "checkpoint", "eval", "trainer", "train_sft", "train_dpo", "train_orpo",
-         "study", "bench"]
+ORDER = ["fileio", "data", "model", "lora", "checkpoint", "eval", "trainer", "train_sft", "preferences", "train_dpo",
+         "train_orpo", "study", "bench"]
 SOURCES = sorted([*ROOT.glob("*.py"), *ROOT.glob("data/*.py")])
 
 

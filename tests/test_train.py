@@ -7,7 +7,6 @@ from contextlib import nullcontext
 import math
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import preferences
 import train_dpo
 import train_sft
 import trainer
@@ -212,7 +212,7 @@ def test_the_reference_never_changes_and_live_equals_precomputed(tiny_dir, learn
         assert torch.allclose(losses[method, False], losses[method, True], atol=1e-5)
     # and the precomputed one is the starting model's: recompute it from the checkpoint on disk
     config = {**trainer.defaults(train_dpo.SETTINGS), "device": "cpu"}
-    pairs = train_dpo.paraphrase_pairs(read_quora(learnable_data / "quora-train.csv", limit=32))
+    pairs = preferences.paraphrase_pairs(read_quora(learnable_data / "quora-train.csv", limit=32))
     expected = train_dpo.reference_logps(GPT.from_pretrained(tiny_dir), pairs, config, nullcontext())
     for method in ("fft", "lora"):
         cached, = (tmp_path / f"{method}-False").glob("reference-train-*.safetensors")
@@ -227,7 +227,7 @@ def test_sft_then_dpo_with_lora_uses_the_sft_model_as_reference(tiny_dir, learna
     config = train_dpo.check_config({**trainer.defaults(train_dpo.SETTINGS),
                                      **settings(tmp_path / "sft", learnable_data, tmp_path / "dpo", lora_r=4)})
     policy = trainer.load_policy(config)
-    pairs = train_dpo.paraphrase_pairs(load_task_data(config)[0])[:16]
+    pairs = preferences.paraphrase_pairs(load_task_data(config)[0])[:16]
     with train_dpo.adapters_off(policy):
         ref = train_dpo.reference_logps(policy, pairs, config, nullcontext())
     sft_model = load_model(tmp_path / "sft")
@@ -412,7 +412,7 @@ def test_sonnet_rejections_are_the_sampled_tokens_with_end_of_text_only_when_sam
     model = GPT(tiny_config(block_size=256)).eval()
     sonnets = read_sonnets(sample_data / "sonnets.txt")[:2]
     config = {**trainer.defaults(train_dpo.SETTINGS), "device": "cpu"}
-    rejected = train_dpo.sample_rejections(model, sonnets, config, tmp_path, "weights", model.config.block_size)
+    rejected = preferences.sample_rejections(model, sonnets, config, tmp_path, "weights", model.config.block_size)
     chosen = train_sft.continuation_examples(sonnets)
     budget = max(len(c.target) for c in chosen)  # the longest true rest, with its end-of-text, fits
     ids, mask = left_pad([c.prompt for c in chosen])
@@ -420,9 +420,9 @@ def test_sonnet_rejections_are_the_sampled_tokens_with_end_of_text_only_when_sam
                          generator=torch.Generator().manual_seed(config["seed"]))
     for tokens, row in zip(rejected, out[:, ids.size(1):].tolist()):  # what generate wrote, token for token
         assert tokens == (row[:row.index(END_OF_TEXT) + 1] if END_OF_TEXT in row else row)
-    pairs = train_dpo.sonnet_pairs(sonnets, rejected)
+    pairs = preferences.sonnet_pairs(sonnets, rejected)
     assert [p.rejected.target for p in pairs] == rejected and all(p.chosen.target[-1] == END_OF_TEXT for p in pairs)
-    stats = train_dpo.rejection_stats(pairs)
+    stats = preferences.rejection_stats(pairs)
     assert stats["rejected_tokens"] == sum(map(len, rejected)) / 2 and 0 <= stats["chrf"] <= 100
 
 
@@ -437,8 +437,8 @@ def test_rejections_from_another_model_are_that_models_samples(sample_data, tmp_
     dev = (read_sonnets(sample_data / "sonnets_held_out_dev.txt")[:1], read_sonnets(sample_data / "TRUE_sonnets_held_out_dev.txt"))
     config = {**trainer.defaults(train_dpo.SETTINGS), "task": "sonnet", "device": "cpu", "cache_dir": str(tmp_path),
               "rejections_from": str(tmp_path / "other")}
-    pairs, dev_pairs = train_dpo.preference_pairs(policy, sonnets, dev, config)
-    expected = train_dpo.sample_rejections(other, sonnets, config, tmp_path / "fresh", "other", 256)
+    pairs, dev_pairs = preferences.preference_pairs(policy, sonnets, dev, config)
+    expected = preferences.sample_rejections(other, sonnets, config, tmp_path / "fresh", "other", 256)
     assert [p.rejected.target for p in pairs] == expected and len(dev_pairs) == 1
     with pytest.raises(SystemExit, match=r"error: --rejections_from '.*nowhere': neither a GPT-2 name"):
         train_dpo.main(["--task", "sonnet", "--device", "cpu", "--data_dir", str(sample_data), "--out_dir",

@@ -1,0 +1,125 @@
+"""
+ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model") of GPT-2 on one
+of the two tasks, FFT or LoRA.
+
+    python train_orpo.py --task paraphrase                       # from pretrained gpt2: no SFT stage first
+    python train_orpo.py --task sonnet --lora_r 8 --orpo_lambda 0.1
+
+ORPO trains on DPO's preference pairs (train_dpo.py's: the same prompts, chosen and rejected answers) with one
+loss, SFT on the chosen answer plus a penalty on the rejected one, and no reference model at all:
+
+    L_ORPO = NLL(y_w|x) + lambda * L_OR,      L_OR = -log sigmoid( log odds(y_w|x) - log odds(y_l|x) )
+
+where NLL is the chosen answer's per-token negative log-likelihood, odds(y|x) = p / (1 - p) with p = exp(the
+answer's per-token average log-probability), and lambda (--orpo_lambda) weighs the penalty. There is nothing
+to precompute: no reference log-probabilities, no step-0 check; each step is one forward pass over the chosen
+and the rejected answers, as in DPO.
+
+The loop (settings, optimizer, schedule, checkpoints, --resume, results.json) is trainer.py's.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import trainer
+import train_dpo
+from preferences import policy_and_pairs, rejections_summary
+from train_dpo import average_logps, concatenated_logps, reference_logps
+from train_sft import evaluate
+
+# -----------------------------------------------------------------------------
+# settings: trainer.py's (GPT-2's dropout 0.1, as in SFT: with no reference, dropout biases nothing), and these
+SETTINGS = {
+    **trainer.SETTINGS,
+    "init_from": ("gpt2", str, None, "a GPT-2 name, a model directory or an earlier run's out_dir (ORPO's point is "
+                                     "to need no SFT stage first)"),
+    "out_dir": (None, str, None, "where this run writes; default out/orpo-{task}-{fft|lora}"),
+    "orpo_lambda": (0.1, float, trainer.POSITIVE, "ORPO's lambda, the weight of the odds-ratio term (Hong et al. "
+                                                  "2024's 0.1; TRL's ORPOConfig.beta)"),
+    "cache_dir": (None, str, None, "where sampled sonnet rejections are cached; default out_dir"),
+    "rejections_from": train_dpo.SETTINGS["rejections_from"],
+}
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+
+def odds_ratio_loss(chosen_avg_logps, rejected_avg_logps):
+    """ORPO's odds-ratio loss of each pair (Hong et al. 2024, eqs. 4-7), from (B,) per-token average
+    log-probabilities x; returns (B,):
+
+        L_OR = -log sigmoid(log odds(y_w) - log odds(y_l)),   log odds(y) = log p - log(1 - p),   p = exp(x)
+
+    log(1 - exp(x)) is computed stably (Maechler 2012's log1mexp; TRL's ORPOTrainer writes log1p(-exp(x)), which
+    rounds to log 0 once p is within float32's epsilon of 1). Such a p is 1 to float32, so x is capped at
+    log(1 - eps): a sure answer, or one with no tokens (average 0), has a large finite log odds, never inf/NaN.
+    """
+    def log_odds(x):
+        x = x.clamp(max=math.log1p(-torch.finfo(x.dtype).eps))
+        log1mexp = torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+        return x - log1mexp
+
+    return -F.logsigmoid(log_odds(chosen_avg_logps) - log_odds(rejected_avg_logps))
+
+
+def orpo_loss(chosen_avg_logps, rejected_avg_logps, orpo_lambda):
+    """ORPO's loss of each pair (Hong et al. 2024, eq. 6): the chosen answer's per-token NLL (eq. 2) plus lambda
+    times the odds-ratio loss. Inputs (B,) per-token average log-probabilities; returns (B,).
+        L_ORPO = -chosen_avg_logp + lambda * L_OR
+    (TRL averages the NLL over the batch's tokens instead, which weighs a long answer more than a short one.)"""
+    return -chosen_avg_logps + orpo_lambda * odds_ratio_loss(chosen_avg_logps, rejected_avg_logps)
+
+
+@torch.no_grad()
+def orpo_metrics(model, pairs, config, autocast):
+    """Over the whole dev set: the ORPO loss and its two terms, how often the chosen answer's odds are the
+    higher (odds_accuracy), and both answers' log-probabilities."""
+    chosen, rejected = reference_logps(model, pairs, config, autocast)  # the model's, in eval mode
+    chosen_avg, rejected_avg = (average_logps(chosen, [p.chosen for p in pairs]),
+                                average_logps(rejected, [p.rejected for p in pairs]))
+    odds = odds_ratio_loss(chosen_avg, rejected_avg)
+    return {"orpo_loss": orpo_loss(chosen_avg, rejected_avg, config["orpo_lambda"]).mean().item(),
+            "chosen_nll": -chosen_avg.mean().item(), "odds_ratio_loss": odds.mean().item(),
+            "odds_accuracy": (odds < math.log(2)).float().mean().item(),  # log odds(y_w) > log odds(y_l)
+            "chosen_logp": chosen.mean().item(), "rejected_logp": rejected.mean().item()}
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def train(config):
+    """Run ORPO as `config` (a dict of SETTINGS) says; returns what it writes to out_dir/results.json."""
+    run = trainer.start(train_dpo.check_config(config, SETTINGS, prefix="orpo"))
+    config, device = run.config, run.device
+    model, pairs, dev_pairs, dev = policy_and_pairs(run)
+    autocast = trainer.autocast_context(config, run.device_type)
+
+    def loss_fn(model, part, batch):
+        chosen, rejected = [pairs[i].chosen for i in part], [pairs[i].rejected for i in part]
+        chosen_logps, rejected_logps = concatenated_logps(model, chosen, rejected, device)
+        losses = orpo_loss(average_logps(chosen_logps, chosen), average_logps(rejected_logps, rejected),
+                           config["orpo_lambda"])
+        return losses.sum() / len(batch)  # this part's share of the mean over the whole batch's pairs
+
+    def dev_metrics(model):
+        return {**evaluate(model, config["task"], dev, config, device),
+                **orpo_metrics(model, dev_pairs, config, autocast)}
+
+    title = (f"{config['task']} ORPO ({trainer.describe(config)}, lambda={config['orpo_lambda']}, no reference "
+             f"model) of {config['init_from']}")
+    extra = {"orpo_lambda": config["orpo_lambda"], "reference": "none (ORPO has no reference model: no reference "
+                                                                "pass, no step-0 check)"}
+    return trainer.fit(run, model, [len(p.chosen) + len(p.rejected) for p in pairs], loss_fn, dev_metrics, "orpo",
+                       title, {**extra, **rejections_summary(run, pairs)})
+
+
+def main(argv=None):
+    trainer.main(train, SETTINGS, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
