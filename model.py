@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.batching import check_token_ids
 from data.tokenizer import END_OF_TEXT
 from fileio import InputError, download, read_safetensors, write_json, write_safetensors
 
@@ -227,10 +228,8 @@ class GPT(nn.Module):
         """
         B, T = input_ids.size()
         past_len = len(kv_cache) if kv_cache is not None else 0
-        outside = (input_ids < 0) | (input_ids >= self.config.vocab_size)
-        if outside.any():
-            raise ValueError(f"token id {input_ids[outside][0].item()} is outside the vocabulary: ids must be in "
-                             f"[0, vocab_size={self.config.vocab_size})")
+        # Token ids are checked where batches are built, on the CPU (data.batching.check_token_ids): a check here
+        # would make every forward pass wait for the GPU to answer. An id outside the vocabulary fails in wte.
         if past_len + T > self.config.block_size:
             raise ValueError(f"sequence of {past_len + T} tokens is longer than block_size={self.config.block_size}")
         positions, attn_mask = attention_inputs(attention_mask, B, T, past_len, input_ids.device)
@@ -262,6 +261,7 @@ class GPT(nn.Module):
         A row that emits eos_token_id is finished: its later tokens are eos_token_id too, and generation
         stops when every row is finished (eos_token_id=None: always max_new_tokens). Returns (B, T + new).
         """
+        check_token_ids(input_ids, self.config.vocab_size)  # once per call: the forward passes below never check
         B, T = input_ids.size()
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive whole number, got {max_new_tokens!r}")
