@@ -419,16 +419,16 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             grad_h = (g * dlogp_dh.float()).to(hidden.dtype).view(hidden.shape)
         if ctx.needs_input_grad[1]:
             h, w, t = hidden.reshape(-1, hidden.size(-1)).to(ctx.dtype), weight.to(ctx.dtype), targets.reshape(-1)
-            grad_w = torch.zeros_like(weight, dtype=torch.float32)
             for rows in reversed(chunks(len(t), ctx.chunk_size)):  # the last chunk first: the forward kept it
                 dlogp_dz, ctx.last_dlogp_dz = ctx.last_dlogp_dz, None  # used once, then freed
                 if dlogp_dz is None:  # the chunk's logits again, instead of having kept them all
                     softmax = (h[rows] @ w.t()).float().sub_(logsumexp[rows, None]).exp_()  # exp(z - logsumexp(z))
                     dlogp_dz = onehot_minus_(softmax, t[rows])
                     del softmax
-                grad_w += dlogp_dz.mul_(g[rows]).to(ctx.dtype).t() @ h[rows]
-                del dlogp_dz  # free this chunk's before computing the next
-            grad_w = grad_w.to(weight.dtype)
+                part = dlogp_dz.mul_(g[rows]).to(ctx.dtype).t() @ h[rows]  # (vocab, n_embd)
+                grad_w = part.float() if grad_w is None else grad_w.add_(part)  # summed in float32
+                del dlogp_dz, part  # free this chunk's before computing the next
+            grad_w = grad_w.to(weight.dtype) if grad_w is not None else None  # None: no positions, no gradient
         return grad_h, grad_w, None, None, None
 
 

@@ -98,7 +98,11 @@ def test_only_what_needs_a_gradient_gets_one():
     assert hidden.grad is not None and weight.grad is None
     with torch.no_grad():  # DPO's reference model: no graph, the same numbers
         assert torch.equal(chunked_token_logprobs(hidden, weight, torch.tensor([0, 8, 3]), 2), logps.detach())
-    assert chunked_token_logprobs(hidden[:0], weight, torch.tensor([], dtype=torch.long), 2).shape == (0,)
+    weight.requires_grad_(True)
+    nothing = chunked_token_logprobs(hidden[:0], weight, torch.tensor([], dtype=torch.long), 2)
+    assert nothing.shape == (0,)
+    nothing.sum().backward()  # no positions: no gradient, and no error
+    assert weight.grad is None or not weight.grad.any()
 
 
 # -----------------------------------------------------------------------------
