@@ -21,6 +21,8 @@ import torch
 
 from data.tokenizer import END_OF_TEXT
 
+VOCAB_SIZE = END_OF_TEXT + 1  # GPT-2's 50257 tokens: end-of-text is the last one
+
 
 @dataclass(frozen=True)
 class Example:
@@ -42,8 +44,18 @@ class Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask, self.lengths)))
 
 
-def collate(examples, pad_id=END_OF_TEXT, max_len=1024):
-    """Right-pad a list of Examples into a Batch."""
+def check_token_ids(ids, vocab_size=VOCAB_SIZE):
+    """Every id of a CPU tensor must be in [0, vocab_size): checked here, where batches are built, so that the
+    model's forward pass never stops to ask the GPU (an out-of-range id would fail there as a device assert)."""
+    outside = (ids < 0) | (ids >= vocab_size)
+    if outside.any():
+        raise ValueError(f"token id {ids[outside][0].item()} is outside the vocabulary: ids must be in "
+                         f"[0, vocab_size={vocab_size})")
+    return ids
+
+
+def collate(examples, pad_id=END_OF_TEXT, max_len=1024, vocab_size=VOCAB_SIZE):
+    """Right-pad a list of Examples into a Batch (every token id checked to be in [0, vocab_size))."""
     if not examples:
         raise ValueError("collate needs at least one example")
     for i, ex in enumerate(examples):
@@ -59,10 +71,10 @@ def collate(examples, pad_id=END_OF_TEXT, max_len=1024):
         attention_mask[i, :n] = 1
         loss_mask[i, n_prompt:n] = 1
     lengths = torch.tensor([len(ex) for ex in examples], dtype=torch.long)
-    return Batch(input_ids, attention_mask, loss_mask, lengths)
+    return Batch(check_token_ids(input_ids, vocab_size), attention_mask, loss_mask, lengths)
 
 
-def left_pad(prompts, pad_id=END_OF_TEXT):
+def left_pad(prompts, pad_id=END_OF_TEXT, vocab_size=VOCAB_SIZE):
     """Left-pad token lists for batched generation: (input_ids, attention_mask), every row ending at column -1."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError(f"left_pad needs one or more prompts, none empty; got {[len(p) for p in prompts]} tokens")
@@ -72,7 +84,7 @@ def left_pad(prompts, pad_id=END_OF_TEXT):
     for i, p in enumerate(prompts):
         input_ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
         attention_mask[i, T - len(p):] = 1
-    return input_ids, attention_mask
+    return check_token_ids(input_ids, vocab_size), attention_mask
 
 
 def batch_indices(lengths, batch_size, shuffle=False, seed=0, pool_batches=50):

@@ -109,10 +109,17 @@ def test_sequence_longer_than_block_size_is_a_clear_error(tiny_model):
 
 
 @pytest.mark.parametrize("bad_id", [50257, 99999, -1])
-def test_token_id_outside_the_vocabulary_is_a_clear_error(tiny_model, bad_id):
+@pytest.mark.parametrize("entry", ["generate", "collate", "left_pad"])
+def test_token_id_outside_the_vocabulary_is_a_clear_error(tiny_model, bad_id, entry):
+    """Checked on the CPU where batches are built (training, scoring) and by generate, not in every forward pass."""
+    from data.batching import Example, collate, left_pad
+    ids = [5, 50256, bad_id, 7]
+    call = {"generate": lambda: tiny_model.generate(torch.tensor([ids]), max_new_tokens=1),
+            "collate": lambda: collate([Example([1, 2], [3]), Example(ids[:2], ids[2:])]),
+            "left_pad": lambda: left_pad([[1, 2], ids])}[entry]
     with pytest.raises(ValueError, match=rf"token id {bad_id} is outside the vocabulary: ids must be in "
                                          rf"\[0, vocab_size=50257\)"):
-        tiny_model(torch.tensor([[5, 50256, bad_id, 7]]))
+        call()
 
 
 @pytest.mark.parametrize("overrides, message", [
