@@ -75,13 +75,17 @@ def target_window(batch):
 
 
 def batch_logprobs(model, batch, device=None):
-    """sequence_logprobs of each row of a right-padded batch, with the output layer applied only where read.
-    No attention mask is needed: causal attention never looks right, where the padding is. The batch may stay
-    on the CPU: its window is cut there (no GPU round trip) and what the model reads moves to `device`."""
+    """sequence_logprobs of each row of a right-padded batch, computed by the model itself (GPT.forward's
+    targets=) a chunk of positions at a time, so no (B, W, vocab) logits tensor is ever held, and the output
+    layer runs only where a loss reads. No attention mask is needed: causal attention never looks right, where
+    the padding is. The batch may stay on the CPU: its window is cut there (no GPU round trip) and what the
+    model reads moves to `device`."""
     device = device or next(model.parameters()).device
     positions, input_ids, loss_mask = (t.to(device) for t in target_window(batch))
-    logits = model(batch.input_ids.to(device), logits_at=positions)  # (B, W, V)
-    return sequence_logprobs(logits, input_ids, loss_mask)
+    # window position w predicts the token at w + 1; the last column predicts nothing (roll's wrapped-around
+    # target, dropped below). All W columns keep the output layer's row count what the plain path had.
+    logps = model(batch.input_ids.to(device), logits_at=positions, targets=input_ids.roll(-1, dims=1))  # (B, W)
+    return (logps[:, :-1] * loss_mask[:, 1:]).sum(-1)
 
 
 def sft_loss(model, batch, normalizer=None):

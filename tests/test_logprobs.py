@@ -17,15 +17,6 @@ from lora import apply_lora
 from model import chunked_token_logprobs
 
 
-def chunked_batch_logprobs(model, batch, device=None):
-    """The body proposed for train_sft.batch_logprobs: target log-probabilities straight from the model."""
-    device = device or next(model.parameters()).device
-    positions, input_ids, loss_mask = (t.to(device) for t in train_sft.target_window(batch))
-    # window position w predicts the token at w + 1; the last predicts nothing here (roll's wrapped-around target)
-    logps = model(batch.input_ids.to(device), logits_at=positions, targets=input_ids.roll(-1, dims=1))  # (B, W)
-    return (logps[:, :-1] * loss_mask[:, 1:]).sum(-1)
-
-
 def plain_batch_logprobs(model, batch):
     """The reference: every window position's logits, then train_sft.sequence_logprobs."""
     positions, input_ids, loss_mask = train_sft.target_window(batch)
@@ -121,7 +112,7 @@ def test_logprobs_and_gradients_match_the_plain_path(tiny_model, monkeypatch, ki
                     p.normal_(0, 0.02)
     batch = collate(random_examples(kind, seed=1))
     row_weights = torch.randn(len(batch.lengths), generator=torch.Generator().manual_seed(2))
-    got, got_grads = gradients(model, chunked_batch_logprobs, batch, row_weights)
+    got, got_grads = gradients(model, train_sft.batch_logprobs, batch, row_weights)
     want, want_grads = gradients(model, plain_batch_logprobs, batch, row_weights)
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -150,7 +141,7 @@ def test_under_bf16_autocast_it_matches_the_plain_path(tiny_model, monkeypatch):
     exact, exact_grads = gradients(tiny_model, plain_batch_logprobs, batch, row_weights)
     want, want_grads = gradients(tiny_model, plain_batch_logprobs, batch, row_weights, autocast())
     with VocabMatmuls(tiny_model.config.vocab_size) as matmuls:
-        got, got_grads = gradients(tiny_model, chunked_batch_logprobs, batch, row_weights, autocast())
+        got, got_grads = gradients(tiny_model, train_sft.batch_logprobs, batch, row_weights, autocast())
     assert len(matmuls.dtypes) > 3 and set(matmuls.dtypes) == {(torch.bfloat16, torch.bfloat16)}, matmuls.dtypes
     assert got.dtype == want.dtype == torch.float32
     bf16_error = (want - exact).abs().max()
