@@ -135,7 +135,7 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                         help="auto: full on a CUDA GPU, reduced otherwise (see PRESETS)")
     parser.add_argument("--smoke", action="store_true", help="the smoke preset: a tiny random GPT-2 (2 layers, 64 "
-                                                             "wide) on data/samples/, 2 epochs, no download")
+                                                             "wide) on data/samples/, a few steps, no download")
     parser.add_argument("--jobs", type=int, default=1, help="train up to N runs at once, each a train_sft.py / "
                                                             "train_dpo.py process (1: one after the other, in this process)")
     parser.add_argument("--keep_checkpoints", action="store_true", help="keep each run's best/ and checkpoint.pt "
@@ -642,8 +642,10 @@ def condition_row(plan, results, task, regime, method):
               for s in seeds]
     own = [runs_of_seed[-1] for runs_of_seed in stages]  # the condition's own run (SFT->DPO: its DPO stage)
     items = [run_items(plan, task, run_dir(plan, task, regime, method, s)) for s in seeds]
-    every = [(range(len(i)), np.arange(len(i[0]))) for i in items]
-    scores = [score_of(task, [i], references, [0], *e) for i, e in zip(items, every)]  # per seed
+    examples = np.arange(len(items[0][0]))
+    per_sample = [[score_of(task, [outcomes], references, [0], [k], examples) for k in range(len(outcomes))]
+                  for outcomes in items]  # [seed][sampling seed]
+    scores = [statistics.fmean(values) for values in per_sample]
     score, std = mean_std(scores)
     row = {"task": task, "regime": regime, "method": method, "score_name": own[0]["score_name"], "score": score,
            "score_std": std, "scores": scores, "run_scores": [r["score"] for r in own],
@@ -661,7 +663,7 @@ def condition_row(plan, results, task, regime, method):
         row["f1"], row["f1_std"] = mean_std([r["metrics"]["f1"] for r in own])
     else:
         row["sample_seeds"] = [sample_seeds(plan, s) for s in seeds]
-        row["sampled_scores"] = [[score_of(task, [i], references, [0], [k], e[1]) for k in e[0]] for i, e in zip(items, every)]
+        row["sampled_scores"] = per_sample
     if "rejections" in own[0]:
         row["rejections"] = [r["rejections"] for r in own]
     return row, items
