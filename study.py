@@ -769,7 +769,7 @@ def header(n_seeds):
     versus = ("vs SFT-only FFT: two trained models (diff [95% CI] p)" if n_seeds == 1 else
               f"vs SFT-only FFT: mean over {n_seeds} seeds (diff [95% CI] p)")
     return ["task", "regime", "method", "score, final epoch (mean ± std)", "95% CI",
-            "best dev epoch (as the course reports)", versus, "train_seconds", "tokens_per_second", "peak_memory",
+            "best dev epoch (as the course reports it; sonnets: 1 sampling seed)", versus, "train_seconds", "tokens_per_second", "peak_memory",
             "trainable_parameters", "seeds"]
 
 
@@ -844,14 +844,16 @@ def error_bars(plan, rows):
     """How to read the table: what each figure is, what each interval resamples, and the correction."""
     n, k = len(plan["seeds"]), sum("vs_sft_fft" in row for row in rows)
     seeds = (f"the {n} training seeds (with replacement; with so few seeds the interval is rough), " if n > 1 else "")
+    runs = "other runs, " if n > 1 else ""
     return f"""How to read the table. "score" is each run's FINAL epoch on the dev set: every condition gets the
 same fixed budget and nothing is chosen on the dev set. Sonnets are scored from the final weights with
 {plan['sample_seeds']} sampling seed(s) (the first is the one training scored with) and averaged over them.
-"best dev epoch" is the best epoch's score, as the course reports it: picked on the dev set, so optimistic.
+"best dev epoch" is the best epoch's score, as the course reports it: picked on the dev set, so optimistic
+(sonnets: with the one sampling seed training scored with, so it can differ from the score even after 1 epoch).
 "mean ± std" is over seeds: how much the score moves when only the random seed (LoRA's initialisation, data
 order, dropout, sampling) changes. "95% CI" is a percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples) that
 redraws {seeds}the sampling seeds (sonnets) and the dev examples (paraphrase: the pairs; sonnets: the held-out
-sonnets, recomputing corpus chrF), so it includes how much the score would move with other runs, other samples
+sonnets, recomputing corpus chrF), so it includes how much the score would move with {runs}other samples
 and another dev set of the same size. "vs SFT-only FFT" is the paired difference from SFT-only FFT on the same
 dev examples, seeds and sampling seeds, with the same bootstrap's 95% interval (not corrected) and a two-sided
 p-value: {"McNemar's exact test on per-pair correctness (the course's metric) for paraphrase, the bootstrap's for sonnets" if n == 1 else "the bootstrap's"}.

@@ -110,7 +110,7 @@ def test_smoke_study_has_all_12_rows_with_measured_figures(smoke):
             assert staged["train_seconds"] > sft["train_seconds"]
     assert "SMOKE" in markdown and "| task" in markdown and summary["verdict"] in markdown
     assert markdown.count("\n| paraphrase ") == 6 and markdown.count("\n| sonnet ") == 6
-    assert "best dev epoch (as the course reports)" in markdown and "score, final epoch" in markdown
+    assert "best dev epoch (as the course reports it" in markdown and "score, final epoch" in markdown
     assert markdown.split("\n\n")[2] in printed  # the same table is printed
 
 
