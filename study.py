@@ -1,54 +1,72 @@
 """
 The study in one command: 2 tasks x 3 regimes x 2 methods = 12 conditions, each trained, scored and costed.
 
-    python study.py                                # all 12: the full study on a CUDA GPU, the reduced preset elsewhere
+    python study.py                                # all 12: the full study (3 seeds) on a CUDA GPU, the reduced preset elsewhere
     python study.py --seeds 3                      # each condition 3 times (seeds 11711, 11712, 11713)
     python study.py --tasks paraphrase --regimes sft,sft_dpo --methods lora
     python study.py --model gpt2-medium            # the same study at another size
-    python study.py --smoke                        # a tiny random GPT-2 and a few dozen examples: minutes on a CPU
+    python study.py --jobs 4                       # up to 4 runs at once, each a train_sft.py / train_dpo.py process
+    python study.py --smoke                        # a tiny random GPT-2 on data/samples: minutes on a CPU
 
 Regimes: sft = SFT only (train_sft.py, from GPT-2); dpo = DPO only (train_dpo.py, from GPT-2); sft_dpo = DPO
-starting from the SFT-only run of the same task, method and seed (that run is its SFT stage: trained once,
-used twice). Methods: fft = full fine-tuning; lora = LoRA adapters on a frozen GPT-2.
+starting from the final weights (last/) of the SFT-only run of the same task, method and seed (that run is its
+SFT stage: trained once, used twice). Methods: fft = full fine-tuning; lora = LoRA adapters on a frozen GPT-2.
 
-Every run is one call of train_sft.train or train_dpo.train, in its own folder
-out_dir/<task>-<regime>-<method>-seed<S>/. A run whose results.json is there is not run again, and one that
-was interrupted resumes from its checkpoint.pt, so a study started again goes on where it stopped. Then the
-study reads every run back, prints one table and writes it to out_dir/study.md and out_dir/study.json:
+Every run is one call of train_sft.train or train_dpo.train (--jobs N: one process each), in its own folder
+out_dir/<task>-<regime>-<method>-seed<S>/, which keeps one copy of the weights, last/ (--keep_checkpoints also
+keeps best/ and checkpoint.pt). A run whose results.json is there is not run again, and one that was
+interrupted resumes from its checkpoint.pt, so a study started again goes on where it stopped. Several
+machines can share one out_dir, each running a subset (--tasks, --methods, --seeds/--first_seed); a last
+`python study.py --report_only` with the whole selection then reads every run and writes the table.
+The study reads every run back, prints one table and writes it to out_dir/study.md and out_dir/study.json:
 
-    score        dev accuracy (paraphrase) or chrF (sonnets), mean +- standard deviation over seeds
-    95% CI       percentile bootstrap over the dev examples of the seed-averaged score: paraphrase resamples
-                 the dev pairs, sonnets the 12 held-out sonnets (recomputing corpus chrF each time)
-    vs SFT FFT   the paired difference from SFT-only FFT on the same dev examples and seed: paraphrase with
-                 McNemar's exact p-value, sonnets with a paired-bootstrap 95% interval
-    cost         train_seconds, tokens_per_second, peak_memory_bytes (SFT->DPO: both stages), trainable_parameters
+    score          the FINAL epoch's dev accuracy (paraphrase, the course's metric) or chrF (sonnets: mean over
+                   --sample_seeds sampling seeds of the final weights), mean +- standard deviation over seeds:
+                   every condition gets the same fixed budget, with no selection on the dev set
+    95% CI         percentile bootstrap resampling the training seeds (2 or more), the sampling seeds (sonnets)
+                   and the dev examples (paraphrase: the dev pairs; sonnets: the held-out sonnets)
+    best epoch     the best dev epoch's score, as the course reports it (chosen on the dev set: optimistic)
+    vs SFT FFT     the paired difference from SFT-only FFT (same dev examples, seeds and sampling seeds), its
+                   95% bootstrap interval and p-value (one seed, paraphrase: McNemar's exact test on per-pair
+                   correctness), Holm-corrected over the table's comparisons
+    cost           train_seconds, tokens_per_second, peak_memory_bytes (SFT->DPO: both stages), trainable_parameters
 """
 
 import argparse
+import ctypes
+import hashlib
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import train_dpo
 import train_sft
+from checkpoint import load_model
 from data.quora import read_quora
-from data.tasks import QUORA, SONNETS
 from data.sonnets import read_sonnets
-from eval import accuracy, bootstrap_ci, check_device, chrf, paired_difference
+from data.tasks import QUORA, SONNETS
+from data.tokenizer import get_tokenizer
+from eval import check_device, chrf, evaluate_sonnets, paired_difference
 from fileio import InputError, atomic_open, read_text, writable_dir, write_json
 from model import GPT, PRETRAINED, GPTConfig, default_device
 
 # -----------------------------------------------------------------------------
 # The 12 conditions: each one's training run, in train_sft.SETTINGS / train_dpo.SETTINGS names. Everything
 # not named is the training scripts' default: batches of 8 (the course's), AdamW, 5% warm-up then cosine
-# decay, dropout 0.1 in SFT and 0 in DPO, the best dev epoch kept. LoRA: rank 8, alpha 16, on every Linear
-# layer of the blocks, at Hu et al. (2021)'s GPT-2 learning rate. sft_dpo rows are the DPO stage; it starts
-# from the sft row's run. Every stage of a task trains equally long (paraphrase: 3 passes over the ~283k
-# training pairs, a third of the course starter's 10 and a third of its cost; sonnets: the course's 10).
+# decay, dropout 0.1 in SFT and 0 in DPO. The study reports every run's final epoch. LoRA: rank 8, alpha 16, on
+# every Linear layer of the blocks, at Hu et al. (2021)'s GPT-2 learning rate. sft_dpo rows are the DPO stage;
+# it starts from the sft row's final weights. Every stage of a task trains equally long (paraphrase: 3 passes
+# over the ~283k training pairs, a third of the course starter's 10 and a third of its cost; sonnets: the
+# course's 10).
 CONDITIONS = {
     # task           regime      method     epochs     learning rate  LoRA                      DPO
     ("paraphrase", "sft",     "fft"):  dict(epochs=3,  lr=1e-5),
@@ -66,27 +84,25 @@ CONDITIONS = {
 }
 TASKS, REGIMES, METHODS = ("paraphrase", "sonnet"), ("sft", "dpo", "sft_dpo"), ("fft", "lora")
 FIRST_SEED = 11711  # the course's; --seeds N uses 11711, 11712, ..., 11711 + N - 1
+GPU_SEEDS = 3  # --seeds' default on a CUDA GPU: a verdict about methods needs more than one model each
 
 # What a preset changes on top of the table, per task (the same for all 6 of a task's conditions).
 # --preset auto: full with a CUDA GPU, reduced otherwise. reduced is sized to finish in about an hour on a
 # 4-core laptop CPU (an estimate): its steps, scoring and sampling, each timed at GPT-2 124M's shape on a 2-core
 # machine, add up to 104 min there (89 paraphrase, 15 sonnets); a scaled-down run of the whole study took 20%
 # longer than the same sum (loading, saving), so ~2 h on 2 cores, and 1 -> 2 threads ran 1.86x faster.
+# smoke: all of data/samples (40 training and 30 dev pairs; 10 training and 4 dev sonnets) at a learning rate
+# a tiny random model moves at in a few steps; paraphrase 2 epochs, so that the final and the best epoch differ.
 PRESETS = {
     "full": {"paraphrase": {}, "sonnet": {}},
     "reduced": {"paraphrase": dict(train_limit=2000, dev_limit=1000, epochs=1),
                 "sonnet": dict(train_limit=48, epochs=1)},
-    "smoke": {"paraphrase": dict(train_limit=30, dev_limit=30, epochs=1),  # all of the 30-pair samples
-              "sonnet": dict(train_limit=8, epochs=1, max_new_tokens=16)},
+    "smoke": {"paraphrase": dict(epochs=2, lr=1e-3), "sonnet": dict(epochs=1, lr=1e-3, max_new_tokens=24)},
 }
 BOOTSTRAP_RESAMPLES = 1000
+SAMPLE_SEED_STRIDE = 1000  # a run's sampling seeds: its own seed (the one training scored with), +1000, +2000, ...
 ROOT = Path(__file__).resolve().parent
-SHARED_DATA = ROOT.parent / "shared" / "data"  # the course-format samples --smoke trains on
-# --smoke: the course's file names, and the sample each is copied from (relative to SHARED_DATA)
-SMOKE_FILES = {"quora-train.csv": "quora_samples/quora-train-30.csv", "quora-dev.csv": "quora_samples/quora-dev-30.csv",
-               "sonnets.txt": "sonnets.txt", "sonnets_held_out_dev.txt": "sonnets_held_out_dev.txt",
-               "TRUE_sonnets_held_out_dev.txt": "TRUE_sonnets_held_out_dev.txt"}
-assert set(SMOKE_FILES) == {QUORA["train"], QUORA["dev"], SONNETS["train"], SONNETS["dev"], SONNETS["dev_true"]}
+SMOKE_DATA = ROOT / "data" / "samples"  # the course-format samples --smoke trains on
 SMOKE_MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=256)  # 256 positions: a whole sonnet fits
 NAMES = {"paraphrase": "paraphrase", "sonnet": "sonnets", "sft": "SFT-only", "dpo": "DPO-only",
          "sft_dpo": "SFT→DPO", "fft": "FFT", "lora": "LoRA"}
@@ -107,17 +123,27 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
     parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated subset of " + ", ".join(REGIMES))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    parser.add_argument("--seeds", type=int, default=1, help=f"runs per condition, seeds {FIRST_SEED}, {FIRST_SEED + 1}, ...")
+    parser.add_argument("--seeds", type=int, default=None, help=f"runs per condition, seeds --first_seed, "
+                        f"--first_seed + 1, ... (default {GPU_SEEDS} on a CUDA GPU, 1 elsewhere and with --smoke)")
+    parser.add_argument("--first_seed", type=int, default=FIRST_SEED, help="the first seed (another machine's "
+                                                                           "share of the seeds: --seeds 1 --first_seed 11713)")
+    parser.add_argument("--sample_seeds", type=int, default=3, help="sonnets: score each run's final weights with "
+                                                                    "this many sampling seeds")
     parser.add_argument("--model", default=None, help="the GPT-2 to start from: a name (gpt2 ... gpt2-xl) or a "
                                                        "model directory (default gpt2)")
-    parser.add_argument("--data_dir", default=None, help="the course's files (default data/; --smoke: copies of "
-                                                         "../shared/data's samples inside out_dir)")
+    parser.add_argument("--data_dir", default=None, help="the course's files (default data/; --smoke: data/samples/)")
     parser.add_argument("--out_dir", default=None, help="default out/study[-<model>][-<preset>]")
     parser.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                         help="auto: full on a CUDA GPU, reduced otherwise (see PRESETS)")
     parser.add_argument("--smoke", action="store_true", help="the smoke preset: a tiny random GPT-2 (2 layers, 64 "
-                                                             "wide), a few dozen examples, 1 epoch, no download")
+                                                             "wide) on data/samples/, a few steps, no download")
+    parser.add_argument("--jobs", type=int, default=1, help="train up to N runs at once, each a train_sft.py / "
+                                                            "train_dpo.py process (1: one after the other, in this process)")
+    parser.add_argument("--keep_checkpoints", action="store_true", help="keep each run's best/ and checkpoint.pt "
+                                                                        "too (default: only last/)")
+    parser.add_argument("--report_only", action="store_true", help="train nothing: read the finished runs of the "
+                                                                   "selection and write the table")
     return parser.parse_args(argv)
 
 
@@ -130,66 +156,70 @@ def pick(value, valid, flag):
     return [name for name in valid if name in chosen]  # the table's order
 
 
+def check_counts(args):
+    for flag, value in (("--seeds", args.seeds), ("--sample_seeds", args.sample_seeds), ("--jobs", args.jobs)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} {value}: must be at least 1")
+    if args.first_seed < 0:
+        raise InputError(f"--first_seed {args.first_seed}: must be 0 or more")
+
+
+def check_model(args, preset):
+    if preset == "smoke" and args.model is not None:
+        raise InputError(f"--model {args.model}: --smoke trains its own tiny random GPT-2; leave --model out")
+    model = args.model or "gpt2"
+    if preset != "smoke" and model.removeprefix("openai-community/") not in PRETRAINED and not Path(model).is_dir():
+        raise InputError(f"--model {model!r}: neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
+    return model
+
+
 def check_args(args):
-    """Every flag, and the data, checked before anything is written or trained. Returns the study's plan."""
+    """Every flag, the output folder, then the data and the finished runs, checked before anything is written
+    or trained. Returns the study's plan."""
     tasks, regimes = pick(args.tasks, TASKS, "--tasks"), pick(args.regimes, REGIMES, "--regimes")
     methods = pick(args.methods, METHODS, "--methods")
-    if args.seeds < 1:
-        raise InputError(f"--seeds {args.seeds}: must be at least 1 (runs per condition)")
+    check_counts(args)
     device = check_device(args.device)
     if args.smoke and args.preset not in ("auto", "smoke"):
         raise InputError(f"--smoke with --preset {args.preset}: --smoke is --preset smoke; give one of them")
     preset = "smoke" if args.smoke else args.preset
     if preset == "auto":
         preset = "full" if device.startswith("cuda") else "reduced"
-    if preset == "smoke" and args.model is not None:
-        raise InputError(f"--model {args.model}: --smoke trains its own tiny random GPT-2; leave --model out")
-    model = args.model or "gpt2"
-    if preset != "smoke" and model.removeprefix("openai-community/") not in PRETRAINED and not Path(model).is_dir():
-        raise InputError(f"--model {model!r}: neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
+    model = check_model(args, preset)
     name = Path(model).name if Path(model).is_dir() else model.removeprefix("openai-community/")
     out_dir = Path(args.out_dir or "out/study" + ("" if name == "gpt2" else f"-{name}")
                    + ("" if preset == "full" else f"-{preset}"))
-    writable_dir(out_dir, "--out_dir")
-    if preset == "smoke":
-        model = str(out_dir / "tiny-gpt2")
-        data_dir, copy_from = (Path(args.data_dir), None) if args.data_dir else (out_dir / "data", SHARED_DATA)
-        if copy_from is not None:
-            missing = [str(SHARED_DATA / f) for f in [*SMOKE_FILES.values(), "tiktoken_cache"] if not (SHARED_DATA / f).exists()]
-            if missing:
-                raise InputError(f"--smoke trains on the course-format samples in {SHARED_DATA}, which lacks "
-                                 f"{', '.join(missing)}; put them there, or pass --data_dir with the course's files")
-            os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))  # no download
-    else:
-        data_dir, copy_from = Path(args.data_dir or "data"), None
-    plan = dict(tasks=tasks, regimes=regimes, methods=methods, seeds=[FIRST_SEED + k for k in range(args.seeds)],
-                device=device, preset=preset, model=model, out_dir=out_dir, data_dir=data_dir, copy_from=copy_from)
+    writable_dir(out_dir, "--out_dir")  # every output path is checked before any data is read
+    n_seeds = args.seeds or (GPU_SEEDS if device.startswith("cuda") and preset != "smoke" else 1)
+    plan = dict(tasks=tasks, regimes=regimes, methods=methods, device=device, preset=preset, out_dir=out_dir,
+                seeds=[args.first_seed + k for k in range(n_seeds)], sample_seeds=args.sample_seeds,
+                model=str(out_dir / "tiny-gpt2") if preset == "smoke" else model, jobs=args.jobs,
+                data_dir=Path(args.data_dir) if args.data_dir else SMOKE_DATA if preset == "smoke" else Path("data"),
+                keep_checkpoints=args.keep_checkpoints, report_only=args.report_only)
+    get_tokenizer()  # its BPE files: a one-line error now if tiktoken can neither find nor download them
     plan["dev"] = {task: read_dev(plan, task) for task in tasks}  # every needed file read (and checked) now
-    for trainer, config in runs(plan):  # a finished run with other settings is an error now, not in an hour
-        done = finished(config)
-        if done is not None:
-            check_same_settings(done, config)
+    check_runs(plan)
     return plan
 
 
-def source(plan, name):
-    """Where the course file `name` is read from now: data_dir, or for --smoke the sample it will be copied from."""
-    return plan["copy_from"] / SMOKE_FILES[name] if plan["copy_from"] else plan["data_dir"] / name
-
-
 def read_dev(plan, task):
-    """What every run of `task` is scored against: the Quora dev labels, or {number: true sonnet}. Reads (and
-    so checks) all of the task's files, with the preset's limits, before anything is trained."""
-    limits = PRESETS[plan["preset"]][task]
+    """What every run of `task` is scored against: the Quora dev labels, or the held-out sonnets (prompts) and
+    {number: true sonnet}. Reads (and so checks) all of the task's files, with the preset's limits, before
+    anything is trained."""
+    limits, data_dir = PRESETS[plan["preset"]][task], plan["data_dir"]
     if task == "paraphrase":
-        read_quora(source(plan, QUORA["train"]), limit=limits.get("train_limit"))
-        dev = read_quora(source(plan, QUORA["dev"]), limit=limits.get("dev_limit"))
+        read_quora(data_dir / QUORA["train"], limit=limits.get("train_limit"))
+        dev = read_quora(data_dir / QUORA["dev"], limit=limits.get("dev_limit"))
         if any(p.label is None for p in dev):
-            raise InputError(f"{source(plan, QUORA['dev'])}: the Quora dev file needs the is_duplicate column")
+            raise InputError(f"{data_dir / QUORA['dev']}: the Quora dev file needs the is_duplicate column")
         return [p.label for p in dev]
-    read_sonnets(source(plan, SONNETS["train"]), limit=limits.get("train_limit"))
-    read_sonnets(source(plan, SONNETS["dev"]))
-    return {s.number: s.text for s in read_sonnets(source(plan, SONNETS["dev_true"]))}
+    read_sonnets(data_dir / SONNETS["train"], limit=limits.get("train_limit"))
+    held_out = read_sonnets(data_dir / SONNETS["dev"])
+    references = {s.number: s for s in read_sonnets(data_dir / SONNETS["dev_true"])}
+    missing = [s.number for s in held_out if s.number not in references]
+    if missing:
+        raise InputError(f"{data_dir / SONNETS['dev_true']}: no true sonnet for held-out sonnet(s) {missing}")
+    return {"held_out": held_out, "references": [references[s.number] for s in held_out]}
 
 
 # -----------------------------------------------------------------------------
@@ -201,14 +231,16 @@ def run_dir(plan, task, regime, method, seed):
 
 
 def run_config(plan, task, regime, method, seed):
-    """What train_sft.train / train_dpo.train get for one run: the table's row, the preset, and the study's flags."""
+    """What train_sft.train / train_dpo.train get for one run: the table's row, the preset, and the study's flags.
+    One copy of the weights per run (last/, the final epoch's: what the study reports and SFT->DPO starts from)."""
     config = {**CONDITIONS[(task, regime, method)], **PRESETS[plan["preset"]][task], "task": task, "seed": seed,
               "init_from": plan["model"], "data_dir": str(plan["data_dir"]), "device": plan["device"],
-              "out_dir": str(run_dir(plan, task, regime, method, seed)), "resume": True}
+              "out_dir": str(run_dir(plan, task, regime, method, seed)), "resume": True,
+              "save_best": plan["keep_checkpoints"], "keep_checkpoints": plan["keep_checkpoints"]}
     if regime != "sft":  # one cache for the study: DPO-only FFT and LoRA share reference log-probs and samples
         config["cache_dir"] = str(plan["out_dir"] / "cache")
     if regime == "sft_dpo":
-        config["init_from"] = str(run_dir(plan, task, "sft", method, seed))
+        config["init_from"] = str(run_dir(plan, task, "sft", method, seed) / "last")
     return config
 
 
@@ -235,20 +267,6 @@ def finished(config):
     return read_json(path) if path.exists() else None
 
 
-def check_same_settings(results, config):
-    """A finished run is reused only if it was trained as this study would train it. Paths compare by their
-    last component (a study folder may have moved; SFT->DPO's start is always its own task's SFT run)."""
-    saved = results.get("config", {})
-    for key in [k for k in config if k not in ("data_dir", "out_dir", "device", "resume", "cache_dir")]:
-        mine, theirs = config[key], saved.get(key)
-        if key == "init_from":
-            mine, theirs = Path(mine).name, Path(str(theirs)).name
-        if mine != theirs:
-            raise InputError(f"{config['out_dir']}/results.json: that run was trained with {key}={saved.get(key)!r}, "
-                             f"this study asks for {key}={config[key]!r}; use another --out_dir, or delete "
-                             f"{config['out_dir']} to train it again")
-
-
 def read_json(path):
     try:
         return json.loads(read_text(path))
@@ -256,23 +274,68 @@ def read_json(path):
         raise InputError(f"{path}: not valid JSON ({e}); delete its folder to run it again") from None
 
 
-def make_smoke_assets(plan):
-    """--smoke: the tiny random GPT-2, and the samples under the course's file names, inside out_dir."""
+# settings that do not change what a run trains: a finished run is reused whatever they were
+NOT_COMPARED = ("data_dir", "out_dir", "device", "resume", "cache_dir", "save_best", "keep_checkpoints")
+
+
+def start_name(path):
+    """init_from as compared between studies: a GPT-2 name or model folder by its name, an SFT run's weights as
+    <run>/last (a study folder may have moved)."""
+    path = Path(str(path))
+    return f"{path.parent.name}/{path.name}" if path.name in ("last", "best") else path.name
+
+
+def check_same_settings(results, config):
+    """A finished run is reused only if it was trained as this study would train it, under the results.json
+    contract the table reads (score = the final epoch's, best_score = the best epoch's)."""
+    if "best_score" not in results:
+        raise InputError(f"{config['out_dir']}/results.json: written by an older train_sft/train_dpo, whose score is "
+                         f"the best epoch's, not the final one's; delete {config['out_dir']} to train it again")
+    saved = results.get("config", {})
+    for key in [k for k in config if k not in NOT_COMPARED]:
+        mine, theirs = config[key], saved.get(key)
+        if key == "init_from":
+            mine, theirs = start_name(mine), start_name(theirs)
+        if mine != theirs:
+            raise InputError(f"{config['out_dir']}/results.json: that run was trained with {key}={saved.get(key)!r}, "
+                             f"this study asks for {key}={config[key]!r}; use another --out_dir, or delete "
+                             f"{config['out_dir']} to train it again")
+
+
+def check_runs(plan):
+    """Finished runs trained with other settings are an error now, not in an hour; with --report_only, so is a
+    run that has not finished."""
+    missing = []
+    for _, config in runs(plan):
+        done = finished(config)
+        if done is not None:
+            check_same_settings(done, config)
+        else:
+            missing.append(Path(config["out_dir"]).name)
+    if plan["report_only"] and missing:
+        raise InputError(f"--report_only: {len(missing)} run(s) of the selection have not finished in "
+                         f"{plan['out_dir']}: {', '.join(missing)}; train them (the same command without "
+                         f"--report_only) or narrow --tasks/--regimes/--methods/--seeds")
+
+
+# -----------------------------------------------------------------------------
+# training: one run after the other in this process (--jobs 1), or up to N processes at once
+
+
+def make_smoke_model(plan):
+    """--smoke: the tiny random GPT-2 every run starts from, inside out_dir."""
     model_dir = Path(plan["model"])
     if not (model_dir / "model.safetensors").exists():
         torch.manual_seed(0)
         GPT(GPTConfig(**SMOKE_MODEL)).save_pretrained(model_dir)
-    if plan["copy_from"] is not None:
-        for name, sample in SMOKE_FILES.items():
-            if not (plan["data_dir"] / name).exists():
-                with atomic_open(plan["data_dir"] / name, "wb") as f:
-                    f.write((plan["copy_from"] / sample).read_bytes())
 
 
 def run_all(plan):
     """Train every run that has not finished; returns {out_dir: results}."""
     if plan["preset"] == "smoke":
-        make_smoke_assets(plan)
+        make_smoke_model(plan)
+    if plan["jobs"] > 1:
+        return run_in_processes(plan, runs(plan), plan["jobs"])
     planned, results = runs(plan), {}
     for i, (trainer, config) in enumerate(planned, 1):
         what = f"[{i}/{len(planned)}] {Path(config['out_dir']).name}"
@@ -288,128 +351,393 @@ def run_all(plan):
     return results
 
 
+def command(trainer, config):
+    """The run as a command line: every setting a flag (--name value; booleans true/false; None left out)."""
+    flags = []
+    for name, value in config.items():
+        if value is not None:
+            flags += [f"--{name}", ("true" if value else "false") if isinstance(value, bool) else str(value)]
+    return [sys.executable, str(ROOT / f"{trainer.__name__}.py"), *flags]
+
+
+def gpus(device):
+    """The GPUs --jobs spreads runs over: with --device cuda every visible one, else none (the CPU, MPS, or
+    one named GPU, which the processes then share)."""
+    if device != "cuda":
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [g.strip() for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def child_environment(jobs, gpu):
+    """Each process's share of the machine: one GPU (round-robin), and max(1, cores // jobs) CPU threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = str(max(1, cores // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def die_with_parent():
+    """In the child, before it runs: Linux sends it SIGTERM if the study process dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def start(trainer, config, env):
+    """The run as a process in its own process group, its stdout and stderr appended to <run>/train.log."""
+    out_dir = Path(config["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "train.log", "a") as log:
+        return subprocess.Popen(command(trainer, config), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # a kill (SIGTERM) stops the study as Ctrl-C does
+
+
+@contextmanager
+def children_stopped(running):
+    """On the way out (finished, Ctrl-C, kill, an error) every process still running is stopped, with
+    everything it started: SIGTERM to its process group, SIGKILL after 10 seconds."""
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc in running:
+            with_group(proc, signal.SIGTERM)
+        deadline = time.time() + 10
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                with_group(proc, signal.SIGKILL)
+                proc.wait()
+
+
+def with_group(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def ready(waiting, running, failed, free):
+    """Up to `free` waiting runs that can start now: an SFT->DPO run only once its SFT run has finished. A run
+    whose SFT run failed moves to `failed`."""
+    busy = {config["out_dir"] for _, config in waiting} | {config["out_dir"] for _, config in running.values()}
+    chosen = []
+    for trainer, config in list(waiting):
+        needs = str(Path(config["init_from"]).parent)
+        if needs in failed:
+            waiting.remove((trainer, config))
+            failed.append(config["out_dir"])
+        elif needs not in busy - {config["out_dir"]} and len(chosen) < free:
+            waiting.remove((trainer, config))
+            chosen.append((trainer, config))
+    return chosen
+
+
+def run_in_processes(plan, planned, jobs):
+    """--jobs N: up to N runs at once, each `python train_sft.py ...` / `python train_dpo.py ...` with the same
+    settings as in-process; one line per finished run. Returns {out_dir: results}."""
+    results = {c["out_dir"]: done for _, c in planned if (done := finished(c)) is not None}
+    waiting = [(t, c) for t, c in planned if c["out_dir"] not in results]
+    running, failed, devices, total, count = {}, [], gpus(plan["device"]), len(waiting), 0
+    print(f"{len(results)} run(s) done already; training {total}, up to {jobs} at a time "
+          f"({'GPUs ' + ','.join(devices) if devices else plan['device']}); each logs to <run>/train.log", flush=True)
+    with children_stopped(running):
+        while waiting or running:
+            for trainer, config in ready(waiting, running, failed, jobs - len(running)):
+                load = {gpu: sum(g == gpu for g, _ in running.values()) for gpu in devices}
+                gpu = min(devices, key=load.get) if devices else None  # the least busy GPU
+                running[start(trainer, config, child_environment(jobs, gpu))] = (gpu, config)
+            proc = next(iter(p for p in running if p.poll() is not None), None)
+            if proc is None:
+                time.sleep(0.2)
+                continue
+            _, config = running.pop(proc)
+            done, count = finished(config) if proc.returncode == 0 else None, count + 1
+            if done is None:
+                failed.append(config["out_dir"])
+            else:
+                results[config["out_dir"]] = done
+            print(finished_line(config, done, proc.returncode, count, total), flush=True)
+    if failed:
+        raise InputError(f"{len(failed)} run(s) failed or could not start: {', '.join(Path(f).name for f in failed)}; "
+                         f"see each one's train.log, then run the same command again")
+    return results
+
+
+def finished_line(config, results, returncode, count, total):
+    name, log = Path(config["out_dir"]).name, Path(config["out_dir"]) / "train.log"
+    if results is None:
+        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+        return f"[{count}/{total}] {name}: FAILED (exit code {returncode}): {lines[-1] if lines else ''} ({log})"
+    return (f"[{count}/{total}] {name}: {results['score_name']} {results['score']:.4f} (final epoch), "
+            f"{results['train_seconds']:.1f} s training ({log})")
+
+
 # -----------------------------------------------------------------------------
-# the table: means over seeds, bootstrap intervals, paired differences
+# sonnets: each run's final weights, sampled with several seeds
+
+
+def sample_seeds(plan, seed):
+    """A run's sampling seeds: its own seed first (the one training scored with), then +1000, +2000, ..."""
+    return [seed + SAMPLE_SEED_STRIDE * k for k in range(plan["sample_seeds"])]
+
+
+def sampled_sonnets(plan, out_dir):
+    """[[text of each held-out dev sonnet] per sampling seed], written by the run's final weights (last/) with
+    eval.evaluate_sonnets and the run's own generation settings. Cached in <run>/study_sonnets.json under a hash
+    of its results.json, so a run trained again is sampled again; only missing seeds are sampled."""
+    out_dir = Path(out_dir)
+    finished_bytes = (out_dir / "results.json").read_bytes()
+    config = json.loads(finished_bytes)["config"]
+    settings = {k: config[k] for k in ("temperature", "top_p", "max_new_tokens", "eval_batch_size")}
+    made_for = hashlib.sha256(finished_bytes).hexdigest()[:16]
+    path = out_dir / "study_sonnets.json"
+    cached = read_json(path) if path.exists() else {}
+    texts = cached["sonnets"] if (cached.get("made_for"), cached.get("settings")) == (made_for, settings) else {}
+    seeds = sample_seeds(plan, config["seed"])
+    missing = [seed for seed in seeds if str(seed) not in texts]
+    if missing:
+        texts.update(sample(plan, out_dir / "last", settings, missing))
+        write_json(path, {"made_for": made_for, "settings": settings, "sonnets": texts})
+    numbers = [s.number for s in plan["dev"]["sonnet"]["held_out"]]
+    if any([number for number, _ in texts[str(seed)]] != numbers for seed in seeds):
+        raise InputError(f"{path}: not the held-out dev sonnets {numbers}; delete it to sample them again")
+    return [[text for _, text in texts[str(seed)]] for seed in seeds]
+
+
+def sample(plan, weights, settings, seeds):
+    """{str(seed): [(number, text), ...]}: the held-out sonnets continued by the model in `weights`."""
+    dev = plan["dev"]["sonnet"]
+    print(f"{weights.parent.name}: sampling the {len(dev['held_out'])} dev sonnets from {weights.name}/ with seed(s) "
+          f"{', '.join(map(str, seeds))}", flush=True)
+    model = load_model(weights).to(plan["device"])
+    return {str(seed): evaluate_sonnets(model, dev["held_out"], dev["references"], device=plan["device"], seed=seed,
+                                        temperature=settings["temperature"], top_p=settings["top_p"],
+                                        max_new_tokens=settings["max_new_tokens"],
+                                        batch_size=settings["eval_batch_size"])["sonnets"] for seed in seeds}
+
+
+# -----------------------------------------------------------------------------
+# statistics: a bootstrap over training seeds, sampling seeds and dev examples; paired differences; Holm
+
+
+def run_items(plan, task, out_dir):
+    """A run's final-epoch dev outcomes, [per sampling seed][per dev example]: paraphrase one row (scoring is
+    deterministic) of per-pair correctness under the course's metric, from dev_predictions.json; sonnets the
+    texts sampled from last/."""
+    if task == "sonnet":
+        return sampled_sonnets(plan, out_dir)
+    path = Path(out_dir) / "dev_predictions.json"
+    if not path.exists():
+        raise InputError(f"{path}: missing; delete {path.parent} to train that run again")
+    correct = read_json(path).get("correct")
+    if correct is None or len(correct) != len(plan["dev"]["paraphrase"]):
+        raise InputError(f"{path}: needs 'correct', one 0/1 per dev pair ({len(plan['dev']['paraphrase'])}); was it "
+                         f"trained with another dev_limit or an older train_sft.py? Delete {path.parent} to train it again")
+    return [np.asarray(correct, dtype=np.float64)]
+
+
+def score_of(task, items, references, seeds, samples, examples):
+    """What every interval is of: the mean, over the given training seeds and sampling seeds, of the dev score on
+    the given examples (indices, repeats allowed). items[seed][sample][example]; accuracy is the mean per-pair
+    correctness, chrF the corpus chrF of the chosen sonnets against their references."""
+    if task == "paraphrase":
+        return float(np.mean([items[s][k][examples].mean() for s in seeds for k in samples]))
+    return float(np.mean([chrf([items[s][k][i] for i in examples], [references[i] for i in examples])
+                          for s in seeds for k in samples]))
+
+
+def bootstrap(statistic, n_seeds, n_samples, n_examples, n_resamples=BOOTSTRAP_RESAMPLES, seed=0):
+    """statistic(seeds, samples, examples) on n_resamples bootstrap draws: each draws n_examples dev examples,
+    n_seeds training seeds and n_samples sampling seeds, all with replacement (a level with one member stays
+    put), so the spread includes the variation between runs, between samplings and between dev sets. Every
+    call makes the same draws, so a statistic that compares two conditions is paired. Examples are drawn first:
+    with one seed and one sampling seed the draws are eval.bootstrap_ci's."""
+    rng = np.random.default_rng(seed)
+    examples = rng.integers(0, n_examples, size=(n_resamples, n_examples))
+    seeds = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))
+    samples = rng.integers(0, n_samples, size=(n_resamples, n_samples))
+    return np.array([statistic(s, k, e) for s, k, e in zip(seeds, samples, examples)])
+
+
+def interval(values):
+    """The 95% percentile interval of bootstrap values (numpy's linear interpolation, as eval.bootstrap_ci)."""
+    low, high = np.quantile(values, [0.025, 0.975])
+    return [float(low), float(high)]
+
+
+def bootstrap_p(differences):
+    """Two-sided p-value of "no difference" from bootstrap draws of a difference d: twice the smaller tail at 0,
+        p = min(1, 2 min(1 + #{d <= 0}, 1 + #{d >= 0}) / (B + 1))
+    i.e. the level at which the percentile interval reaches 0 (the +1s keep p > 0 with B draws)."""
+    d = np.asarray(differences)
+    return min(1.0, 2 * min(1 + int((d <= 0).sum()), 1 + int((d >= 0).sum())) / (len(d) + 1))
+
+
+def score_interval(task, items, references):
+    """95% bootstrap interval of the condition's score (seeds, sampling seeds and dev examples resampled)."""
+    n_seeds, n_samples, n = len(items), len(items[0]), len(items[0][0])
+    return interval(bootstrap(lambda s, k, e: score_of(task, items, references, s, k, e), n_seeds, n_samples, n))
+
+
+def versus_baseline(task, items, baseline, references):
+    """The condition's score minus SFT-only FFT's on the same dev examples, seed by seed (the same seeds, drawn
+    together) and sampling seed by sampling seed: the difference, its 95% bootstrap interval and two-sided
+    bootstrap p-value. With one seed on paraphrase the p-value is McNemar's exact test on the per-pair
+    correctness instead (eval.paired_difference): two models on the same pairs."""
+    n_seeds, n_samples, n = len(items), len(items[0]), len(items[0][0])
+
+    def difference(seeds, samples, examples):
+        return (score_of(task, items, references, seeds, samples, examples)
+                - score_of(task, baseline, references, seeds, samples, examples))
+
+    values = bootstrap(difference, n_seeds, n_samples, n)
+    levels = ["training seeds"] * (n_seeds > 1) + ["sampling seeds"] * (n_samples > 1) + ["dev examples"]
+    result = {"difference": difference(range(n_seeds), range(n_samples), np.arange(n)), "ci95": interval(values),
+              "p_value": bootstrap_p(values), "test": "paired bootstrap over " + ", ".join(levels)}
+    if task == "paraphrase" and n_seeds == 1:
+        mcnemar = paired_difference(items[0][0].astype(int).tolist(), baseline[0][0].astype(int).tolist())
+        result.update(p_value=mcnemar["p_value"], test="McNemar's exact test", mcnemar=mcnemar)
+    return result
+
+
+def holm(p_values):
+    """Holm's (1979) step-down correction for m comparisons. With the p-values sorted, p_(1) <= ... <= p_(m),
+        adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j))
+    and "adjusted p < 0.05" keeps the chance of any false "told apart" among the m at 5% or less. Returns the
+    adjusted p-values in the order given."""
+    m = len(p_values)
+    adjusted, largest = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        largest = max(largest, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = largest
+    return adjusted
+
+
+# -----------------------------------------------------------------------------
+# the table's rows: means over seeds, intervals, paired differences
 
 
 def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def predictions(plan, task, regime, method, seed):
-    """The run's best-epoch dev predictions, in dev-file order: 0/1 per Quora pair, or the 12 sonnets' texts."""
-    path = run_dir(plan, task, regime, method, seed) / "best_dev_predictions.json"
-    if not path.exists():
-        raise InputError(f"{path}: missing; delete {path.parent} to train that run again")
-    saved = read_json(path)
-    if task == "paraphrase":
-        return saved["predictions"]
-    return [(int(number), text) for number, text in saved["sonnets"]]
-
-
-def seed_averaged(metric, n_seeds):
-    """metric over examples whose hypotheses are tuples (one entry per seed): the mean of the per-seed scores."""
-    def averaged(hypotheses, references):
-        return statistics.fmean(metric([h[s] for h in hypotheses], references) for s in range(n_seeds))
-    return averaged
-
-
-def score_interval(task, per_seed, references):
-    """95% bootstrap interval of the seed-averaged dev score, resampling dev examples (paired across seeds)."""
-    metric = accuracy if task == "paraphrase" else chrf
-    return bootstrap_ci(seed_averaged(metric, len(per_seed)), list(zip(*per_seed)), references,
-                        n_resamples=BOOTSTRAP_RESAMPLES)
-
-
-def versus_baseline(task, per_seed, baseline_per_seed, references):
-    """Difference from SFT-only FFT on the same dev examples, seed by seed. Paraphrase: accuracy difference and
-    McNemar's exact p per seed (told apart when every p < 0.05). Sonnets: chrF difference, and a paired
-    bootstrap interval of the seed-averaged difference (told apart when it excludes 0)."""
-    if task == "paraphrase":
-        tests = [paired_difference([p == y for p, y in zip(mine, references)], [p == y for p, y in zip(base, references)])
-                 for mine, base in zip(per_seed, baseline_per_seed)]
-        p_values = [t["p_value"] for t in tests]
-        return {"difference": statistics.fmean(t["difference"] for t in tests), "p_values": p_values,
-                "tests": tests, "told_apart": max(p_values) < 0.05}
-    n = len(per_seed)
-
-    def difference(hypotheses, refs):  # each hypothesis: (this condition's sonnet per seed..., baseline's per seed...)
-        return (seed_averaged(chrf, n)([h[:n] for h in hypotheses], refs)
-                - seed_averaged(chrf, n)([h[n:] for h in hypotheses], refs))
-
-    paired = list(zip(*per_seed, *baseline_per_seed))
-    low, high = bootstrap_ci(difference, paired, references, n_resamples=BOOTSTRAP_RESAMPLES)
-    return {"difference": difference(paired, references), "ci95": [low, high], "told_apart": not low <= 0 <= high}
+def references_of(plan, task):
+    return [s.text for s in plan["dev"]["sonnet"]["references"]] if task == "sonnet" else None
 
 
 def condition_row(plan, results, task, regime, method):
-    """One row of the table: the condition's runs over seeds, read back from their folders."""
-    seeds = plan["seeds"]
-    stage_results = [[results[str(run_dir(plan, task, r, method, s))] for r in (["sft", "sft_dpo"] if regime == "sft_dpo" else [regime])]
-                     for s in seeds]
-    own = [stages[-1] for stages in stage_results]  # the condition's own run (SFT->DPO: its DPO stage)
-    scores = [r["score"] for r in own]
-    references, per_seed = dev_references(plan, task, [predictions(plan, task, regime, method, s) for s in seeds])
+    """One row of the table from the condition's runs over seeds, read back from their folders; and the runs'
+    dev outcomes (items[seed][sample][example]) for the paired comparisons."""
+    seeds, references = plan["seeds"], references_of(plan, task)
+    stages = [[results[str(run_dir(plan, task, r, method, s))] for r in (["sft", "sft_dpo"] if regime == "sft_dpo" else [regime])]
+              for s in seeds]
+    own = [runs_of_seed[-1] for runs_of_seed in stages]  # the condition's own run (SFT->DPO: its DPO stage)
+    items = [run_items(plan, task, run_dir(plan, task, regime, method, s)) for s in seeds]
+    examples = np.arange(len(items[0][0]))
+    per_sample = [[score_of(task, [outcomes], references, [0], [k], examples) for k in range(len(outcomes))]
+                  for outcomes in items]  # [seed][sampling seed]
+    scores = [statistics.fmean(values) for values in per_sample]
     score, std = mean_std(scores)
     row = {"task": task, "regime": regime, "method": method, "score_name": own[0]["score_name"], "score": score,
-           "score_std": std, "scores": scores, "ci95": list(score_interval(task, per_seed, references)),
-           "train_seconds": statistics.fmean(sum(r["train_seconds"] for r in st) for st in stage_results),
-           "tokens_per_second": statistics.fmean(sum(r["real_tokens"] for r in st) / max(sum(r["train_seconds"] for r in st), 1e-9)
-                                                 for st in stage_results),
-           "peak_memory_bytes": max(r["peak_memory_bytes"] for st in stage_results for r in st),
-           "trainable_parameters": own[0]["trainable_parameters"], "total_parameters": own[0]["total_parameters"],
-           "seeds": seeds, "best_epochs": [r["best_epoch"] for r in own], "device": own[0]["device"],
+           "score_std": std, "scores": scores, "run_scores": [r["score"] for r in own],
+           "ci95": score_interval(task, items, references), "best_score": statistics.fmean(r["best_score"] for r in own),
+           "best_scores": [r["best_score"] for r in own], "best_epochs": [r["best_epoch"] for r in own],
+           "epochs": len(own[0]["history"]),
+           "metrics": {k: statistics.fmean(r["metrics"][k] for r in own) for k in own[0]["metrics"]},
+           **costs(stages), "trainable_parameters": own[0]["trainable_parameters"],
+           "total_parameters": own[0]["total_parameters"], "seeds": seeds, "device": own[0]["device"],
            "runs": [str(run_dir(plan, task, regime, method, s)) for s in seeds],
            # per seed, epoch by epoch; SFT->DPO's DPO stage continues after its SFT stage's epochs
            "history": [[{**h, "epoch": h["epoch"] + (len(st[0]["history"]) if i else 0)}
-                        for i, r in enumerate(st) for h in r["history"]] for st in stage_results]}
+                        for i, r in enumerate(st) for h in r["history"]] for st in stages]}
     if task == "paraphrase":
         row["f1"], row["f1_std"] = mean_std([r["metrics"]["f1"] for r in own])
-    baseline = (task, "sft", "fft")
-    if (task, regime, method) != baseline and all(str(run_dir(plan, task, "sft", "fft", s)) in results for s in seeds):
-        _, baseline_per_seed = dev_references(plan, task, [predictions(plan, *baseline, s) for s in seeds])
-        row["vs_sft_fft"] = versus_baseline(task, per_seed, baseline_per_seed, references)
-    return row
+    else:
+        row["sample_seeds"] = [sample_seeds(plan, s) for s in seeds]
+        row["sampled_scores"] = per_sample
+    if "rejections" in own[0]:
+        row["rejections"] = [r["rejections"] for r in own]
+    return row, items
 
 
-def dev_references(plan, task, per_seed):
-    """(references, per-seed hypotheses) in the same order: Quora labels, or the true sonnets by number."""
-    dev = plan["dev"][task]
-    if task == "paraphrase":
-        for predicted in per_seed:
-            if len(predicted) != len(dev):
-                raise InputError(f"a run has {len(predicted)} dev predictions but the dev set has {len(dev)} pairs "
-                                 f"(was it trained with another dev_limit?); delete its folder to run it again")
-        return dev, per_seed
-    numbers = [number for number, _ in per_seed[0]]
-    if any([number for number, _ in predicted] != numbers for predicted in per_seed) or any(n not in dev for n in numbers):
-        raise InputError("the runs' dev sonnets are not the same held-out sonnets; delete the runs to train them again")
-    return [dev[n] for n in numbers], [[text for _, text in predicted] for predicted in per_seed]
+def costs(stages):
+    """Means over seeds of each seed's cost; SFT->DPO's include its SFT stage, its peak memory the larger one."""
+    return {"train_seconds": statistics.fmean(sum(r["train_seconds"] for r in st) for st in stages),
+            "tokens_per_second": statistics.fmean(sum(r["real_tokens"] for r in st) / max(sum(r["train_seconds"] for r in st), 1e-9)
+                                                  for st in stages),
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for st in stages for r in st)}
+
+
+def table_rows(plan, results):
+    """Every selected condition's row; each compared with its task's SFT-only FFT when those runs are among the
+    results (selected, or the SFT stage of SFT->DPO FFT); Holm's correction over all the comparisons."""
+    rows, items = [], {}
+    for task in plan["tasks"]:
+        for regime in plan["regimes"]:
+            for method in plan["methods"]:
+                row, items[(task, regime, method)] = condition_row(plan, results, task, regime, method)
+                rows.append(row)
+    compared = []
+    for row in rows:
+        task, baseline = row["task"], (row["task"], "sft", "fft")
+        if (row["regime"], row["method"]) == ("sft", "fft") or not all(
+                str(run_dir(plan, *baseline, s)) in results for s in plan["seeds"]):
+            continue
+        if baseline not in items:
+            items[baseline] = [run_items(plan, task, run_dir(plan, *baseline, s)) for s in plan["seeds"]]
+        row["vs_sft_fft"] = versus_baseline(task, items[(task, row["regime"], row["method"])], items[baseline],
+                                            references_of(plan, task))
+        compared.append(row["vs_sft_fft"])
+    for versus, adjusted in zip(compared, holm([v["p_value"] for v in compared])):
+        versus.update(p_holm=adjusted, told_apart=adjusted < 0.05, comparisons=len(compared))
+    return rows
+
+
+def label(row):
+    return f"{NAMES[row['task']]} {NAMES[row['regime']]} {NAMES[row['method']]}"
 
 
 def verdict(rows, plan):
-    """One sentence: which differences from SFT-only FFT these dev sets can tell apart, and which not."""
+    """One sentence: which differences from SFT-only FFT these runs and dev sets can tell apart after Holm's
+    correction, which not, and whether that is about methods (several seeds) or two trained models (one)."""
     compared = [row for row in rows if "vs_sft_fft" in row]
     if not compared:
         return ("No paired differences: SFT-only FFT (each task's baseline) is not among the selected conditions, "
                 "so nothing was compared with it.")
-
-    def label(r):
-        return f"{NAMES[r['task']]} {NAMES[r['regime']]} {NAMES[r['method']]}"
-
     apart = [label(r) for r in compared if r["vs_sft_fft"]["told_apart"]]
     not_apart = [label(r) for r in compared if not r["vs_sft_fft"]["told_apart"]]
     sizes = []
     if "paraphrase" in plan["dev"]:
         sizes.append(f"{len(plan['dev']['paraphrase']):,} dev pairs")
     if "sonnet" in plan["dev"]:
-        sizes.append(f"{len(plan['dev']['sonnet'])} dev sonnets")
-    every = " on every seed" if len(plan["seeds"]) > 1 else ""
-    return (f"Against SFT-only FFT on the same {' and '.join(sizes)}, the data can tell apart "
-            f"{', '.join(apart) or 'no condition'} (paraphrase: McNemar p < 0.05{every}; sonnets: the paired 95% "
-            f"interval of the chrF difference excludes 0)"
-            + (f", but not {', '.join(not_apart)}: differences that small are within what the choice of dev "
-               f"examples alone produces." if not_apart else "."))
+        sizes.append(f"{len(plan['dev']['sonnet']['references'])} dev sonnets x {plan['sample_seeds']} sampling seed(s)")
+    against = (f"against SFT-only FFT on the same {' and '.join(sizes)}, with Holm's correction for the "
+               f"{len(compared)} comparison(s) (adjusted p < 0.05)")
+    n = len(plan["seeds"])
+    if n == 1:
+        start = (f"Each comparison is between two trained models (one seed each), so it says whether these two "
+                 f"models differ, not whether the methods do (--seeds {GPU_SEEDS} compares methods). "
+                 f"{against[0].upper()}{against[1:]}")
+    else:
+        start = f"Over {n} seeds per condition (a bootstrap over seeds and dev examples together), {against}"
+    noise = f"{'seeds, ' if n > 1 else ''}dev examples{' and sampling seeds' if 'sonnet' in plan['dev'] else ''}"
+    if not apart:
+        return (f"{start}, the data tell apart none of the {len(compared)}: differences that small are within what "
+                f"the choice of {noise} alone produces.")
+    return (f"{start}, the data tell apart {', '.join(apart)}"
+            + (f", but not {', '.join(not_apart)}: differences that small are within what the choice of {noise} "
+               f"alone produces." if not_apart else "."))
 
 
 # -----------------------------------------------------------------------------
@@ -420,30 +748,36 @@ def fmt_score(task, value):
     return f"{value:.4f}" if task == "paraphrase" else f"{value:.2f}"
 
 
+def versus_cell(row):
+    if "vs_sft_fft" not in row:
+        return "baseline" if (row["regime"], row["method"]) == ("sft", "fft") else "—"
+    v, signed = row["vs_sft_fft"], (lambda x: f"{x:+.4f}" if row["task"] == "paraphrase" else f"{x:+.2f}")
+    return (f"{signed(v['difference'])} [{signed(v['ci95'][0])}, {signed(v['ci95'][1])}] "
+            f"p={v['p_value']:.2g}, Holm p={v['p_holm']:.2g}")
+
+
 def table_cells(row):
     task = row["task"]
     score = fmt_score(task, row["score"]) + (f" ± {fmt_score(task, row['score_std'])}" if row["score_std"] is not None else "")
-    versus = "baseline" if (row["regime"], row["method"]) == ("sft", "fft") else "—"
-    if "vs_sft_fft" in row:
-        v = row["vs_sft_fft"]
-        if task == "paraphrase":
-            p = max(v["p_values"])
-            versus = f"{v['difference']:+.4f} (p={p:.2g}{', max over seeds' if len(v['p_values']) > 1 else ''})"
-        else:
-            versus = f"{v['difference']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]"
+    epochs = ",".join(map(str, row["best_epochs"]))
     return [task, row["regime"], row["method"], f"{row['score_name']} {score}",
-            f"[{fmt_score(task, row['ci95'][0])}, {fmt_score(task, row['ci95'][1])}]", versus,
+            f"[{fmt_score(task, row['ci95'][0])}, {fmt_score(task, row['ci95'][1])}]",
+            f"{fmt_score(task, row['best_score'])} (epoch {epochs} of {row['epochs']})", versus_cell(row),
             f"{row['train_seconds']:.1f}", f"{row['tokens_per_second']:,.0f}",
             f"{row['peak_memory_bytes'] / 2 ** 20:,.0f} MiB", f"{row['trainable_parameters']:,}", str(len(row["seeds"]))]
 
 
-HEADER = ["task", "regime", "method", "score (mean ± std)", "95% CI", "vs SFT-only FFT", "train_seconds",
-          "tokens_per_second", "peak_memory", "trainable_parameters", "seeds"]
+def header(n_seeds):
+    versus = ("vs SFT-only FFT: two trained models (diff [95% CI] p)" if n_seeds == 1 else
+              f"vs SFT-only FFT: mean over {n_seeds} seeds (diff [95% CI] p)")
+    return ["task", "regime", "method", "score, final epoch (mean ± std)", "95% CI",
+            "best dev epoch (as the course reports it; sonnets: 1 sampling seed)", versus, "train_seconds", "tokens_per_second", "peak_memory",
+            "trainable_parameters", "seeds"]
 
 
-def markdown_table(rows):
-    cells = [HEADER] + [table_cells(row) for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(HEADER))]
+def markdown_table(rows, n_seeds):
+    cells = [header(n_seeds)] + [table_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     return "\n".join(lines)
@@ -462,11 +796,13 @@ def describe_preset(plan):
             what.append(f"the first {s['dev_limit']:,} dev pairs" if "dev_limit" in s else "every dev pair")
         if "epochs" in s:
             what.append(f"{s['epochs']} epoch{'s' if s['epochs'] > 1 else ''} per stage")
+        if "lr" in s:
+            what.append(f"learning rate {s['lr']:g} in every condition")
         if "max_new_tokens" in s:
             what.append(f"at most {s['max_new_tokens']} generated tokens")
         parts.append(f"{NAMES[task]}: {', '.join(what)}")
     kind = {"reduced": "REDUCED preset (the default without a CUDA GPU; --preset full runs the whole study)",
-            "smoke": "SMOKE test: a tiny random 2-layer GPT-2, so the scores mean nothing"}[preset]
+            "smoke": "SMOKE test: a tiny random 2-layer GPT-2 on data/samples, so the scores mean nothing"}[preset]
     return f"{kind}; {'; '.join(parts)}"
 
 
@@ -506,26 +842,41 @@ def plot(rows, out_dir):
     return files
 
 
-ERROR_BARS = """How to read the error bars. "mean ± std" is over seeds: how much the score moves when only the
-random seed (initialisation of LoRA, data order, dropout, sampling) changes. "95% CI" is a bootstrap over
-the dev examples: resample them with replacement 1,000 times and recompute the (seed-averaged) score; it says
-how much the score would move on another dev set of the same size. "vs SFT-only FFT" compares each condition
-with SFT-only FFT on the same dev examples and seed: for paraphrase, the accuracy difference and McNemar's
-exact test, which uses only the pairs the two models answer differently (p < 0.05: unlikely to be chance);
-for sonnets, the chrF difference with a paired bootstrap interval (excluding 0: told apart). Costs are means
-over seeds; SFT→DPO's include its SFT stage, and its peak memory is the larger of the two stages'."""
+def error_bars(plan, rows):
+    """How to read the table: what each figure is, what each interval resamples, and the correction."""
+    n, k = len(plan["seeds"]), sum("vs_sft_fft" in row for row in rows)
+    seeds = (f"the {n} training seeds (with replacement; with so few seeds the interval is rough), " if n > 1 else "")
+    runs = "other runs, " if n > 1 else ""
+    return f"""How to read the table. "score" is each run's FINAL epoch on the dev set: every condition gets the
+same fixed budget and nothing is chosen on the dev set. Sonnets are scored from the final weights with
+{plan['sample_seeds']} sampling seed(s) (the first is the one training scored with) and averaged over them.
+"best dev epoch" is the best epoch's score, as the course reports it: picked on the dev set, so optimistic
+(sonnets: with the one sampling seed training scored with, so it can differ from the score even after 1 epoch).
+"mean ± std" is over seeds: how much the score moves when only the random seed (LoRA's initialisation, data
+order, dropout, sampling) changes. "95% CI" is a percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples) that
+redraws {seeds}the sampling seeds (sonnets) and the dev examples (paraphrase: the pairs; sonnets: the held-out
+sonnets, recomputing corpus chrF), so it includes how much the score would move with {runs}other samples
+and another dev set of the same size. "vs SFT-only FFT" is the paired difference from SFT-only FFT on the same
+dev examples, seeds and sampling seeds, with the same bootstrap's 95% interval (not corrected) and a two-sided
+p-value: {"McNemar's exact test on per-pair correctness (the course's metric) for paraphrase, the bootstrap's for sonnets" if n == 1 else "the bootstrap's"}.
+{"With one seed each comparison is between two trained models, not two methods. " if n == 1 else ""}"Holm p" corrects
+for the {k} comparison(s) in this table (Holm's step-down method): a condition is told apart from SFT-only FFT
+when its Holm p < 0.05. Costs are means over seeds; SFT→DPO's include its SFT stage, and its peak memory is the
+larger of the two stages'."""
 
 
 def write_study(plan, rows, plots):
-    header = (f"# The study: {Path(plan['model']).name if plan['preset'] == 'smoke' else plan['model']}, "
-              f"{len(rows)} conditions x {len(plan['seeds'])} seed(s) on {rows[0]['device'] if rows else plan['device']}")
+    title = (f"# The study: {Path(plan['model']).name if plan['preset'] == 'smoke' else plan['model']}, "
+             f"{len(rows)} conditions x {len(plan['seeds'])} seed(s) on {rows[0]['device'] if rows else plan['device']}")
     sentence = verdict(rows, plan)
     if plots is None:
         pictures = ("Plots: `pip install matplotlib`, then run the same command again: nothing is retrained, and "
                     "study-<task>.png (dev score and training loss per epoch) are drawn from the runs' histories.")
     else:
         pictures = "\n".join(f"![{name}]({name})" for name in plots)
-    markdown = "\n\n".join([header, describe_preset(plan), markdown_table(rows), sentence, ERROR_BARS, pictures]) + "\n"
+    legend = error_bars(plan, rows)
+    markdown = "\n\n".join([title, describe_preset(plan), markdown_table(rows, len(plan["seeds"])), sentence, legend,
+                            pictures]) + "\n"
     with atomic_open(plan["out_dir"] / "study.md") as f:
         f.write(markdown)
     summary = [{k: v for k, v in row.items() if k != "history"} for row in rows]
@@ -534,17 +885,16 @@ def write_study(plan, rows, plots):
         "preset_settings": {task: PRESETS[plan["preset"]][task] for task in plan["tasks"]},
         "conditions": {f"{t}-{r}-{m}": CONDITIONS[(t, r, m)] for t, r, m in CONDITIONS if t in plan["tasks"]
                        and r in plan["regimes"] and m in plan["methods"]},
-        "seeds": plan["seeds"], "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "verdict": sentence,
-        "plots": plots, "rows": summary})
-    return markdown
+        "seeds": plan["seeds"], "sample_seeds": plan["sample_seeds"], "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+        "multiple_comparisons": "Holm", "verdict": sentence, "legend": legend, "plots": plots, "rows": summary})
+    return markdown, legend
 
 
 def study(plan):
-    results = run_all(plan)
-    rows = [condition_row(plan, results, task, regime, method)
-            for task in plan["tasks"] for regime in plan["regimes"] for method in plan["methods"]]
-    markdown = write_study(plan, rows, plot(rows, plan["out_dir"]))
-    print("\n" + markdown.split("\n\n" + ERROR_BARS)[0])
+    results = run_all(plan) if not plan["report_only"] else {c["out_dir"]: finished(c) for _, c in runs(plan)}
+    rows = table_rows(plan, results)
+    markdown, legend = write_study(plan, rows, plot(rows, plan["out_dir"]))
+    print("\n" + markdown.split("\n\n" + legend)[0])
     print(f"\nwritten: {plan['out_dir'] / 'study.md'} and {plan['out_dir'] / 'study.json'}")
     return rows
 
@@ -555,6 +905,8 @@ def main(argv=None):
         return study(check_args(args))
     except InputError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every run stopped; run the same command again to go on where the study stopped")
 
 
 if __name__ == "__main__":

@@ -1,48 +1,84 @@
-"""study.py end to end with --smoke (a tiny random GPT-2 on the course-format samples in ../shared/data): all 12
-conditions with measured figures, a second run that trains nothing, subsets, and bad flags."""
+"""study.py end to end with --smoke (a tiny random GPT-2 on the repository's data/samples): all 12 conditions
+with measured figures, the final-epoch scores and their statistics recomputed from the runs' files with
+independent oracles (scipy, sacrebleu, eval.bootstrap_ci), a second run that trains nothing, subsets, several
+seeds, --jobs (same numbers as in one process, every process stopped with the study), a study split over
+"machines" that gives the same table, and bad flags."""
 
 import contextlib
 import csv
 import io
+import itertools
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import eval as evaluation
 import study
 import train_dpo
 import train_sft
+from data.sonnets import read_sonnets
 
 ALL = [(t, r, m) for t in study.TASKS for r in study.REGIMES for m in study.METHODS]
-needs_samples = pytest.mark.skipif(not study.SHARED_DATA.is_dir(), reason=f"{study.SHARED_DATA} not present")
+SMOKE_DEV_PAIRS = 30  # data/samples/quora-dev.csv
 
 
 def forbid_training(monkeypatch):
-    def refuse(config):
-        raise AssertionError(f"trained {config['out_dir']} again")
+    def refuse(*args):
+        raise AssertionError(f"trained {args[-1]['out_dir'] if isinstance(args[-1], dict) else args} again")
     monkeypatch.setattr(train_sft, "train", refuse)
     monkeypatch.setattr(train_dpo, "train", refuse)
+    monkeypatch.setattr(study, "start", lambda trainer, config, env: refuse(config))
+
+
+def forbid_sampling(monkeypatch):
+    def refuse(plan, weights, settings, seeds):
+        raise AssertionError(f"sampled {weights} again")
+    monkeypatch.setattr(study, "sample", refuse)
+
+
+def run_study(*flags):
+    """study.main with --smoke on the CPU; returns (rows, what it printed)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rows = study.main(["--smoke", "--device", "cpu", *map(str, flags)])
+    return rows, printed.getvalue()
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """One smoke study, run once for the module: (out_dir, study.json, study.md, what it printed)."""
-    if not study.SHARED_DATA.is_dir():
-        pytest.skip(f"{study.SHARED_DATA} not present")
     out_dir = tmp_path_factory.mktemp("study") / "smoke"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        study.main(["--smoke", "--out_dir", str(out_dir), "--device", "cpu"])
-    return out_dir, json.loads((out_dir / "study.json").read_text()), (out_dir / "study.md").read_text(), printed.getvalue()
+    _, printed = run_study("--out_dir", out_dir)
+    return out_dir, json.loads((out_dir / "study.json").read_text()), (out_dir / "study.md").read_text(), printed
 
 
-def quora_dev_labels(path, limit):
+def results_of(out_dir, task, regime, method, seed=11711):
+    return json.loads((out_dir / f"{task}-{regime}-{method}-seed{seed}" / "results.json").read_text())
+
+
+def correct_of(out_dir, regime, method, seed=11711):
+    saved = json.loads((out_dir / f"paraphrase-{regime}-{method}-seed{seed}" / "dev_predictions.json").read_text())
+    assert len(saved["correct"]) == SMOKE_DEV_PAIRS and set(saved["correct"]) <= {0, 1}
+    return saved["correct"]
+
+
+def quora_dev_labels(path):
     """The dev labels, read with the csv module (not the project's reader)."""
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t"))[1:limit + 1]
-    return [int(float(row[3])) for row in rows]
+        return [int(float(row[3])) for row in list(csv.reader(f, delimiter="\t"))[1:]]
+
+
+# -----------------------------------------------------------------------------
+# the smoke study
 
 
 def test_smoke_study_has_all_12_rows_with_measured_figures(smoke):
@@ -54,13 +90,18 @@ def test_smoke_study_has_all_12_rows_with_measured_figures(smoke):
         for key in ("train_seconds", "tokens_per_second", "peak_memory_bytes", "trainable_parameters"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["task"], row["regime"], row["method"], key)
         low, high = row["ci95"]
-        assert low <= high and math.isfinite(low) and math.isfinite(high)
         top = 1 if row["task"] == "paraphrase" else 100
-        assert 0 <= low <= row["score"] <= high <= top, row  # 30 pairs / 12 sonnets: the interval is wide
+        assert 0 <= low <= row["score"] <= high <= top, row  # 30 pairs / 4 sonnets: the interval is wide
         total = row["total_parameters"]
         assert row["trainable_parameters"] == total if row["method"] == "fft" else 0 < row["trainable_parameters"] < total / 50
-        run = json.loads((out_dir / f"{row['task']}-{row['regime']}-{row['method']}-seed11711" / "results.json").read_text())
-        assert row["score"] == run["score"] and run["regime"] == row["regime"] and run["method"] == row["method"]
+        run = results_of(out_dir, row["task"], row["regime"], row["method"])
+        assert run["regime"] == row["regime"] and run["method"] == row["method"]
+        # the final epoch's figures, and beside them the best epoch's, as the course reports it
+        assert run["score"] == run["history"][-1]["score"] and row["run_scores"] == [run["score"]]
+        assert run["best_score"] == max(h["score"] for h in run["history"]) == row["best_score"]
+        assert row["best_epochs"] == [run["best_epoch"]] and row["epochs"] == len(run["history"])
+        if row["task"] == "paraphrase":
+            assert row["scores"] == [run["score"]]
     # SFT->DPO costs both stages: its train_seconds include the SFT run's
     for task in study.TASKS:
         for method in study.METHODS:
@@ -69,7 +110,37 @@ def test_smoke_study_has_all_12_rows_with_measured_figures(smoke):
             assert staged["train_seconds"] > sft["train_seconds"]
     assert "SMOKE" in markdown and "| task" in markdown and summary["verdict"] in markdown
     assert markdown.count("\n| paraphrase ") == 6 and markdown.count("\n| sonnet ") == 6
+    assert "best dev epoch (as the course reports it" in markdown and "score, final epoch" in markdown
     assert markdown.split("\n\n")[2] in printed  # the same table is printed
+
+
+def test_the_smoke_study_reads_only_the_repository(smoke):
+    """--smoke trains on data/samples/ (no ../shared, no download) and from a model it writes in out_dir."""
+    out_dir, summary, _, _ = smoke
+    for task, regime, method in ALL:
+        config = results_of(out_dir, task, regime, method)["config"]
+        assert Path(config["data_dir"]) == study.ROOT / "data" / "samples"
+        assert Path(config["init_from"]).is_relative_to(out_dir)
+    assert summary["model"] == str(out_dir / "tiny-gpt2")
+
+
+def test_the_dev_set_the_smoke_preset_uses_is_all_of_the_samples(smoke):
+    out_dir = smoke[0]
+    labels = quora_dev_labels(study.ROOT / "data" / "samples" / "quora-dev.csv")
+    assert len(labels) == SMOKE_DEV_PAIRS
+    train = results_of(out_dir, "paraphrase", "sft", "fft")
+    assert train["config"]["train_limit"] is None and train["config"]["dev_limit"] is None
+
+
+def test_a_finished_study_is_small_on_disk(smoke):
+    """One copy of weights per run (last/): no best/, no checkpoint.pt; the whole smoke study under 120 MB."""
+    out_dir = smoke[0]
+    for task, regime, method in ALL:
+        run = out_dir / f"{task}-{regime}-{method}-seed11711"
+        assert (run / "last").is_dir() and not (run / "best").exists() and not (run / "checkpoint.pt").exists()
+        assert (run / "dev_predictions.json").is_file()
+    size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    assert size < 120 * 2 ** 20, f"{size / 2 ** 20:.0f} MiB"
 
 
 def test_plots_or_how_to_get_them(smoke):
@@ -85,69 +156,67 @@ def test_plots_or_how_to_get_them(smoke):
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in markdown
 
 
-def test_scores_and_paired_differences_follow_from_the_predictions(smoke):
-    """The table's accuracy and its difference from SFT-only FFT, recomputed by hand from each run's saved dev
-    predictions and the dev file; McNemar's p from scipy's exact binomial test on the discordant pairs."""
+def test_paraphrase_scores_and_paired_differences_follow_from_the_predictions(smoke):
+    """Accuracy, its interval and the difference from SFT-only FFT, recomputed from each run's final-epoch
+    per-pair correctness: McNemar's p from scipy's exact binomial test on the discordant pairs, the intervals
+    from eval.bootstrap_ci (the same draws with one seed)."""
     scipy_stats = pytest.importorskip("scipy.stats")
     out_dir, summary, _, _ = smoke
-    labels = quora_dev_labels(out_dir / "data" / "quora-dev.csv", study.PRESETS["smoke"]["paraphrase"]["dev_limit"])
+    baseline = correct_of(out_dir, "sft", "fft")
 
-    def correct(regime, method):
-        saved = json.loads((out_dir / f"paraphrase-{regime}-{method}-seed11711" / "best_dev_predictions.json").read_text())
-        return [int(p == y) for p, y in zip(saved["predictions"], labels, strict=True)]
+    def mean(hypotheses, references):
+        return sum(hypotheses) / len(hypotheses)
 
-    baseline = correct("sft", "fft")
     for row in [r for r in summary["rows"] if r["task"] == "paraphrase"]:
-        mine = correct(row["regime"], row["method"])
-        assert row["score"] == pytest.approx(sum(mine) / len(labels))
-        if row["regime"] == "sft" and row["method"] == "fft":
+        mine = correct_of(out_dir, row["regime"], row["method"])
+        assert row["score"] == pytest.approx(sum(mine) / len(mine))
+        assert row["ci95"] == pytest.approx(list(evaluation.bootstrap_ci(mean, mine, mine, n_resamples=1000)))
+        if (row["regime"], row["method"]) == ("sft", "fft"):
             assert "vs_sft_fft" not in row
             continue
         only_mine = sum(a and not b for a, b in zip(mine, baseline))
         only_base = sum(b and not a for a, b in zip(mine, baseline))
         versus = row["vs_sft_fft"]
-        assert versus["difference"] == pytest.approx((only_mine - only_base) / len(labels))
+        assert versus["difference"] == pytest.approx((only_mine - only_base) / len(mine))
         expected = 1.0 if only_mine + only_base == 0 else scipy_stats.binomtest(only_mine, only_mine + only_base).pvalue
-        assert versus["p_values"] == [pytest.approx(expected)]
-    for row in [r for r in summary["rows"] if r["task"] == "sonnet" and (r["regime"], r["method"]) != ("sft", "fft")]:
-        low, high = row["vs_sft_fft"]["ci95"]
-        assert low <= row["vs_sft_fft"]["difference"] <= high
+        assert versus["p_value"] == pytest.approx(expected) and versus["test"] == "McNemar's exact test"
+        differences = [a - b for a, b in zip(mine, baseline)]
+        assert versus["ci95"] == pytest.approx(list(evaluation.bootstrap_ci(mean, differences, differences)))
 
 
-def test_a_second_run_trains_nothing(smoke, monkeypatch):
+def test_sonnet_scores_are_sacrebleu_chrf_over_the_sampling_seeds(smoke):
+    """Each sonnet run's final weights sampled with 3 seeds (cached in study_sonnets.json); the row's score is
+    the mean of sacrebleu's corpus chrF over them. The first seed is the one training scored with, so for a
+    full fine-tuning run its texts are the run's own dev_predictions.json."""
+    sacrebleu = pytest.importorskip("sacrebleu")
     out_dir, summary, _, _ = smoke
-    stamps = {p: p.stat().st_mtime_ns for p in out_dir.glob("*/results.json")}
-    assert len(stamps) == 12
-    forbid_training(monkeypatch)
-    rows = study.main(["--smoke", "--out_dir", str(out_dir), "--device", "cpu"])
-    assert {p: p.stat().st_mtime_ns for p in out_dir.glob("*/results.json")} == stamps
-    assert [r["score"] for r in rows] == [r["score"] for r in summary["rows"]]
+    held_out = read_sonnets(study.ROOT / "data" / "samples" / "sonnets_held_out_dev.txt")
+    truth = {s.number: s.text for s in read_sonnets(study.ROOT / "data" / "samples" / "TRUE_sonnets_held_out_dev.txt")}
+    references = [truth[s.number] for s in held_out]
+    for row in [r for r in summary["rows"] if r["task"] == "sonnet"]:
+        run = out_dir / f"sonnet-{row['regime']}-{row['method']}-seed11711"
+        cached = json.loads((run / "study_sonnets.json").read_text())["sonnets"]
+        seeds = [11711, 12711, 13711]
+        assert row["sample_seeds"] == [seeds] and sorted(cached) == [str(s) for s in seeds]
+        scores = [sacrebleu.CHRF().corpus_score([t for _, t in cached[str(s)]], [references]).score for s in seeds]
+        assert row["sampled_scores"] == [pytest.approx(scores)]
+        assert row["score"] == pytest.approx(np.mean(scores)) and row["scores"] == [pytest.approx(np.mean(scores))]
+        if row["method"] == "fft":
+            trained = json.loads((run / "dev_predictions.json").read_text())["sonnets"]
+            assert cached["11711"] == trained and scores[0] == pytest.approx(results_of(out_dir, "sonnet", row["regime"], "fft")["score"])
+        if (row["regime"], row["method"]) != ("sft", "fft"):
+            low, high = row["vs_sft_fft"]["ci95"]
+            assert low <= row["vs_sft_fft"]["difference"] <= high and "sampling seeds" in row["vs_sft_fft"]["test"]
 
 
-def test_tasks_regimes_and_methods_select_conditions(smoke, monkeypatch):
-    out_dir, _, _, _ = smoke
-    forbid_training(monkeypatch)
-    rows = study.main(["--smoke", "--out_dir", str(out_dir), "--device", "cpu", "--tasks", "sonnet",
-                       "--regimes", "sft_dpo,dpo", "--methods", "lora"])
-    assert [(r["task"], r["regime"], r["method"]) for r in rows] == [("sonnet", "dpo", "lora"), ("sonnet", "sft_dpo", "lora")]
-    written = json.loads((out_dir / "study.json").read_text())
-    assert [(r["task"], r["regime"], r["method"]) for r in written["rows"]] == [("sonnet", "dpo", "lora"),
-                                                                              ("sonnet", "sft_dpo", "lora")]
-    assert "vs_sft_fft" not in written["rows"][0]  # the baseline was not selected: nothing to pair with
-    assert "No paired differences" in written["verdict"]
-
-
-def test_an_interrupted_study_trains_only_what_is_missing(smoke, monkeypatch):
-    """A run without results.json (the study stopped during it) is trained again, resuming from its checkpoint;
-    every other run is read back."""
-    out_dir, summary, _, _ = smoke
-    (out_dir / "sonnet-sft_dpo-lora-seed11711" / "results.json").unlink()
-    trained, real_train = [], train_dpo.train
-    forbid_training(monkeypatch)
-    monkeypatch.setattr(train_dpo, "train", lambda config: trained.append(config) or real_train(config))
-    rows = study.main(["--smoke", "--out_dir", str(out_dir), "--device", "cpu"])
-    assert [(Path(c["out_dir"]).name, c["resume"]) for c in trained] == [("sonnet-sft_dpo-lora-seed11711", True)]
-    assert [r["score"] for r in rows] == [r["score"] for r in summary["rows"]]
+def test_holm_corrects_the_tables_comparisons(smoke):
+    out_dir, summary, markdown, _ = smoke
+    compared = [r["vs_sft_fft"] for r in summary["rows"] if "vs_sft_fft" in r]
+    assert len(compared) == 10
+    assert [v["p_holm"] for v in compared] == pytest.approx(study.holm([v["p_value"] for v in compared]))
+    assert all(v["told_apart"] == (v["p_holm"] < 0.05) and v["comparisons"] == 10 for v in compared)
+    assert "Holm" in markdown and "10 comparison(s)" in summary["verdict"]
+    assert "two trained models" in markdown and "two trained models" in summary["verdict"]
 
 
 def test_dpo_runs_share_one_cache(smoke):
@@ -158,18 +227,336 @@ def test_dpo_runs_share_one_cache(smoke):
     assert len(list(cache.glob("rejections-*"))) == 6  # sonnets only
 
 
-@needs_samples
+def test_a_second_run_trains_and_samples_nothing(smoke, monkeypatch):
+    out_dir, summary, _, _ = smoke
+    stamps = {p: p.stat().st_mtime_ns for p in [*out_dir.glob("*/results.json"), *out_dir.glob("*/study_sonnets.json")]}
+    assert len(stamps) == 12 + 6
+    forbid_training(monkeypatch)
+    forbid_sampling(monkeypatch)
+    rows, _ = run_study("--out_dir", out_dir)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert [r["score"] for r in rows] == [r["score"] for r in summary["rows"]]
+
+
+def test_tasks_regimes_and_methods_select_conditions(smoke, monkeypatch):
+    out_dir, _, _, _ = smoke
+    forbid_training(monkeypatch)
+    rows, _ = run_study("--out_dir", out_dir, "--tasks", "sonnet", "--regimes", "sft_dpo,dpo", "--methods", "lora")
+    assert [(r["task"], r["regime"], r["method"]) for r in rows] == [("sonnet", "dpo", "lora"), ("sonnet", "sft_dpo", "lora")]
+    written = json.loads((out_dir / "study.json").read_text())
+    assert [(r["task"], r["regime"], r["method"]) for r in written["rows"]] == [("sonnet", "dpo", "lora"),
+                                                                              ("sonnet", "sft_dpo", "lora")]
+    assert "vs_sft_fft" not in written["rows"][0]  # the baseline was not selected: nothing to pair with
+    assert "No paired differences" in written["verdict"]
+
+
+def test_an_interrupted_study_trains_only_what_is_missing(smoke, monkeypatch):
+    """A run without results.json (the study stopped during it) is trained again, resuming if it can; every
+    other run is read back. SFT->DPO starts from its SFT run's final weights, last/."""
+    out_dir, summary, _, _ = smoke
+    (out_dir / "sonnet-sft_dpo-lora-seed11711" / "results.json").unlink()
+    trained, real_train = [], train_dpo.train
+    forbid_training(monkeypatch)
+    monkeypatch.setattr(train_dpo, "train", lambda config: trained.append(config) or real_train(config))
+    rows, _ = run_study("--out_dir", out_dir)
+    assert [(Path(c["out_dir"]).name, c["resume"]) for c in trained] == [("sonnet-sft_dpo-lora-seed11711", True)]
+    assert Path(trained[0]["init_from"]) == out_dir / "sonnet-sft-lora-seed11711" / "last"
+    assert [r["score"] for r in rows] == [r["score"] for r in summary["rows"]]
+
+
+def test_several_seeds_give_a_mean_a_spread_and_a_bootstrap_over_seeds(smoke):
+    """--seeds 2: each row is the mean and sample standard deviation of its runs (numpy as the oracle), and the
+    comparison with SFT-only FFT resamples seeds and dev pairs together. Trains only the two seed-11712 runs."""
+    out_dir = smoke[0]
+    rows, _ = run_study("--out_dir", out_dir, "--seeds", "2", "--tasks", "paraphrase", "--regimes", "sft,dpo",
+                        "--methods", "fft")
+    for row in rows:
+        runs = [results_of(out_dir, "paraphrase", row["regime"], "fft", s) for s in (11711, 11712)]
+        assert row["seeds"] == [11711, 11712] and row["scores"] == pytest.approx([r["score"] for r in runs])
+        assert row["score"] == pytest.approx(np.mean(row["scores"]))
+        assert row["score_std"] == pytest.approx(np.std(row["scores"], ddof=1), abs=1e-12)
+        assert row["train_seconds"] == pytest.approx(np.mean([r["train_seconds"] for r in runs]))
+    versus = rows[1]["vs_sft_fft"]
+    assert versus["test"] == "paired bootstrap over training seeds, dev examples" and "mcnemar" not in versus
+    mine = [np.mean(correct_of(out_dir, "dpo", "fft", s)) - np.mean(correct_of(out_dir, "sft", "fft", s)) for s in (11711, 11712)]
+    assert versus["difference"] == pytest.approx(np.mean(mine))
+    markdown = (out_dir / "study.md").read_text()
+    assert "mean over 2 seeds" in markdown and "Over 2 seeds" in markdown and "two trained models" not in markdown
+
+
+# -----------------------------------------------------------------------------
+# the statistics on made-up data
+
+
+def test_holm_matches_hand_values_and_the_step_down_procedure():
+    """Hand values: p = (0.01, 0.04, 0.03, 0.005) sorted is 0.005, 0.01, 0.03, 0.04, times 4, 3, 2, 1 is 0.02,
+    0.03, 0.06, 0.04, made non-decreasing: 0.02, 0.03, 0.06, 0.06. Then, on random p-values, "adjusted p <=
+    alpha" must be exactly Holm's step-down rule: reject H_(1..k) while p_(i) <= alpha / (m - i + 1)."""
+    assert study.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert study.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and study.holm([]) == []
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        p = list(rng.uniform(0, 0.1, size=rng.integers(1, 12)))
+        alpha = rng.uniform(0.01, 0.1)
+        rejected, m = set(), len(p)
+        for i, index in enumerate(sorted(range(m), key=lambda j: p[j])):
+            if p[index] > alpha / (m - i):
+                break
+            rejected.add(index)
+        assert {i for i, q in enumerate(study.holm(p)) if q <= alpha} == rejected
+
+
+def test_the_bootstrap_over_seeds_draws_seeds_with_replacement():
+    """Three seeds whose models are right on every pair, on none and on half: dev pairs then do not matter, and
+    the statistic is the mean of 3 seeds drawn with replacement. Its exact distribution (27 equally likely
+    draws) against the bootstrap's frequencies over 1,000 resamples."""
+    items = [[np.ones(20)], [np.zeros(20)], [np.full(20, 0.5)]]
+    values = study.bootstrap(lambda s, k, e: study.score_of("paraphrase", items, None, s, k, e), 3, 1, 20)
+    exact = Counter(round(float(np.mean(draw)), 6) for draw in itertools.product([1.0, 0.0, 0.5], repeat=3))
+    seen = Counter(round(float(v), 6) for v in values)
+    assert set(seen) <= set(exact)
+    for value, count in exact.items():
+        assert abs(seen[value] / len(values) - count / 27) < 0.04, value
+
+
+def test_bootstrap_p_is_the_level_at_which_the_interval_reaches_zero():
+    assert study.bootstrap_p(np.ones(999)) == pytest.approx(2 / 1000)
+    assert study.bootstrap_p(np.linspace(-1, 1, 1001)) == 1.0
+    d = np.linspace(-1, 9, 1000)  # 100 of 1000 at or below 0
+    assert study.bootstrap_p(d) == pytest.approx(2 * 101 / 1001)
+
+
+def test_a_clear_difference_is_told_apart_and_named():
+    """The paired comparisons' positive branch, on made-up outcomes: a model right on all 40 pairs where the
+    baseline is wrong on 12 (McNemar p from scipy), and sonnets copied from the references against nonsense
+    over two sampling seeds."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    mine, base = np.ones(40), np.array([0.0] * 12 + [1.0] * 28)
+    para = study.versus_baseline("paraphrase", [[mine]], [[base]], None)
+    assert para["difference"] == pytest.approx(12 / 40) and para["ci95"][0] > 0
+    assert para["p_value"] == pytest.approx(scipy_stats.binomtest(12, 12).pvalue)
+    references = ["Shall I compare thee to a summer's day?", "When forty winters shall besiege thy brow",
+                  "Look in thy glass and tell the face thou viewest", "Music to hear, why hear'st thou music sadly?"]
+    sonnets = study.versus_baseline("sonnet", [[references, references]], [[["zzz qqq"] * 4, ["qqq"] * 4]], references)
+    assert sonnets["difference"] > 50 and sonnets["ci95"][0] > 0 and sonnets["p_value"] < 0.01
+    assert sonnets["test"] == "paired bootstrap over sampling seeds, dev examples"
+    rows = [{"task": "paraphrase", "regime": "dpo", "method": "lora", "vs_sft_fft": {**para, "told_apart": True}},
+            {"task": "sonnet", "regime": "sft", "method": "lora", "vs_sft_fft": {**sonnets, "told_apart": False}}]
+    plan = {"dev": {"paraphrase": [0] * 40, "sonnet": {"references": references}}, "seeds": [1], "sample_seeds": 2}
+    sentence = study.verdict(rows, plan)
+    assert "tell apart paraphrase DPO-only LoRA, but not sonnets SFT-only LoRA:" in sentence
+    assert "40 dev pairs and 4 dev sonnets x 2 sampling seed(s)" in sentence and "two trained models" in sentence
+    assert "Over 3 seeds" in study.verdict(rows, {**plan, "seeds": [1, 2, 3]})
+
+
+# -----------------------------------------------------------------------------
+# runs as processes: --jobs
+
+
+def test_every_setting_is_a_flag_the_training_scripts_read_back(tmp_path):
+    """A run's command line, parsed by the training script's own parser, is its config (save_best and
+    keep_checkpoints included)."""
+    plan = {"preset": "smoke", "model": str(tmp_path / "tiny-gpt2"), "data_dir": tmp_path / "data", "device": "cpu",
+            "out_dir": tmp_path, "keep_checkpoints": False}
+    for task, regime, method in ALL:
+        config = study.run_config(plan, task, regime, method, 11711)
+        assert config["save_best"] is False and config["keep_checkpoints"] is False
+        trainer = train_sft if regime == "sft" else train_dpo
+        argv = study.command(trainer, config)
+        assert argv[:2] == [sys.executable, str(study.ROOT / f"{trainer.__name__}.py")]
+        parsed = train_sft.parse_args(argv[2:], trainer.SETTINGS, "")
+        assert {k: parsed[k] for k in config} == config
+    kept = study.run_config({**plan, "keep_checkpoints": True}, "sonnet", "sft", "fft", 11711)
+    assert kept["save_best"] is True and kept["keep_checkpoints"] is True
+
+
+class FakeRun:
+    """Stands in for a training process: finishes (writes results.json, or fails) on its second poll."""
+
+    def __init__(self, config, fails):
+        self.config, self.fails, self.polls, self.returncode = config, fails, 0, None
+        self.pid = 2 ** 30  # no such process group: stopping it on the way out does nothing
+
+    def poll(self):
+        self.polls += 1
+        if self.polls >= 2 and self.returncode is None:
+            self.returncode = 1 if self.fails else 0
+            if not self.fails:
+                (Path(self.config["out_dir"]) / "results.json").write_text(
+                    json.dumps({"score_name": "accuracy", "score": 0.5, "train_seconds": 1.0}))
+        return self.returncode
+
+
+def fake_processes(monkeypatch, failing=()):
+    """Replace study.start: returns the log of (run, what was running when it started, its environment)."""
+    started, running = [], []
+
+    def start(trainer, config, env):
+        Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
+        running[:] = [r for r in running if r.returncode is None]
+        started.append((Path(config["out_dir"]).name, [Path(r.config["out_dir"]).name for r in running], env))
+        running.append(FakeRun(config, Path(config["out_dir"]).name in failing))
+        return running[-1]
+
+    monkeypatch.setattr(study, "start", start)
+    monkeypatch.setattr(study.time, "sleep", lambda seconds: None)
+    return started
+
+
+def scheduling_plan(tmp_path, device="cpu"):
+    return {"preset": "smoke", "model": str(tmp_path / "tiny-gpt2"), "data_dir": tmp_path, "device": device,
+            "out_dir": tmp_path, "keep_checkpoints": False, "seeds": [11711], "tasks": ["paraphrase"],
+            "regimes": list(study.REGIMES), "methods": list(study.METHODS)}
+
+
+def test_jobs_start_sft_dpo_only_after_its_sft_run_and_never_more_than_n(tmp_path, monkeypatch):
+    started = fake_processes(monkeypatch)
+    plan = scheduling_plan(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        results = study.run_in_processes(plan, study.runs(plan), 3)
+    assert len(results) == 6 and len(started) == 6
+    for name, running, env in started:
+        assert len(running) < 3
+        if "sft_dpo" in name:
+            assert (tmp_path / name.replace("sft_dpo", "sft") / "results.json").exists(), name
+        assert env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 3))
+    assert printed.getvalue().count("(final epoch)") == 6  # one line per finished run
+
+
+def test_jobs_spread_runs_over_the_visible_gpus(tmp_path, monkeypatch):
+    started = fake_processes(monkeypatch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    plan = scheduling_plan(tmp_path, device="cuda")
+    with contextlib.redirect_stdout(io.StringIO()):
+        study.run_in_processes(plan, study.runs(plan), 2)
+    gpu = {name: env["CUDA_VISIBLE_DEVICES"] for name, _, env in started}
+    assert sorted(gpu[name] for name, _, _ in started[:2]) == ["3", "5"]
+    for name, running, _ in started:  # a run goes to the GPU that the run still going does not hold
+        assert gpu[name] not in {gpu[other] for other in running}, (name, running)
+
+
+def test_a_failed_run_skips_what_starts_from_it_and_says_so(tmp_path, monkeypatch):
+    started = fake_processes(monkeypatch, failing={"paraphrase-sft-lora-seed11711"})
+    plan = scheduling_plan(tmp_path)
+    with pytest.raises(study.InputError) as e, contextlib.redirect_stdout(io.StringIO()):
+        study.run_in_processes(plan, study.runs(plan), 2)
+    assert "paraphrase-sft_dpo-lora-seed11711" not in [name for name, _, _ in started]
+    message = str(e.value)
+    assert "\n" not in message and "2 run(s) failed" in message and "paraphrase-sft_dpo-lora-seed11711" in message
+
+
+def numbers(rows):
+    """Every figure of a table that does not depend on timing."""
+    timing = {"train_seconds", "tokens_per_second", "peak_memory_bytes", "runs", "history"}
+    return [{k: v for k, v in row.items() if k not in timing} for row in rows]
+
+
+def test_a_study_split_over_machines_with_jobs_2_gives_the_same_table(smoke, tmp_path, monkeypatch):
+    """Two "machines" share one folder, each training one task with --jobs 2 (processes); a last --report_only
+    reads every run and writes the table: every figure the same as the one-process study's, score for score."""
+    out_dir = tmp_path / "shared"
+    _, printed = run_study("--out_dir", out_dir, "--tasks", "paraphrase", "--jobs", 2)
+    assert printed.count("(final epoch)") == 6 and all((p / "train.log").is_file() for p in out_dir.glob("paraphrase-*"))
+    run_study("--out_dir", out_dir, "--tasks", "sonnet", "--jobs", 2)
+    forbid_training(monkeypatch)
+    forbid_sampling(monkeypatch)  # each machine sampled its own sonnet runs
+    run_study("--out_dir", out_dir, "--report_only")
+    split = json.loads((out_dir / "study.json").read_text())
+    one = smoke[1]
+    assert numbers(split["rows"]) == numbers(one["rows"])
+    assert split["verdict"] == one["verdict"]
+
+
+def test_report_only_refuses_unfinished_runs_before_anything(tmp_path, monkeypatch):
+    forbid_training(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        study.main(["--smoke", "--out_dir", str(tmp_path / "empty"), "--report_only", "--tasks", "paraphrase"])
+    message = str(e.value.code)
+    assert message.startswith("error: --report_only: 6 run(s)") and "paraphrase-sft-fft-seed11711" in message
+    assert not (tmp_path / "empty").exists()
+
+
+def training_processes(out_dir):
+    """Live processes whose command line names out_dir (the study's training runs), by pid."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(out_dir) in (proc / "cmdline").read_text() and \
+                    "train_" in (proc / "cmdline").read_text() and (proc / "stat").read_text().split(")")[1].split()[0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def wait_for(condition, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"waited {timeout} s")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_study_stops_every_run_and_a_restart_resumes(sig, tmp_path):
+    """Ctrl-C (SIGINT), kill (SIGTERM) and even kill -9 of the study stop every training process it started;
+    started again, the study finishes the runs."""
+    out_dir = tmp_path / "study"
+    flags = ["--smoke", "--device", "cpu", "--out_dir", str(out_dir), "--jobs", "2", "--tasks", "paraphrase",
+             "--regimes", "sft", "--methods", "fft,lora"]
+    parent = subprocess.Popen([sys.executable, str(study.ROOT / "study.py"), *flags], cwd=study.ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        children = wait_for(lambda: len(training_processes(out_dir)) == 2 and training_processes(out_dir), 300)
+        parent.send_signal(sig)
+        parent.wait(timeout=60)
+        wait_for(lambda: not set(children) & set(training_processes(out_dir)), 30)
+    finally:
+        parent.kill()
+        parent.wait()
+    if sig == signal.SIGINT:
+        assert "interrupted: every run stopped" in parent.stderr.read()
+    if sig == signal.SIGTERM:
+        rows, _ = run_study(*flags[3:])
+        assert [(r["regime"], r["method"]) for r in rows] == [("sft", "fft"), ("sft", "lora")]
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line, before anything is trained or written
+
+
 def test_a_finished_run_with_other_settings_is_refused_before_any_training(tmp_path, monkeypatch):
     forbid_training(monkeypatch)
     run = tmp_path / "paraphrase-sft-fft-seed11711"
     run.mkdir()
     config = study.run_config({"preset": "smoke", "model": str(tmp_path / "tiny-gpt2"), "data_dir": tmp_path / "data",
-                               "device": "cpu", "out_dir": tmp_path}, "paraphrase", "sft", "fft", 11711)
-    (run / "results.json").write_text(json.dumps({"config": {**config, "epochs": 5}}))
+                               "device": "cpu", "out_dir": tmp_path, "keep_checkpoints": False},
+                              "paraphrase", "sft", "fft", 11711)
+    (run / "results.json").write_text(json.dumps({"best_score": 0.5, "config": {**config, "epochs": 5}}))
     with pytest.raises(SystemExit) as e:
         study.main(["--smoke", "--out_dir", str(tmp_path), "--tasks", "paraphrase", "--regimes", "sft", "--methods", "fft"])
-    assert str(e.value.code).startswith("error: ") and "epochs=5" in str(e.value.code) and "epochs=1" in str(e.value.code)
+    assert str(e.value.code).startswith("error: ") and "epochs=5" in str(e.value.code) and "epochs=2" in str(e.value.code)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paraphrase-sft-fft-seed11711"]  # nothing else written
+    # a run trained under the old contract (score = the best epoch's) is refused too, not mixed in
+    (run / "results.json").write_text(json.dumps({"config": config}))
+    with pytest.raises(SystemExit) as e:
+        study.main(["--smoke", "--out_dir", str(tmp_path), "--tasks", "paraphrase", "--regimes", "sft", "--methods", "fft"])
+    assert "older train_sft" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_keep_checkpoints_does_not_make_finished_runs_stale(tmp_path, monkeypatch):
+    """save_best and keep_checkpoints change what is kept on disk, not what is trained; SFT->DPO's init_from
+    compares as <run>/last wherever the study folder is now."""
+    plan = {"preset": "smoke", "model": str(tmp_path / "tiny-gpt2"), "data_dir": tmp_path / "data", "device": "cpu",
+            "out_dir": tmp_path, "keep_checkpoints": False}
+    config = study.run_config(plan, "sonnet", "sft_dpo", "lora", 11711)
+    moved = {**config, "init_from": "/elsewhere/sonnet-sft-lora-seed11711/last", "keep_checkpoints": True, "save_best": True}
+    study.check_same_settings({"best_score": 1.0, "config": moved}, config)
+    with pytest.raises(study.InputError, match="init_from"):
+        study.check_same_settings({"best_score": 1.0, "config": {**moved, "init_from": "/x/sonnet-sft-fft-seed11711/last"}},
+                                  config)
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -178,6 +565,9 @@ def test_a_finished_run_with_other_settings_is_refused_before_any_training(tmp_p
     (["--methods", "qlora"], "--methods"),
     (["--seeds", "0"], "--seeds"),
     (["--seeds", "three"], "--seeds"),
+    (["--sample_seeds", "0"], "--sample_seeds"),
+    (["--jobs", "0"], "--jobs"),
+    (["--first_seed", "-1"], "--first_seed"),
     (["--device", "cuda:7"], "--device"),
     (["--model", "gpt5"], "--model"),
     (["--smoke", "--model", "gpt2"], "--model"),
@@ -194,63 +584,19 @@ def test_bad_flags_are_one_line_errors_before_any_work(flags, named, tmp_path, m
     assert not out_dir.exists()
 
 
-def test_an_unwritable_out_dir_is_refused(tmp_path, monkeypatch):
+def test_the_output_folder_is_checked_before_any_data_is_read(tmp_path, monkeypatch):
     forbid_training(monkeypatch)
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
-    with pytest.raises(SystemExit) as e:
-        study.main(["--smoke", "--out_dir", str(a_file / "study")])
+    with pytest.raises(SystemExit) as e:  # the data folder is missing too, but the output folder is checked first
+        study.main(["--smoke", "--out_dir", str(a_file / "study"), "--data_dir", str(tmp_path / "no-data")])
     assert str(e.value.code).startswith("error: --out_dir") and str(a_file) in str(e.value.code)
 
 
-def test_smoke_says_what_it_needs_without_the_samples(tmp_path, monkeypatch):
+def test_smoke_without_the_samples_names_the_missing_file(tmp_path, monkeypatch):
     forbid_training(monkeypatch)
-    monkeypatch.setattr(study, "SHARED_DATA", tmp_path / "no-shared-data")
     with pytest.raises(SystemExit) as e:
-        study.main(["--smoke", "--out_dir", str(tmp_path / "out")])
+        study.main(["--smoke", "--out_dir", str(tmp_path / "out"), "--data_dir", str(tmp_path)])
     message = str(e.value.code)
-    assert message.startswith("error: --smoke") and "quora-train-30.csv" in message and "--data_dir" in message
+    assert message.startswith("error: ") and "\n" not in message and "quora-train.csv" in message
     assert not (tmp_path / "out").exists()
-
-
-def test_several_seeds_give_a_mean_and_a_spread(smoke):
-    """--seeds 2: each row is the mean and sample standard deviation of its runs (numpy as the oracle), and the
-    paired test against SFT-only FFT is done seed by seed. Trains only the two new seed-11712 runs."""
-    out_dir = smoke[0]
-    rows = study.main(["--smoke", "--out_dir", str(out_dir), "--device", "cpu", "--seeds", "2", "--tasks", "paraphrase",
-                       "--regimes", "sft,dpo", "--methods", "fft"])
-    for row in rows:
-        runs = [json.loads((out_dir / f"paraphrase-{row['regime']}-fft-seed{s}" / "results.json").read_text())
-                for s in (11711, 11712)]
-        assert row["seeds"] == [11711, 11712] and row["scores"] == [r["score"] for r in runs]
-        assert row["score"] == pytest.approx(np.mean(row["scores"]))
-        assert row["score_std"] == pytest.approx(np.std(row["scores"], ddof=1), abs=1e-12)
-        assert row["train_seconds"] == pytest.approx(np.mean([r["train_seconds"] for r in runs]))
-    assert len(rows[1]["vs_sft_fft"]["p_values"]) == 2 and "max over seeds" in (out_dir / "study.md").read_text()
-
-
-@needs_samples
-def test_smoke_data_dir_copies_the_samples_under_the_course_names(smoke):
-    out_dir, _, _, _ = smoke
-    for name, sample in study.SMOKE_FILES.items():
-        assert (out_dir / "data" / name).read_bytes() == (study.SHARED_DATA / sample).read_bytes()
-
-
-def test_a_clear_difference_is_told_apart_and_named():
-    """The paired comparisons' positive branch, on made-up predictions: a model right on all 40 pairs where the
-    baseline is wrong on 12 (McNemar p from scipy), and sonnets copied from the references against nonsense."""
-    scipy_stats = pytest.importorskip("scipy.stats")
-    labels = [i % 2 for i in range(40)]
-    base = [1 - y if i < 12 else y for i, y in enumerate(labels)]
-    para = study.versus_baseline("paraphrase", [labels], [base], labels)
-    assert para["difference"] == pytest.approx(12 / 40)
-    assert para["p_values"] == [pytest.approx(scipy_stats.binomtest(12, 12).pvalue)] and para["told_apart"]
-    references = ["Shall I compare thee to a summer's day?", "When forty winters shall besiege thy brow",
-                  "Look in thy glass and tell the face thou viewest", "Music to hear, why hear'st thou music sadly?"]
-    sonnets = study.versus_baseline("sonnet", [references], [["zzz qqq"] * 4], references)
-    assert sonnets["difference"] > 50 and sonnets["ci95"][0] > 0 and sonnets["told_apart"]
-    rows = [{"task": "paraphrase", "regime": "dpo", "method": "lora", "vs_sft_fft": para},
-            {"task": "sonnet", "regime": "sft", "method": "lora", "vs_sft_fft": {**sonnets, "told_apart": False}}]
-    sentence = study.verdict(rows, {"dev": {"paraphrase": labels, "sonnet": dict(enumerate(references))}, "seeds": [1]})
-    assert "can tell apart paraphrase DPO-only LoRA (" in sentence and "but not sonnets SFT-only LoRA:" in sentence
-    assert "40 dev pairs and 4 dev sonnets" in sentence
