@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 import train_dpo
+import train_orpo
 import train_sft
 from checkpoint import load_model
 from data.quora import read_quora
@@ -81,8 +82,21 @@ CONDITIONS = {
     ("sonnet",     "dpo",     "lora"): dict(epochs=10, lr=2e-4,       lora_r=8, lora_alpha=16.0, beta=0.1),
     ("sonnet",     "sft_dpo", "fft"):  dict(epochs=10, lr=1e-5,                                 beta=0.1),
     ("sonnet",     "sft_dpo", "lora"): dict(epochs=10, lr=2e-4,       lora_r=8, lora_alpha=16.0, beta=0.1),
+    # beyond the paper (--regimes all): SFT and preference in one stage, from GPT-2. rpo: DPO + alpha * the
+    # chosen answer's NLL (Pang et al. 2024's alpha = 1); orpo: NLL + lambda * odds ratio, no reference model
+    # (Hong et al. 2024's lambda = 0.1; train_orpo.py)
+    ("paraphrase", "rpo",     "fft"):  dict(epochs=3,  lr=1e-5,                                 beta=0.1, rpo_alpha=1.0),
+    ("paraphrase", "rpo",     "lora"): dict(epochs=3,  lr=2e-4,       lora_r=8, lora_alpha=16.0, beta=0.1, rpo_alpha=1.0),
+    ("paraphrase", "orpo",    "fft"):  dict(epochs=3,  lr=1e-5,                                 orpo_lambda=0.1),
+    ("paraphrase", "orpo",    "lora"): dict(epochs=3,  lr=2e-4,       lora_r=8, lora_alpha=16.0, orpo_lambda=0.1),
+    ("sonnet",     "rpo",     "fft"):  dict(epochs=10, lr=1e-5,                                 beta=0.1, rpo_alpha=1.0),
+    ("sonnet",     "rpo",     "lora"): dict(epochs=10, lr=2e-4,       lora_r=8, lora_alpha=16.0, beta=0.1, rpo_alpha=1.0),
+    ("sonnet",     "orpo",    "fft"):  dict(epochs=10, lr=1e-5,                                 orpo_lambda=0.1),
+    ("sonnet",     "orpo",    "lora"): dict(epochs=10, lr=2e-4,       lora_r=8, lora_alpha=16.0, orpo_lambda=0.1),
 }
-TASKS, REGIMES, METHODS = ("paraphrase", "sonnet"), ("sft", "dpo", "sft_dpo"), ("fft", "lora")
+TASKS, REGIMES, METHODS = ("paraphrase", "sonnet"), ("sft", "dpo", "sft_dpo"), ("fft", "lora")  # the paper's 12
+ALL_REGIMES = (*REGIMES, "rpo", "orpo")  # --regimes all: 20 conditions
+TRAINERS = {"sft": train_sft, "dpo": train_dpo, "sft_dpo": train_dpo, "rpo": train_dpo, "orpo": train_orpo}
 FIRST_SEED = 11711  # the course's; --seeds N uses 11711, 11712, ..., 11711 + N - 1
 GPU_SEEDS = 3  # --seeds' default on a CUDA GPU: a verdict about methods needs more than one model each
 
@@ -105,7 +119,7 @@ ROOT = Path(__file__).resolve().parent
 SMOKE_DATA = ROOT / "data" / "samples"  # the course-format samples --smoke trains on
 SMOKE_MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=256)  # 256 positions: a whole sonnet fits
 NAMES = {"paraphrase": "paraphrase", "sonnet": "sonnets", "sft": "SFT-only", "dpo": "DPO-only",
-         "sft_dpo": "SFT→DPO", "fft": "FFT", "lora": "LoRA"}
+         "sft_dpo": "SFT→DPO", "rpo": "RPO", "orpo": "ORPO", "fft": "FFT", "lora": "LoRA"}
 
 
 # -----------------------------------------------------------------------------
@@ -121,7 +135,8 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.strip().split("\n")[0],
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
-    parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated subset of " + ", ".join(REGIMES))
+    parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated subset of "
+                        + ", ".join(ALL_REGIMES) + ", or all (the default is the paper's three)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--seeds", type=int, default=None, help=f"runs per condition, seeds --first_seed, "
                         f"--first_seed + 1, ... (default {GPU_SEEDS} on a CUDA GPU, 1 elsewhere and with --smoke)")
@@ -176,7 +191,8 @@ def check_model(args, preset):
 def check_args(args):
     """Every flag, the output folder, then the data and the finished runs, checked before anything is written
     or trained. Returns the study's plan."""
-    tasks, regimes = pick(args.tasks, TASKS, "--tasks"), pick(args.regimes, REGIMES, "--regimes")
+    regimes = ",".join(ALL_REGIMES) if args.regimes.strip() == "all" else args.regimes
+    tasks, regimes = pick(args.tasks, TASKS, "--tasks"), pick(regimes, ALL_REGIMES, "--regimes")
     methods = pick(args.methods, METHODS, "--methods")
     check_counts(args)
     device = check_device(args.device)
@@ -255,8 +271,7 @@ def runs(plan):
                 for method in plan["methods"]:
                     if regime == "sft_dpo":
                         planned.append((train_sft, run_config(plan, task, "sft", method, seed)))
-                    planned.append((train_sft if regime == "sft" else train_dpo,
-                                    run_config(plan, task, regime, method, seed)))
+                    planned.append((TRAINERS[regime], run_config(plan, task, regime, method, seed)))
     unique = {config["out_dir"]: (trainer, config) for trainer, config in planned}
     return list(unique.values())
 
@@ -655,7 +670,7 @@ def condition_row(plan, results, task, regime, method):
            "best_scores": [r["best_score"] for r in own], "best_epochs": [r["best_epoch"] for r in own],
            "epochs": len(own[0]["history"]),
            "metrics": {k: statistics.fmean(r["metrics"][k] for r in own) for k in own[0]["metrics"]},
-           **costs(stages), "trainable_parameters": own[0]["trainable_parameters"],
+           **costs(stages), "reference": reference_pass(own[0]), "trainable_parameters": own[0]["trainable_parameters"],
            "total_parameters": own[0]["total_parameters"], "seeds": seeds, "device": own[0]["device"],
            "runs": [str(run_dir(plan, task, regime, method, s)) for s in seeds],
            # per seed, epoch by epoch; SFT->DPO's DPO stage continues after its SFT stage's epochs
@@ -763,15 +778,22 @@ def table_cells(row):
     return [task, row["regime"], row["method"], f"{row['score_name']} {score}",
             f"[{fmt_score(task, row['ci95'][0])}, {fmt_score(task, row['ci95'][1])}]",
             f"{fmt_score(task, row['best_score'])} (epoch {epochs} of {row['epochs']})", versus_cell(row),
-            f"{row['train_seconds']:.1f}", f"{row['tokens_per_second']:,.0f}",
+            f"{row['train_seconds']:.1f}", row["reference"], f"{row['tokens_per_second']:,.0f}",
             f"{row['peak_memory_bytes'] / 2 ** 20:,.0f} MiB", f"{row['trainable_parameters']:,}", str(len(row["seeds"]))]
+
+
+def reference_pass(results):
+    """What the run paid for a reference model: SFT and ORPO have none; DPO and RPO compute its log-probabilities
+    once before training (or, with --live_reference, at every step)."""
+    return {"precomputed": "once", "live": "every step"}.get(results.get("reference", "none"), "none")
 
 
 def header(n_seeds):
     versus = ("vs SFT-only FFT: two trained models (diff [95% CI] p)" if n_seeds == 1 else
               f"vs SFT-only FFT: mean over {n_seeds} seeds (diff [95% CI] p)")
     return ["task", "regime", "method", "score, final epoch (mean ± std)", "95% CI",
-            "best dev epoch (as the course reports it; sonnets: 1 sampling seed)", versus, "train_seconds", "tokens_per_second", "peak_memory",
+            "best dev epoch (as the course reports it; sonnets: 1 sampling seed)", versus, "train_seconds",
+            "reference pass", "tokens_per_second", "peak_memory",
             "trainable_parameters", "seeds"]
 
 

@@ -600,3 +600,28 @@ def test_smoke_without_the_samples_names_the_missing_file(tmp_path, monkeypatch)
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message and "quora-train.csv" in message
     assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# beyond the paper: --regimes all
+
+
+def test_regimes_all_plans_20_conditions_with_their_own_trainers(tmp_path):
+    plan = study.check_args(study.parse_args(["--smoke", "--device", "cpu", "--regimes", "all",
+                                              "--out_dir", str(tmp_path / "s")]))
+    assert plan["regimes"] == ["sft", "dpo", "sft_dpo", "rpo", "orpo"]
+    conditions = {(t, r, m) for t in plan["tasks"] for r in plan["regimes"] for m in plan["methods"]}
+    assert len(conditions) == 20 and conditions <= set(study.CONDITIONS)
+    trainers = {Path(config["out_dir"]).name.split("-")[1]: trainer.__name__ for trainer, config in study.runs(plan)}
+    assert trainers == {"sft": "train_sft", "dpo": "train_dpo", "sft_dpo": "train_dpo", "rpo": "train_dpo",
+                        "orpo": "train_orpo"}
+
+
+def test_rpo_and_orpo_rows_say_what_reference_they_paid_for(tmp_path):
+    rows, printed = run_study("--tasks", "paraphrase", "--regimes", "rpo,orpo", "--methods", "lora",
+                              "--out_dir", tmp_path / "s")
+    by_regime = {row["regime"]: row for row in rows}
+    assert set(by_regime) == {"rpo", "orpo"} and by_regime["rpo"]["reference"] == "once"
+    assert by_regime["orpo"]["reference"] == "none"  # ORPO has no reference model: no reference pass at all
+    assert results_of(tmp_path / "s", "paraphrase", "rpo", "lora")["config"]["rpo_alpha"] == 1.0
+    assert any("| orpo" in line and "| none" in line for line in printed.splitlines()), printed
