@@ -8,7 +8,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL ?= gpt2
 DATA ?= data
-SEEDS ?= 1
+SEEDS ?=
+JOBS ?=
 PRESET ?= auto
 OUT ?=
 
@@ -27,12 +28,14 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 # out/study*/study.md (study.py says what each column means). With a CUDA GPU it is the full study; without one,
 # PRESET=auto runs the reduced preset (fewer training pairs and epochs, a dev subset: about an hour on a
 # 4-core laptop), and the table's header says so. Started again, it trains only what is not finished.
-# Overridable: MODEL=gpt2-medium (or a model directory), DATA=path/to/data, SEEDS=3 (runs per condition),
+# Overridable: MODEL=gpt2-medium (or a model directory), DATA=path/to/data, SEEDS=N (runs per condition:
+# default 3 on a CUDA GPU, 1 elsewhere), JOBS=N (runs at once, each its own process),
 # PRESET=full (the whole study, even on a CPU) or reduced, OUT=out/my-study (default out/study...).
 # python study.py --smoke is the same study with a tiny random GPT-2 on a few dozen examples (minutes).
 study: $(VENV)/.runtime
 	$(PY) -m data.download --data-dir $(DATA)
-	$(PY) study.py --model $(MODEL) --data_dir $(DATA) --seeds $(SEEDS) --preset $(PRESET) $(if $(OUT),--out_dir $(OUT),)
+	$(PY) study.py --model $(MODEL) --data_dir $(DATA) --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS),) \
+		$(if $(JOBS),--jobs $(JOBS),) $(if $(OUT),--out_dir $(OUT),)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
