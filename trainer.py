@@ -288,7 +288,10 @@ def fit(run, model, lengths, loss_fn, evaluate, regime, title, extra=None):
             save_now = (config["checkpoint_every"] and progress["step"] % config["checkpoint_every"] == 0
                         and progress["batch"] < len(batches))
             if save_now or progress["step"] % config["log_every"] == 0 or progress["batch"] == len(batches):
-                # the only host syncs of a step: the loss read back (each of these steps), and DDP's all-reduce
+                # The step's only waits for the device: this read of the loss (every --log_every steps, before a
+                # save and at an epoch's end) and, under torchrun, its all-reduce. Elsewhere the host runs ahead:
+                # batches are cut on the CPU (target_window) and copied over, token ids are checked there
+                # (collate), the loss accumulates on the device, and clipping and fused AdamW never read a value.
                 train_loss = read_loss(run, unread, unread_steps, progress, out_dir)
                 unread, unread_steps = torch.zeros((), device=device), 0
                 elapsed = progress["train_seconds"] + time.time() - t0
