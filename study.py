@@ -155,6 +155,10 @@ def parse_args(argv=None):
                                                              "wide) on data/samples/, a few steps, no download")
     parser.add_argument("--jobs", type=int, default=1, help="train up to N runs at once, each a train_sft.py / "
                                                             "train_dpo.py process (1: one after the other, in this process)")
+    parser.add_argument("--lora_rslora", action="store_true", help="every LoRA condition scales by alpha/sqrt(r) "
+                        "(rsLoRA, Kalajdzievski 2023) instead of alpha/r; give the study its own --out_dir")
+    parser.add_argument("--lora_plus_ratio", type=float, default=1.0, help="every LoRA condition trains B at this "
+                        "times A's learning rate (LoRA+, Hayou et al. 2024 suggest 16); give the study its own --out_dir")
     parser.add_argument("--keep_checkpoints", action="store_true", help="keep each run's best/ and checkpoint.pt "
                                                                         "too (default: only last/)")
     parser.add_argument("--report_only", action="store_true", help="train nothing: read the finished runs of the "
@@ -177,6 +181,8 @@ def check_counts(args):
             raise InputError(f"{flag} {value}: must be at least 1")
     if args.first_seed < 0:
         raise InputError(f"--first_seed {args.first_seed}: must be 0 or more")
+    if not 0 < args.lora_plus_ratio < float("inf"):
+        raise InputError(f"--lora_plus_ratio {args.lora_plus_ratio}: must be a positive number such as 16 (1 = plain LoRA)")
 
 
 def check_model(args, preset):
@@ -211,7 +217,9 @@ def check_args(args):
                 seeds=[args.first_seed + k for k in range(n_seeds)], sample_seeds=args.sample_seeds,
                 model=str(out_dir / "tiny-gpt2") if preset == "smoke" else model, jobs=args.jobs,
                 data_dir=Path(args.data_dir) if args.data_dir else SMOKE_DATA if preset == "smoke" else Path("data"),
-                keep_checkpoints=args.keep_checkpoints, report_only=args.report_only)
+                keep_checkpoints=args.keep_checkpoints, report_only=args.report_only,
+                lora={k: v for k, v in (("lora_rslora", args.lora_rslora), ("lora_plus_ratio", args.lora_plus_ratio))
+                      if v != train_sft.SETTINGS[k][0]})
     get_tokenizer()  # its BPE files: a one-line error now if tiktoken can neither find nor download them
     plan["dev"] = {task: read_dev(plan, task) for task in tasks}  # every needed file read (and checked) now
     check_runs(plan)
@@ -257,6 +265,8 @@ def run_config(plan, task, regime, method, seed):
         config["cache_dir"] = str(plan["out_dir"] / "cache")
     if regime == "sft_dpo":
         config["init_from"] = str(run_dir(plan, task, "sft", method, seed) / "last")
+    if method == "lora":  # --lora_rslora, --lora_plus_ratio: a fairer LoRA, only where they differ from plain LoRA
+        config.update(plan.get("lora", {}))
     return config
 
 

@@ -647,3 +647,18 @@ def test_rpo_and_orpo_rows_say_what_reference_they_paid_for(tmp_path):
     assert by_regime["orpo"]["reference"] == "none"  # ORPO has no reference model: no reference pass at all
     assert results_of(tmp_path / "s", "paraphrase", "rpo", "lora")["config"]["rpo_alpha"] == 1.0
     assert any("| orpo" in line and "| none" in line for line in printed.splitlines()), printed
+
+
+def test_a_fairer_lora_reaches_every_lora_condition_and_nothing_else(tmp_path):
+    plan = study.check_args(study.parse_args(["--smoke", "--device", "cpu", "--lora_rslora", "--lora_plus_ratio", "16",
+                                              "--out_dir", str(tmp_path / "s")]))
+    for task, regime, method in ALL:
+        config = study.run_config(plan, task, regime, method, 11711)
+        fair = {k: config.get(k) for k in ("lora_rslora", "lora_plus_ratio")}
+        assert fair == ({"lora_rslora": True, "lora_plus_ratio": 16.0} if method == "lora" else
+                        {"lora_rslora": None, "lora_plus_ratio": None})
+    plain = study.check_args(study.parse_args(["--smoke", "--device", "cpu", "--out_dir", str(tmp_path / "p")]))
+    assert "lora_rslora" not in study.run_config(plain, "sonnet", "sft", "lora", 11711)  # older runs still match
+    with pytest.raises(SystemExit, match=r"error: --lora_plus_ratio 0.0: must be a positive number"):
+        study.main(["--smoke", "--lora_plus_ratio", "0", "--out_dir", str(tmp_path / "z")])
+    assert not (tmp_path / "z").exists()
