@@ -22,7 +22,7 @@ def get_tokenizer():
         raise InputError(
             f"could not load GPT-2's BPE files through tiktoken ({type(e).__name__}: {e}). tiktoken downloads "
             f"them on first use; offline, set TIKTOKEN_CACHE_DIR to a folder holding its cached copies "
-            f"(this project's tests use ../shared/data/tiktoken_cache)."
+            f"(copy them from a machine where tiktoken.get_encoding('gpt2') has run once)."
         ) from None
 
 

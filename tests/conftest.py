@@ -54,15 +54,6 @@ def course_data():
 
 
 @pytest.fixture
-def shared_data():
-    """../shared/data when present; tests that still read it skip without it. New tests use sample_data (the
-    course's formats) or course_data (the course's real files)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not present")
-    return SHARED_DATA
-
-
-@pytest.fixture
 def tokenizer():
     from data.tokenizer import get_tokenizer
     return get_tokenizer()
