@@ -32,6 +32,20 @@ CHECKPOINT = "checkpoint.pt"
 
 
 # -----------------------------------------------------------------------------
+# the hub's GPT-2 layout (config.json + model.safetensors)
+
+
+def from_pretrained(name_or_dir, dropout=0.0):
+    """A GPT-2 name (downloaded once) or a hub-layout folder -> GPT."""
+    return GPT.from_pretrained(name_or_dir, dropout=dropout)
+
+
+def save_pretrained(model, directory):
+    """Write `model` (no LoRA layers) as config.json + model.safetensors."""
+    model.save_pretrained(directory)
+
+
+# -----------------------------------------------------------------------------
 # model folders: written by save_model, read by load_model
 
 
