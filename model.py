@@ -2,7 +2,7 @@
 GPT-2, in one file you can read top to bottom (after Karpathy's nanoGPT).
 
     logits = model(input_ids, attention_mask=None)        # (B, T, vocab): a prediction at every position
-    logps = model(input_ids, logits_at=pos, targets=ids)  # (B, K): log p(ids | tokens up to pos), no logits kept
+    logits = model(input_ids, logits_at=pos)              # (B, K, vocab): only where a loss reads
     model = GPT.from_pretrained("gpt2")                   # OpenAI's weights (or a local hub-layout directory)
     tokens = model.generate(prompt_ids, max_new_tokens=128, temperature=1.2, top_p=0.9)
 
@@ -239,21 +239,20 @@ class GPT(nn.Module):
             x = block(x, attn_mask, kv_cache)
         return self.transformer.ln_f(x)
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None, logits_at=None, targets=None):
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, logits_at=None, head=None):
         """Logits for the next token at every position: (B, T, vocab_size).
 
         logits_at (B, K) long: only at these positions of each row, (B, K, vocab_size). The output layer is
         a large share of GPT-2's compute (50257 x n_embd per position), so a loss that reads a few positions
         (paraphrase: one answer token) should not pay for all of them.
-        targets (B, K) long (or (B, T) without logits_at): return log p(targets[b, k] | the tokens up to that
-        position), (B, K) float32, instead of logits, computed by chunked_token_logprobs without ever holding
-        every position's logits (a sonnet batch's would be gigabytes).
+        head: a function (hidden states, output weight) -> result, applied instead of the output layer
+        (chunked_logprobs passes one that never holds every position's logits).
         """
         h = self.hidden_states(input_ids, attention_mask, kv_cache)  # (B, T, n_embd)
         if logits_at is not None:
             h = h.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, h.size(-1)))  # (B, K, n_embd)
-        if targets is not None:
-            return chunked_token_logprobs(h, self.lm_head.weight, targets, LOGPROB_CHUNK)
+        if head is not None:
+            return head(h, self.lm_head.weight)
         return self.lm_head(h)
 
     @torch.no_grad()
@@ -364,118 +363,6 @@ class GPT(nn.Module):
             "n_head": c.n_head, "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
             "bos_token_id": END_OF_TEXT, "eos_token_id": END_OF_TEXT, "tie_word_embeddings": True,
         })
-
-
-# Positions whose logits chunked_token_logprobs computes at once. Their float32 logits take 1024 x 50257 x 4 bytes
-# = 206 MB, and about two such buffers live at a time, whatever the batch; a 16-sonnet batch's full logits take
-# 16 x 181 x 50257 x 4 = 582 MB per copy, and the plain path holds several. Smaller chunks save memory but
-# recompute more: the backward pass recomputes all chunks but the last, so a batch of up to 1024 target
-# positions (any paraphrase batch, an SFT batch of 5 sonnets) costs no more matmuls than the plain path.
-LOGPROB_CHUNK = 1024
-
-
-def chunked_token_logprobs(hidden, weight, targets, chunk_size=LOGPROB_CHUNK):
-    """log p(target | h) for each hidden state, with logits z = W h computed for chunk_size positions at a time:
-
-        log p(t | h) = h . w_t - log sum_v exp(h . w_v)
-
-    hidden (..., n_embd), weight (vocab, n_embd), targets (...) long -> (...) float32. The same numbers as
-    log_softmax(hidden @ weight.T).gather(targets), and under autocast the same precision as that plain path:
-    the matmul in the autocast dtype (bfloat16), the logsumexp in float32. At most one chunk's (n, vocab) numbers
-    are kept for the backward pass, so memory does not grow with the batch (ChunkedTokenLogprobs says what it costs).
-    """
-    assert hidden.shape[:-1] == targets.shape, (hidden.shape, targets.shape)
-    return ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size, torch.is_grad_enabled())
-
-
-class ChunkedTokenLogprobs(torch.autograd.Function):
-    """chunked_token_logprobs' forward and backward passes. With z = W h and p = softmax(z),
-
-        d log p(t | h) / d z_v = 1[v = t] - p_v
-        d log p(t | h) / d h   = w_t - sum_v p_v w_v         (the target's row of W minus the expected row)
-
-    so for an incoming gradient g per position, dL/dh = g (w_t - sum_v p_v w_v) and dL/dW = sum g (onehot(t) - p) h^T.
-    The forward pass, which has each chunk's p at hand, already computes d log p / d h (n_embd numbers a
-    position: the matmul the plain path does in its backward). dL/dW needs every position's p again, so when W
-    trains (it does not under LoRA) the backward pass recomputes each chunk's logits, except the last chunk's,
-    which the forward pass keeps: one chunk is what the backward pass would hold anyway, and a batch that fits
-    in one chunk (any paraphrase batch) then costs exactly the plain path's three matmuls.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, grad_enabled):
-        dtype = matmul_dtype(hidden)
-        want_hidden, want_weight = (grad_enabled and need for need in ctx.needs_input_grad[:2])
-        h, w, t = hidden.reshape(-1, hidden.size(-1)).to(dtype), weight.to(dtype), targets.reshape(-1)
-        logps = torch.empty(t.shape, dtype=torch.float32, device=hidden.device)
-        logsumexp = torch.empty_like(logps)
-        dlogp_dh = torch.empty_like(h) if want_hidden else None
-        for rows in chunks(len(t), chunk_size):
-            dlogp_dz = None  # free the previous chunk's before computing the next
-            logps[rows], logsumexp[rows], dlogp_dz = chunk_logprobs(h[rows], w, t[rows], want_hidden or want_weight)
-            if want_hidden:
-                dlogp_dh[rows] = dlogp_dz.to(dtype) @ w
-        ctx.save_for_backward(hidden, weight, targets, logsumexp, dlogp_dh)
-        ctx.chunk_size, ctx.dtype = chunk_size, dtype
-        ctx.last_dlogp_dz = dlogp_dz if want_weight and len(t) else None  # the last chunk's, kept for backward
-        return logps.view(targets.shape)
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, targets, logsumexp, dlogp_dh = ctx.saved_tensors
-        g = grad_logps.reshape(-1, 1).float()  # dL / d log p, one per position
-        grad_h = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_h = (g * dlogp_dh.float()).to(hidden.dtype).view(hidden.shape)
-        if ctx.needs_input_grad[1]:
-            h, w, t = hidden.reshape(-1, hidden.size(-1)).to(ctx.dtype), weight.to(ctx.dtype), targets.reshape(-1)
-            for rows in reversed(chunks(len(t), ctx.chunk_size)):  # the last chunk first: the forward kept it
-                dlogp_dz, ctx.last_dlogp_dz = ctx.last_dlogp_dz, None  # used once, then freed
-                if dlogp_dz is None:  # the chunk's logits again, instead of having kept them all
-                    softmax = (h[rows] @ w.t()).float().sub_(logsumexp[rows, None]).exp_()  # exp(z - logsumexp(z))
-                    dlogp_dz = onehot_minus_(softmax, t[rows])
-                    del softmax
-                part = dlogp_dz.mul_(g[rows]).to(ctx.dtype).t() @ h[rows]  # (vocab, n_embd)
-                grad_w = part.float() if grad_w is None else grad_w.add_(part)  # summed in float32
-                del dlogp_dz, part  # free this chunk's before computing the next
-            grad_w = grad_w.to(weight.dtype) if grad_w is not None else None  # None: no positions, no gradient
-        return grad_h, grad_w, None, None, None
-
-
-def chunk_logprobs(h, w, targets, with_gradient):
-    """For one chunk's logits z = h W^T (n, vocab): log p(targets), logsumexp(z) and, with_gradient,
-    d log p(t) / d z = onehot(t) - softmax(z). The matmul runs in h's and w's dtype, the rest in float32."""
-    z = (h @ w.t()).float()
-    target_logits = z.gather(1, targets[:, None]).squeeze(1)
-    logsumexp = softmax_(z)  # z now holds softmax(z)
-    return target_logits - logsumexp, logsumexp, onehot_minus_(z, targets) if with_gradient else None
-
-
-def softmax_(z):
-    """Overwrite logits z (n, vocab) with softmax(z) and return logsumexp(z) (n,): one pass of exp, no second
-    (n, vocab) tensor. logsumexp(z) = m + log sum_v exp(z_v - m) with m = max_v z_v, so no exp overflows."""
-    m = z.amax(-1, keepdim=True)
-    total = z.sub_(m).exp_().sum(-1, keepdim=True)
-    z.div_(total)
-    return (m + total.log()).squeeze(-1)
-
-
-def onehot_minus_(p, targets):
-    """onehot(targets) - p for probabilities p (n, vocab), overwriting p: d log p(t) / d z."""
-    return p.neg_().scatter_add_(1, targets[:, None], torch.ones_like(p[:, :1]))
-
-
-def matmul_dtype(x):
-    """The dtype a matmul of x runs in: autocast's (bfloat16 in training on a GPU) when it is on, else x's own."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-
-
-def chunks(n, size):
-    """Slices that cut range(n) into pieces of `size`, the first one shorter when size does not divide n (so the
-    last chunk, which ChunkedTokenLogprobs keeps instead of recomputing, is a whole one)."""
-    ends = list(range(n % size or size, n + 1, size))
-    return [slice(start, end) for start, end in zip([0] + ends, ends)]
 
 
 def sample_next_token(logits, temperature=1.0, top_p=1.0, generator=None):

@@ -21,10 +21,12 @@ This file holds only what SFT is: its examples, the log-likelihood, the loss, an
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import trainer
+from chunked_logprobs import chunked_head
 from checkpoint import model_context
-from data.batching import Example, batch_indices, collate
+from data.batching import VOCAB_SIZE, Example, batch_indices, collate
 from data.quora import paraphrase_example
 from data.sonnets import sonnet_example, split_prompt
 from data.tasks import QUORA, SONNETS, load_task_data
@@ -34,6 +36,9 @@ from eval import (answer_tokens, check_paraphrase_prompts, check_sonnet_prompts,
 from fileio import InputError
 
 SETTINGS = trainer.SETTINGS  # SFT adds none of its own: GPT-2's dropout 0.1 is the default
+# batch_logprobs' "auto" path is chunked above this many logits in the target window (2**26 float32 numbers are
+# 256 MiB: a 16-sonnet DPO batch has 5x that; a paraphrase batch of 8 has 2 positions a row, 0.8M)
+CHUNKED_ABOVE = 2**26
 
 
 # -----------------------------------------------------------------------------
@@ -43,16 +48,12 @@ SETTINGS = trainer.SETTINGS  # SFT adds none of its own: GPT-2's dropout 0.1 is 
 def sequence_logprobs(logits, input_ids, loss_mask):
     """log p(target tokens | what precedes them), summed per sequence: (B,) float32.
 
-    logits (B, T, V) at every position; input_ids, loss_mask (B, T). The logits at position t predict the
-    token at t + 1, so the shift is: logits[:, :-1] scores input_ids[:, 1:], weighted by loss_mask[:, 1:].
+    logits (B, T, V); input_ids, loss_mask (B, T). The logits at position t predict the token at t + 1, so
+    logits[:, :-1] scores input_ids[:, 1:], weighted by loss_mask[:, 1:] (1 on target tokens, 0 elsewhere).
     """
-    assert logits.shape[:2] == input_ids.shape == loss_mask.shape, (logits.shape, input_ids.shape, loss_mask.shape)
-    logits = logits[:, :-1].float()  # (B, T-1, V): in float32 even under bf16 autocast
-    targets = input_ids[:, 1:]  # (B, T-1)
-    mask = loss_mask[:, 1:].float()  # (B, T-1)
-    # log p(token) = its logit - log sum_v exp(logit_v): log_softmax without a second (B, T-1, V) tensor
-    token_logps = logits.gather(2, targets.unsqueeze(2)).squeeze(2) - logits.logsumexp(-1)  # (B, T-1)
-    return (token_logps * mask).sum(-1)
+    logps = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): float32 even under bf16 autocast
+    token_logps = logps.gather(2, input_ids[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T-1): log p(the next token)
+    return (token_logps * loss_mask[:, 1:]).sum(-1)  # (B,): prompt and padding count 0
 
 
 def target_window(batch):
@@ -74,17 +75,23 @@ def target_window(batch):
     return positions, input_ids, loss_mask
 
 
-def batch_logprobs(model, batch, device=None):
-    """sequence_logprobs of each row of a right-padded batch, computed by the model itself (GPT.forward's
-    targets=) a chunk of positions at a time, so no (B, W, vocab) logits tensor is ever held, and the output
-    layer runs only where a loss reads. No attention mask is needed: causal attention never looks right, where
-    the padding is. The batch may stay on the CPU: its window is cut there (no GPU round trip) and what the
-    model reads moves to `device`."""
+def batch_logprobs(model, batch, device=None, path="auto"):
+    """sequence_logprobs of each row of a right-padded batch, with the output layer run only on the target
+    window. No attention mask is needed: causal attention never looks right, where the padding is. The batch
+    may stay on the CPU: its window is cut there and what the model reads moves to `device`.
+
+    path "plain": logits, then sequence_logprobs. "chunked": chunked_logprobs, which never holds the window's
+    (B, W, vocab) logits (the same numbers). "auto": chunked only when those logits would be large."""
     device = device or next(model.parameters()).device
     positions, input_ids, loss_mask = (t.to(device) for t in target_window(batch))
+    if path == "auto":
+        path = "chunked" if positions.numel() * VOCAB_SIZE > CHUNKED_ABOVE else "plain"
+    if path == "plain":
+        return sequence_logprobs(model(batch.input_ids.to(device), logits_at=positions), input_ids, loss_mask)
     # window position w predicts the token at w + 1; the last column predicts nothing (roll's wrapped-around
-    # target, dropped below). All W columns keep the output layer's row count what the plain path had.
-    logps = model(batch.input_ids.to(device), logits_at=positions, targets=input_ids.roll(-1, dims=1))  # (B, W)
+    # target, dropped below)
+    head = chunked_head(input_ids.roll(-1, dims=1))
+    logps = model(batch.input_ids.to(device), logits_at=positions, head=head)  # (B, W)
     return (logps[:, :-1] * loss_mask[:, 1:]).sum(-1)
 
 

@@ -1,6 +1,6 @@
-"""Target log-probabilities without the whole logits tensor (model.chunked_token_logprobs, and GPT.forward's
-targets=), against the plain computation log_softmax(logits).gather(targets); and a forward pass that never
-waits for the device (no host synchronisation)."""
+"""Target log-probabilities without the whole logits tensor (chunked_logprobs), against the plain computation
+log_softmax(logits).gather(targets) (train_sft.sequence_logprobs); which path train_sft.batch_logprobs takes; and a
+forward pass that never waits for the device (no host synchronisation)."""
 
 import math
 from contextlib import nullcontext
@@ -12,15 +12,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as model_module
 import train_sft
+from conftest import tiny_config
 from data.batching import Example, collate
 from lora import apply_lora
-from model import chunked_token_logprobs
+import chunked_logprobs
+from chunked_logprobs import chunked_head, chunked_token_logprobs
 
 
 def plain_batch_logprobs(model, batch):
-    """The reference: every window position's logits, then train_sft.sequence_logprobs."""
-    positions, input_ids, loss_mask = train_sft.target_window(batch)
-    return train_sft.sequence_logprobs(model(batch.input_ids, logits_at=positions), input_ids, loss_mask)
+    return train_sft.batch_logprobs(model, batch, path="plain")
+
+
+def chunked_batch_logprobs(model, batch):
+    return train_sft.batch_logprobs(model, batch, path="chunked")
 
 
 def random_examples(kind, seed):
@@ -102,7 +106,7 @@ def test_only_what_needs_a_gradient_gets_one():
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("kind", ["sonnet", "paraphrase"])
 def test_logprobs_and_gradients_match_the_plain_path(tiny_model, monkeypatch, kind, lora):
-    monkeypatch.setattr(model_module, "LOGPROB_CHUNK", 16)  # a sonnet batch then spans many chunks
+    monkeypatch.setattr(chunked_logprobs, "CHUNK", 16)  # a sonnet batch then spans many chunks
     model = tiny_model.train()  # dropout is 0: the same function both times
     if lora:
         apply_lora(model, r=4, alpha=8)
@@ -112,7 +116,7 @@ def test_logprobs_and_gradients_match_the_plain_path(tiny_model, monkeypatch, ki
                     p.normal_(0, 0.02)
     batch = collate(random_examples(kind, seed=1))
     row_weights = torch.randn(len(batch.lengths), generator=torch.Generator().manual_seed(2))
-    got, got_grads = gradients(model, train_sft.batch_logprobs, batch, row_weights)
+    got, got_grads = gradients(model, chunked_batch_logprobs, batch, row_weights)
     want, want_grads = gradients(model, plain_batch_logprobs, batch, row_weights)
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -128,20 +132,20 @@ def test_without_logits_at_every_position_is_scored(tiny_model):
     targets = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         plain = F.log_softmax(tiny_model(ids), -1).gather(2, targets[..., None]).squeeze(2)
-        assert torch.allclose(tiny_model(ids, targets=targets), plain, atol=1e-5)
+        assert torch.allclose(tiny_model(ids, head=chunked_head(targets)), plain, atol=1e-5)
 
 
 def test_under_bf16_autocast_it_matches_the_plain_path(tiny_model, monkeypatch):
     """Under autocast, every matmul with the output layer runs in bfloat16, forward and backward, and the
     reductions in float32, as on the plain path: the two agree far more closely than either agrees with float32."""
-    monkeypatch.setattr(model_module, "LOGPROB_CHUNK", 16)
+    monkeypatch.setattr(chunked_logprobs, "CHUNK", 16)
     batch = collate(random_examples("sonnet", seed=5))
     row_weights = torch.ones(len(batch.lengths))
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     exact, exact_grads = gradients(tiny_model, plain_batch_logprobs, batch, row_weights)
     want, want_grads = gradients(tiny_model, plain_batch_logprobs, batch, row_weights, autocast())
     with VocabMatmuls(tiny_model.config.vocab_size) as matmuls:
-        got, got_grads = gradients(tiny_model, train_sft.batch_logprobs, batch, row_weights, autocast())
+        got, got_grads = gradients(tiny_model, chunked_batch_logprobs, batch, row_weights, autocast())
     assert len(matmuls.dtypes) > 3 and set(matmuls.dtypes) == {(torch.bfloat16, torch.bfloat16)}, matmuls.dtypes
     assert got.dtype == want.dtype == torch.float32
     bf16_error = (want - exact).abs().max()
@@ -150,6 +154,20 @@ def test_under_bf16_autocast_it_matches_the_plain_path(tiny_model, monkeypatch):
     for name in ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.wpe.weight"):
         assert got_grads[name].dtype == torch.float32
         assert (got_grads[name] - exact_grads[name]).norm() < 2 * (want_grads[name] - exact_grads[name]).norm(), name
+
+
+def test_auto_takes_the_plain_path_on_a_paraphrase_batch_and_the_chunked_one_on_sonnets(monkeypatch):
+    torch.manual_seed(0)
+    tiny_model = model_module.GPT(tiny_config(block_size=256))
+    calls = []
+    real = chunked_logprobs.chunked_token_logprobs
+    monkeypatch.setattr(chunked_logprobs, "chunked_token_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    paraphrase = collate(random_examples("paraphrase", seed=7) + random_examples("paraphrase", seed=8)[:2])
+    train_sft.batch_logprobs(tiny_model, paraphrase)  # 8 rows, as a training batch of the course's size
+    assert calls == []
+    sonnets = collate([Example([], torch.randint(0, 50257, (181,)).tolist()) for _ in range(32)])
+    train_sft.batch_logprobs(tiny_model, sonnets)  # a 16-sonnet DPO batch: 32 rows of 181 tokens
+    assert calls == [1]
 
 
 # -----------------------------------------------------------------------------
@@ -171,7 +189,7 @@ def forward_passes(model, inputs):
     ids, positions, input_ids, attention_mask = inputs
     model(ids)
     model(ids, logits_at=positions)
-    model(ids, logits_at=positions[:, :-1], targets=input_ids[:, 1:])
+    model(ids, logits_at=positions[:, :-1], head=chunked_head(input_ids[:, 1:]))
     model(ids, attention_mask=attention_mask)
     cache = model_module.KVCache(model.config.n_layer)
     model.hidden_states(ids[:, :5], attention_mask[:, :5], kv_cache=cache)
