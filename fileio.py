@@ -5,6 +5,7 @@ Everything that touches the disk or the network, in one place:
   message and exit; the message always says what was wrong, where, and what to do about it.
 - read_text: a UTF-8 text file, or an error naming the line and byte that are not UTF-8.
 - writable_dir: prove an output folder can be created and written to before any work is done.
+- lock_dir: hold a folder for one writer (an OS lock that dies with its process); a second writer is an InputError.
 - atomic_open: write to a temporary file, then rename, so a crash never leaves half a checkpoint or result.
 - download: a resumable, progress-barred, optionally hash-checked HTTP download (same atomic rename);
   check_sha256 checks a file already on disk.
@@ -14,6 +15,7 @@ Everything that touches the disk or the network, in one place:
   and, unlike pickle (torch.load), reading it can never run code from the file.
 """
 
+import fcntl
 import hashlib
 import http.client
 import json
@@ -34,7 +36,7 @@ class InputError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# reading text, checking output folders
+# reading text; output folders: checked, then held by one writer
 
 def read_text(path, encoding="utf-8"):
     """The whole file as a str. Bytes that are not valid `encoding` are an InputError naming line and byte."""
@@ -70,6 +72,41 @@ def writable_dir(path, flag="--out_dir"):
             except OSError:
                 pass  # never made, or someone else's files are in it now
     return path
+
+
+LOCKED = set()  # the folders this process holds
+
+
+@contextmanager
+def lock_dir(path):
+    """Hold `path` for one writer while the block runs: flock(LOCK_EX) on `path/.lock`, which holds our pid.
+
+    The OS drops the lock when the process ends, however it ends (kill -9 included), so a lock is never stale.
+    Another process that holds it is an InputError at once, naming the folder and that process. The same
+    process may lock a folder it holds again (nested): the inner block just runs."""
+    path = Path(path)
+    if path.resolve() in LOCKED:
+        yield path
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "(pid not yet written)"
+            raise InputError(f"{path}: in use by process {holder} (another run is writing this folder); "
+                             f"wait for it to finish or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        LOCKED.add(path.resolve())
+        try:
+            yield path
+        finally:
+            LOCKED.discard(path.resolve())
+            os.ftruncate(fd, 0)  # a .lock left behind names no process
+    finally:
+        os.close(fd)
 
 
 # -----------------------------------------------------------------------------

@@ -1,11 +1,17 @@
-"""fileio.py: safetensors against the safetensors library, atomic writes, resumable downloads."""
+"""fileio.py: safetensors against the safetensors library, atomic writes, folder locks, resumable downloads."""
 
 import hashlib
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from fileio import InputError, atomic_open, download, read_safetensors, read_text, writable_dir, write_safetensors
+from conftest import ROOT
+from fileio import (InputError, atomic_open, download, lock_dir, read_safetensors, read_text, writable_dir,
+                    write_safetensors)
 
 TENSORS = {
     "f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
@@ -70,6 +76,40 @@ def test_writable_dir(tmp_path):
         writable_dir(tmp_path / "file", "--out-dir")
     with pytest.raises(InputError, match=r"--out-dir .*file/sub': cannot be created or written \(Not a directory\)"):
         writable_dir(tmp_path / "file" / "sub", "--out-dir")
+
+
+def hold_lock(folder):
+    """Another process that takes lock_dir(folder), says so on its stdout, and sleeps until it is killed."""
+    code = ("import sys, time\nfrom fileio import lock_dir\n"
+            "with lock_dir(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_kill_9_leaves_no_stale_lock(tmp_path):
+    holder = hold_lock(tmp_path / "run")
+    try:
+        with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / 'run'))}: in use by process "
+                                             rf"{holder.pid} \(another run is writing this folder\); wait"):
+            with lock_dir(tmp_path / "run"):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+    with lock_dir(tmp_path / "run"):  # the OS released the lock with the process
+        assert (tmp_path / "run" / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_lock_dir_is_reentrant_and_released_on_exit(tmp_path):
+    with lock_dir(tmp_path / "study"):
+        with lock_dir(tmp_path / "study"):  # the same folder again in this process: no deadlock, no error
+            with lock_dir(tmp_path / "study" / "run-1"):  # a run inside the study holds its own folder
+                pass
+        assert tmp_path.joinpath("study", ".lock").read_text() == f"{os.getpid()}\n"  # still held after the inner
+    holder = hold_lock(tmp_path / "study")  # released: another process can take it now
+    holder.kill()
+    holder.wait()
 
 
 # -----------------------------------------------------------------------------
