@@ -6,7 +6,8 @@ Everything that touches the disk or the network, in one place:
 - read_text: a UTF-8 text file, or an error naming the line and byte that are not UTF-8.
 - writable_dir: prove an output folder can be created and written to before any work is done.
 - lock_dir: hold a folder for one writer (an OS lock that dies with its process); a second writer is an InputError.
-- atomic_open: write to a temporary file, then rename, so a crash never leaves half a checkpoint or result.
+- atomic_open: write to a temporary file, then rename, so a crash never leaves half a checkpoint or result;
+  a full disk is a one-line InputError here, for every file written.
 - download: a resumable, progress-barred, optionally hash-checked HTTP download (same atomic rename);
   check_sha256 checks a file already on disk.
 - fingerprint: a short hash of what a cached result depends on (weights, token ids, settings).
@@ -15,11 +16,13 @@ Everything that touches the disk or the network, in one place:
   and, unlike pickle (torch.load), reading it can never run code from the file.
 """
 
+import errno
 import fcntl
 import hashlib
 import http.client
 import json
 import os
+import shutil
 import sys
 import tempfile
 import urllib.error
@@ -113,8 +116,12 @@ def lock_dir(path):
 # atomic writes
 
 @contextmanager
-def atomic_open(path, mode="w", encoding="utf-8", newline=None):
-    """Open a temporary file beside `path`; on success fsync it and rename it over `path` (atomic on POSIX)."""
+def atomic_open(path, mode="w", encoding="utf-8", newline=None, size=None):
+    """Open a temporary file beside `path`; on success fsync it and rename it over `path` (atomic on POSIX).
+
+    On any failure the temporary file is removed and `path` keeps what it held. Every file we write goes
+    through here, so this is the one place a full disk (ENOSPC, or a quota: EDQUOT) becomes an InputError naming
+    the folder, the bytes needed (`size`, when the caller knows it; else at least what was written) and free."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -124,9 +131,26 @@ def atomic_open(path, mode="w", encoding="utf-8", newline=None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = os.stat(tmp).st_size
         os.unlink(tmp)
-        raise
+        if not is_disk_full(e):
+            raise
+        needed = f"{size:,} bytes" if size else f"more than the {written:,} bytes written"
+        free = shutil.disk_usage(path.parent).free
+        raise InputError(f"{path.parent}: the disk is full: writing {path.name} needed {needed}, and {free:,} "
+                         f"bytes are free; nothing was changed: free some space and run again (--resume continues "
+                         f"a training run from its last checkpoint)") from None
+
+
+def is_disk_full(error):
+    """Whether `error`, or one it was raised while handling, says the disk or quota is full (torch.save, for one,
+    turns a failed write into a RuntimeError of its own)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__context__
+    return False
 
 
 def write_json(path, obj):
@@ -314,7 +338,7 @@ def write_safetensors(path, tensors, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the spec pads the header to a multiple of 8 with spaces
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", size=8 + len(header_bytes) + offset) as f:
         f.write(len(header_bytes).to_bytes(8, "little"))
         f.write(header_bytes)
         for blob in blobs:

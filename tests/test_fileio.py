@@ -1,5 +1,6 @@
 """fileio.py: safetensors against the safetensors library, atomic writes, folder locks, resumable downloads."""
 
+import errno
 import hashlib
 import os
 import re
@@ -9,9 +10,10 @@ import sys
 import pytest
 import torch
 
+import fileio
 from conftest import ROOT
 from fileio import (InputError, atomic_open, download, lock_dir, read_safetensors, read_text, writable_dir,
-                    write_safetensors)
+                    write_json, write_safetensors)
 
 TENSORS = {
     "f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
@@ -54,6 +56,56 @@ def test_atomic_open_keeps_the_old_file_when_writing_fails(tmp_path):
     with atomic_open(path) as f:
         f.write("new")
     assert path.read_text() == "new"
+
+
+class FullDisk:
+    """A file on a disk with `room` bytes left: what fits is written, then the write fails as a full disk's does."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.file.write(data[:self.room])
+            self.file.flush()
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.file.close()
+
+
+def torch_save(path, obj):
+    """As checkpoint.pt is saved."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+@pytest.mark.parametrize("write, new", [
+    (write_safetensors, {"w": torch.randn(100, 100)}), (write_json, list(range(1000))), (torch_save, torch.randn(10000)),
+])
+def test_a_full_disk_is_one_line_and_leaves_the_previous_file(tmp_path, monkeypatch, write, new):
+    write(tmp_path / "whole", new)
+    # write_safetensors knows its size before it writes; the others say how far they got
+    needed = (f"{(tmp_path / 'whole').stat().st_size:,} bytes" if write is write_safetensors
+              else "more than the 1,000 bytes written")
+    folder, old = tmp_path / "run", {"w": torch.randn(3)}
+    write_safetensors(folder / "file", old)
+    monkeypatch.setattr(fileio, "open", lambda *args, **kwargs: FullDisk(open(*args, **kwargs), 1000), raising=False)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(folder))}: the disk is full: writing file needed {needed}, "
+                                         rf"and [\d,]+ bytes are free; nothing was changed: free some space and run "
+                                         rf"again \(--resume continues a training run from its last checkpoint\)$"):
+        write(folder / "file", new)
+    assert [p.name for p in folder.iterdir()] == ["file"]  # no temporary file left
+    assert_same(read_safetensors(folder / "file")[0], old)  # the previous file is untouched
 
 
 def test_read_text_names_the_line_and_byte_that_are_not_utf8(tmp_path):
