@@ -7,10 +7,12 @@ Everything that touches the disk or the network, in one place:
 - writable_dir: prove an output folder can be created and written to before any work is done.
 - lock_dir: hold a folder for one writer (an OS lock that dies with its process); a second writer is an InputError.
 - atomic_open: write to a temporary file, then rename, so a crash never leaves half a checkpoint or result;
-  a full disk is a one-line InputError here, for every file written.
+  a full disk is a one-line InputError here, for every file written. write_json / read_json.
+- fingerprint: a short hash of what a cached result depends on (weights, token ids, settings), for its name.
+- read_cache(path, read): a cache file read with `read` (read_safetensors, read_json), or None if it is missing
+  or damaged; a damaged one is deleted with a one-line warning, so the caller recomputes it.
 - download: a resumable, progress-barred, optionally hash-checked HTTP download (same atomic rename);
   check_sha256 checks a file already on disk.
-- fingerprint: a short hash of what a cached result depends on (weights, token ids, settings).
 - read_safetensors / write_safetensors: the safetensors format, read and written by hand. It is tiny:
       [8 bytes: header length N, little-endian] [N bytes: JSON header] [raw tensor bytes]
   and, unlike pickle (torch.load), reading it can never run code from the file.
@@ -159,6 +161,48 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def read_json(path):
+    """A JSON file's value; a file that is not valid JSON (a truncated one, say) is an InputError naming it."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+
+
+# -----------------------------------------------------------------------------
+# caches
+
+def fingerprint(*parts):
+    """A short hash of what a cached result depends on (weights, token ids, settings)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, dict):  # a state dict
+            for name in sorted(part):
+                h.update(name.encode())
+                h.update(part[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(part, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+
+def read_cache(path, read):
+    """read(path) for a cache file, or None when there is none to use: none there, or a damaged one (read raised
+    InputError), which is deleted with a one-line warning on stderr so the caller computes it again. Only for
+    caches: a damaged checkpoint or results.json must stay an error."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except InputError as e:
+        print(f"warning: {e}; deleting it and computing it again (it is a cache)", file=sys.stderr)
+        path.unlink()
+        return None
+
+
+
+
 # -----------------------------------------------------------------------------
 # downloads
 
@@ -216,19 +260,6 @@ def download(url, dest, sha256=None, hint=""):
             raise InputError(f"{failed}: sha256 is {actual}, expected {sha256}; the partial file was deleted")
     os.replace(part, dest)
     return dest
-
-
-def fingerprint(*parts):
-    """A short hash of what a cached result depends on (weights, token ids, settings)."""
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, dict):  # a state dict
-            for name in sorted(part):
-                h.update(name.encode())
-                h.update(part[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        else:
-            h.update(json.dumps(part, default=str).encode())
-    return h.hexdigest()[:16]
 
 
 def check_sha256(path, expected):

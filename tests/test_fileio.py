@@ -12,8 +12,8 @@ import torch
 
 import fileio
 from conftest import ROOT
-from fileio import (InputError, atomic_open, download, lock_dir, read_safetensors, read_text, writable_dir,
-                    write_json, write_safetensors)
+from fileio import (InputError, atomic_open, download, lock_dir, read_cache, read_json, read_safetensors, read_text,
+                    writable_dir, write_json, write_safetensors)
 
 TENSORS = {
     "f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
@@ -106,6 +106,33 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_file(tmp_path, monkeypa
         write(folder / "file", new)
     assert [p.name for p in folder.iterdir()] == ["file"]  # no temporary file left
     assert_same(read_safetensors(folder / "file")[0], old)  # the previous file is untouched
+
+
+@pytest.mark.parametrize("write, read, value", [
+    (write_safetensors, lambda path: read_safetensors(path)[0], {"chosen": torch.randn(8), "rejected": torch.randn(8)}),
+    (write_json, read_json, {"rejected": [[1, 2, 3], [4, 5]], "prompts": [[6], [7]]}),
+])
+def test_a_damaged_cache_is_a_miss_with_a_warning(tmp_path, capsys, write, read, value):
+    path = tmp_path / "cache" / "reference"
+    assert read_cache(path, read) is None  # none there yet: a miss, and no warning
+    write(path, value)
+    cached = read_cache(path, read)
+    assert cached.keys() == value.keys()
+    assert all(torch.equal(cached[k], v) if torch.is_tensor(v) else cached[k] == v for k, v in value.items())
+    assert capsys.readouterr().err == ""
+    path.write_bytes(path.read_bytes()[:-5])  # truncated, as by a crash or a full disk outside atomic_open
+    with pytest.raises(InputError, match=re.escape(str(path))):  # read directly, a damaged file is an error
+        read(path)
+    assert read_cache(path, read) is None
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {path}") and err.endswith("; deleting it and computing it again (it is a cache)\n")
+    assert err.count("\n") == 1 and not path.exists()
+
+
+def test_read_json_names_the_file_and_line(tmp_path):
+    (tmp_path / "results.json").write_text('{\n  "score": 0.5,\n  "history": [\n')
+    with pytest.raises(InputError, match=r"results.json:4: not valid JSON \(Expecting value, column 1\)$"):
+        read_json(tmp_path / "results.json")
 
 
 def test_read_text_names_the_line_and_byte_that_are_not_utf8(tmp_path):
