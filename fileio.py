@@ -222,28 +222,23 @@ def download(url, dest, sha256=None, hint=""):
         if total is not None and part.stat().st_size != total:
             raise InputError(f"{failed}: got {part.stat().st_size} of {total} bytes; run again to resume")
     if sha256 is not None:
-        actual = sha256_of(part)
-        if actual != sha256:
-            part.unlink()
-            raise InputError(f"{failed}: sha256 is {actual}, expected {sha256}; the partial file was deleted")
+        check_sha256(part, sha256, delete=True)
     os.replace(part, dest)
     return dest
 
 
-def check_sha256(path, expected):
-    """An InputError unless the file at `path` has this sha256: a truncated or wrong file is never used."""
-    actual = sha256_of(path)
-    if actual != expected:
-        raise InputError(f"{path}: sha256 is {actual}, expected {expected} (truncated, or not the right file); "
-                         f"delete it and run again to download it afresh")
-
-
-def sha256_of(path):
+def check_sha256(path, expected, delete=False):
+    """An InputError unless the file at `path` has this sha256, so a truncated or wrong file is never used
+    (`delete`: the file is deleted first, as a download that went wrong is)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    return h.hexdigest()
+    if h.hexdigest() != expected:
+        if delete:
+            os.unlink(path)
+        raise InputError(f"{path}: sha256 is {h.hexdigest()}, expected {expected} (truncated, or not the right "
+                         f"file); {'it was deleted:' if delete else 'delete it and'} run again to download it afresh")
 
 
 # -----------------------------------------------------------------------------

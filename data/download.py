@@ -98,10 +98,10 @@ def read_qqp_pairs(zip_path):
             if header != ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]:
                 raise InputError(f"{zip_path}:{member}:1: unexpected header {header}")
             for line_number, line in enumerate(lines[1:], start=2):
-                fields = line.rstrip("\r").split("\t")
                 if line == "":
                     continue
-                elif len(fields) != 6:
+                fields = line.rstrip("\r").split("\t")
+                if len(fields) != 6:
                     skipped.append((f"{member}:{line_number}", f"expected 6 tab-separated fields, found {len(fields)}"))
                 elif fields[5] not in ("0", "1"):
                     skipped.append((f"{member}:{line_number}", f"is_duplicate is {fields[5]!r}, not 0 or 1"))
