@@ -49,7 +49,7 @@ def read_quora(path, limit=None):
     if header not in (LABELED_HEADER, UNLABELED_HEADER):
         raise InputError(f"{path}:1: header is {header}, expected {LABELED_HEADER} "
                          f"(or {UNLABELED_HEADER} for unlabeled test data), tab-separated")
-    pairs, skipped = [], []  # skipped: (line number, what is wrong with it)
+    pairs, skipped = [], []  # skipped: ("line N", what is wrong with it)
     row_end = 1  # the line the last row read ended on
     try:
         for row in rows:
@@ -60,9 +60,9 @@ def read_quora(path, limit=None):
                 continue  # a blank line: the course's csv.DictReader skips these too
             label = LABELS.get(row[3].strip()) if len(row) == 4 else None
             if len(row) != len(header):
-                skipped.append((row_end, f"expected {len(header)} tab-separated columns, found {len(row)}"))
+                skipped.append((f"line {row_end}", f"expected {len(header)} tab-separated columns, found {len(row)}"))
             elif len(header) == 4 and label is None:
-                skipped.append((row_end, f"is_duplicate is {row[3]!r}, not 0 or 1 (0.0 or 1.0)"))
+                skipped.append((f"line {row_end}", f"is_duplicate is {row[3]!r}, not 0 or 1 (0.0 or 1.0)"))
             else:
                 pairs.append(QuoraPair(row[0].strip(), row[1], row[2], label))
     except csv.Error as e:  # e.g. a " that opens a quoted field and is never closed
@@ -72,10 +72,10 @@ def read_quora(path, limit=None):
     if n_rows == 0:
         raise InputError(f"{path}: has a header but no pairs")
     if len(skipped) > n_rows / 2:
-        line, problem = skipped[0]
-        raise InputError(f"{path}: {len(skipped)} of {n_rows} rows are malformed (line {line}: {problem}); "
+        where, problem = skipped[0]
+        raise InputError(f"{path}: {len(skipped)} of {n_rows} rows are malformed ({where}: {problem}); "
                          f"expected tab-separated {' '.join(header)}")
-    warn_skipped(path, [(f"line {line}", problem) for line, problem in skipped], n_rows)
+    warn_skipped(path, skipped, n_rows)
     return pairs
 
 
