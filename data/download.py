@@ -1,7 +1,5 @@
 """
-Fetch the two tasks' data into data/, under the Stanford CS224N project's file names:
-
-    python -m data.download [--data_dir DIR] [--skip_quora]
+Fetch the two tasks' data into data/, under the Stanford CS224N project's file names (python -m data.download).
 
 - The sonnet files come from a copy of the course's handout, pinned by commit and checked by sha256.
 - Quora: if you have the course's files, copy them into data/ (quora-train.csv, quora-dev.csv,
