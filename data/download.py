@@ -14,7 +14,6 @@ interruption and land atomically.
 """
 
 import csv
-import io
 import random
 import zipfile
 from pathlib import Path
