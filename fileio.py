@@ -1,28 +1,32 @@
 """
-Everything that touches the disk or the network, in one place:
+Everything that touches the disk or the network, in one place. InputError is the one exception for "the input is
+wrong" (a bad file, a failed download): its message says what was wrong, where, and what to do about it.
 
-- InputError: the one exception for "the input is wrong" (a bad file, a failed download). Scripts print its
-  message and exit; the message always says what was wrong, where, and what to do about it.
-- read_text: a UTF-8 text file, or an error naming the line and byte that are not UTF-8.
+- read_text, read_json: a UTF-8 text or JSON file, or an error naming the line that is wrong.
 - writable_dir: prove an output folder can be created and written to before any work is done.
-- atomic_open: write to a temporary file, then rename, so a crash never leaves half a checkpoint or result.
-- download: a resumable, progress-barred, optionally hash-checked HTTP download (same atomic rename);
-  check_sha256 checks a file already on disk.
-- fingerprint: a short hash of what a cached result depends on (weights, token ids, settings).
-- read_safetensors / write_safetensors: the safetensors format, read and written by hand. It is tiny:
-      [8 bytes: header length N, little-endian] [N bytes: JSON header] [raw tensor bytes]
-  and, unlike pickle (torch.load), reading it can never run code from the file.
+- lock_dir: hold a folder for one writer (an OS lock that dies with its process); a second writer is an InputError.
+- atomic_open: write a temporary file, then rename it, so a crash never leaves half a file. Every file is written
+  through it (write_json, write_safetensors, checkpoints): the one place where a full disk becomes one line.
+- fingerprint: a short hash of what a cache depends on, for its name; read_cache: the cache, or None if it is
+  missing or damaged (a damaged one is deleted with a one-line warning, and the caller computes it again).
+- download: a resumable, optionally hash-checked HTTP download; check_sha256 checks a file already there.
+- read_safetensors / write_safetensors: the safetensors format by hand: [8 bytes: header length N, little-endian]
+  [N bytes: JSON header] [raw tensor bytes]. Unlike pickle (torch.load), reading it never runs code from the file.
 """
 
+import errno
+import fcntl
 import hashlib
 import http.client
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -34,19 +38,26 @@ class InputError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# reading text, checking output folders
+# reading files; output folders: checked, then held by one writer
 
-def read_text(path, encoding="utf-8"):
-    """The whole file as a str. Bytes that are not valid `encoding` are an InputError naming line and byte."""
-    path = Path(path)
-    data = path.read_bytes()
+def read_text(path):
+    """The whole file as a str. Bytes that are not UTF-8 are an InputError naming the line and byte."""
+    data = Path(path).read_bytes()
     try:
-        return data.decode(encoding)
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
         raise InputError(f"{path}:{line}: byte 0x{data[e.start]:02x} (column {column}) is not valid UTF-8; "
                          f"save the file as UTF-8") from None
+
+
+def read_json(path):
+    """A JSON file's value; a file that is not valid JSON (a truncated one, say) is an InputError naming it."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def writable_dir(path, flag="--out_dir"):
@@ -58,38 +69,79 @@ def writable_dir(path, flag="--out_dir"):
     created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise InputError(f"{flag} {str(path)!r}: cannot be created or written ({e.strerror or e})") from None
     finally:
         for directory in created:
-            try:
+            with suppress(OSError):  # never made, or someone else's files are in it now
                 directory.rmdir()
-            except OSError:
-                pass  # never made, or someone else's files are in it now
     return path
+
+
+LOCKED = set()  # the folders this process holds
+
+
+@contextmanager
+def lock_dir(path):
+    """Hold `path` for one writer while the block runs: flock(LOCK_EX) on `path/.lock`, which holds our pid.
+
+    The OS drops the lock when the process ends, however it ends (kill -9 included), so a lock is never stale.
+    Another process that holds it is an InputError at once, naming the folder and that process. The same
+    process may lock a folder it holds again (nested): the inner block just runs."""
+    path = Path(path)
+    if path.resolve() in LOCKED:
+        yield path
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise InputError(f"{path}: in use by process {f.read().strip() or '?'} (another run is writing this "
+                             f"folder); wait for it to finish or use another folder") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        LOCKED.add(path.resolve())
+        try:
+            yield path
+        finally:
+            LOCKED.discard(path.resolve())
+            f.truncate(0)  # a .lock left behind names no process
 
 
 # -----------------------------------------------------------------------------
 # atomic writes
 
 @contextmanager
-def atomic_open(path, mode="w", encoding="utf-8", newline=None):
-    """Open a temporary file beside `path`; on success fsync it and rename it over `path` (atomic on POSIX)."""
+def atomic_open(path, mode="w", newline=None, size=None):
+    """Open a temporary file beside `path`; on success fsync it and rename it over `path` (atomic on POSIX).
+
+    On any failure the temporary file is removed and `path` keeps what it held. A full disk (ENOSPC, or a
+    quota: EDQUOT) is an InputError naming the folder, the bytes needed (`size` if the caller knows it, else
+    at least those written) and the bytes free."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(fd, mode, encoding=None if "b" in mode else encoding, newline=newline) as f:
+        with open(fd, mode, encoding=None if "b" in mode else "utf-8", newline=newline) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = os.stat(tmp).st_size
         os.unlink(tmp)
-        raise
+        while e is not None and getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+            e = e.__context__  # torch.save, for one, raises its own RuntimeError while handling the OSError
+        if e is None:
+            raise
+        needed = f"{size:,} bytes" if size else f"more than the {written:,} bytes written"
+        raise InputError(f"{path.parent}: the disk is full: writing {path.name} needed {needed}, and "
+                         f"{shutil.disk_usage(path.parent).free:,} bytes are free; nothing was changed: free some "
+                         f"space and run again (--resume continues a training run from its last checkpoint)") from None
 
 
 def write_json(path, obj):
@@ -99,63 +151,7 @@ def write_json(path, obj):
 
 
 # -----------------------------------------------------------------------------
-# downloads
-
-def download(url, dest, sha256=None, hint=""):
-    """Fetch `url` into `dest` unless it is already there. Returns dest as a Path.
-
-    Bytes go to `dest.part`; an interrupted download resumes from there (HTTP Range) on the next call.
-    Only a complete file (and, if `sha256` is given, one with that hash) is renamed to `dest`; a `dest` that is
-    already there is checked against `sha256` too.
-    `hint` is appended to the error when the download fails, e.g. where to put the file by hand.
-    """
-    dest = Path(dest)
-    if dest.exists():
-        if sha256 is not None:
-            check_sha256(dest, sha256)
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "gpt2-sft-dpo"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    failed = f"could not download {url} to {dest}"
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code != 416:  # 416 = nothing left past `have`: the .part file is already whole
-            raise InputError(f"{failed}: HTTP {e.code} {e.reason}. {hint}".strip()) from None
-        response = None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise InputError(f"{failed}: {reason}. {hint}".strip()) from None
-    if response is not None:
-        with response:
-            if have and response.status != 206:  # the server ignored our Range header: start over
-                have = 0
-            length = response.headers.get("Content-Length")
-            total = have + int(length) if length is not None else None
-            try:
-                with open(part, "ab" if have else "wb") as f, tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=dest.name, disable=None,
-                ) as bar:
-                    while chunk := response.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as e:
-                raise InputError(f"{failed}: interrupted ({e}); run again to resume from {part}") from None
-        if total is not None and part.stat().st_size != total:
-            raise InputError(f"{failed}: got {part.stat().st_size} of {total} bytes; run again to resume")
-    if sha256 is not None:
-        actual = sha256_of(part)
-        if actual != sha256:
-            part.unlink()
-            raise InputError(f"{failed}: sha256 is {actual}, expected {sha256}; the partial file was deleted")
-    os.replace(part, dest)
-    return dest
-
+# caches
 
 def fingerprint(*parts):
     """A short hash of what a cached result depends on (weights, token ids, settings)."""
@@ -170,40 +166,94 @@ def fingerprint(*parts):
     return h.hexdigest()[:16]
 
 
-def check_sha256(path, expected):
-    """An InputError unless the file at `path` has this sha256: a truncated or wrong file is never used."""
-    actual = sha256_of(path)
-    if actual != expected:
-        raise InputError(f"{path}: sha256 is {actual}, expected {expected} (truncated, or not the right file); "
-                         f"delete it and run again to download it afresh")
+def read_cache(path, read):
+    """read(path), or None when there is no cache to use: none there, or a damaged one (read raised InputError),
+    which is deleted with a one-line warning so that the caller computes it again. Only for caches: a damaged
+    checkpoint or results.json must stay an error."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except InputError as e:
+        print(f"warning: {e}; deleting it and computing it again (it is a cache)", file=sys.stderr)
+        path.unlink()
+        return None
 
 
-def sha256_of(path):
+# -----------------------------------------------------------------------------
+# downloads
+
+def download(url, dest, sha256=None, hint=""):
+    """Fetch `url` into `dest` unless it is already there (then only check it against `sha256`). Returns dest.
+
+    Bytes go to `dest.part`; an interrupted download resumes from there (HTTP Range) on the next call. Only a
+    whole file with the right sha256 is renamed to `dest`. `hint` ends the error when the download fails, e.g.
+    where to put the file by hand."""
+    dest = Path(dest)
+    if dest.exists():
+        if sha256 is not None:
+            check_sha256(dest, sha256)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    failed = f"could not download {url} to {dest}"
+    request = urllib.request.Request(url, headers={"User-Agent": "gpt2-sft-dpo", "Range": f"bytes={have}-"})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416:  # 416 = nothing left past `have`: the .part file is already whole
+            raise InputError(f"{failed}: HTTP {e.code} {e.reason}. {hint}".strip()) from None
+        response = None
+    except OSError as e:  # no route, refused, timed out (URLError is an OSError)
+        raise InputError(f"{failed}: {getattr(e, 'reason', e)}. {hint}".strip()) from None
+    if response is not None:
+        with response:
+            have = have if response.status == 206 else 0  # 200: the server ignored our Range, so start over
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length is not None else None
+            try:
+                with (open(part, "ab" if have else "wb") as f,
+                      tqdm.wrapattr(f, "write", total=total, initial=have, desc=dest.name, disable=None) as out):
+                    shutil.copyfileobj(response, out, 1 << 20)
+            except (OSError, http.client.HTTPException) as e:
+                raise InputError(f"{failed}: interrupted ({e}); run again to resume from {part}") from None
+        if total is not None and part.stat().st_size != total:
+            raise InputError(f"{failed}: got {part.stat().st_size} of {total} bytes; run again to resume")
+    if sha256 is not None:
+        check_sha256(part, sha256, delete=True)
+    os.replace(part, dest)
+    return dest
+
+
+def check_sha256(path, expected, delete=False):
+    """An InputError unless the file at `path` has this sha256, so a truncated or wrong file is never used
+    (`delete`: the file is deleted first, as a download that went wrong is)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    return h.hexdigest()
+    if h.hexdigest() != expected:
+        if delete:
+            os.unlink(path)
+        raise InputError(f"{path}: sha256 is {h.hexdigest()}, expected {expected} (truncated, or not the right "
+                         f"file); {'it was deleted:' if delete else 'delete it and'} run again to download it afresh")
 
 
 # -----------------------------------------------------------------------------
 # safetensors
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit on the JSON header
 assert sys.byteorder == "little", "safetensors stores little-endian bytes; this reader does not byte-swap"
 
 
 def read_safetensors(path):
-    """Read every tensor of a .safetensors file. Returns (tensors: dict name -> Tensor, metadata: dict).
-
-    Any inconsistency (truncated file, garbage header, offsets that do not match the shapes) raises
-    InputError naming the file and the problem.
-    """
+    """Every tensor of a .safetensors file: (tensors: dict name -> Tensor, metadata: dict). Any inconsistency
+    (a truncated file, a garbage header, offsets that do not match the shapes) is an InputError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -212,64 +262,53 @@ def read_safetensors(path):
     def bad(problem):
         return InputError(f"{path}: not a valid safetensors file: {problem}")
 
+    if size < 8:
+        raise bad(f"the file is only {size} bytes long: truncated (an interrupted download?)")
     with open(path, "rb") as f:
-        if size < 8:
-            raise bad(f"the file is only {size} bytes long: truncated (an interrupted download?)")
         header_len = int.from_bytes(f.read(8), "little")
         if header_len > min(size - 8, MAX_HEADER_BYTES):
             raise bad(f"its header claims {header_len} bytes but the file has {size} (truncated, or another format)")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # not UTF-8, or not JSON
             raise bad(f"the header is not JSON ({e})") from None
         if not isinstance(header, dict):
             raise bad("the header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
-        data_start, data_size = 8 + header_len, size - 8 - header_len
-
-        # Tensors must tile the data region exactly: this is what catches a truncated download.
         entries = []
         for name, info in header.items():
             try:
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                shape = [int(n) for n in info["shape"]]
+                dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], [int(n) for n in info["shape"]]
                 begin, end = (int(n) for n in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise bad(f"tensor {name!r} has a malformed entry {info!r}") from None
-            numel = 1
-            for n in shape:
-                numel *= n
-            if end - begin != numel * dtype.itemsize:
+            if end - begin != math.prod(shape) * dtype.itemsize:
                 raise bad(f"tensor {name!r} has shape {shape} ({info['dtype']}) but {end - begin} bytes")
             entries.append((begin, end, name, dtype, shape))
-        entries.sort()
-        expected_begin = 0
-        for begin, end, name, _, _ in entries:
-            if begin != expected_begin:
-                raise bad(f"tensor {name!r} starts at byte {begin}, expected {expected_begin}")
-            expected_begin = end
-        if expected_begin != data_size:
-            raise bad(f"the tensors need {expected_begin} bytes of data but the file holds {data_size} "
+        # The tensors must tile the data region exactly: this is what catches a truncated file.
+        offset = 0
+        for begin, end, name, _, _ in sorted(entries):
+            if begin != offset:
+                raise bad(f"tensor {name!r} starts at byte {begin}, expected {offset}")
+            offset = end
+        if offset != size - 8 - header_len:
+            raise bad(f"the tensors need {offset} bytes of data but the file holds {size - 8 - header_len} "
                       f"(truncated or corrupted; delete it and download again)")
-
         tensors = {}
         for begin, end, name, dtype, shape in entries:
-            f.seek(data_start + begin)
-            buffer = bytearray(end - begin)
-            f.readinto(buffer)  # straight into the tensor's memory: one copy, not two
-            tensors[name] = (torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype))
-            tensors[name] = tensors[name].reshape(shape)
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            f.seek(8 + header_len + begin)
+            f.readinto(tensors[name].reshape(-1).view(torch.uint8).numpy())  # straight into the tensor's memory
     return tensors, metadata
 
 
 def write_safetensors(path, tensors, metadata=None):
     """Write a dict of tensors (and optional str -> str metadata) as a .safetensors file, atomically."""
-    names_to_dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     header, blobs, offset = {}, [], 0
     for name, tensor in tensors.items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names_to_dtype[tensor.dtype], "shape": list(tensor.shape),
+        blob = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": dtype_names[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
@@ -277,7 +316,7 @@ def write_safetensors(path, tensors, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the spec pads the header to a multiple of 8 with spaces
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", size=8 + len(header_bytes) + offset) as f:
         f.write(len(header_bytes).to_bytes(8, "little"))
         f.write(header_bytes)
         for blob in blobs:

@@ -4,8 +4,21 @@ Data files live here, beside this code, under the course's names (data/quora-tra
 `python -m data.download` fetches them and git ignores them.
 """
 
+from pathlib import Path
 
-def check_limit(limit):
-    """The readers' `limit` (keep the first N examples): a positive whole number, or None for all of them."""
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
-        raise ValueError(f"limit must be a positive whole number of examples (or None for all), got {limit!r}")
+from fileio import InputError, read_text
+
+
+def check_count(name, value, what=""):
+    """A count (batch_size, a reader's limit, ...) must be a positive whole number: else a ValueError naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive whole number{what}, got {value!r}")
+
+
+def read_course_file(path, limit):
+    """The text of one of the course's data files, for a reader whose `limit` keeps its first N records."""
+    if limit is not None:
+        check_count("limit", limit, " of examples (or None for all)")
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file; run `python -m data.download` or copy the course's files into data/")
+    return read_text(path)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data import check_count
 from data.tokenizer import END_OF_TEXT
 
 VOCAB_SIZE = END_OF_TEXT + 1  # GPT-2's 50257 tokens: end-of-text is the last one
@@ -61,16 +62,14 @@ def collate(examples, pad_id=END_OF_TEXT, max_len=1024, vocab_size=VOCAB_SIZE):
     for i, ex in enumerate(examples):
         if len(ex) == 0 or len(ex) > max_len:
             raise ValueError(f"example {i} has {len(ex)} tokens; each needs 1 to max_len={max_len}")
-    B, T = len(examples), max(len(ex) for ex in examples)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    loss_mask = torch.zeros((B, T), dtype=torch.long)
+    lengths = torch.tensor([len(ex) for ex in examples])
+    target_starts = torch.tensor([len(ex.prompt) for ex in examples])
+    position = torch.arange(lengths.max())
+    input_ids = torch.full((len(examples), len(position)), pad_id)
     for i, ex in enumerate(examples):
-        n_prompt, n = len(ex.prompt), len(ex)
-        input_ids[i, :n] = torch.tensor(ex.prompt + ex.target, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        loss_mask[i, n_prompt:n] = 1
-    lengths = torch.tensor([len(ex) for ex in examples], dtype=torch.long)
+        input_ids[i, :len(ex)] = torch.tensor(ex.prompt + ex.target)
+    attention_mask = (position < lengths[:, None]).long()
+    loss_mask = attention_mask * (position >= target_starts[:, None])
     return Batch(check_token_ids(input_ids, vocab_size), attention_mask, loss_mask, lengths)
 
 
@@ -78,12 +77,12 @@ def left_pad(prompts, pad_id=END_OF_TEXT, vocab_size=VOCAB_SIZE):
     """Left-pad token lists for batched generation: (input_ids, attention_mask), every row ending at column -1."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError(f"left_pad needs one or more prompts, none empty; got {[len(p) for p in prompts]} tokens")
-    T = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in prompts])
+    position = torch.arange(lengths.max())
+    input_ids = torch.full((len(prompts), len(position)), pad_id)
     for i, p in enumerate(prompts):
-        input_ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, T - len(p):] = 1
+        input_ids[i, len(position) - len(p):] = torch.tensor(p)
+    attention_mask = (position >= len(position) - lengths[:, None]).long()
     return check_token_ids(input_ids, vocab_size), attention_mask
 
 
@@ -94,9 +93,8 @@ def batch_indices(lengths, batch_size, shuffle=False, seed=0, pool_batches=50):
     With shuffle: shuffle (seeded), sort within pools of pool_batches * batch_size examples, cut into
     batches, and shuffle the batches, so batch order and composition still change from epoch to epoch.
     """
-    for name, value in (("batch_size", batch_size), ("pool_batches", pool_batches)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    check_count("batch_size", batch_size)
+    check_count("pool_batches", pool_batches)
     order = list(range(len(lengths)))
     if not shuffle:
         order.sort(key=lambda i: -lengths[i])

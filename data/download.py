@@ -1,7 +1,5 @@
 """
-Fetch the two tasks' data into data/, under the Stanford CS224N project's file names:
-
-    python -m data.download
+Fetch the two tasks' data into data/, under the Stanford CS224N project's file names (python -m data.download).
 
 - The sonnet files come from a copy of the course's handout, pinned by commit and checked by sha256.
 - Quora: if you have the course's files, copy them into data/ (quora-train.csv, quora-dev.csv,
@@ -15,15 +13,14 @@ first. Offline, the error names every missing file and where to put it. Download
 interruption and land atomically.
 """
 
-import argparse
 import csv
-import io
 import random
-import sys
 import zipfile
 from pathlib import Path
 
+import flags
 from data.quora import LABELED_HEADER, UNLABELED_HEADER, warn_skipped
+from data.tasks import QUORA
 from fileio import InputError, atomic_open, check_sha256, download, writable_dir
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -35,9 +32,13 @@ SONNET_FILES = {  # name -> sha256
     "sonnets_held_out.txt": "daf7afd5d932acbe584d8c6e78c2669f9e97aa4967579d85ed4975b22ae33071",
 }
 QQP_URL = "https://dl.fbaipublicfiles.com/glue/data/QQP-clean.zip"
-COURSE_QUORA_FILES = ("quora-train.csv", "quora-dev.csv", "quora-test-student.csv")  # the course gives these three
+COURSE_QUORA_FILES = tuple(QUORA.values())  # the three the course gives
 COURSE_DEV_SIZE, COURSE_TEST_SIZE = 40_429, 80_858
 SPLIT_SEED = 11711  # the course's default seed
+SETTINGS = {
+    "data_dir": (DATA_DIR, Path, None, "where the data files go"),
+    "skip_quora": (False, bool, None, "fetch the sonnets only"),
+}
 
 
 def check_present_files(data_dir, quora=True):
@@ -47,9 +48,9 @@ def check_present_files(data_dir, quora=True):
     names = [*SONNET_FILES, *(name + ".part" for name in SONNET_FILES)]
     if quora:
         names += [*COURSE_QUORA_FILES, "quora-test.csv", "QQP-clean.zip", "QQP-clean.zip.part"]
-    for name in names:
-        if (data_dir / name).exists() and not (data_dir / name).is_file():
-            raise InputError(f"{data_dir / name}: is a folder, where data.download puts the file {name}; "
+    for path in [data_dir / name for name in names]:
+        if path.exists() and not path.is_file():
+            raise InputError(f"{path}: is a folder, where data.download puts the file {path.name}; "
                              f"move or rename the folder")
     for name, sha256 in SONNET_FILES.items():
         if (data_dir / name).exists():
@@ -72,11 +73,6 @@ def offline_hint(data_dir, quora=True):
             f"{' and '.join(where)}.")
 
 
-def fetch_sonnets(data_dir, quora=True):
-    for name, sha256 in SONNET_FILES.items():
-        download(HANDOUT + name, data_dir / name, sha256=sha256, hint=offline_hint(data_dir, quora))
-
-
 def read_qqp_pairs(zip_path):
     """The labelled pairs of GLUE QQP's train.tsv and dev.tsv: a list of (id, question1, question2, label).
 
@@ -89,13 +85,12 @@ def read_qqp_pairs(zip_path):
         raise InputError(f"{zip_path}: not a zip archive; delete it and run again") from None
     with archive:
         for member in ("QQP/train.tsv", "QQP/dev.tsv"):
-            if member not in archive.namelist():
-                raise InputError(f"{zip_path}: has no {member}; is it GLUE's QQP-clean.zip?")
-            with archive.open(member) as raw:
-                try:
-                    lines = io.TextIOWrapper(raw, encoding="utf-8").read().split("\n")
-                except UnicodeDecodeError as e:
-                    raise InputError(f"{zip_path}:{member}: not UTF-8 ({e}); delete it and run again") from None
+            try:
+                lines = archive.read(member).decode("utf-8").split("\n")
+            except KeyError:
+                raise InputError(f"{zip_path}: has no {member}; is it GLUE's QQP-clean.zip?") from None
+            except UnicodeDecodeError as e:
+                raise InputError(f"{zip_path}:{member}: not UTF-8 ({e}); delete it and run again") from None
             header = lines[0].rstrip("\r").split("\t")
             if header != ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]:
                 raise InputError(f"{zip_path}:{member}:1: unexpected header {header}")
@@ -109,8 +104,7 @@ def read_qqp_pairs(zip_path):
                     skipped.append((f"{member}:{line_number}", f"is_duplicate is {fields[5]!r}, not 0 or 1"))
                 else:
                     pairs.append((f"qqp-{fields[0]}", fields[3], fields[4], int(fields[5])))
-    if skipped:
-        warn_skipped(zip_path, [where for where, _ in skipped], len(pairs) + len(skipped), skipped[0][1])
+    warn_skipped(zip_path, skipped, len(pairs) + len(skipped))
     return pairs
 
 
@@ -142,20 +136,19 @@ def fetch_quora(data_dir, dev_size=COURSE_DEV_SIZE, test_size=COURSE_TEST_SIZE):
     print(f"Quora: {len(train)} train, {len(dev)} dev, {len(test)} test pairs from GLUE QQP in {data_dir}/")
 
 
+def fetch(config):
+    """Check the files already in --data_dir, then fetch the sonnets and (unless --skip_quora) build Quora."""
+    data_dir, quora = writable_dir(config["data_dir"], "--data-dir"), not config["skip_quora"]
+    check_present_files(data_dir, quora)
+    for name, sha256 in SONNET_FILES.items():
+        download(HANDOUT + name, data_dir / name, sha256=sha256, hint=offline_hint(data_dir, quora))
+    print(f"Sonnets: {', '.join(SONNET_FILES)} in {data_dir}/")
+    if quora:
+        fetch_quora(data_dir)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    parser.add_argument("--skip-quora", action="store_true", help="fetch the sonnets only")
-    args = parser.parse_args(argv)
-    try:
-        writable_dir(args.data_dir, "--data-dir")
-        check_present_files(args.data_dir, quora=not args.skip_quora)
-        fetch_sonnets(args.data_dir, quora=not args.skip_quora)
-        print(f"Sonnets: {', '.join(SONNET_FILES)} in {args.data_dir}/")
-        if not args.skip_quora:
-            fetch_quora(args.data_dir)
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    flags.main(fetch, SETTINGS, __doc__, argv)
 
 
 if __name__ == "__main__":

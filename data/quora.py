@@ -11,18 +11,17 @@ import csv
 import io
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from data import check_limit
+from data import read_course_file
 from data.batching import Example
 from data.tokenizer import encode
-from fileio import InputError, read_text
+from fileio import InputError
 
 YES_TOKEN = 8505  # encode("yes"): the answer for a paraphrase
 NO_TOKEN = 3919  # encode("no")
 LABELED_HEADER = ["id", "sentence1", "sentence2", "is_duplicate"]
 UNLABELED_HEADER = ["id", "sentence1", "sentence2"]
-MAX_SHOWN = 5  # how many skipped rows a warning names
+LABELS = {"0": 0, "0.0": 0, "1": 1, "1.0": 1}
 
 
 @dataclass(frozen=True)
@@ -41,12 +40,7 @@ def read_quora(path, limit=None):
     are ignored. A missing or empty file, a file that is not UTF-8, a wrong header, no pairs at all, or a file
     whose rows are mostly (over half) malformed is an InputError naming the file (and line).
     """
-    check_limit(limit)
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; run `python -m data.download` or copy the course's "
-                         f"Quora files into data/")
-    text = read_text(path).removeprefix("\ufeff")  # tolerate the byte-order mark some editors write
+    text = read_course_file(path, limit).removeprefix("\ufeff")  # tolerate the byte-order mark some editors write
     rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
     header = next(rows, None)
     if header is None:
@@ -55,7 +49,7 @@ def read_quora(path, limit=None):
     if header not in (LABELED_HEADER, UNLABELED_HEADER):
         raise InputError(f"{path}:1: header is {header}, expected {LABELED_HEADER} "
                          f"(or {UNLABELED_HEADER} for unlabeled test data), tab-separated")
-    pairs, skipped = [], []  # skipped: (line number, what is wrong with it)
+    pairs, skipped = [], []  # skipped: ("line N", what is wrong with it)
     row_end = 1  # the line the last row read ended on
     try:
         for row in rows:
@@ -64,37 +58,34 @@ def read_quora(path, limit=None):
                 break
             if not row:
                 continue  # a blank line: the course's csv.DictReader skips these too
+            label = LABELS.get(row[3].strip()) if len(row) == 4 else None
             if len(row) != len(header):
-                skipped.append((row_end, f"expected {len(header)} tab-separated columns, found {len(row)}"))
-                continue
-            label = None
-            if len(header) == 4:
-                label = {"0": 0, "0.0": 0, "1": 1, "1.0": 1}.get(row[3].strip())
-                if label is None:
-                    skipped.append((row_end, f"is_duplicate is {row[3]!r}, not 0 or 1 (0.0 or 1.0)"))
-                    continue
-            pairs.append(QuoraPair(row[0].strip(), row[1], row[2], label))
+                skipped.append((f"line {row_end}", f"expected {len(header)} tab-separated columns, found {len(row)}"))
+            elif len(header) == 4 and label is None:
+                skipped.append((f"line {row_end}", f"is_duplicate is {row[3]!r}, not 0 or 1 (0.0 or 1.0)"))
+            else:
+                pairs.append(QuoraPair(row[0].strip(), row[1], row[2], label))
     except csv.Error as e:  # e.g. a " that opens a quoted field and is never closed
         raise InputError(f"{path}:{row_end + 1}: a row starting here runs on to line {rows.line_num} ({e}); "
                          f'is a " quote left open?') from None
     n_rows = len(pairs) + len(skipped)
     if n_rows == 0:
         raise InputError(f"{path}: has a header but no pairs")
-    if skipped:
-        line, problem = skipped[0]
-        if len(skipped) > n_rows / 2:
-            raise InputError(f"{path}: {len(skipped)} of {n_rows} rows are malformed (line {line}: {problem}); "
-                             f"expected tab-separated {' '.join(header)}")
-        warn_skipped(path, [f"line {line}" for line, _ in skipped], n_rows, problem)
+    if len(skipped) > n_rows / 2:
+        where, problem = skipped[0]
+        raise InputError(f"{path}: {len(skipped)} of {n_rows} rows are malformed ({where}: {problem}); "
+                         f"expected tab-separated {' '.join(header)}")
+    warn_skipped(path, skipped, n_rows)
     return pairs
 
 
-def warn_skipped(source, where, n_rows, first_problem):
-    """One line on stderr about skipped malformed rows: how many, where (the first few), and what was wrong
-    with the first."""
-    shown = ", ".join(where[:MAX_SHOWN]) + (", ..." if len(where) > MAX_SHOWN else "")
-    print(f"warning: {source}: skipped {len(where)} malformed row{'s' if len(where) > 1 else ''} of {n_rows} "
-          f"({shown}; the first: {first_problem})", file=sys.stderr)
+def warn_skipped(source, skipped, n_rows):
+    """One line on stderr about skipped malformed rows, if any: how many, where (the first five), and what was
+    wrong with the first. `skipped`: (where, what is wrong) for each."""
+    if skipped:
+        shown = ", ".join(where for where, _ in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"warning: {source}: skipped {len(skipped)} malformed row{'s' if len(skipped) > 1 else ''} of "
+              f"{n_rows} ({shown}; the first: {skipped[0][1]})", file=sys.stderr)
 
 
 def preprocess_string(s):

@@ -9,12 +9,11 @@ references that chrF compares the model's sonnets with.
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from data import check_limit
+from data import read_course_file
 from data.batching import Example
 from data.tokenizer import END_OF_TEXT, encode
-from fileio import InputError, read_text
+from fileio import InputError
 
 PROMPT_LINES = 3
 # The course splits a file on its number lines, exactly like this: re.split(r'\n\s*\d+\s*\n', text)
@@ -29,12 +28,7 @@ class Sonnet:
 
 def read_sonnets(path, limit=None):
     """Every sonnet in a file of the course's format (training, held-out or TRUE); `limit` keeps the first N."""
-    check_limit(limit)
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; run `python -m data.download` or copy the course's sonnet "
-                         f"files into data/")
-    text = read_text(path).replace("\r\n", "\n").replace("\r", "\n")  # as Python's universal newlines
+    text = read_course_file(path, limit).replace("\r\n", "\n").replace("\r", "\n")  # as universal newlines
     numbers = list(NUMBER_LINE.finditer(text))  # the same matches re.split splits on
     if not numbers:
         raise InputError(f"{path}: found no numbered sonnets (a line holding only a number, then the sonnet)")

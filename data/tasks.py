@@ -1,11 +1,4 @@
-"""
-The two tasks' files under the course's names, and what a training run reads from them.
-
-    paraphrase: quora-train.csv, quora-dev.csv, quora-test-student.csv (no labels)
-    sonnet:     sonnets.txt (training), sonnets_held_out_dev.txt (the dev prompts: each sonnet's first 3 lines)
-                and TRUE_sonnets_held_out_dev.txt (the same sonnets in full: chrF's references),
-                sonnets_held_out.txt (the test prompts)
-"""
+"""The two tasks' files under the course's names, and what a training run reads from them."""
 
 from pathlib import Path
 
@@ -13,9 +6,13 @@ from data.quora import read_quora
 from data.sonnets import read_sonnets
 from fileio import InputError
 
-QUORA = {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"}
-SONNETS = {"train": "sonnets.txt", "dev": "sonnets_held_out_dev.txt", "dev_true": "TRUE_sonnets_held_out_dev.txt",
-           "test": "sonnets_held_out.txt"}
+QUORA = {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"}  # test: no labels
+SONNETS = {
+    "train": "sonnets.txt",
+    "dev": "sonnets_held_out_dev.txt",  # the dev prompts: each sonnet's first 3 lines
+    "dev_true": "TRUE_sonnets_held_out_dev.txt",  # the same sonnets in full: chrF's references
+    "test": "sonnets_held_out.txt",  # the test prompts
+}
 
 
 def load_task_data(config):
@@ -30,5 +27,4 @@ def load_task_data(config):
             raise InputError(f"{data_dir}: the Quora train and dev files need the is_duplicate column")
         return train, dev
     train = read_sonnets(data_dir / SONNETS["train"], limit=config.get("train_limit"))
-    dev = (read_sonnets(data_dir / SONNETS["dev"]), read_sonnets(data_dir / SONNETS["dev_true"]))
-    return train, dev
+    return train, (read_sonnets(data_dir / SONNETS["dev"]), read_sonnets(data_dir / SONNETS["dev_true"]))

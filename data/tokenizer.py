@@ -14,16 +14,13 @@ END_OF_TEXT = 50256  # GPT-2's <|endoftext|>: ends a document, and pads batches 
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
-    """tiktoken's "gpt2" encoding. It downloads its two BPE files once and caches them; offline, point
-    TIKTOKEN_CACHE_DIR at a folder that holds them under tiktoken's cache names."""
+    """tiktoken's "gpt2" encoding: its two BPE files are downloaded on first use, then read from its cache."""
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises whatever its HTTP client raises
-        raise InputError(
-            f"could not load GPT-2's BPE files through tiktoken ({type(e).__name__}: {e}). tiktoken downloads "
-            f"them on first use; offline, set TIKTOKEN_CACHE_DIR to a folder holding its cached copies "
-            f"(copy them from a machine where tiktoken.get_encoding('gpt2') has run once)."
-        ) from None
+        raise InputError(f"could not load GPT-2's BPE files through tiktoken ({type(e).__name__}: {e}); offline, "
+                         f"set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached copies of them (from a "
+                         f"machine where tiktoken.get_encoding('gpt2') has run once)") from None
 
 
 def encode(text):

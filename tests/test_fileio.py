@@ -1,11 +1,19 @@
-"""fileio.py: safetensors against the safetensors library, atomic writes, resumable downloads."""
+"""fileio.py: safetensors against the safetensors library, atomic writes, folder locks, resumable downloads."""
 
+import errno
 import hashlib
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from fileio import InputError, atomic_open, download, read_safetensors, read_text, writable_dir, write_safetensors
+import fileio
+from conftest import ROOT
+from fileio import (InputError, atomic_open, download, lock_dir, read_cache, read_json, read_safetensors, read_text,
+                    writable_dir, write_json, write_safetensors)
 
 TENSORS = {
     "f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2, 2).bfloat16(),
@@ -50,6 +58,83 @@ def test_atomic_open_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_text() == "new"
 
 
+class FullDisk:
+    """A file on a disk with `room` bytes left: what fits is written, then the write fails as a full disk's does."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.file.write(data[:self.room])
+            self.file.flush()
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.file.close()
+
+
+def torch_save(path, obj):
+    """As checkpoint.pt is saved."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+@pytest.mark.parametrize("write, new", [
+    (write_safetensors, {"w": torch.randn(100, 100)}), (write_json, list(range(1000))), (torch_save, torch.randn(10000)),
+])
+def test_a_full_disk_is_one_line_and_leaves_the_previous_file(tmp_path, monkeypatch, write, new):
+    write(tmp_path / "whole", new)
+    # write_safetensors knows its size before it writes; the others say how far they got
+    needed = (f"{(tmp_path / 'whole').stat().st_size:,} bytes" if write is write_safetensors
+              else "more than the 1,000 bytes written")
+    folder, old = tmp_path / "run", {"w": torch.randn(3)}
+    write_safetensors(folder / "file", old)
+    monkeypatch.setattr(fileio, "open", lambda *args, **kwargs: FullDisk(open(*args, **kwargs), 1000), raising=False)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(folder))}: the disk is full: writing file needed {needed}, "
+                                         rf"and [\d,]+ bytes are free; nothing was changed: free some space and run "
+                                         rf"again \(--resume continues a training run from its last checkpoint\)$"):
+        write(folder / "file", new)
+    assert [p.name for p in folder.iterdir()] == ["file"]  # no temporary file left
+    assert_same(read_safetensors(folder / "file")[0], old)  # the previous file is untouched
+
+
+@pytest.mark.parametrize("write, read, value", [
+    (write_safetensors, lambda path: read_safetensors(path)[0], {"chosen": torch.randn(8), "rejected": torch.randn(8)}),
+    (write_json, read_json, {"rejected": [[1, 2, 3], [4, 5]], "prompts": [[6], [7]]}),
+])
+def test_a_damaged_cache_is_a_miss_with_a_warning(tmp_path, capsys, write, read, value):
+    path = tmp_path / "cache" / "reference"
+    assert read_cache(path, read) is None  # none there yet: a miss, and no warning
+    write(path, value)
+    cached = read_cache(path, read)
+    assert cached.keys() == value.keys()
+    assert all(torch.equal(cached[k], v) if torch.is_tensor(v) else cached[k] == v for k, v in value.items())
+    assert capsys.readouterr().err == ""
+    path.write_bytes(path.read_bytes()[:-5])  # truncated, as by a crash or a full disk outside atomic_open
+    with pytest.raises(InputError, match=re.escape(str(path))):  # read directly, a damaged file is an error
+        read(path)
+    assert read_cache(path, read) is None
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {path}") and err.endswith("; deleting it and computing it again (it is a cache)\n")
+    assert err.count("\n") == 1 and not path.exists()
+
+
+def test_read_json_names_the_file_and_line(tmp_path):
+    (tmp_path / "results.json").write_text('{\n  "score": 0.5,\n  "history": [\n')
+    with pytest.raises(InputError, match=r"results.json:4: not valid JSON \(Expecting value, column 1\)$"):
+        read_json(tmp_path / "results.json")
+
+
 def test_read_text_names_the_line_and_byte_that_are_not_utf8(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("first line\nna\u00efve\n".encode("utf-8") + "caf\u00e9\n".encode("latin-1"))
@@ -70,6 +155,40 @@ def test_writable_dir(tmp_path):
         writable_dir(tmp_path / "file", "--out-dir")
     with pytest.raises(InputError, match=r"--out-dir .*file/sub': cannot be created or written \(Not a directory\)"):
         writable_dir(tmp_path / "file" / "sub", "--out-dir")
+
+
+def hold_lock(folder):
+    """Another process that takes lock_dir(folder), says so on its stdout, and sleeps until it is killed."""
+    code = ("import sys, time\nfrom fileio import lock_dir\n"
+            "with lock_dir(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_kill_9_leaves_no_stale_lock(tmp_path):
+    holder = hold_lock(tmp_path / "run")
+    try:
+        with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / 'run'))}: in use by process "
+                                             rf"{holder.pid} \(another run is writing this folder\); wait"):
+            with lock_dir(tmp_path / "run"):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+    with lock_dir(tmp_path / "run"):  # the OS released the lock with the process
+        assert (tmp_path / "run" / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_lock_dir_is_reentrant_and_released_on_exit(tmp_path):
+    with lock_dir(tmp_path / "study"):
+        with lock_dir(tmp_path / "study"):  # the same folder again in this process: no deadlock, no error
+            with lock_dir(tmp_path / "study" / "run-1"):  # a run inside the study holds its own folder
+                pass
+        assert tmp_path.joinpath("study", ".lock").read_text() == f"{os.getpid()}\n"  # still held after the inner
+    holder = hold_lock(tmp_path / "study")  # released: another process can take it now
+    holder.kill()
+    holder.wait()
 
 
 # -----------------------------------------------------------------------------
