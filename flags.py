@@ -66,9 +66,13 @@ def parse(argv, settings, doc):
     return check(vars(parser.parse_args(argv)), settings)
 
 
+def defaults(settings):
+    return {name: row[0] for name, row in settings.items()}
+
+
 def check(config, settings):
     """Every row's default filled in where `config` lacks it, and every value held against its row's `valid`."""
-    config = {**{name: row[0] for name, row in settings.items()}, **config}
+    config = {**defaults(settings), **config}
     for name, (default, _, valid, _) in settings.items():
         if config[name] is REQUIRED:
             raise InputError(f"--{name}: required")

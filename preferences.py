@@ -9,7 +9,6 @@ They mirror each task's supervised objective:
   with a budget that fits the longest true rest, and cached. The dev pairs' rejections are only for measuring.
 """
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example
 from data.tasks import load_task_data
 from data.tokenizer import decode
 from eval import chrf, sample_continuations
-from fileio import fingerprint, write_json
+from fileio import fingerprint, read_cache, read_json, write_json
 from lora import merged_state_dict
 from train_sft import check_lengths, check_task_lengths, continuation_examples
 
@@ -57,8 +56,9 @@ def sample_rejections(model, sonnets, config, cache_dir, weights_id, block_size)
     budget = min(max(len(c.target) for c in chosen), block_size - max(len(p) for p in prompts))
     key = fingerprint(weights_id, prompts, config["temperature"], config["top_p"], budget, config["seed"])
     path = Path(cache_dir) / f"rejections-{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())["rejected"]
+    cached = read_cache(path, read_json)  # a damaged file is sampled again
+    if cached is not None:
+        return cached["rejected"]
     rejected = sample_continuations(model, prompts, temperature=config["temperature"], top_p=config["top_p"],
                                     max_new_tokens=budget, seed=config["seed"], batch_size=config["eval_batch_size"],
                                     device=config["device"])

@@ -16,8 +16,9 @@ log-likelihood that SFT maximises (train_sft.batch_logprobs).
 
 Variants, each beside dpo_loss with its paper: --label_smoothing eps (cDPO: preferences flipped with
 probability eps), --loss_type ipo (IPO: a squared loss that holds the margin at 1/(2 beta) instead of pushing
-it on) and --rpo_alpha alpha (RPO: + alpha * the chosen answer's NLL, which holds its likelihood up). ORPO,
-which needs no reference model at all, is train_orpo.py.
+it on), --rpo_alpha alpha (RPO: + alpha * the chosen answer's NLL, which holds its likelihood up) and
+--loss_type simpo (SimPO: no reference model at all; the reward is beta times the per-token average
+log-probability). ORPO, also reference-free, is train_orpo.py.
 
 The pairs mirror each task's supervised objective (preferences.py, shared with ORPO): for paraphrase the
 correct answer token against the other one, for sonnets the true rest against one sampled from the starting
@@ -34,31 +35,39 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import flags
 import trainer
 from checkpoint import check_source, is_sft_run
 from data.batching import batch_indices, collate
-from fileio import InputError, fingerprint, read_safetensors, writable_dir, write_safetensors
+from fileio import InputError, fingerprint, read_cache, read_safetensors, writable_dir, write_safetensors
+from flags import NON_NEGATIVE, POSITIVE, between, one_of
 from lora import lora_layers
 from preferences import policy_and_pairs, rejections_summary, weights_fingerprint
 from train_sft import batch_logprobs, evaluate, predicted_targets
 
 # -----------------------------------------------------------------------------
 # settings: trainer.py's, with these changes and additions
+LOSS_TYPES = ("sigmoid", "ipo", "simpo")
+REFERENCE_FREE = ("simpo",)  # losses with no reference model: no reference pass, no step-0 check
 SETTINGS = {
     **trainer.SETTINGS,
-    "init_from": ("gpt2", str, None, "DPO-only: a GPT-2 name or model directory; SFT->DPO: an SFT run's out_dir"),
+    "init_from": ("gpt2", str, None, "DPO-only: a GPT-2 name or model directory; SFT->DPO: an SFT run's out_dir "
+                                     "(its last/)"),
     "out_dir": (None, str, None, "where this run writes; default out/dpo-{task}-{fft|lora}"),
-    "dropout": (0.0, float, trainer.between(0, 0.999), "off: at step 0 the policy must compute exactly the "
+    "dropout": (0.0, float, between(0, 0.999), "off: at step 0 the policy must compute exactly the "
                 "reference's function, and dropout noise in log pi - log ref biases the loss (the DPO authors' "
                 "code turns it off)"),
-    "beta": (0.1, float, trainer.POSITIVE, "DPO's beta, the strength of the pull towards the reference (the paper's 0.1)"),
-    "loss_type": ("sigmoid", str, trainer.one_of("sigmoid", "ipo"), "sigmoid: DPO (Rafailov et al. 2023); ipo: IPO "
-                  "(Azar et al. 2023), on per-token average log-probabilities as in the IPO paper and TRL"),
-    "label_smoothing": (0.0, float, (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"), "cDPO (Mitchell 2023, TRL's "
-                        "label_smoothing): the share eps of preference labels taken to be flipped; 0 = DPO"),
-    "rpo_alpha": (0.0, float, (lambda v: 0 <= v < math.inf, "must be 0 (off) or a positive number"),
-                  "RPO (Pang et al. 2024, TRL's rpo_alpha): add alpha * the chosen answer's per-token NLL; 0 = off "
-                  "(the paper's is 1)"),
+    "loss_type": ("sigmoid", str, one_of(*LOSS_TYPES), "sigmoid: DPO (Rafailov et al. 2023); ipo: IPO (Azar et "
+                  "al. 2023), on per-token average log-probabilities as in the IPO paper; simpo: SimPO (Meng et al. "
+                  "2024), reference-free"),
+    "beta": (None, float, POSITIVE, "the strength of the preference: default 0.1 (the DPO paper's) for sigmoid and "
+                                    "ipo, 2.0 for simpo (SimPO's recommended 2.0-2.5)"),
+    "label_smoothing": (0.0, float, (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"), "cDPO (Mitchell 2023): the "
+                        "share eps of preference labels taken to be flipped; 0 = DPO"),
+    "rpo_alpha": (0.0, float, NON_NEGATIVE, "RPO (Pang et al. 2024): add alpha * the chosen answer's per-token NLL; "
+                                            "0 = off (the paper's is 1)"),
+    "simpo_gamma": (1.0, float, NON_NEGATIVE, "SimPO's target reward margin gamma (Meng et al. 2024, eq. 6); 1.0 is "
+                                              "0.5 * beta, the gamma/beta ratio of the authors' released configs"),
     "live_reference": (False, bool, None, "compute the reference's log-probabilities every step instead of once "
                                           "before training (the same loss, for checking; slower)"),
     "cache_dir": (None, str, None, "where reference log-probabilities and sampled rejections are cached, under a "
@@ -66,6 +75,7 @@ SETTINGS = {
     "rejections_from": (None, str, None, "sonnets: sample the rejected continuations from this model or run folder "
                                          "instead of the starting model (e.g. one shared set for every regime)"),
 }
+LOSS_OPTIONS = ("loss_type", "beta", "label_smoothing", "simpo_gamma")  # what pair_losses passes, every one
 
 
 # -----------------------------------------------------------------------------
@@ -79,13 +89,12 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
         sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)     eps = label_smoothing
                  eps = 0: DPO (Rafailov et al. 2023, eq. 7); eps > 0: cDPO (Mitchell 2023, "A note on DPO with
-                 noisy preferences"; TRL's label_smoothing), DPO's expected loss if each label is flipped with
-                 probability eps
+                 noisy preferences"), DPO's expected loss if each label is flipped with probability eps
         ipo      (h - 1 / (2 beta))^2          IPO (Azar et al. 2023, eq. 17): the margin is pulled to 1/(2 beta)
 
     Inputs are (B,) log-probabilities of whole answers: summed for DPO, per-token averages for IPO (as the IPO
-    paper and TRL use; pair_losses passes each what it reads). Returns (losses, chosen_rewards,
-    rejected_rewards), each (B,); the rewards are detached (they are for logging, not for gradients).
+    paper uses; pair_losses passes each what it reads). Returns (losses, chosen_rewards, rejected_rewards), each
+    (B,); the rewards are detached (they are for logging, not for gradients).
     """
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
@@ -97,42 +106,57 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     else:
         raise ValueError(f"loss_type {loss_type!r} with label_smoothing {label_smoothing}: expected sigmoid, or ipo "
                          f"without label smoothing")
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
-    return losses, chosen_rewards, rejected_rewards
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta, gamma):
+    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6): the
+    reward of an answer is beta times its per-token average log-probability, and the chosen one's must beat the
+    rejected one's by a margin gamma. No reference model:
+
+        L_SimPO = -log sigmoid( beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma )
+
+    Inputs (B,) per-token averages. Returns (losses, chosen_rewards, rejected_rewards) as dpo_loss does."""
+    chosen_rewards = beta * policy_chosen_avg_logps
+    rejected_rewards = beta * policy_rejected_avg_logps
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
 def rpo_loss(losses, policy_chosen_avg_logps, alpha):
-    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3; TRL's rpo_alpha): the pair
-    losses plus alpha times the chosen answer's per-token NLL, which holds up the chosen answer's likelihood
-    (DPO alone often lowers it):
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3): the pair losses plus alpha
+    times the chosen answer's per-token NLL, which holds up the chosen answer's likelihood (DPO alone often
+    lowers it):
         L_RPO = L_DPO - alpha * log pi(y_w|x) / |y_w|                                             all (B,)"""
     return losses - alpha * policy_chosen_avg_logps
 
 
 def average_logps(logps, examples):
-    """Per-token averages of summed log-probabilities (IPO, RPO, ORPO): each divided by its example's number
-    of target tokens. An answer with no target tokens has the sum 0, and its average is defined as 0 (not NaN)."""
+    """Per-token averages of summed log-probabilities (IPO, RPO, SimPO, ORPO): each divided by its example's
+    number of target tokens. An answer with no target tokens has the sum 0, and its average is defined as 0."""
     counts = torch.tensor([predicted_targets(e) for e in examples], dtype=logps.dtype)
     return logps / counts.clamp(min=1).to(logps.device)
 
 
-def concatenated_logps(model, chosen, rejected, device):
+def pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, pairs, config):
+    """The loss --loss_type names, on what it reads (summed log-probabilities, or per-token averages for IPO and
+    SimPO), with every option in LOSS_OPTIONS passed explicitly. ref_* are None for a reference-free loss."""
+    if config["loss_type"] in ("ipo", "simpo"):
+        chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
+        policy_chosen, policy_rejected = average_logps(policy_chosen, chosen), average_logps(policy_rejected, rejected)
+    if config["loss_type"] == "simpo":
+        return simpo_loss(policy_chosen, policy_rejected, beta=config["beta"], gamma=config["simpo_gamma"])
+    if config["loss_type"] == "ipo":
+        ref_chosen, ref_rejected = average_logps(ref_chosen, chosen), average_logps(ref_rejected, rejected)
+    return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=config["beta"],
+                    loss_type=config["loss_type"], label_smoothing=config["label_smoothing"])
+
+
+def concatenated_logps(model, chosen, rejected, device, path="auto"):
     """The policy's log-probabilities of the chosen and the rejected answers (lists of Examples) in one
     forward pass over one batch of 2B rows: half the kernel launches of two passes, and one backward."""
-    logps = batch_logprobs(model, collate(chosen + rejected), device)
+    logps = batch_logprobs(model, collate(chosen + rejected), device, path)
     return logps[:len(chosen)], logps[len(chosen):]
-
-
-def pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, pairs, config):
-    """dpo_loss as --loss_type and --label_smoothing say, on what it reads: the summed log-probabilities, or
-    for IPO the per-token averages. Only options that differ from plain DPO's are passed: DPO is dpo_loss(..., beta)."""
-    if config["loss_type"] == "ipo":
-        chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
-        policy_chosen, ref_chosen = average_logps(policy_chosen, chosen), average_logps(ref_chosen, chosen)
-        policy_rejected, ref_rejected = average_logps(policy_rejected, rejected), average_logps(ref_rejected, rejected)
-    options = {k: config[k] for k in ("loss_type", "label_smoothing") if config[k] != SETTINGS[k][0]}
-    return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config["beta"], **options)
 
 
 # -----------------------------------------------------------------------------
@@ -156,8 +180,9 @@ def adapters_off(model):
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, config, autocast):
-    """log ref(chosen | x) and log ref(rejected | x) of every pair: (N,), (N,) float32, in eval mode."""
+def scored_logps(model, pairs, config, autocast):
+    """log p(chosen | x) and log p(rejected | x) of every pair under `model` in eval mode: (N,), (N,) float32.
+    The reference's before training, and the policy's on the dev set."""
     was_training = model.training
     model.eval()
     chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
@@ -165,24 +190,25 @@ def reference_logps(model, pairs, config, autocast):
     for idx in order:
         with autocast:
             c, r = concatenated_logps(model, [pairs[i].chosen for i in idx], [pairs[i].rejected for i in idx],
-                                      config["device"])
+                                      config["device"], config["logprobs"])
         chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
     model.train(was_training)
     return chosen, rejected
 
 
-def cached_reference_logps(model, pairs, config, autocast, cache_dir, weights_id, name):
-    """reference_logps, computed once and kept under a fingerprint of the reference weights, the pairs and
-    the tokenizer/dtype: a rerun, or another condition with the same reference and pairs, reads them back,
-    and a changed model or data set can never pick up a stale file."""
+def cached_reference_logps(model, pairs, config, autocast, weights_id, name):
+    """scored_logps of the reference, computed once and kept in cache_dir under a fingerprint of the reference
+    weights, the pairs and the tokenizer/dtype: a rerun, or another condition with the same reference and pairs,
+    reads them back, and a changed model or data set never picks up a stale file. A damaged file is a cache
+    miss: computed again, with a warning."""
     device_type = config["device"].split(":")[0]
     key = fingerprint(weights_id, [(p.chosen.prompt, p.chosen.target, p.rejected.target) for p in pairs],
-                         "gpt2-bpe", trainer.compute_dtype(config, device_type), device_type)
-    path = Path(cache_dir) / f"reference-{name}-{key}.safetensors"
-    if path.exists():
-        tensors, _ = read_safetensors(path)
-        return tensors["chosen"], tensors["rejected"]
-    chosen, rejected = reference_logps(model, pairs, config, autocast)
+                      "gpt2-bpe", trainer.compute_dtype(config, device_type), device_type)
+    path = Path(config["cache_dir"]) / f"reference-{name}-{key}.safetensors"
+    cached = read_cache(path, lambda p: read_safetensors(p)[0])
+    if cached is not None:
+        return cached["chosen"], cached["rejected"]
+    chosen, rejected = scored_logps(model, pairs, config, autocast)
     write_safetensors(path, {"chosen": chosen, "rejected": rejected})
     return chosen, rejected
 
@@ -191,7 +217,7 @@ def check_reference(model, pairs, ref_chosen, ref_rejected, config, autocast):
     """At step 0 policy and reference are the same model, so every margin h must be 0 and the loss its value
     there: ln 2 for DPO and cDPO ((1 - eps) ln 2 + eps ln 2), (0 - 1/(2 beta))^2 for IPO. If not, the reference
     is not the starting model (after LoRA SFT, for instance, base GPT-2 is the wrong one)."""
-    policy_chosen, policy_rejected = reference_logps(model, pairs, config, autocast)
+    policy_chosen, policy_rejected = scored_logps(model, pairs, config, autocast)
     losses, chosen_rewards, rejected_rewards = pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                                            pairs, config)
     margin, loss = (chosen_rewards - rejected_rewards).abs().max().item(), losses.mean().item()
@@ -204,13 +230,13 @@ def check_reference(model, pairs, ref_chosen, ref_rejected, config, autocast):
 
 
 def preference_metrics(model, pairs, ref_chosen, ref_rejected, config, autocast):
-    """Over the whole dev set: the loss (--loss_type's, without RPO's NLL), reward accuracy (chosen reward >
-    rejected), mean margin, and both rewards and log-probabilities. A falling chosen log-probability is not a
-    bug: DPO optimises only the margin, and often lowers both answers' probabilities while pushing the rejected
-    one down faster (RPO's NLL term is there to stop that)."""
-    chosen, rejected = reference_logps(model, pairs, config, autocast)
+    """Over the whole dev set: the loss (--loss_type's, without RPO's NLL) as "preference_loss", reward
+    accuracy (chosen reward > rejected), mean margin, and both rewards and log-probabilities. A falling chosen
+    log-probability is not a bug: DPO optimises only the margin, and often lowers both answers' probabilities
+    while pushing the rejected one down faster (RPO's NLL term is there to stop that)."""
+    chosen, rejected = scored_logps(model, pairs, config, autocast)
     losses, chosen_rewards, rejected_rewards = pair_losses(chosen, rejected, ref_chosen, ref_rejected, pairs, config)
-    return {"dpo_loss": losses.mean().item(),
+    return {"preference_loss": losses.mean().item(),
             "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
             "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
             "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item(),
@@ -224,9 +250,12 @@ def preference_metrics(model, pairs, ref_chosen, ref_rejected, config, autocast)
 def check_config(config, settings=SETTINGS, prefix="dpo"):
     """trainer.check_config's checks, and DPO's (train_orpo.py's too, with its settings)."""
     config = trainer.check_config(config, settings, prefix=prefix)
-    if config.get("loss_type") == "ipo" and config["label_smoothing"]:
-        raise InputError(f"--label_smoothing {config['label_smoothing']}: only for --loss_type sigmoid (cDPO); "
-                         f"IPO has none")
+    if config.get("beta", 0) is None:
+        config["beta"] = 2.0 if config["loss_type"] == "simpo" else 0.1
+    if config.get("loss_type", "sigmoid") != "sigmoid" and config["label_smoothing"]:
+        raise InputError(f"--label_smoothing {config['label_smoothing']}: only for --loss_type sigmoid (cDPO)")
+    if config.get("loss_type") in REFERENCE_FREE and config["live_reference"]:
+        raise InputError(f"--live_reference: --loss_type {config['loss_type']} has no reference model")
     config["cache_dir"] = config["cache_dir"] or config["out_dir"]
     writable_dir(config["cache_dir"], "--cache_dir")
     if config["rejections_from"] is not None:
@@ -240,52 +269,62 @@ def train(config):
     config, device = run.config, run.device
     policy, pairs, dev_pairs, dev = policy_and_pairs(run)
     autocast = trainer.autocast_context(config, run.device_type)
+    sizes = [len(p.chosen) + len(p.rejected) for p in pairs]
 
     # The reference, built before fit restores any checkpoint, so it is always the starting model. By default
     # its log-probabilities are computed once, now (it never changes, so the loss is the same and each step
     # skips a forward pass). --live_reference recomputes them every step: with LoRA on the same network with
-    # its adapters off, with FFT on a frozen copy.
-    weights_id = weights_fingerprint(policy)
-    ref_chosen, ref_rejected = cached_reference_logps(policy, pairs, config, autocast, config["cache_dir"],
-                                                      weights_id, "train")
-    dev_ref = cached_reference_logps(policy, dev_pairs, config, autocast, config["cache_dir"], weights_id, "dev")
-    lengths = [len(p.chosen) + len(p.rejected) for p in pairs]
-    first = trainer.epoch_batches(lengths, config, 0, run.world_size)[0]
-    check_reference(policy, [pairs[i] for i in first], ref_chosen[first], ref_rejected[first], config, autocast)
-    reference = None
+    # its adapters off, with FFT on a frozen copy. A reference-free loss (SimPO) has none of this.
+    reference, frozen, ref_chosen, ref_rejected, dev_ref = "none", None, None, None, (None, None)
+    if config["loss_type"] not in REFERENCE_FREE:
+        weights_id = weights_fingerprint(policy)
+        ref_chosen, ref_rejected = cached_reference_logps(policy, pairs, config, autocast, weights_id, "train")
+        dev_ref = cached_reference_logps(policy, dev_pairs, config, autocast, weights_id, "dev")
+        first = trainer.epoch_batches(sizes, config, 0, run.world_size)[0]
+        check_reference(policy, [pairs[i] for i in first], ref_chosen[first], ref_rejected[first], config, autocast)
+        reference = "precomputed"
     if config["live_reference"]:
-        reference = policy if config["lora_r"] else copy.deepcopy(policy).requires_grad_(False).eval()
+        reference = "live"
+        frozen = policy if config["lora_r"] else copy.deepcopy(policy).requires_grad_(False).eval()
 
-    def loss_fn(model, part, batch):
-        chosen = [pairs[i].chosen for i in part]
-        policy_chosen, policy_rejected = concatenated_logps(model, chosen, [pairs[i].rejected for i in part], device)
-        if reference is None:
-            reference_chosen, reference_rejected = ref_chosen[part], ref_rejected[part]
-        else:
-            with adapters_off(reference) if config["lora_r"] else nullcontext():
-                reference_chosen, reference_rejected = reference_logps(reference, [pairs[i] for i in part], config,
-                                                                       autocast)
-        losses, _, _ = pair_losses(policy_chosen, policy_rejected, reference_chosen.to(device),
-                                   reference_rejected.to(device), [pairs[i] for i in part], config)
+    def reference_logps(items, micro_batch):
+        if frozen is not None:
+            with adapters_off(frozen) if config["lora_r"] else nullcontext():
+                return (t.to(device) for t in scored_logps(frozen, items, config, autocast))
+        if ref_chosen is not None:
+            return ref_chosen[micro_batch].to(device), ref_rejected[micro_batch].to(device)
+        return None, None
+
+    def loss_fn(model, micro_batch, batch):
+        items = [pairs[i] for i in micro_batch]
+        chosen = [p.chosen for p in items]
+        policy_chosen, policy_rejected = concatenated_logps(model, chosen, [p.rejected for p in items], device,
+                                                            config["logprobs"])
+        reference_chosen, reference_rejected = reference_logps(items, micro_batch)
+        losses, chosen_rewards, rejected_rewards = pair_losses(policy_chosen, policy_rejected, reference_chosen,
+                                                               reference_rejected, items, config)
         if config["rpo_alpha"]:  # 0: plain DPO, not even computed differently
             losses = rpo_loss(losses, average_logps(policy_chosen, chosen), config["rpo_alpha"])
-        return losses.sum() / len(batch)  # this part's share of the mean over the whole batch's pairs
+        share = len(batch)  # this micro-batch's share of the mean over the whole batch's pairs
+        return losses.sum() / share, {"reward_accuracy": (chosen_rewards > rejected_rewards).float().sum() / share,
+                                      "reward_margin": (chosen_rewards - rejected_rewards).sum() / share}
 
     def dev_metrics(model):
         return {**evaluate(model, config["task"], dev, config, device),
                 **preference_metrics(model, dev_pairs, *dev_ref, config, autocast)}
 
-    regime = "sft_dpo" if is_sft_run(config["init_from"]) else "rpo" if config["rpo_alpha"] else "dpo"
-    extra = {"beta": config["beta"], "reference": "live" if reference is not None else "precomputed"}
+    regime = ("sft_dpo" if is_sft_run(config["init_from"]) else "simpo" if config["loss_type"] == "simpo"
+              else "rpo" if config["rpo_alpha"] else "dpo")
+    extra = {"beta": config["beta"], "reference": reference}
     rpo = f", RPO alpha={config['rpo_alpha']}" if config["rpo_alpha"] else ""
     title = (f"{config['task']} DPO ({trainer.describe(config)}, {config['loss_type']} loss, beta={config['beta']}"
              f"{rpo}, {extra['reference']} reference) of {config['init_from']}")
-    return trainer.fit(run, policy, lengths, loss_fn, dev_metrics, regime, title,
+    return trainer.fit(run, policy, sizes, loss_fn, dev_metrics, regime, title,
                        {**extra, **rejections_summary(run, pairs)})
 
 
 def main(argv=None):
-    trainer.main(train, SETTINGS, __doc__, argv)
+    flags.main(train, SETTINGS, __doc__, argv)
 
 
 if __name__ == "__main__":

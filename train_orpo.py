@@ -23,10 +23,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+import flags
 import trainer
 import train_dpo
+from flags import POSITIVE
 from preferences import policy_and_pairs, rejections_summary
-from train_dpo import average_logps, concatenated_logps, reference_logps
+from train_dpo import average_logps, concatenated_logps, scored_logps
 from train_sft import evaluate
 
 # -----------------------------------------------------------------------------
@@ -36,7 +38,7 @@ SETTINGS = {
     "init_from": ("gpt2", str, None, "a GPT-2 name, a model directory or an earlier run's out_dir (ORPO's point is "
                                      "to need no SFT stage first)"),
     "out_dir": (None, str, None, "where this run writes; default out/orpo-{task}-{fft|lora}"),
-    "orpo_lambda": (0.1, float, trainer.POSITIVE, "ORPO's lambda, the weight of the odds-ratio term (Hong et al. "
+    "orpo_lambda": (0.1, float, POSITIVE, "ORPO's lambda, the weight of the odds-ratio term (Hong et al. "
                                                   "2024's 0.1; TRL's ORPOConfig.beta)"),
     "cache_dir": (None, str, None, "where sampled sonnet rejections are cached; default out_dir"),
     "rejections_from": train_dpo.SETTINGS["rejections_from"],
@@ -53,8 +55,8 @@ def odds_ratio_loss(chosen_avg_logps, rejected_avg_logps):
 
         L_OR = -log sigmoid(log odds(y_w) - log odds(y_l)),   log odds(y) = log p - log(1 - p),   p = exp(x)
 
-    log(1 - exp(x)) is computed stably (Maechler 2012's log1mexp; TRL's ORPOTrainer writes log1p(-exp(x)), which
-    rounds to log 0 once p is within float32's epsilon of 1). Such a p is 1 to float32, so x is capped at
+    log(1 - exp(x)) is computed stably (Maechler 2012's log1mexp: a plain log1p(-exp(x)) rounds to log 0 once p
+    is within float32's epsilon of 1). Such a p is 1 to float32, so x is capped at
     log(1 - eps): a sure answer, or one with no tokens (average 0), has a large finite log odds, never inf/NaN.
     """
     def log_odds(x):
@@ -68,8 +70,7 @@ def odds_ratio_loss(chosen_avg_logps, rejected_avg_logps):
 def orpo_loss(chosen_avg_logps, rejected_avg_logps, orpo_lambda):
     """ORPO's loss of each pair (Hong et al. 2024, eq. 6): the chosen answer's per-token NLL (eq. 2) plus lambda
     times the odds-ratio loss. Inputs (B,) per-token average log-probabilities; returns (B,).
-        L_ORPO = -chosen_avg_logp + lambda * L_OR
-    (TRL averages the NLL over the batch's tokens instead, which weighs a long answer more than a short one.)"""
+        L_ORPO = -chosen_avg_logp + lambda * L_OR                 (the NLL is over the answer's tokens only)"""
     return -chosen_avg_logps + orpo_lambda * odds_ratio_loss(chosen_avg_logps, rejected_avg_logps)
 
 
@@ -77,7 +78,7 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, orpo_lambda):
 def orpo_metrics(model, pairs, config, autocast):
     """Over the whole dev set: the ORPO loss and its two terms, how often the chosen answer's odds are the
     higher (odds_accuracy), and both answers' log-probabilities."""
-    chosen, rejected = reference_logps(model, pairs, config, autocast)  # the model's, in eval mode
+    chosen, rejected = scored_logps(model, pairs, config, autocast)  # the model's, in eval mode
     chosen_avg, rejected_avg = (average_logps(chosen, [p.chosen for p in pairs]),
                                 average_logps(rejected, [p.rejected for p in pairs]))
     odds = odds_ratio_loss(chosen_avg, rejected_avg)
@@ -98,12 +99,12 @@ def train(config):
     model, pairs, dev_pairs, dev = policy_and_pairs(run)
     autocast = trainer.autocast_context(config, run.device_type)
 
-    def loss_fn(model, part, batch):
-        chosen, rejected = [pairs[i].chosen for i in part], [pairs[i].rejected for i in part]
-        chosen_logps, rejected_logps = concatenated_logps(model, chosen, rejected, device)
+    def loss_fn(model, micro_batch, batch):
+        chosen, rejected = [pairs[i].chosen for i in micro_batch], [pairs[i].rejected for i in micro_batch]
+        chosen_logps, rejected_logps = concatenated_logps(model, chosen, rejected, device, config["logprobs"])
         losses = orpo_loss(average_logps(chosen_logps, chosen), average_logps(rejected_logps, rejected),
                            config["orpo_lambda"])
-        return losses.sum() / len(batch)  # this part's share of the mean over the whole batch's pairs
+        return losses.sum() / len(batch), {}  # this micro-batch's share of the mean over the whole batch's pairs
 
     def dev_metrics(model):
         return {**evaluate(model, config["task"], dev, config, device),
@@ -111,14 +112,13 @@ def train(config):
 
     title = (f"{config['task']} ORPO ({trainer.describe(config)}, lambda={config['orpo_lambda']}, no reference "
              f"model) of {config['init_from']}")
-    extra = {"orpo_lambda": config["orpo_lambda"], "reference": "none (ORPO has no reference model: no reference "
-                                                                "pass, no step-0 check)"}
+    extra = {"orpo_lambda": config["orpo_lambda"], "reference": "none"}  # no reference pass, no step-0 check
     return trainer.fit(run, model, [len(p.chosen) + len(p.rejected) for p in pairs], loss_fn, dev_metrics, "orpo",
                        title, {**extra, **rejections_summary(run, pairs)})
 
 
 def main(argv=None):
-    trainer.main(train, SETTINGS, __doc__, argv)
+    flags.main(train, SETTINGS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Paraphrase: the target is one token, "yes" or "no", after the course's prompt. S
 whole sonnet and its end-of-text token. Prompt and padding tokens are never in the loss (the batch's loss_mask).
 
 This file holds only what SFT is: its examples, the log-likelihood, the loss, and the dev score. The loop
-(AdamW, schedule, accumulation, DDP, resume, results.json) is trainer.py's; the run folder it writes
+(AdamW, schedule, accumulation, DDP, resume, log.jsonl, results.json) is trainer.py's; the run folder it writes
 (best/, last/, checkpoint.pt, results.json) is described in checkpoint.py. --help lists every setting.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import flags
 import trainer
 from chunked_logprobs import chunked_head
 from checkpoint import model_context
@@ -95,12 +96,12 @@ def batch_logprobs(model, batch, device=None, path="auto"):
     return (logps[:, :-1] * loss_mask[:, 1:]).sum(-1)
 
 
-def sft_loss(model, batch, normalizer=None):
+def sft_loss(model, batch, normalizer=None, path="auto"):
     """(loss, number of target tokens). The loss is the summed token cross-entropy of the batch's targets
     divided by `normalizer` (default: their count, i.e. the mean). Gradient accumulation and several GPUs
     pass the whole effective batch's target count, so every target token weighs the same."""
     n_targets = int(batch.loss_mask[:, 1:].sum())
-    return -batch_logprobs(model, batch).sum() / (normalizer or n_targets), n_targets
+    return -batch_logprobs(model, batch, path=path).sum() / (normalizer or n_targets), n_targets
 
 
 def predicted_targets(example):
@@ -193,10 +194,10 @@ def train(config):
     check_task_lengths(config, examples, dev)  # before the model, too
     model = trainer.load_policy(config).to(run.device)
 
-    def loss_fn(model, part, batch):
+    def loss_fn(model, micro_batch, batch):
         # every target token of the whole batch weighs the same, however it is split over GPUs and micro-batches
         n_targets = sum(predicted_targets(examples[i]) for i in batch)
-        return sft_loss(model, collate([examples[i] for i in part]), normalizer=n_targets)[0]
+        return sft_loss(model, collate([examples[i] for i in micro_batch]), n_targets, config["logprobs"])[0], {}
 
     def dev_metrics(model):
         return evaluate(model, config["task"], dev, config, run.device)
@@ -206,7 +207,7 @@ def train(config):
 
 
 def main(argv=None):
-    trainer.main(train, SETTINGS, __doc__, argv)
+    flags.main(train, SETTINGS, __doc__, argv)
 
 
 if __name__ == "__main__":

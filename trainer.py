@@ -1,36 +1,38 @@
 """
 The training loop, written once for every objective (after nanoGPT's train.py and minGPT's trainer).
 
-    run = trainer.start(trainer.check_config(config))      # settings checked, torchrun joined
-    model = trainer.load_policy(run.config).to(run.device)   # GPT-2, with fresh LoRA adapters if --lora_r
-    results = trainer.fit(run, model, lengths, loss_fn, evaluate, regime="sft", title="...")
+    run = trainer.start(trainer.check_config(config))       # settings checked, the out_dir locked, torchrun joined
+    model = trainer.load_policy(run.config).to(run.device)    # GPT-2, with fresh LoRA adapters if --lora_r
+    results = trainer.fit(run, model, sizes, loss_fn, evaluate, regime="sft", title="...")
 
-fit knows nothing of SFT or DPO. The objective comes in as a function:
+fit knows nothing of SFT, DPO or ORPO (train_sft.py, train_dpo.py, train_orpo.py). The objective comes in as
+a function of the indices of the training items it is given:
 
-    loss_fn(model, part, batch) -> loss
+    loss_fn(model, micro_batch, batch) -> (loss, figures)
 
-`batch` holds the indices of the items of one optimizer step (over every process), `part` those of this
-micro-batch; the loss is part's share of the mean over batch, so the micro-batches' gradients add up to the
-gradient of the whole batch's mean loss, however the batch is split (train_sft.py and train_dpo.py each define
-one). `evaluate(model)` returns the dev metrics: "score" (what results.json and the study report) and
-"selection" (what best/ is chosen by).
+`batch` holds the item indices of one optimizer step (over every process), `micro_batch` those this call
+computes; the loss is micro_batch's share of the mean over batch, so the micro-batches' gradients add up to the
+gradient of the whole batch's mean loss however it is split. `figures` are more such shares to log (DPO's
+reward accuracy and margin), or {}. `sizes` are the items' token counts. `evaluate(model)` returns the dev
+metrics: "score" (what results.json and the study report) and "selection" (what best/ is chosen by).
 
 What the loop does: AdamW, linear warm-up then cosine decay, gradient clipping, bfloat16 autocast, gradient
-accumulation, DistributedDataParallel under torchrun, a stop on a NaN loss, checkpoint.pt and --resume (exact,
-down to the random number generators), and at each epoch end the dev score, last/ and best/ (checkpoint.py
-writes and reads them) and, when the run ends, results.json.
+accumulation, DistributedDataParallel under torchrun, a line of log.jsonl every --log_every steps, a stop on a
+NaN loss, a clean stop on SIGTERM or Ctrl-C, checkpoint.pt and --resume (exact, down to the random number
+generators), the dev score every --eval_every steps (default: each epoch's end) with last/ and best/
+(checkpoint.py writes and reads them), and, when the run ends, results.json.
 """
 
-import argparse
-import json
 import math
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,43 +42,28 @@ from tqdm import tqdm
 
 from checkpoint import CHECKPOINT, check_source, load_checkpoint, load_model, save_checkpoint, save_model
 from data.batching import batch_indices
-from fileio import InputError, read_text, writable_dir, write_json
-from lora import DEFAULT_TARGETS, apply_lora
-from model import check_device, default_device
+from fileio import InputError, lock_dir, read_json, read_safetensors, writable_dir, write_json
+from flags import (LIMIT, NON_NEGATIVE, POSITIVE, REQUIRED, at_least, between, check, check_device, default_device,
+                   one_of)
+from lora import DEFAULT_TARGETS, apply_lora, load_lora_state_dict, save_lora
+from runlog import Log
 
 # -----------------------------------------------------------------------------
 # settings: name -> (default, type, valid values, why). Every one is a command-line flag: --name value.
 
-
-def at_least(low):
-    return lambda v: v >= low, f"must be at least {low}"
-
-
-def between(low, high):
-    return lambda v: low <= v <= high, f"must be between {low} and {high}"
-
-
-def one_of(*choices):
-    return lambda v: v in choices, f"must be {', '.join(choices[:-1])} or {choices[-1]}"
-
-
-POSITIVE = (lambda v: v > 0 and math.isfinite(v), "must be a positive number")
-NON_NEGATIVE = (lambda v: v >= 0, "must be 0 or more")
-LIMIT = (lambda v: v is None or v >= 1, "must be at least 1 (leave it out to use every example)")
-ANY = None
-
 SETTINGS = {
-    "task": (None, str, one_of("paraphrase", "sonnet"), "paraphrase or sonnet (required)"),
-    "init_from": ("gpt2", str, ANY, "a GPT-2 name (gpt2 ... gpt2-xl), a model directory, or an earlier run's out_dir"),
-    "data_dir": ("data", str, ANY, "where the course's files are (python -m data.download puts them there)"),
-    "out_dir": (None, str, ANY, "where this run writes; default out/{sft|dpo}-{task}-{fft|lora}"),
+    "task": (REQUIRED, str, one_of("paraphrase", "sonnet"), "paraphrase or sonnet"),
+    "init_from": ("gpt2", str, None, "a GPT-2 name (gpt2 ... gpt2-xl), a model directory, or an earlier run's "
+                                     "out_dir (its last/)"),
+    "data_dir": ("data", str, None, "where the course's files are (python -m data.download puts them there)"),
+    "out_dir": (None, str, None, "where this run writes; default out/{sft|dpo}-{task}-{fft|lora}"),
     "epochs": (10, int, at_least(1), "the course's starter trains 10 epochs"),
     "batch_size": (8, int, at_least(1), "examples per optimizer step, the course's 8 (split over --grad_accum and GPUs)"),
     "grad_accum": (1, int, at_least(1), "split each batch into this many micro-batches: same update, less memory"),
     "lr": (None, float, POSITIVE, "peak learning rate such as 1e-5; default 1e-5 for FFT (the course's) and 2e-4 "
                                   "for LoRA (Hu et al. 2021's GPT-2 setting: at 1e-5 a LoRA run barely moves)"),
-    "warmup": (0.05, float, between(0, 1), "fraction of the steps spent warming the learning rate up from 0 "
-                                           "(stabilises AdamW's first steps, whose moment estimates are still noise)"),
+    "warmup": (0.05, float, between(0, 1), "fraction of the steps spent warming the learning rate up from 0, at "
+                                           "least one step when above 0 (AdamW's first moment estimates are noise)"),
     "min_lr_ratio": (0.1, float, between(0, 1), "cosine decay ends at lr * this (nanoGPT's and Chinchilla's 10x)"),
     "weight_decay": (0.0, float, NON_NEGATIVE, "AdamW's decay, on 2-D weight matrices only; the course's starter uses 0"),
     "grad_clip": (1.0, float, NON_NEGATIVE, "clip the global gradient norm to this (0 = off): one bad batch can't "
@@ -84,80 +71,67 @@ SETTINGS = {
     "dropout": (0.1, float, between(0, 0.999), "GPT-2's own (and the course's) dropout"),
     "lora_r": (0, int, (lambda v: v >= 0, "must be 0 (full fine-tuning) or a positive rank such as 8"),
                "LoRA rank; 0 = full fine-tuning"),
-    "lora_alpha": (16.0, float, ANY, "LoRA scale alpha: the update is (alpha / r) B A (alpha = 2r, a common choice)"),
+    "lora_alpha": (16.0, float, None, "LoRA scale alpha: the update is (alpha / r) B A (alpha = 2r, a common choice)"),
     "lora_dropout": (0.0, float, between(0, 0.999), "dropout on LoRA's input"),
-    "lora_targets": (",".join(DEFAULT_TARGETS), str, ANY, "comma-separated Linear layers LoRA adapts (all of a block's)"),
-    "lora_rslora": (False, bool, ANY, "rsLoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of "
-                                      "alpha / r, so that a larger rank does not learn slower"),
+    "lora_targets": (",".join(DEFAULT_TARGETS), str, None, "comma-separated Linear layers LoRA adapts (all of a block's)"),
+    "lora_rslora": (False, bool, None, "rsLoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of "
+                                       "alpha / r, so that a larger rank does not learn slower"),
     "lora_plus_ratio": (1.0, float, POSITIVE, "LoRA+ (Hayou et al. 2024): B's learning rate is this times A's (--lr); "
                                               "1 = plain LoRA, the paper suggests about 16"),
-    "seed": (11711, int, ANY, "the course's seed"),
-    "device": (default_device(), str, ANY, "cuda, cuda:N, mps or cpu (the default is the best one here)"),
+    "lora_init": (None, str, None, "start LoRA's A (and B) from this adapter file instead of at random: another run's "
+                                   "lora_init.safetensors repeats that run exactly"),
+    "seed": (11711, int, None, "the course's seed"),
+    "device": (default_device(), str, None, "cuda, cuda:N, mps or cpu (the default is the best one here)"),
     "dtype": ("auto", str, one_of("auto", "float32", "bfloat16"),
               "auto (bfloat16 autocast on a GPU that has it, else float32), float32 or bfloat16"),
-    "compile": (False, bool, ANY, "torch.compile the model (worth it on a GPU for long runs)"),
+    "compile": (False, bool, None, "torch.compile the model (worth it on a GPU for long runs)"),
+    "logprobs": ("auto", str, one_of("auto", "plain", "chunked"), "how log-probabilities are computed: plain "
+                 "(logits, log_softmax, gather), chunked (never holds a batch's logits: chunked_logprobs.py), auto: "
+                 "chunked only when the logits would be large"),
     "train_limit": (None, int, LIMIT, "train on the first N examples only"),
     "dev_limit": (None, int, LIMIT, "evaluate on the first N dev examples only (paraphrase)"),
+    "eval_every": (0, int, at_least(-1), "score on dev every N optimizer steps and when the run ends; 0 = at each "
+                                         "epoch's end (the course's); -1 = only when the run ends"),
     "eval_batch_size": (64, int, at_least(1), "examples per batch when scoring the dev set"),
     "temperature": (1.2, float, NON_NEGATIVE, "sonnet generation when scoring: the course's"),
     "top_p": (0.9, float, between(1e-9, 1), "sonnet generation when scoring: the course's"),
     "max_new_tokens": (128, int, at_least(1), "sonnet generation when scoring: the course's"),
-    "resume": (False, bool, ANY, "continue from out_dir/checkpoint.pt (starts afresh, and says so, if there is none)"),
-    "checkpoint_every": (0, int, (lambda v: v >= 0, "must be 0 (epoch ends only) or a positive number of steps"),
-                         "also save a resumable state every N optimizer steps (0: at epoch ends only)"),
-    "log_every": (10, int, at_least(1), "read the loss back from the device every N steps (each read waits for "
-                                        "the GPU; a NaN is caught at the next read, always before a save)"),
-    "save_best": (True, bool, ANY, "also keep best/, the best dev epoch's model (the course's practice); "
-                                   "last/ is always kept"),
-    "keep_checkpoints": (False, bool, ANY, "keep checkpoint.pt when the run has finished (it exists to resume "
-                                           "an interrupted run, and holds AdamW's state: 3x the model)"),
+    "resume": (False, bool, None, "continue from out_dir/checkpoint.pt (starts afresh, and says so, if there is none)"),
+    "checkpoint_every": (0, int, NON_NEGATIVE, "also save a resumable state every N optimizer steps (0: only when "
+                                               "the dev set is scored, and on SIGTERM or Ctrl-C)"),
+    "log_every": (10, int, at_least(1), "a line of log.jsonl (and the progress bar) every N steps; each reads the "
+                                        "loss back from the GPU, and a NaN is caught there, always before a save"),
+    "save_best": (True, bool, None, "also keep best/, the best dev evaluation's model (the course's practice); "
+                                    "last/ is always kept"),
+    "keep_checkpoints": (False, bool, None, "keep checkpoint.pt when the run has finished (it exists to resume "
+                                            "an interrupted run, and holds AdamW's state: 3x the model)"),
+    "wandb_project": (None, str, None, "also log each log.jsonl line to this Weights & Biases project (pip install "
+                                       "wandb)"),
 }
 
 # settings a resumed run may change: they do not change what is trained
 RESUMABLE_CHANGES = ("resume", "checkpoint_every", "device", "out_dir", "data_dir", "cache_dir", "eval_batch_size",
-                     "compile", "grad_accum", "live_reference", "log_every", "save_best", "keep_checkpoints")
-
-
-def defaults(settings=SETTINGS):
-    return {name: row[0] for name, row in settings.items()}
-
-
-def parse_bool(value):
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
-def parse_args(argv, settings=SETTINGS, description=__doc__):
-    parser = argparse.ArgumentParser(description=description.strip().split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, (default, kind, _, why) in settings.items():
-        if kind is bool:  # --resume, or --resume true / false
-            parser.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, default=default, help=why)
-        else:
-            parser.add_argument(f"--{name}", type=kind, default=default, help=why, required=name == "task")
-    return vars(parser.parse_args(argv))
+                     "compile", "grad_accum", "live_reference", "log_every", "save_best", "keep_checkpoints",
+                     "logprobs", "wandb_project")
 
 
 def check_config(config, settings=SETTINGS, prefix="sft"):
     """Every setting that can be checked without loading anything (each row's valid values, then the checks
     that span several settings); fills in the derived defaults."""
-    config = {**defaults(settings), **config}
+    config = check(config, settings)
     if config["lr"] is None:
         config["lr"] = 2e-4 if config["lora_r"] else 1e-5
-    for name, (_, _, valid, _) in settings.items():
-        if valid is not None and config[name] is not None and not valid[0](config[name]):
-            raise InputError(f"--{name} {config[name]}: {valid[1]}")
     if config["grad_accum"] > config["batch_size"]:
         raise InputError(f"--grad_accum {config['grad_accum']}: cannot split a batch of {config['batch_size']} into "
                          f"more micro-batches than examples")
     if config["lora_r"] and not config["lora_alpha"] > 0:
         raise InputError(f"--lora_alpha {config['lora_alpha']}: must be positive")
-    if not config["lora_r"] and (config["lora_rslora"] or config["lora_plus_ratio"] != 1):
-        flag = f"--lora_plus_ratio {config['lora_plus_ratio']}" if config["lora_plus_ratio"] != 1 else "--lora_rslora"
-        raise InputError(f"{flag}: needs --lora_r (full fine-tuning has no LoRA A and B)")
+    lora_only = [f"--{k}" + ("" if config[k] is True else f" {config[k]}")
+                 for k in ("lora_plus_ratio", "lora_rslora", "lora_init") if config[k] != settings[k][0]]
+    if not config["lora_r"] and lora_only:
+        raise InputError(f"{lora_only[0]}: needs --lora_r (full fine-tuning has no LoRA A and B)")
+    if config["lora_init"] is not None and not Path(config["lora_init"]).is_file():
+        raise InputError(f"--lora_init {config['lora_init']!r}: no such file (a run's lora_init.safetensors)")
     if not lora_targets(config):
         raise InputError(f"--lora_targets {config['lora_targets']}: name at least one Linear layer, "
                          f"e.g. {','.join(DEFAULT_TARGETS)}")
@@ -174,7 +148,7 @@ def lora_targets(config):
 
 
 # -----------------------------------------------------------------------------
-# the run: this process's settings and its place among torchrun's processes
+# the run: this process's settings, its place among torchrun's processes, and its hold on out_dir
 
 
 @dataclass
@@ -182,6 +156,7 @@ class Run:
     config: dict
     rank: int = 0  # this process, under torchrun
     world_size: int = 1  # how many processes share each batch
+    held: ExitStack = field(default_factory=ExitStack)  # the lock on out_dir, released when the run ends
 
     @property
     def device(self):
@@ -197,8 +172,9 @@ class Run:
 
 
 def start(config):
-    """For a checked config: join torchrun's processes (RANK in the environment: one process per device,
-    gradients averaged by DDP), seed every generator and start counting peak memory."""
+    """For a checked config: lock out_dir for this process (a second run on it stops here, at once), join
+    torchrun's processes (RANK in the environment: one per device, gradients averaged by DDP), seed every
+    generator and start counting peak memory."""
     rank, world_size = 0, 1
     if "RANK" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -209,6 +185,8 @@ def start(config):
             torch.cuda.set_device(config["device"])
         dist.init_process_group(backend="nccl" if config["device"].startswith("cuda") else "gloo")
     run = Run(config, rank, world_size)
+    if run.master:
+        run.held.enter_context(lock_dir(config["out_dir"]))
     reset_peak_memory(run.device_type)
     torch.manual_seed(config["seed"])
     random.seed(config["seed"])
@@ -216,7 +194,8 @@ def start(config):
 
 
 def load_policy(config):
-    """The model to train: init_from, with fresh LoRA adapters when --lora_r is set (GPT-2 then frozen).
+    """The model to train: init_from, with LoRA adapters when --lora_r is set (GPT-2 then frozen): fresh ones,
+    or --lora_init's (drawn at random all the same, so every random number after them is the same too).
 
     An SFT run's LoRA folder loads as its base model with the SFT adapter folded in, so SFT->DPO with LoRA
     trains a new adapter on top of the SFT model."""
@@ -227,6 +206,12 @@ def load_policy(config):
                        targets=lora_targets(config), rslora=config["lora_rslora"])
         except ValueError as e:
             raise InputError(f"--lora_targets {config['lora_targets']}: {e}") from None
+        if config["lora_init"] is not None:
+            tensors, _ = read_safetensors(config["lora_init"])
+            try:
+                load_lora_state_dict(model, tensors)
+            except ValueError as e:
+                raise InputError(f"--lora_init {config['lora_init']}: {e}") from None
     return model
 
 
@@ -241,96 +226,107 @@ def describe(config):
 # the loop
 
 
-def fit(run, model, lengths, loss_fn, evaluate, regime, title, extra=None):
-    """Train `model` (on run.device) on items of `lengths` tokens with `loss_fn`; returns results.json's dict
+def fit(run, model, sizes, loss_fn, evaluate, regime, title, extra=None):
+    """Train `model` (on run.device) on items of `sizes` tokens with `loss_fn`; returns results.json's dict
     (with `extra`'s keys added)."""
-    config, device, out_dir = run.config, run.device, Path(run.config["out_dir"])
-    if (done := finished_results(run)) is not None:
-        return done
-    optimizer = configure_optimizer(model, config["lr"], config["weight_decay"], run.device_type,
-                                    config["lora_plus_ratio"])
-    progress = start_or_resume(run, model, optimizer)
-    ddp_model = wrap_model(model, config, run.world_size)  # compiled and/or DDP; the same weights as model
-    autocast = autocast_context(config, run.device_type)
-    total_steps = config["epochs"] * len(epoch_batches(lengths, config, 0, run.world_size))
-    if run.master:
-        print(f"{title} on {device}: {model.num_parameters(trainable_only=True):,} of {model.num_parameters():,} "
-              f"parameters train; {len(lengths)} examples, {total_steps} steps")
-
-    while progress["epoch"] < config["epochs"]:
-        batches = epoch_batches(lengths, config, progress["epoch"], run.world_size)
-        ddp_model.train()
-        bar = tqdm(total=len(batches), initial=progress["batch"], disable=not run.master or None,
-                   desc=f"epoch {progress['epoch'] + 1}/{config['epochs']}")
-        t0, unread, unread_steps = time.time(), torch.zeros((), device=device), 0
-        while progress["batch"] < len(batches):
-            batch = batches[progress["batch"]]
-            lr = lr_at(progress["step"], total_steps, config["lr"], config["warmup"], config["min_lr_ratio"])
-            for group in optimizer.param_groups:  # LoRA+'s B group keeps its ratio to the rest
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # (checkpoints written before LoRA+ have none)
-            parts = micro_batches(batch[run.rank::run.world_size], config["grad_accum"])  # this process's share
-            for k, part in enumerate(parts):
-                # DDP averages gradients over processes once per batch, on its last micro-batch
-                sync = ddp_model.no_sync() if run.world_size > 1 and k < len(parts) - 1 else nullcontext()
-                with sync, autocast:
-                    loss = loss_fn(ddp_model, part, batch)
-                (loss * run.world_size).backward()  # DDP averages over processes; the shares must add up
-                unread += loss.detach().float()  # stays on the device: no wait for the GPU here
-            if config["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config["grad_clip"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress["step"] += 1
-            progress["batch"] += 1
-            progress["real_tokens"] += sum(lengths[i] for i in batch)
-            unread_steps += 1
-            bar.update()
-            save_now = (config["checkpoint_every"] and progress["step"] % config["checkpoint_every"] == 0
-                        and progress["batch"] < len(batches))
-            if save_now or progress["step"] % config["log_every"] == 0 or progress["batch"] == len(batches):
-                # The step's only waits for the device: this read of the loss (every --log_every steps, before a
-                # save and at an epoch's end) and, under torchrun, its all-reduce. Elsewhere the host runs ahead:
-                # batches are cut on the CPU (target_window) and copied over, token ids are checked there
-                # (collate), the loss accumulates on the device, and clipping and fused AdamW never read a value.
-                train_loss = read_loss(run, unread, unread_steps, progress, out_dir)
-                unread, unread_steps = torch.zeros((), device=device), 0
-                elapsed = progress["train_seconds"] + time.time() - t0
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{progress['real_tokens'] / elapsed:.0f}")
-            if save_now:
-                progress["train_seconds"] += time.time() - t0
-                t0 = time.time()
-                if run.master:
-                    save_checkpoint(out_dir / CHECKPOINT, model, optimizer, progress)
-        bar.close()
-        progress["train_seconds"] += time.time() - t0
-        end_of_epoch(run, model, optimizer, evaluate, progress, train_loss)
-
-    results = {**run_results(run, regime, model, progress), **(extra or {})} if run.master else None
-    if run.master:
-        print_results(results)
-        write_json(out_dir / "results.json", results)
-        if not config["keep_checkpoints"]:
-            (out_dir / CHECKPOINT).unlink(missing_ok=True)  # it exists only to resume an unfinished run
+    with run.held:
+        if (done := finished_results(run)) is not None:
+            return done
+        progress = train_loop(run, model, sizes, loss_fn, evaluate, title)
+        results = {**run_results(run, regime, model, progress), **(extra or {})} if run.master else None
+        if run.master:
+            print_results(results)
+            write_json(Path(run.config["out_dir"]) / "results.json", results)
+            if not run.config["keep_checkpoints"]:
+                (Path(run.config["out_dir"]) / CHECKPOINT).unlink(missing_ok=True)  # it only resumes a broken run
     if dist.is_initialized():
         dist.destroy_process_group()
     return results
 
 
-def read_loss(run, unread, steps, progress, out_dir):
-    """The mean loss of the steps since the last read (summed over processes); a NaN/inf stops the run before
-    anything more is saved, so the last checkpoint is still a good one."""
-    if run.world_size > 1:
-        dist.all_reduce(unread)
-    loss = unread.item() / steps
-    if not math.isfinite(loss):
-        checkpoint = out_dir / CHECKPOINT
-        raise InputError(f"the loss is {loss} at step {progress['step']} (epoch {progress['epoch'] + 1}); stopped. "
-                         f"The last good state is {checkpoint if checkpoint.exists() else 'not saved'}; try a lower --lr")
-    return loss
+def train_loop(run, model, sizes, loss_fn, evaluate, title):
+    config, device, out_dir = run.config, run.device, Path(run.config["out_dir"])
+    optimizer = configure_optimizer(model, config["lr"], config["weight_decay"], run.device_type,
+                                    config["lora_plus_ratio"])
+    progress = start_or_resume(run, model, optimizer)
+    ddp_model = wrap_model(model, config, run.world_size)  # compiled and/or DDP; the same weights as model
+    autocast = autocast_context(config, run.device_type)
+    steps_per_epoch = len(epoch_batches(sizes, config, 0, run.world_size))
+    total_steps = config["epochs"] * steps_per_epoch
+    log = Log(run, progress)
+    if run.master:
+        print(f"{title} on {device}: {model.num_parameters(trainable_only=True):,} of {model.num_parameters():,} "
+              f"parameters train; {len(sizes)} examples, {total_steps} steps")
+    stop = StopSignal(run.master)
+    t0 = time.time()
+    while progress["step"] < total_steps:
+        batches = epoch_batches(sizes, config, progress["epoch"], run.world_size)
+        ddp_model.train()
+        bar = tqdm(total=len(batches), initial=progress["batch"], disable=not run.master or None,
+                   desc=f"epoch {progress['epoch'] + 1}/{config['epochs']}")
+        while progress["batch"] < len(batches):
+            batch = batches[progress["batch"]]
+            lr = lr_at(progress["step"], total_steps, config["lr"], config["warmup"], config["min_lr_ratio"])
+            for group in optimizer.param_groups:  # LoRA+'s B group keeps its ratio to the rest
+                group["lr"] = lr * group["lr_scale"]
+            parts = micro_batches(batch[run.rank::run.world_size], config["grad_accum"])  # this process's share
+            for k, part in enumerate(parts):
+                # DDP averages gradients over processes once per batch, on its last micro-batch
+                sync = ddp_model.no_sync() if run.world_size > 1 and k < len(parts) - 1 else nullcontext()
+                with sync, autocast:
+                    loss, figures = loss_fn(ddp_model, part, batch)
+                (loss * run.world_size).backward()  # DDP averages over processes; the shares must add up
+                log.add(loss=loss, **figures)  # stays on the device: no wait for the GPU here
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            log.add(grad_norm=torch.nn.utils.clip_grad_norm_(trainable, config["grad_clip"] or math.inf))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress["step"] += 1
+            progress["batch"] += 1
+            progress["real_tokens"] += sum(sizes[i] for i in batch)
+            bar.update()
+            epoch = progress["epoch"] + progress["batch"] / len(batches)
+            log_now = progress["step"] % config["log_every"] == 0
+            stopping = stop.requested(run, log_now)
+            save_now = stopping or config["checkpoint_every"] and progress["step"] % config["checkpoint_every"] == 0
+            evaluate_now = due_for_evaluation(config, progress["step"], steps_per_epoch, total_steps)
+            if log_now or save_now or evaluate_now or progress["batch"] == len(batches):
+                # The step's only waits for the device: this read (every --log_every steps, before a save and
+                # at an epoch's end) and, under torchrun, its all-reduce. Elsewhere the host runs ahead: batches
+                # are cut on the CPU, the loss adds up on the device, clipping and AdamW read nothing back.
+                line = log.write(progress, epoch, lr, t0)
+                bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}")
+            if progress["batch"] == len(batches):
+                progress["epoch"] += 1
+                progress["batch"] = 0
+            if evaluate_now or save_now:
+                progress["train_seconds"] += time.time() - t0
+                if evaluate_now:
+                    evaluate_and_save(run, model, optimizer, evaluate, progress, log, epoch)
+                elif run.master:
+                    save_checkpoint(out_dir / CHECKPOINT, model, optimizer, progress)
+                t0 = time.time()
+                ddp_model.train()
+            if stopping:
+                stop.exit(run, progress)
+            if progress["batch"] == 0:
+                break
+        bar.close()
+    stop.restore()
+    return progress
 
 
-def end_of_epoch(run, model, optimizer, evaluate, progress, train_loss):
+def due_for_evaluation(config, step, steps_per_epoch, total_steps):
+    """--eval_every N: every N steps; 0: at each epoch's end; -1: only at the end. Always at the end."""
+    every = config["eval_every"]
+    if step == total_steps:
+        return True
+    if every == 0:
+        return step % steps_per_epoch == 0
+    return every > 0 and step % every == 0
+
+
+def evaluate_and_save(run, model, optimizer, evaluate, progress, log, epoch):
     """Score on dev, keep last/ (and best/ when it improved), save a resumable state."""
     config, out_dir, t0 = run.config, Path(run.config["out_dir"]), time.time()
     if run.master:
@@ -339,38 +335,78 @@ def end_of_epoch(run, model, optimizer, evaluate, progress, train_loss):
         lists = {k: v for k, v in metrics.items() if isinstance(v, list)}  # per-example predictions
         summary = {k: v for k, v in metrics.items() if k not in lists}
         write_json(out_dir / "dev_predictions.json", lists)
-        best = max((h.get("selection", h["score"]) for h in progress["history"]), default=None)
+        best = max((h["selection"] for h in progress["history"]), default=None)
         improved = best is None or summary["selection"] > best
         if improved and config["save_best"]:
             save_model(model, out_dir / "best", config)
             write_json(out_dir / "best_dev_predictions.json", lists)
-        progress["history"].append({"epoch": progress["epoch"] + 1, "train_loss": train_loss, **summary})
-        print(f"epoch {progress['epoch'] + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in summary.items()
-                                                           if k not in ("score", "selection"))
+        epoch = int(epoch) if epoch == int(epoch) else round(epoch, 4)
+        train_loss = log.evaluation(progress, epoch, summary)
+        progress["history"].append({"epoch": epoch, "step": progress["step"], "train_loss": train_loss, **summary})
+        print(f"epoch {epoch:g}, step {progress['step']}: "
+              + "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k not in ("score", "selection"))
               + ("  (best so far)" if improved else ""))
     progress["eval_seconds"] += time.time() - t0
-    progress["epoch"] += 1
-    progress["batch"] = 0
     if run.master:
         save_checkpoint(out_dir / CHECKPOINT, model, optimizer, progress)
     if run.world_size > 1:
         dist.barrier()
 
 
+class StopSignal:
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) end a run cleanly: the current step finishes, a
+    checkpoint is written (fit's loop does that), one line says how to continue, and the process exits with
+    128 + the signal's number. A second Ctrl-C exits at once."""
+
+    def __init__(self, master):
+        self.signum, self.saved = None, {}
+        if master and threading.current_thread() is threading.main_thread():  # where Python runs handlers
+            self.saved = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, run, log_step):
+        """Whether any process was asked to stop (under torchrun all stop at the same step, a --log_every one)."""
+        if run.world_size > 1:
+            if not log_step:
+                return False
+            flag = torch.tensor([float(self.signum or 0)], device=run.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.signum = int(flag.item()) or None
+        return self.signum is not None
+
+    def exit(self, run, progress):
+        self.restore()
+        if run.master:
+            print(f"stopped by {signal.Signals(self.signum).name} at step {progress['step']}; checkpoint saved in "
+                  f"{run.config['out_dir']}; run the same command with --resume to continue", file=sys.stderr)
+        raise SystemExit(128 + self.signum)
+
+    def restore(self):
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+        self.saved = {}
+
+
 def start_or_resume(run, model, optimizer):
     """A fresh progress record, or with --resume the one in checkpoint.pt (refused if it was written with
-    other settings)."""
+    other settings). A fresh LoRA run writes its starting A and B to lora_init.safetensors (--lora_init)."""
     config, checkpoint = run.config, Path(run.config["out_dir"]) / CHECKPOINT
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "train_seconds": 0.0, "eval_seconds": 0.0,
                 "real_tokens": 0, "config": trained_with(config)}
-    if config["resume"]:
-        if checkpoint.exists():
-            progress = load_checkpoint(checkpoint, model, optimizer)
-            check_same_settings(checkpoint, progress.get("config", {}), config)
-            if run.master:
-                print(f"resuming from {checkpoint}: epoch {progress['epoch'] + 1}, step {progress['step']}")
-        elif run.master:
-            print(f"--resume: no {checkpoint} yet, so starting from the beginning")
+    if config["resume"] and checkpoint.exists():
+        progress = load_checkpoint(checkpoint, model, optimizer)
+        check_same_settings(checkpoint, progress.get("config", {}), config)
+        if run.master:
+            print(f"resuming from {checkpoint}: epoch {progress['epoch'] + 1}, step {progress['step']}")
+        return progress
+    if config["resume"] and run.master:
+        print(f"--resume: no {checkpoint} yet, so starting from the beginning")
+    if config["lora_r"] and run.master:
+        save_lora(model, Path(config["out_dir"]) / "lora_init.safetensors")
     return progress
 
 
@@ -380,7 +416,7 @@ def finished_results(run):
     config, path = run.config, Path(run.config["out_dir"]) / "results.json"
     if not (config["resume"] and path.exists() and not (path.parent / CHECKPOINT).exists()):
         return None
-    results = json.loads(read_text(path))
+    results = read_json(path)
     check_same_settings(path, results.get("config", {}), config)
     if run.master:
         print(f"--resume: {path} says this run has finished; not training it again")
@@ -391,10 +427,11 @@ def trained_with(config):
     return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
 
 
-def check_same_settings(path, saved, config):
-    """Settings that change what is trained must be what `path` was written with."""
+def check_same_settings(path, saved, config, ignore=()):
+    """Settings that change what is trained must be what `path` was written with (`ignore`: more to pass over)."""
     now = trained_with(config)
-    changed = [(k, v, now.get(k)) for k, v in saved.items() if k not in RESUMABLE_CHANGES and now.get(k) != v]
+    changed = [(k, v, now.get(k)) for k, v in saved.items()
+               if k not in RESUMABLE_CHANGES and k not in ignore and now.get(k) != v]
     if changed:
         k, then, now = changed[0]
         raise InputError(f"{path}: written by a run with other settings (--{k} {then} then, {now} now); "
@@ -426,8 +463,11 @@ def configure_optimizer(model, lr, weight_decay, device_type, lora_plus_ratio=1.
 
 
 def lr_at(step, total_steps, lr, warmup=0.05, min_lr_ratio=0.1):
-    """Linear warm-up over the first `warmup` fraction of steps, then cosine decay to lr * min_lr_ratio."""
-    warmup_steps = int(warmup * total_steps)
+    """With W = ceil(warmup * total_steps) warm-up steps (at least 1 when warmup > 0) and m = min_lr_ratio:
+
+        lr(s) = lr * (s + 1) / W                                                     for s < W
+        lr(s) = lr * (m + (1 - m) * (1 + cos(pi * (s - W) / (total_steps - W))) / 2)  after"""
+    warmup_steps = math.ceil(warmup * total_steps)
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -440,10 +480,10 @@ def epoch_seed(seed, epoch):
     return seed * 2**32 + epoch
 
 
-def epoch_batches(lengths, config, epoch, world_size=1):
-    """This epoch's batches (lists of example indices): shuffled by (seed, epoch), similar lengths together.
-    With several processes, a batch must hold at least one example per process; a smaller last one is dropped."""
-    batches = batch_indices(lengths, config["batch_size"], shuffle=True, seed=epoch_seed(config["seed"], epoch))
+def epoch_batches(sizes, config, epoch, world_size=1):
+    """This epoch's batches (lists of item indices): shuffled by (seed, epoch), similar sizes together.
+    With several processes, a batch must hold at least one item per process; a smaller last one is dropped."""
+    batches = batch_indices(sizes, config["batch_size"], shuffle=True, seed=epoch_seed(config["seed"], epoch))
     return [b for b in batches if len(b) >= world_size]
 
 
@@ -507,16 +547,16 @@ def peak_memory_bytes(device_type):
 
 
 def run_results(run, regime, model, progress):
-    """What results.json holds. `score` and `metrics` are the final epoch's: every run gets the same fixed
+    """What results.json holds. `score` and `metrics` are the final evaluation's: every run gets the same fixed
     budget and nothing is selected on the dev set it is scored on. `best_score` and `best_epoch` are the best
-    dev epoch's, by its `selection` figure (the course's practice; best/ holds that model)."""
+    dev evaluation's, by its `selection` figure (the course's practice; best/ holds that model)."""
     config, history = run.config, progress["history"]
     final = history[-1]
-    best = max(history, key=lambda h: h.get("selection", h["score"]))
+    best = max(history, key=lambda h: h["selection"])
     return {
         "task": config["task"], "regime": regime, "method": "lora" if config["lora_r"] else "fft",
         "score": final["score"], "score_name": "accuracy" if config["task"] == "paraphrase" else "chrf",
-        "metrics": {k: v for k, v in final.items() if k not in ("epoch", "train_loss", "score", "selection")},
+        "metrics": {k: v for k, v in final.items() if k not in ("epoch", "step", "train_loss", "score", "selection")},
         "best_score": best["score"], "best_epoch": best["epoch"],
         "train_seconds": progress["train_seconds"], "eval_seconds": progress["eval_seconds"],
         "tokens_per_second": progress["real_tokens"] / max(progress["train_seconds"], 1e-9),
@@ -531,16 +571,8 @@ def run_results(run, regime, model, progress):
 
 def print_results(results):
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items() if isinstance(v, (int, float)))
-    print(f"{results['task']} {results['regime']} {results['method']}: {metrics} (dev, final epoch; the best, "
-          f"{results['best_score']:.4f}, at epoch {results['best_epoch']}); train {results['train_seconds']:.1f}s, eval "
-          f"{results['eval_seconds']:.1f}s, {results['tokens_per_second']:.0f} tokens/s, peak memory "
+    print(f"{results['task']} {results['regime']} {results['method']}: {metrics} (dev, final; the best, "
+          f"{results['best_score']:.4f}, at epoch {results['best_epoch']:g}); train {results['train_seconds']:.1f}s, "
+          f"eval {results['eval_seconds']:.1f}s, {results['tokens_per_second']:.0f} tokens/s, peak memory "
           f"{results['peak_memory_bytes'] / 2**20:.0f} MiB, {results['trainable_parameters']:,} of "
           f"{results['total_parameters']:,} parameters trained, on {results['device']}")
-
-
-def main(train, settings, doc, argv=None):
-    """The command line of train_sft.py and train_dpo.py: one-line errors, no traceback, for bad input."""
-    try:
-        train(parse_args(argv, settings, doc))
-    except InputError as e:
-        sys.exit(f"error: {e}")

@@ -1,4 +1,4 @@
-"""Beyond DPO: cDPO, IPO, RPO and ORPO against their formulas computed by hand in float64; the exact equalities
+"""Beyond DPO: cDPO, IPO, RPO, SimPO and ORPO against their formulas computed by hand in float64; the exact equalities
 (cDPO at eps = 0 and RPO at alpha = 0 are DPO); answers with no tokens; the step-0 check for each loss; LoRA+'s
 learning rates at every step and through a resume; each variant from the command line; bad values."""
 
@@ -13,6 +13,7 @@ import preferences
 import train_dpo
 import train_orpo
 import train_sft
+import flags
 import trainer
 from conftest import tiny_config
 from data.batching import Example
@@ -144,7 +145,7 @@ def test_average_logps_divide_by_each_answers_target_tokens_and_define_none_as_z
     policy_chosen, policy_rejected = train_dpo.concatenated_logps(tiny_model.train(), chosen, rejected, "cpu")
     assert policy_rejected[0].item() == 0.0
     pairs = [preferences.Pair(c, r) for c, r in zip(chosen, rejected)]
-    config = {**trainer.defaults(train_dpo.SETTINGS), "loss_type": "ipo"}
+    config = {**flags.defaults(train_dpo.SETTINGS), "beta": 0.1, "loss_type": "ipo"}
     ipo, _, _ = train_dpo.pair_losses(policy_chosen, policy_rejected, policy_chosen.detach() - 1,
                                       policy_rejected.detach(), pairs, config)
     orpo = train_orpo.orpo_loss(train_dpo.average_logps(policy_chosen, chosen),
@@ -158,11 +159,50 @@ def test_ipo_reads_per_token_averages_and_dpo_sums():
     chosen, rejected = [Example([1], [2, 3, 4, 5])], [Example([1], [6, 7])]
     pairs = [preferences.Pair(chosen[0], rejected[0])]
     pc, pr, rc, rr = (torch.tensor([v], dtype=torch.float64) for v in (-8.0, -6.0, -12.0, -5.0))
-    config = trainer.defaults(train_dpo.SETTINGS)
+    config = {**flags.defaults(train_dpo.SETTINGS), "beta": 0.1}
     h_sum, h_avg = (-8 + 12) - (-6 + 5), (-8 + 12) / 4 - (-6 + 5) / 2
     dpo = train_dpo.pair_losses(pc, pr, rc, rr, pairs, config)[0]
     ipo = train_dpo.pair_losses(pc, pr, rc, rr, pairs, {**config, "loss_type": "ipo", "beta": 0.5})[0]
     assert dpo.item() == pytest.approx(-log_sigmoid(0.1 * h_sum)) and ipo.item() == pytest.approx((h_avg - 1) ** 2)
+
+
+@pytest.mark.parametrize("beta, gamma", [(2.0, 1.0), (2.5, 0.3), (0.1, 0.0)])
+def test_simpo_by_hand(beta, gamma):
+    """L = -log sigmoid(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma) (Meng et al. 2024, eq. 6)."""
+    chosen, rejected = draws(10), draws(11)
+    losses, chosen_rewards, rejected_rewards = train_dpo.simpo_loss(chosen / 3, rejected / 5, beta, gamma)
+    for k in range(6):
+        margin = beta * chosen[k].item() / 3 - beta * rejected[k].item() / 5 - gamma
+        assert losses[k].item() == pytest.approx(-log_sigmoid(margin), rel=1e-12)
+        assert chosen_rewards[k].item() == pytest.approx(beta * chosen[k].item() / 3, rel=1e-12)
+
+
+def test_simpo_reads_per_token_averages_and_every_option_reaches_it(monkeypatch):
+    """pair_losses passes each loss option explicitly: a SETTINGS default that differs from anything the loss
+    function would assume reaches it (here simpo_gamma 0.7), and --beta's default under simpo is 2.0."""
+    monkeypatch.setitem(train_dpo.SETTINGS, "simpo_gamma", (0.7, float, None, "a default only this test uses"))
+    config = train_dpo.check_config({"task": "paraphrase", "device": "cpu", "loss_type": "simpo",
+                                     "out_dir": None, "init_from": "gpt2"})
+    assert (config["beta"], config["simpo_gamma"]) == (2.0, 0.7)
+    pairs = [preferences.Pair(Example([1, 2], [3, 4, 5, 6]), Example([1, 2], [7, 8]))]
+    pc, pr = torch.tensor([-8.0], dtype=torch.float64), torch.tensor([-6.0], dtype=torch.float64)
+    loss = train_dpo.pair_losses(pc, pr, None, None, pairs, config)[0]
+    assert loss.item() == pytest.approx(-log_sigmoid(2.0 * -8 / 4 - 2.0 * -6 / 2 - 0.7), rel=1e-12)
+
+
+def test_simpo_trains_with_no_reference_pass_and_no_step_0_check(tiny_dir, small_data, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reference-free loss computed reference log-probabilities or checked them")
+
+    monkeypatch.setattr(train_dpo, "cached_reference_logps", refuse)
+    monkeypatch.setattr(train_dpo, "check_reference", refuse)
+    results = train_dpo.train(settings(tiny_dir, small_data, tmp_path / "simpo", loss_type="simpo", epochs=1,
+                                       train_limit=8, batch_size=4))
+    assert results["reference"] == "none" and results["regime"] == "simpo" and results["beta"] == 2.0
+    assert not list((tmp_path / "simpo").glob("reference-*"))
+    assert math.isfinite(results["metrics"]["preference_loss"]) and 0 <= results["metrics"]["reward_accuracy"] <= 1
+    with pytest.raises(train_dpo.InputError, match="--live_reference: --loss_type simpo has no reference model"):
+        train_dpo.check_config(settings(tiny_dir, small_data, tmp_path / "x", loss_type="simpo", live_reference=True))
 
 
 # -----------------------------------------------------------------------------
@@ -177,12 +217,12 @@ def test_step_0_check_holds_for_each_loss_and_catches_a_wrong_reference(loss_typ
     policy, other = GPT(tiny_config()), GPT(tiny_config())
     pairs = [preferences.Pair(Example([1, 2, 3], [4, 5]), Example([1, 2, 3], [6])),
              preferences.Pair(Example([7, 8], [9]), Example([7, 8], [10, 11, 12]))]
-    config = {**trainer.defaults(train_dpo.SETTINGS), "device": "cpu", "loss_type": loss_type, "label_smoothing": eps}
-    ref = train_dpo.reference_logps(policy, pairs, config, nullcontext())
+    config = {**flags.defaults(train_dpo.SETTINGS), "beta": 0.1, "device": "cpu", "loss_type": loss_type, "label_smoothing": eps}
+    ref = train_dpo.scored_logps(policy, pairs, config, nullcontext())
     losses = train_dpo.pair_losses(*ref, *ref, pairs, config)[0]
     assert losses.tolist() == pytest.approx([expected] * 2)  # the value the check expects, from the loss itself
     train_dpo.check_reference(policy, pairs, *ref, config, nullcontext())
-    wrong = train_dpo.reference_logps(other, pairs, config, nullcontext())
+    wrong = train_dpo.scored_logps(other, pairs, config, nullcontext())
     with pytest.raises(train_dpo.InputError, match=rf"at step 0 the {loss_type} loss is .* \(expected "
                                                    rf"{expected:.4f}.*the reference is not the model"):
         train_dpo.check_reference(policy, pairs, *wrong, config, nullcontext())
@@ -304,6 +344,7 @@ LORA_CONFIG = {"lora_r": 4, "lora_rslora": True, "lora_plus_ratio": 16.0}
     (train_dpo, ["--loss_type", "ipo"], "dpo", {"loss_type": "ipo"}),
     (train_dpo, ["--label_smoothing", "0.1"], "dpo", {"label_smoothing": 0.1}),
     (train_dpo, ["--rpo_alpha", "1"], "rpo", {"rpo_alpha": 1.0}),
+    (train_dpo, ["--loss_type", "simpo", "--simpo_gamma", "0.5"], "simpo", {"simpo_gamma": 0.5, "beta": 2.0}),
     (train_orpo, [], "orpo", {"orpo_lambda": 0.1}),
     (train_orpo, ["--orpo_lambda", "0.5", "--lora_r", "4"], "orpo", {"orpo_lambda": 0.5, "lora_r": 4}),
     (train_dpo, LORA_FLAGS, "dpo", LORA_CONFIG),
@@ -315,13 +356,15 @@ def test_each_variant_runs_from_the_command_line(script, flags, regime, config, 
     assert results["regime"] == regime and results["steps"] == 2
     assert all(math.isfinite(h["train_loss"]) for h in results["history"])
     assert {k: results["config"][k] for k in config} == config
+    if script is train_orpo or "simpo" in flags:
+        assert results["reference"] == "none" and not list((tmp_path / "run").glob("reference-*"))
     if script is train_orpo:
-        assert results["reference"].startswith("none") and not list((tmp_path / "run").glob("reference-*"))
         assert math.isfinite(results["metrics"]["orpo_loss"]) and 0 <= results["metrics"]["odds_accuracy"] <= 1
 
 
 def test_help_names_each_variants_source(capsys):
     for script, sources in ((train_dpo, ["Azar et al. 2023", "Mitchell 2023", "Pang et al. 2024", "Kalajdzievski",
+                                         "Meng et al. 2024", "2.0-2.5",
                                          "Hayou et al. 2024"]), (train_orpo, ["Hong et al. 2024", "0.1"])):
         with pytest.raises(SystemExit) as exit_info:
             script.main(["--help"])
@@ -334,11 +377,11 @@ def test_help_names_each_variants_source(capsys):
     (train_dpo, ["--label_smoothing", "0.7"], "--label_smoothing 0.7: must be in [0, 0.5)"),
     (train_dpo, ["--label_smoothing", "0.5"], "--label_smoothing 0.5: must be in [0, 0.5)"),
     (train_dpo, ["--label_smoothing", "-0.1"], "--label_smoothing -0.1: must be in [0, 0.5)"),
-    (train_dpo, ["--loss_type", "hinge"], "--loss_type hinge: must be sigmoid or ipo"),
+    (train_dpo, ["--loss_type", "hinge"], "--loss_type hinge: must be sigmoid, ipo or simpo"),
     (train_dpo, ["--loss_type", "ipo", "--label_smoothing", "0.1"],
      "--label_smoothing 0.1: only for --loss_type sigmoid"),
-    (train_dpo, ["--rpo_alpha", "-1"], "--rpo_alpha -1.0: must be 0 (off) or a positive number"),
-    (train_dpo, ["--rpo_alpha", "inf"], "--rpo_alpha inf: must be 0 (off) or a positive number"),
+    (train_dpo, ["--rpo_alpha", "-1"], "--rpo_alpha -1.0: must be 0 or more"),
+    (train_dpo, ["--rpo_alpha", "inf"], "--rpo_alpha inf: must be 0 or more"),
     (train_orpo, ["--orpo_lambda", "0"], "--orpo_lambda 0.0: must be a positive number"),
     (train_orpo, ["--lora_plus_ratio", "16"], "--lora_plus_ratio 16.0: needs --lora_r"),
     (train_sft, ["--lora_rslora"], "--lora_rslora: needs --lora_r"),

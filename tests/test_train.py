@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import preferences
 import train_dpo
 import train_sft
+import flags
 import trainer
 from conftest import ROOT, tiny_config
 from data.batching import Example, collate
@@ -136,7 +137,7 @@ def learnable_data(tmp_path_factory):
 
 
 def settings(tiny_dir, data_dir, out_dir, **overrides):
-    return {**trainer.defaults(), "task": "paraphrase", "init_from": str(tiny_dir), "data_dir": str(data_dir), "out_dir": str(out_dir),
+    return {**flags.defaults(trainer.SETTINGS), "task": "paraphrase", "init_from": str(tiny_dir), "data_dir": str(data_dir), "out_dir": str(out_dir),
             "device": "cpu", "epochs": 3, "lr": 3e-3, "warmup": 0.0, "dropout": 0.0, **overrides}
 
 
@@ -193,10 +194,10 @@ def test_the_reference_never_changes_and_live_equals_precomputed(tiny_dir, learn
     seen = []
     original = train_dpo.dpo_loss
 
-    def spy(pc, pr, rc, rr, beta):
+    def spy(pc, pr, rc, rr, **options):
         assert not rc.requires_grad and not rr.requires_grad  # no gradient ever reaches the reference
-        seen.append(original(pc, pr, rc, rr, beta)[0].detach().clone())
-        return original(pc, pr, rc, rr, beta)
+        seen.append(original(pc, pr, rc, rr, **options)[0].detach().clone())
+        return original(pc, pr, rc, rr, **options)
 
     monkeypatch.setattr(train_dpo, "dpo_loss", spy)
     losses = {}
@@ -211,9 +212,9 @@ def test_the_reference_never_changes_and_live_equals_precomputed(tiny_dir, learn
     for method in ("fft", "lora"):
         assert torch.allclose(losses[method, False], losses[method, True], atol=1e-5)
     # and the precomputed one is the starting model's: recompute it from the checkpoint on disk
-    config = {**trainer.defaults(train_dpo.SETTINGS), "device": "cpu"}
+    config = {**flags.defaults(train_dpo.SETTINGS), "beta": 0.1, "device": "cpu"}
     pairs = preferences.paraphrase_pairs(read_quora(learnable_data / "quora-train.csv", limit=32))
-    expected = train_dpo.reference_logps(GPT.from_pretrained(tiny_dir), pairs, config, nullcontext())
+    expected = train_dpo.scored_logps(GPT.from_pretrained(tiny_dir), pairs, config, nullcontext())
     for method in ("fft", "lora"):
         cached, = (tmp_path / f"{method}-False").glob("reference-train-*.safetensors")
         tensors = read_safetensors(cached)[0]
@@ -224,18 +225,18 @@ def test_the_reference_never_changes_and_live_equals_precomputed(tiny_dir, learn
 def test_sft_then_dpo_with_lora_uses_the_sft_model_as_reference(tiny_dir, learnable_data, tmp_path):
     """The classic DPO bug: after LoRA SFT, 'adapters off' is base GPT-2, not the SFT model."""
     train_sft.train(settings(tiny_dir, learnable_data, tmp_path / "sft", lora_r=4, epochs=2))
-    config = train_dpo.check_config({**trainer.defaults(train_dpo.SETTINGS),
+    config = train_dpo.check_config({**flags.defaults(train_dpo.SETTINGS), "beta": 0.1,
                                      **settings(tmp_path / "sft", learnable_data, tmp_path / "dpo", lora_r=4)})
     policy = trainer.load_policy(config)
     pairs = preferences.paraphrase_pairs(load_task_data(config)[0])[:16]
     with train_dpo.adapters_off(policy):
-        ref = train_dpo.reference_logps(policy, pairs, config, nullcontext())
+        ref = train_dpo.scored_logps(policy, pairs, config, nullcontext())
     sft_model = load_model(tmp_path / "sft")
     base = GPT.from_pretrained(tiny_dir)
-    assert torch.allclose(ref[0], train_dpo.reference_logps(sft_model, pairs, config, nullcontext())[0],
+    assert torch.allclose(ref[0], train_dpo.scored_logps(sft_model, pairs, config, nullcontext())[0],
                           atol=1e-5)
     train_dpo.check_reference(policy, pairs, *ref, config, nullcontext())  # passes: same model
-    wrong = train_dpo.reference_logps(base, pairs, config, nullcontext())
+    wrong = train_dpo.scored_logps(base, pairs, config, nullcontext())
     with pytest.raises(InputError, match="the reference is not the model training starts from"):
         train_dpo.check_reference(policy, pairs, *wrong, config, nullcontext())
     results = train_dpo.train(settings(tmp_path / "sft", learnable_data, tmp_path / "dpo", lora_r=4, epochs=1))
@@ -255,7 +256,7 @@ def test_gradient_accumulation_gives_the_same_update(tiny_dir, learnable_data, t
 def test_bf16_autocast_runs_on_cpu(tiny_dir, learnable_data, tmp_path):
     results = train_dpo.train(settings(tiny_dir, learnable_data, tmp_path / "bf16", epochs=1, train_limit=16,
                                        dtype="bfloat16"))
-    assert math.isfinite(results["history"][0]["dpo_loss"])
+    assert math.isfinite(results["history"][0]["preference_loss"])
 
 
 def test_sonnet_sft_and_dpo_end_to_end(tiny_dir, sample_data, tmp_path):
@@ -279,8 +280,8 @@ def test_sonnet_sft_and_dpo_end_to_end(tiny_dir, sample_data, tmp_path):
 
 def run_script(args, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(ROOT / "train_sft.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **kwargs}
+    return subprocess.Popen([sys.executable, str(ROOT / "train_sft.py"), *args], cwd=ROOT, env=env, text=True, **output)
 
 
 def test_resume_after_kill_9_ends_with_the_same_weights(tiny_dir, tmp_path):
@@ -411,7 +412,7 @@ def test_sonnet_rejections_are_the_sampled_tokens_with_end_of_text_only_when_sam
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=256)).eval()
     sonnets = read_sonnets(sample_data / "sonnets.txt")[:2]
-    config = {**trainer.defaults(train_dpo.SETTINGS), "device": "cpu"}
+    config = {**flags.defaults(train_dpo.SETTINGS), "beta": 0.1, "device": "cpu"}
     rejected = preferences.sample_rejections(model, sonnets, config, tmp_path, "weights", model.config.block_size)
     chosen = train_sft.continuation_examples(sonnets)
     budget = max(len(c.target) for c in chosen)  # the longest true rest, with its end-of-text, fits
@@ -435,7 +436,7 @@ def test_rejections_from_another_model_are_that_models_samples(sample_data, tmp_
     policy = GPT(tiny_config(block_size=256)).eval()
     sonnets = read_sonnets(sample_data / "sonnets.txt")[:2]
     dev = (read_sonnets(sample_data / "sonnets_held_out_dev.txt")[:1], read_sonnets(sample_data / "TRUE_sonnets_held_out_dev.txt"))
-    config = {**trainer.defaults(train_dpo.SETTINGS), "task": "sonnet", "device": "cpu", "cache_dir": str(tmp_path),
+    config = {**flags.defaults(train_dpo.SETTINGS), "beta": 0.1, "task": "sonnet", "device": "cpu", "cache_dir": str(tmp_path),
               "rejections_from": str(tmp_path / "other")}
     pairs, dev_pairs = preferences.preference_pairs(policy, sonnets, dev, config)
     expected = preferences.sample_rejections(other, sonnets, config, tmp_path / "fresh", "other", 256)

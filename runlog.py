@@ -1,0 +1,114 @@
+"""
+log.jsonl: what a training run writes as it goes, one JSON object a line, for plotting (python -m plot) and for
+reading a run that has no terminal (nohup, a scheduler, study.py --jobs). trainer.fit writes two kinds of line:
+
+    {"step": 40, "epoch": 0.8, "loss": 0.61, "lr": 2e-05, "grad_norm": 3.1, "tokens_per_second": 5120.0,
+     "elapsed": 12.5, "reward_accuracy": 0.75, "reward_margin": 0.4}           every --log_every steps
+    {"step": 50, "epoch": 1, "elapsed": 15.0, "dev": {"accuracy": 0.8, ...}}   every dev evaluation
+
+loss, grad_norm (before clipping) and the DPO family's reward figures are means over the steps since the line
+before; epoch counts epochs done (fractions within one). Each line is appended and flushed at once, so a killed
+run keeps every line it wrote, and a resumed run first drops the lines past its checkpoint, so that every step
+is in the file once. With --wandb_project the same lines go to Weights & Biases.
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from checkpoint import CHECKPOINT
+from fileio import InputError, read_text
+
+
+class Log:
+    """log.jsonl: a line every --log_every steps with the means since the last line (loss, gradient norm before
+    clipping, and what loss_fn adds), the learning rate, tokens per second and the time; a line per dev
+    evaluation. Appended and flushed line by line, so a killed run keeps every line; printed too when tqdm is
+    off (output to a file), and sent to Weights & Biases with --wandb_project."""
+
+    def __init__(self, run, progress):
+        self.run, self.sums, self.steps = run, {}, 0
+        self.path = Path(run.config["out_dir"]) / "log.jsonl"
+        self.tokens, self.time = progress["real_tokens"], time.time()
+        self.since_evaluation = [0.0, 0]  # the summed per-step loss and the steps since the last evaluation
+        self.echo = not sys.stderr.isatty()  # tqdm's bar is off (nohup, a scheduler, study --jobs): print lines
+        self.wandb = start_wandb(run.config) if run.master and run.config["wandb_project"] else None
+        if run.master:  # a resumed run drops the lines written after its checkpoint: every step appears once
+            kept = [line for line in read_log(self.path) if line["step"] <= progress["step"]]
+            self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+
+    def add(self, **values):
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+        self.steps += "grad_norm" in values  # one per optimizer step
+
+    def write(self, progress, epoch, lr, t0):
+        names = list(self.sums)
+        totals = torch.stack([self.sums[name] for name in names])
+        if self.run.world_size > 1:
+            dist.all_reduce(totals)  # loss shares add up over processes; the norm is the same on each
+            totals[names.index("grad_norm")] /= self.run.world_size
+        means = dict(zip(names, (totals / self.steps).tolist()))
+        check_finite(means["loss"], progress, self.run.config["out_dir"])
+        now = time.time()
+        line = {"step": progress["step"], "epoch": round(epoch, 4), "loss": means.pop("loss"), "lr": lr, **means,
+                "tokens_per_second": (progress["real_tokens"] - self.tokens) / max(now - self.time, 1e-9),
+                "elapsed": progress["train_seconds"] + now - t0}
+        self.since_evaluation[0] += line["loss"] * self.steps
+        self.since_evaluation[1] += self.steps
+        self.sums, self.steps, self.tokens, self.time = {}, 0, progress["real_tokens"], now
+        self.append(line)
+        return line
+
+    def evaluation(self, progress, epoch, summary):
+        """Log the dev metrics; returns the mean training loss since the last evaluation (by default: the epoch's)."""
+        self.append({"step": progress["step"], "epoch": epoch, "elapsed": progress["train_seconds"],
+                     "dev": {k: v for k, v in summary.items() if isinstance(v, (int, float))}})
+        total, steps = self.since_evaluation
+        self.since_evaluation, self.time = [0.0, 0], time.time()  # scoring time is not training time
+        return total / steps if steps else None
+
+    def append(self, line):
+        if not self.run.master:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.echo:
+            print(json.dumps(line), flush=True)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in line.items() if k != "dev"} | line.get("dev", {}), step=line["step"])
+
+
+def read_log(path):
+    """The lines of a log.jsonl (none if it does not exist); a last line cut off by a kill is dropped."""
+    if not Path(path).exists():
+        return []
+    lines = []
+    for text in read_text(path).splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            break
+    return lines
+
+
+def start_wandb(config):
+    try:
+        import wandb
+    except ImportError:
+        raise InputError(f"--wandb_project {config['wandb_project']}: the wandb package is not installed "
+                         f"(pip install wandb)") from None
+    return wandb.init(project=config["wandb_project"], config=config, name=Path(config["out_dir"]).name)
+
+
+def check_finite(loss, progress, out_dir):
+    """A NaN/inf loss stops the run before anything more is saved, so the last checkpoint is still a good one."""
+    if not math.isfinite(loss):
+        checkpoint = Path(out_dir) / CHECKPOINT
+        raise InputError(f"the loss is {loss} at step {progress['step']} (epoch {progress['epoch'] + 1}); stopped. "
+                         f"The last good state is {checkpoint if checkpoint.exists() else 'not saved'}; try a lower --lr")
