@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import checkpoint
 from conftest import ROOT, tiny_config
 from fileio import read_safetensors
 from model import GPT
@@ -30,7 +31,7 @@ def run(args, nproc=None):
 @pytest.mark.parametrize("script, extra", [("train_sft.py", []), ("train_dpo.py", ["--lora_r", "4"])])
 def test_two_processes_match_one(script, extra, tmp_path):
     torch.manual_seed(0)
-    GPT(tiny_config()).save_pretrained(tmp_path / "tiny")
+    checkpoint.save_pretrained(GPT(tiny_config()), tmp_path / "tiny")
     data = tmp_path / "data"
     data.mkdir()
     write_learnable_quora(data / "quora-train.csv", 32, seed=5)
