@@ -65,26 +65,24 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.config = config  # shared by every layer: model.config.attention = "manual" switches them all
         self.layer_idx = layer_idx  # which slot of a KVCache this layer reads and writes
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, attn_mask=None, kv_cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        n_head = self.config.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
         # split the channels into heads: (B, T, C) -> (B, n_head, T, head_size)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, n_head, C // n_head).transpose(1, 2)
+        k = k.view(B, T, n_head, C // n_head).transpose(1, 2)
+        v = v.view(B, T, n_head, C // n_head).transpose(1, 2)
         if kv_cache is not None:  # prepend the keys and values of the tokens already seen
             k, v = kv_cache.update(self.layer_idx, k, v)
         # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V        (Vaswani et al. 2017, eq. 1)
         # M is -inf where a query may not look: the future (causal), and padding. attn_mask=None means
         # "causal only", which lets PyTorch use its fastest kernels.
-        dropout_p = self.dropout if self.training else 0.0
+        dropout_p = self.config.dropout if self.training else 0.0
         if self.config.attention == "manual":
             y = manual_attention(q, k, v, attn_mask, dropout_p)
         else:
@@ -222,10 +220,8 @@ class GPT(nn.Module):
 
         Callers that need only a few positions' logits (scoring, generation) apply lm_head to those alone.
         """
-        B, T = input_ids.size()
+        B, T = input_ids.size()  # token ids are checked where batches are built, on the CPU (data/batching.py)
         past_len = len(kv_cache) if kv_cache is not None else 0
-        # token ids are checked on the CPU where batches are built (data.batching): an id outside the vocabulary
-        # fails in wte, and a check here would make every forward pass wait for the GPU
         if past_len + T > self.config.block_size:
             raise ValueError(f"sequence of {past_len + T} tokens is longer than block_size={self.config.block_size}")
         positions, attn_mask = attention_inputs(attention_mask, B, T, past_len, input_ids.device)
@@ -270,7 +266,8 @@ class GPT(nn.Module):
         if not 0 < top_p <= 1:  # also refuses nan
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds block_size={self.config.block_size}")
+            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds "
+                             f"block_size={self.config.block_size}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         elif not attention_mask[:, -1].all():
