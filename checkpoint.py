@@ -40,10 +40,6 @@ HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.saf
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def weights_cache_dir():
-    return Path(os.environ.get("GPT2_CACHE_DIR", Path.home() / ".cache" / "gpt2-sft-dpo")).expanduser()
-
-
 def from_pretrained(name_or_dir, dropout=0.0):
     """A GPT from one of gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once into GPT2_CACHE_DIR), or from a
     local folder holding config.json and model.safetensors, as the hub has them and save_pretrained writes."""
@@ -52,8 +48,9 @@ def from_pretrained(name_or_dir, dropout=0.0):
         name_or_dir = name_or_dir.removeprefix("openai-community/")
     if name_or_dir in PRETRAINED:
         config = GPTConfig(**PRETRAINED[name_or_dir], dropout=dropout)
+        cache = Path(os.environ.get("GPT2_CACHE_DIR", Path.home() / ".cache" / "gpt2-sft-dpo")).expanduser()
         weights = download(
-            HUB_URL.format(name=name_or_dir), weights_cache_dir() / name_or_dir / "model.safetensors",
+            HUB_URL.format(name=name_or_dir), cache / name_or_dir / "model.safetensors",
             hint=f"Without internet access, get {name_or_dir}'s config.json and model.safetensors from "
                  f"huggingface.co/openai-community/{name_or_dir} elsewhere, put them in a directory, "
                  f"and pass that directory instead of the name.",
@@ -247,7 +244,7 @@ def is_sft_run(init_from):
     """Whether init_from is a training run's folder or one of its model folders (SFT->DPO), rather than GPT-2
     itself (DPO-only)."""
     directory = Path(init_from)
-    return directory.is_dir() and ((directory / "results.json").exists() or (directory.parent / "results.json").exists())
+    return directory.is_dir() and any((d / "results.json").exists() for d in (directory, directory.parent))
 
 
 # -----------------------------------------------------------------------------
