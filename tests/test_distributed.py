@@ -39,7 +39,8 @@ def test_two_processes_match_one(script, extra, tmp_path):
     args = [script, "--task", "paraphrase", "--init_from", str(tmp_path / "tiny"), "--data_dir", str(data),
             "--device", "cpu", "--epochs", "1", "--batch_size", "8", "--lr", "1e-3", "--dropout", "0", *extra]
     one = run(args + ["--out_dir", str(tmp_path / "one")])
-    two = run(args + ["--out_dir", str(tmp_path / "two"), "--grad_accum", "2"], nproc=2)  # 2 ranks x 2 micro-batches of 2
+    # 2 ranks x 2 micro-batches of 2
+    two = run(args + ["--out_dir", str(tmp_path / "two"), "--grad_accum", "2"], nproc=2)
     assert two.count("epoch 1:") == 1, two  # only rank 0 prints and writes
     name = "adapter.safetensors" if extra else "model.safetensors"
     a = read_safetensors(tmp_path / "one" / "last" / name)[0]
