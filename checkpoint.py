@@ -10,7 +10,7 @@ checkpoint manager).
         dev_predictions.json, best_dev_predictions.json     the final and the best epoch's dev predictions
 
 A model folder (last/, best/) is one of two layouts:
-- FFT: the Hugging Face hub's GPT-2 layout, config.json + model.safetensors (model.GPT.save_pretrained);
+- FFT: the Hugging Face hub's GPT-2 layout, config.json + model.safetensors (save_pretrained);
 - LoRA: adapter.safetensors + adapter_config.json, whose "base_model_name_or_path" names the model it adapts
   (a GPT-2 name, a hub folder, or another adapter folder: SFT LoRA -> DPO LoRA stacks).
 
@@ -18,31 +18,141 @@ load_model reads any of these, a GPT-2 name, or a whole run folder (its best/, e
 """
 
 import json
+import os
 import random
 from pathlib import Path
 
 import torch
 
-from fileio import InputError, atomic_open, write_json
-from lora import load_lora, lora_state_dict, merged_model, save_lora
-from model import GPT, PRETRAINED, read_hub_config
+from fileio import InputError, atomic_open, download, read_safetensors, write_json, write_safetensors
+from lora import load_lora, lora_layers, lora_state_dict, merged_model, save_lora
+from model import END_OF_TEXT, GPT, PRETRAINED, GPTConfig
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 CHECKPOINT = "checkpoint.pt"
 
 
 # -----------------------------------------------------------------------------
-# the hub's GPT-2 layout (config.json + model.safetensors)
+# the hub's GPT-2 layout (config.json + model.safetensors): OpenAI's weights, and what FFT runs write
+
+HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
+# OpenAI's code stores these four as "Conv1D" weights, (in, out); nn.Linear keeps (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def from_pretrained(name_or_dir, dropout=0.0):
-    """A GPT-2 name (downloaded once) or a hub-layout folder -> GPT."""
-    return GPT.from_pretrained(name_or_dir, dropout=dropout)
+    """A GPT from one of gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once into GPT2_CACHE_DIR), or from a
+    local folder holding config.json and model.safetensors, as the hub has them and save_pretrained writes."""
+    name_or_dir = str(name_or_dir)
+    if name_or_dir.removeprefix("openai-community/") in PRETRAINED and not Path(name_or_dir).is_dir():
+        name_or_dir = name_or_dir.removeprefix("openai-community/")
+    if name_or_dir in PRETRAINED:
+        config = GPTConfig(**PRETRAINED[name_or_dir], dropout=dropout)
+        cache = Path(os.environ.get("GPT2_CACHE_DIR", Path.home() / ".cache" / "gpt2-sft-dpo")).expanduser()
+        weights = download(
+            HUB_URL.format(name=name_or_dir), cache / name_or_dir / "model.safetensors",
+            hint=f"Without internet access, get {name_or_dir}'s config.json and model.safetensors from "
+                 f"huggingface.co/openai-community/{name_or_dir} elsewhere, put them in a directory, "
+                 f"and pass that directory instead of the name.",
+        )
+    else:
+        directory = Path(name_or_dir)
+        if not directory.is_dir():
+            raise InputError(f"{name_or_dir!r} is neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
+        config = read_hub_config(directory / "config.json", dropout)
+        weights = directory / "model.safetensors"
+        if not weights.is_file():
+            pickled = (directory / "pytorch_model.bin").exists()
+            why = " (pytorch_model.bin is a pickle, which this loader never opens)" if pickled else ""
+            raise InputError(f"{weights}: no such file{why}; the directory needs model.safetensors")
+    with torch.device("meta"):  # shapes only: no memory and no random init for weights about to be replaced
+        model = GPT(config)
+    tensors, _ = read_safetensors(weights)
+    model.load_state_dict(state_dict_from_hub(tensors, model, weights), assign=True)  # the file's tensors, as they are
+    model.transformer.wte.weight = model.lm_head.weight  # assign=True gave the two tied names separate Parameters
+    return model
 
 
 def save_pretrained(model, directory):
-    """Write `model` (no LoRA layers) as config.json + model.safetensors."""
-    model.save_pretrained(directory)
+    """Write config.json and model.safetensors in the hub's layout: from_pretrained (ours, or Hugging Face's
+    GPT2LMHeadModel) loads them back. Each file is written atomically. `model` must have no LoRA layers."""
+    directory = Path(directory)
+    for path in [directory, *directory.parents]:  # the deepest part that exists must be a folder
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == directory else f"lies under {path}, which is a file"
+                raise InputError(f"{directory}: {where}, not a folder; save_pretrained writes config.json and "
+                                 f"model.safetensors into a folder")
+            break
+    if lora_layers(model):
+        raise ValueError("this model has LoRA layers, whose names a GPT-2 checkpoint does not have: save the "
+                         "adapter with lora.save_lora, or save lora.merged_model(model) (a plain GPT-2)")
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to transformer.wte.weight
+        tensors[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+    write_safetensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
+    c = model.config
+    write_json(directory / "config.json", {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+        "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+        "n_head": c.n_head, "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
+        "bos_token_id": END_OF_TEXT, "eos_token_id": END_OF_TEXT, "tie_word_embeddings": True,
+    })
+
+
+def read_hub_config(path, dropout=0.0):
+    """GPTConfig from a Hugging Face GPT-2 config.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; a model directory needs config.json and model.safetensors")
+    try:
+        hub = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if hub.get("model_type", "gpt2") != "gpt2":
+        raise InputError(f"{path}: model_type is {hub['model_type']!r}, this loader reads GPT-2 checkpoints only")
+    hub.setdefault("n_positions", hub.get("n_ctx"))  # older configs name the context length n_ctx
+    for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if hub.get(key) is None:
+            raise InputError(f"{path}: missing the GPT-2 setting {key!r}")
+    try:
+        settings = dict(block_size=int(hub["n_positions"]), vocab_size=int(hub["vocab_size"]),
+                        n_layer=int(hub["n_layer"]), n_head=int(hub["n_head"]), n_embd=int(hub["n_embd"]),
+                        layer_norm_epsilon=float(hub.get("layer_norm_epsilon", 1e-5)))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: a GPT-2 setting is not a number ({e})") from None
+    try:
+        return GPTConfig(**settings, dropout=dropout)
+    except ValueError as e:  # numbers that make no GPT, e.g. n_embd not divisible by n_head
+        raise InputError(f"{path}: {e}") from None
+
+
+def state_dict_from_hub(tensors, model, source):
+    """Rename and transpose a hub checkpoint's tensors into `model`'s state dict, checking every name and shape."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}  # lm_head is tied
+    ours = {}
+    for name, tensor in tensors.items():
+        name = name.removeprefix("transformer.")  # present when Hugging Face saved a GPT2LMHeadModel
+        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the tied output layer, and causal-mask buffers that older checkpoints carry
+        name = "transformer." + name
+        if name.endswith(CONV1D_WEIGHTS) and tensor.dim() == 2:
+            tensor = tensor.t().contiguous()
+        ours[name] = tensor
+    missing, unexpected = sorted(expected.keys() - ours.keys()), sorted(ours.keys() - expected.keys())
+    if missing or unexpected:
+        raise InputError(f"{source}: does not match a GPT-2 with n_layer={model.config.n_layer}: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for name, shape in expected.items():
+        if ours[name].shape != shape:
+            raise InputError(f"{source}: tensor {name} has shape {tuple(ours[name].shape)}, the model (n_embd="
+                             f"{model.config.n_embd}, vocab_size={model.config.vocab_size}) expects {tuple(shape)}")
+        ours[name] = ours[name].float()
+    ours["lm_head.weight"] = ours["transformer.wte.weight"]
+    return ours
 
 
 # -----------------------------------------------------------------------------
@@ -54,7 +164,7 @@ def save_model(model, directory, config):
     naming the model it adapts, which is all load_model needs to rebuild the fine-tuned model."""
     directory = Path(directory)
     if not config["lora_r"]:
-        model.save_pretrained(directory)
+        save_pretrained(model, directory)
         return
     base = config["init_from"]
     base = str(Path(base).resolve()) if Path(base).is_dir() else base
@@ -124,7 +234,7 @@ def load_model(name_or_dir, adapter=None, dropout=0.0):
         base = load_model(adapter_base(directory), dropout=dropout)
         model = merged_model(load_lora(base, directory / ADAPTER_FILE))
     else:
-        model = GPT.from_pretrained(directory if directory.is_dir() else name_or_dir, dropout=dropout)
+        model = from_pretrained(directory if directory.is_dir() else name_or_dir, dropout=dropout)
     if adapter is not None:
         model = merged_model(load_lora(model, adapter))
     return model
@@ -134,7 +244,7 @@ def is_sft_run(init_from):
     """Whether init_from is a training run's folder or one of its model folders (SFT->DPO), rather than GPT-2
     itself (DPO-only)."""
     directory = Path(init_from)
-    return directory.is_dir() and ((directory / "results.json").exists() or (directory.parent / "results.json").exists())
+    return directory.is_dir() and any((d / "results.json").exists() for d in (directory, directory.parent))
 
 
 # -----------------------------------------------------------------------------

@@ -15,10 +15,10 @@ scales by alpha / sqrt(r) instead: with alpha / r a larger rank learns slower (t
 while its variance grows only as r), so ranks above ~16 gain nothing; alpha / sqrt(r) keeps the learning
 speed steady in r. (LoRA+, B's own learning rate, is the optimizer's: trainer.configure_optimizer.)
 
-    model = apply_lora(GPT.from_pretrained("gpt2"), r=8, alpha=16)  # freezes everything but A and B
+    model = apply_lora(checkpoint.from_pretrained("gpt2"), r=8, alpha=16)  # freezes all but A and B
     ... train ...
     save_lora(model, "adapter.safetensors")                        # a few MB, not the whole model
-    plain = merged_state_dict(model)                               # a plain GPT state dict, W + (alpha/r) B A
+    plain = merged_model(model)                                    # a plain GPT whose weights are W + (alpha/r) B A
 """
 
 import math
@@ -31,11 +31,12 @@ from fileio import InputError, read_safetensors, write_safetensors
 
 # Every Linear in GPT-2's blocks. The output layer is never adapted: it is tied to the token embedding.
 DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LORA_NAMES = (".lora_A", ".lora_B")
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update: y = W x + b + (alpha / r) B A dropout(x), or with
-    rslora the scale alpha / sqrt(r)."""
+    """A frozen nn.Linear plus a trainable low-rank update: y = W x + b + scaling B A dropout(x), where scaling
+    is alpha / r (rsLoRA: alpha / sqrt(r))."""
 
     def __init__(self, base, r, alpha, dropout=0.0, rslora=False):
         super().__init__()
@@ -44,9 +45,9 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        weight = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=weight.device, dtype=weight.dtype))
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear does for its own weight
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False
@@ -54,7 +55,7 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.merged:
             if self.training:
-                raise RuntimeError("this LoRA layer is merged into its base weight; call unmerge() before training")
+                raise RuntimeError("this LoRA layer is merged into its base weight; call unmerge_lora before training")
             return self.base(x)
         return self.base(x) + (self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
@@ -62,29 +63,16 @@ class LoRALinear(nn.Module):
         """The update this layer adds to W: scaling B A, shape (out_features, in_features)."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
-    @torch.no_grad()
-    def merge(self):
-        """Fold the update into W, so a forward pass costs one matmul. unmerge() undoes it."""
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
-
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}" + (", rslora" if self.rslora else "")
 
 
 def apply_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS, rslora=False):
     """Replace every nn.Linear whose name is, or ends in, one of `targets` by a LoRALinear; freeze the rest.
-    rslora: scale the update by alpha / sqrt(r) instead of alpha / r.
+    Returns the model (changed in place).
 
-    Target names are matched by dotted suffix: "c_proj" matches attention's and the MLP's c_proj,
-    "attn.c_proj" only attention's, "transformer.h.0.attn.c_attn" one layer. Returns the model (changed in place).
+    Targets match by dotted suffix: "c_proj" matches attention's and the MLP's c_proj, "attn.c_proj" only
+    attention's, "transformer.h.0.attn.c_attn" one layer.
     """
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
@@ -94,30 +82,26 @@ def apply_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS, rslora=Fal
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     if isinstance(targets, str) or not targets:
         raise ValueError(f"LoRA targets must be a non-empty list of module names, got {targets!r}")
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if lora_layers(model):
         raise ValueError("this model already has LoRA layers; apply_lora once per model")
-
-    linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    chosen = []
+    chosen = {}  # name -> module, in the order found
     for target in targets:
-        matches = [name for name, _ in model.named_modules() if name == target or name.endswith("." + target)]
+        matches = {name: m for name, m in model.named_modules() if name == target or name.endswith("." + target)}
         if not matches:
-            suffixes = sorted({".".join(n.split(".")[-2:]) for n in linear_names})
-            raise ValueError(f"LoRA target {target!r} matches no module; the Linear layers are named {suffixes}")
-        for name in matches:
-            module = model.get_submodule(name)
+            linears = sorted({".".join(name.split(".")[-2:]) for name, m in model.named_modules()
+                              if isinstance(m, nn.Linear)})
+            raise ValueError(f"LoRA target {target!r} matches no module; the Linear layers are named {linears}")
+        for name, module in matches.items():
             if name == "lm_head":
                 raise ValueError("lm_head is tied to the token embedding and is never adapted by LoRA")
             if not isinstance(module, nn.Linear):
-                raise ValueError(f"LoRA target {target!r} matches {name}, which is {type(module).__name__}, not nn.Linear")
-            if name not in chosen:
-                chosen.append(name)
-
+                raise ValueError(f"LoRA target {target!r} matches {name}, which is {type(module).__name__}, "
+                                 f"not nn.Linear")
+            chosen[name] = module
     model.requires_grad_(False)  # only the new A and B matrices will train
-    for name in chosen:
+    for name, module in chosen.items():
         parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), r, alpha, dropout, rslora))
+        setattr(model.get_submodule(parent_name), child_name, LoRALinear(module, r, alpha, dropout, rslora))
     return model
 
 
@@ -125,15 +109,23 @@ def lora_layers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+@torch.no_grad()
 def merge_lora(model):
+    """Fold every layer's update into its W (W += scaling B A), so a forward pass costs one matmul per layer."""
     for layer in lora_layers(model).values():
-        layer.merge()
+        if not layer.merged:
+            layer.base.weight += layer.delta_weight()
+            layer.merged = True
     return model
 
 
+@torch.no_grad()
 def unmerge_lora(model):
+    """Undo merge_lora (W -= scaling B A), to train again."""
     for layer in lora_layers(model).values():
-        layer.unmerge()
+        if layer.merged:
+            layer.base.weight -= layer.delta_weight()
+            layer.merged = False
     return model
 
 
@@ -142,22 +134,7 @@ def unmerge_lora(model):
 
 def lora_state_dict(model):
     """Only the LoRA matrices: everything needed to rebuild the fine-tuned model from the base model."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
-
-
-def load_lora_state_dict(model, state_dict):
-    """Load A and B matrices into a model that already has exactly these LoRA layers (same names and shapes)."""
-    expected = lora_state_dict(model)
-    if not expected:
-        raise ValueError("the model has no LoRA layers; call apply_lora (or load_lora) first")
-    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"LoRA state dict does not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    for key, tensor in state_dict.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"LoRA tensor {key} has shape {tuple(tensor.shape)}, the model has {tuple(expected[key].shape)}")
-    model.load_state_dict(state_dict, strict=False)
-    return model
+    return {k: v for k, v in model.state_dict().items() if k.endswith(LORA_NAMES)}
 
 
 def save_lora(model, path):
@@ -173,11 +150,9 @@ def save_lora(model, path):
 
 def load_lora(model, path):
     """Load an adapter written by save_lora. A model without LoRA layers gets them first, on exactly the
-    layers the file adapts, with the file's rank, alpha and scaling (alpha / r, or rsLoRA's alpha / sqrt(r);
-    files written before rsLoRA are alpha / r). Returns the model.
-
-    An adapter made for a model of another depth (n_layer), width (n_embd) or LoRA rank is an InputError
-    naming the file and each mismatch."""
+    layers the file adapts, with the file's rank, alpha and scaling (files written before rsLoRA are alpha / r).
+    Returns the model. An adapter that does not fit the model (its depth, width, rank, scaling or layers) is an
+    InputError naming the file and each mismatch."""
     tensors, metadata = read_safetensors(path)
     names = sorted(k.removesuffix(".lora_A") for k in tensors if k.endswith(".lora_A"))
     if not names or "lora_alpha" not in metadata or any(
@@ -191,9 +166,19 @@ def load_lora(model, path):
         if not lora_layers(model):
             apply_lora(model, r=tensors[names[0] + ".lora_A"].shape[0], alpha=float(metadata["lora_alpha"]),
                        dropout=float(metadata.get("lora_dropout", 0.0)), targets=names, rslora=saved_rslora(metadata))
-        return load_lora_state_dict(model, tensors)
+        expected = lora_state_dict(model)
+        missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(f"LoRA state dict does not match the model: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+        for key, tensor in tensors.items():
+            if tensor.shape != expected[key].shape:
+                raise ValueError(f"LoRA tensor {key} has shape {tuple(tensor.shape)}, the model has "
+                                 f"{tuple(expected[key].shape)}")
     except ValueError as e:  # targets this model does not have, shapes that differ, a damaged file
         raise InputError(f"{path}: {e}") from None
+    model.load_state_dict(tensors, strict=False)
+    return model
 
 
 def saved_rslora(metadata):
@@ -202,7 +187,7 @@ def saved_rslora(metadata):
 
 
 def adapter_mismatches(model, names, tensors, metadata):
-    """What about an adapter does not fit `model`: its depth, width or rank, e.g. ["depth n_layer=3, the
+    """What about an adapter does not fit `model`: its depth, width, rank or scaling, e.g. ["depth n_layer=3, the
     model's is 2"]. Adapters saved without that metadata are measured from their names and shapes."""
     c, A = model.config, tensors[names[0] + ".lora_A"]  # A: (r, in_features)
     deepest = 1 + max(int(name.split(".")[2]) for name in names)  # names are transformer.h.{i}.<module>
@@ -210,6 +195,7 @@ def adapter_mismatches(model, names, tensors, metadata):
     # width: what every adapted layer reads is n_embd wide, except the MLP's c_proj (4 n_embd), whose B is n_embd
     width = int(metadata.get("n_embd", tensors[names[0] + ".lora_B"].shape[0] if names[0].endswith("mlp.c_proj")
                                        else A.shape[1]))
+    rslora = saved_rslora(metadata)
     model_ranks = sorted({layer.r for layer in lora_layers(model).values()})
     model_rslora = {layer.rslora for layer in lora_layers(model).values()}
     mismatches = []
@@ -219,31 +205,25 @@ def adapter_mismatches(model, names, tensors, metadata):
         mismatches.append(f"width n_embd={width}, the model's is {c.n_embd}")
     if model_ranks and model_ranks != [A.shape[0]]:
         mismatches.append(f"rank r={A.shape[0]}, the model's LoRA layers have r={', '.join(map(str, model_ranks))}")
-    if model_rslora and model_rslora != {saved_rslora(metadata)}:
-        mismatches.append(f"scaling {'alpha/sqrt(r) (rsLoRA)' if saved_rslora(metadata) else 'alpha/r'}, the model's "
+    if model_rslora and model_rslora != {rslora}:
+        mismatches.append(f"scaling {'alpha/sqrt(r) (rsLoRA)' if rslora else 'alpha/r'}, the model's "
                           f"LoRA layers scale by {'alpha/sqrt(r)' if True in model_rslora else 'alpha/r'}")
     return mismatches
 
 
 def merged_state_dict(model):
     """A plain GPT state dict (no LoRA names) whose weights are W + scaling B A. The model is unchanged."""
-    layers = lora_layers(model)
-    plain = {}
-    for key, value in model.state_dict().items():
-        if key.endswith((".lora_A", ".lora_B")):
-            continue
-        module_name, _, param = key.rpartition(".")
-        owner = layers.get(module_name.removesuffix(".base")) if module_name.endswith(".base") else None
-        if owner is not None:
-            key = f"{module_name.removesuffix('.base')}.{param}"
-            if param == "weight" and not owner.merged:
-                value = value + owner.delta_weight()
-        plain[key] = value.detach().clone()
+    # a LoRA layer's W and b are named <layer>.base.weight and <layer>.base.bias; a plain GPT's <layer>.weight, .bias
+    plain = {key.replace(".base.", "."): value.detach().clone()
+             for key, value in model.state_dict().items() if not key.endswith(LORA_NAMES)}
+    for name, layer in lora_layers(model).items():
+        if not layer.merged:
+            plain[name + ".weight"] += layer.delta_weight().detach()
     return plain
 
 
 def merged_model(model):
-    """A new plain GPT (no LoRA layers) whose weights are W + scaling B A: what save_pretrained can write."""
+    """A new plain GPT (no LoRA layers) whose weights are W + scaling B A: what checkpoint.save_pretrained writes."""
     plain = type(model)(model.config).to(next(model.parameters()).device)
     plain.load_state_dict(merged_state_dict(model))
     return plain.train(model.training)

@@ -3,13 +3,13 @@ GPT-2, in one file you can read top to bottom (after Karpathy's nanoGPT).
 
     logits = model(input_ids, attention_mask=None)        # (B, T, vocab): a prediction at every position
     logits = model(input_ids, logits_at=pos)              # (B, K, vocab): only where a loss reads
-    model = GPT.from_pretrained("gpt2")                   # OpenAI's weights (or a local hub-layout directory)
+    model = checkpoint.from_pretrained("gpt2")            # OpenAI's weights (checkpoint.py reads the hub's files)
     tokens = model.generate(prompt_ids, max_new_tokens=128, temperature=1.2, top_p=0.9)
 
 The architecture is exactly GPT-2's (Radford et al. 2019): learned token and position embeddings, then
 n_layer pre-LayerNorm blocks of causal self-attention and a GELU MLP, a final LayerNorm, and an output
 layer that shares its weights with the token embedding. Module names match OpenAI's checkpoint, so loading
-is a rename plus a transpose.
+is a rename plus a transpose. This file imports only torch: copy it alone into a notebook and it runs.
 
 Padding: a batch of sequences of different lengths is padded to one length. `attention_mask` (B, T) marks
 real tokens with 1 and padding with 0. Positions count real tokens only, and no real token attends to
@@ -22,19 +22,14 @@ model.config.attention = "manual": every layer then runs manual_attention, softm
 written out in four lines (the tests check that both give the same logits, gradients and tokens).
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.batching import check_token_ids
-from data.tokenizer import END_OF_TEXT
-from fileio import InputError, download, read_safetensors, write_json, write_safetensors
+END_OF_TEXT = 50256  # GPT-2's <|endoftext|>: generate's default end-of-sequence token
 
 
 @dataclass
@@ -70,26 +65,24 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.config = config  # shared by every layer: model.config.attention = "manual" switches them all
         self.layer_idx = layer_idx  # which slot of a KVCache this layer reads and writes
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, attn_mask=None, kv_cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        n_head = self.config.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
         # split the channels into heads: (B, T, C) -> (B, n_head, T, head_size)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, n_head, C // n_head).transpose(1, 2)
+        k = k.view(B, T, n_head, C // n_head).transpose(1, 2)
+        v = v.view(B, T, n_head, C // n_head).transpose(1, 2)
         if kv_cache is not None:  # prepend the keys and values of the tokens already seen
             k, v = kv_cache.update(self.layer_idx, k, v)
         # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V        (Vaswani et al. 2017, eq. 1)
         # M is -inf where a query may not look: the future (causal), and padding. attn_mask=None means
         # "causal only", which lets PyTorch use its fastest kernels.
-        dropout_p = self.dropout if self.training else 0.0
+        dropout_p = self.config.dropout if self.training else 0.0
         if self.config.attention == "manual":
             y = manual_attention(q, k, v, attn_mask, dropout_p)
         else:
@@ -204,7 +197,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
-        # GPT-2's initialisation, for training from scratch (from_pretrained skips it and loads every weight)
+        # GPT-2's initialisation, for training from scratch (checkpoint.from_pretrained skips it and loads every weight)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # scale residual projections by 1/sqrt(number of residual adds)
@@ -227,10 +220,8 @@ class GPT(nn.Module):
 
         Callers that need only a few positions' logits (scoring, generation) apply lm_head to those alone.
         """
-        B, T = input_ids.size()
+        B, T = input_ids.size()  # token ids are checked where batches are built, on the CPU (data/batching.py)
         past_len = len(kv_cache) if kv_cache is not None else 0
-        # Token ids are checked where batches are built, on the CPU (data.batching.check_token_ids): a check here
-        # would make every forward pass wait for the GPU to answer. An id outside the vocabulary fails in wte.
         if past_len + T > self.config.block_size:
             raise ValueError(f"sequence of {past_len + T} tokens is longer than block_size={self.config.block_size}")
         positions, attn_mask = attention_inputs(attention_mask, B, T, past_len, input_ids.device)
@@ -266,7 +257,6 @@ class GPT(nn.Module):
         A row that emits eos_token_id is finished: its later tokens are eos_token_id too, and generation
         stops when every row is finished (eos_token_id=None: always max_new_tokens). Returns (B, T + new).
         """
-        check_token_ids(input_ids, self.config.vocab_size)  # once per call: the forward passes below never check
         B, T = input_ids.size()
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive whole number, got {max_new_tokens!r}")
@@ -276,7 +266,8 @@ class GPT(nn.Module):
         if not 0 < top_p <= 1:  # also refuses nan
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds block_size={self.config.block_size}")
+            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds "
+                             f"block_size={self.config.block_size}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         elif not attention_mask[:, -1].all():
@@ -298,71 +289,6 @@ class GPT(nn.Module):
             if finished.all():
                 break
         return tokens
-
-    # -------------------------------------------------------------------------
-    # OpenAI's weights, in the Hugging Face hub's layout (config.json + model.safetensors)
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, dropout=0.0):
-        """One of gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once into GPT2_CACHE_DIR), or a local
-        directory holding config.json and model.safetensors, as the hub has them and save_pretrained writes."""
-        name_or_dir = str(name_or_dir)
-        if name_or_dir.removeprefix("openai-community/") in PRETRAINED and not Path(name_or_dir).is_dir():
-            name_or_dir = name_or_dir.removeprefix("openai-community/")
-        if name_or_dir in PRETRAINED:
-            config = GPTConfig(**PRETRAINED[name_or_dir], dropout=dropout)
-            weights = download(
-                HUB_URL.format(name=name_or_dir), weights_cache_dir() / name_or_dir / "model.safetensors",
-                hint=f"Without internet access, get {name_or_dir}'s config.json and model.safetensors from "
-                     f"huggingface.co/openai-community/{name_or_dir} elsewhere, put them in a directory, "
-                     f"and pass that directory instead of the name.",
-            )
-        else:
-            directory = Path(name_or_dir)
-            if not directory.is_dir():
-                raise InputError(f"{name_or_dir!r} is neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
-            config = read_hub_config(directory / "config.json", dropout)
-            weights = directory / "model.safetensors"
-            if not weights.is_file():
-                pickled = " (pytorch_model.bin is a pickle, which this loader never opens)" if (
-                    directory / "pytorch_model.bin").exists() else ""
-                raise InputError(f"{weights}: no such file{pickled}; the directory needs model.safetensors")
-        with torch.device("meta"):  # shapes only: no memory and no random init for weights about to be replaced
-            model = cls(config)
-        tensors, _ = read_safetensors(weights)
-        model.load_state_dict(state_dict_from_hub(tensors, model, weights), assign=True)  # the file's tensors become the weights
-        model.transformer.wte.weight = model.lm_head.weight  # assign=True gave the two tied names separate Parameters
-        return model
-
-    def save_pretrained(self, directory):
-        """Write config.json and model.safetensors in the hub's layout: from_pretrained (ours, or Hugging
-        Face's GPT2LMHeadModel) loads them back. Each file is written atomically."""
-        directory = Path(directory)
-        for path in [directory, *directory.parents]:  # the deepest part that exists must be a folder
-            if path.exists():
-                if not path.is_dir():
-                    where = "is a file" if path == directory else f"lies under {path}, which is a file"
-                    raise InputError(f"{directory}: {where}, not a folder; save_pretrained writes config.json and "
-                                     f"model.safetensors into a folder")
-                break
-        if any(name.endswith((".lora_A", ".lora_B")) for name in self.state_dict()):
-            raise ValueError("this model has LoRA layers, whose names a GPT-2 checkpoint does not have: save the "
-                             "adapter with lora.save_lora, or save lora.merged_model(model) (a plain GPT-2)")
-        tensors = {}
-        for name, tensor in self.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # tied to transformer.wte.weight
-            if name.endswith(CONV1D_WEIGHTS):
-                tensor = tensor.t()
-            tensors[name] = tensor
-        write_safetensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
-        c = self.config
-        write_json(directory / "config.json", {
-            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
-            "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-            "n_head": c.n_head, "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
-            "bos_token_id": END_OF_TEXT, "eos_token_id": END_OF_TEXT, "tie_word_embeddings": True,
-        })
 
 
 def sample_next_token(logits, temperature=1.0, top_p=1.0, generator=None):
@@ -388,97 +314,9 @@ def top_p_filter(logits, top_p):
     return logits.masked_fill(remove, float("-inf"))
 
 
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def check_device(device, flag="--device"):
-    """`device` if this machine has it (cpu, cuda, cuda:N, mps); else InputError naming the flag, the value
-    and the devices there are."""
-    here = ["cpu"]
-    if torch.cuda.is_available():
-        here += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        here += ["mps"]
-    if str(device) not in here:
-        kind = str(device).split(":")[0]
-        why = (f"this machine has {torch.cuda.device_count()} CUDA device(s)" if kind == "cuda" and "cuda" in here
-               else f"{kind.upper()} is not available on this machine" if kind in ("cuda", "mps")
-               else "not a device name")
-        raise InputError(f"{flag} {device!r}: {why}; valid here: {', '.join(here)}")
-    return str(device)
-
-
-# -----------------------------------------------------------------------------
-# loading: names, shapes and the hub's file layout
-
 PRETRAINED = {  # OpenAI's four sizes (vocab_size=50257, block_size=1024 for all)
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
-HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
-# OpenAI's code stores these four as "Conv1D" weights, (in, out); nn.Linear keeps (out, in)
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def weights_cache_dir():
-    return Path(os.environ.get("GPT2_CACHE_DIR", Path.home() / ".cache" / "gpt2-sft-dpo")).expanduser()
-
-
-def read_hub_config(path, dropout=0.0):
-    """GPTConfig from a Hugging Face GPT-2 config.json."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; a model directory needs config.json and model.safetensors")
-    try:
-        hub = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if hub.get("model_type", "gpt2") != "gpt2":
-        raise InputError(f"{path}: model_type is {hub['model_type']!r}, this loader reads GPT-2 checkpoints only")
-    hub.setdefault("n_positions", hub.get("n_ctx"))  # older configs name the context length n_ctx
-    for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
-        if hub.get(key) is None:
-            raise InputError(f"{path}: missing the GPT-2 setting {key!r}")
-    try:
-        settings = dict(block_size=int(hub["n_positions"]), vocab_size=int(hub["vocab_size"]),
-                        n_layer=int(hub["n_layer"]), n_head=int(hub["n_head"]), n_embd=int(hub["n_embd"]),
-                        layer_norm_epsilon=float(hub.get("layer_norm_epsilon", 1e-5)))
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: a GPT-2 setting is not a number ({e})") from None
-    try:
-        return GPTConfig(**settings, dropout=dropout)
-    except ValueError as e:  # numbers that make no GPT, e.g. n_embd not divisible by n_head
-        raise InputError(f"{path}: {e}") from None
-
-
-def state_dict_from_hub(tensors, model, source):
-    """Rename and transpose a hub checkpoint's tensors into `model`'s state dict, checking every name and shape."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}  # lm_head is tied
-    ours = {}
-    for name, tensor in tensors.items():
-        name = name.removeprefix("transformer.")  # present when Hugging Face saved a GPT2LMHeadModel
-        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # the tied output layer, and causal-mask buffers that older checkpoints carry
-        name = "transformer." + name
-        if name.endswith(CONV1D_WEIGHTS) and tensor.dim() == 2:
-            tensor = tensor.t().contiguous()
-        ours[name] = tensor
-    missing, unexpected = sorted(expected.keys() - ours.keys()), sorted(ours.keys() - expected.keys())
-    if missing or unexpected:
-        raise InputError(f"{source}: does not match a GPT-2 with n_layer={model.config.n_layer}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    for name, shape in expected.items():
-        if ours[name].shape != shape:
-            raise InputError(f"{source}: tensor {name} has shape {tuple(ours[name].shape)}, the model "
-                             f"(n_embd={model.config.n_embd}, vocab_size={model.config.vocab_size}) expects {tuple(shape)}")
-        ours[name] = ours[name].float()
-    ours["lm_head.weight"] = ours["transformer.wte.weight"]
-    return ours

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import checkpoint
 from conftest import ROOT, tiny_config
 from fileio import read_safetensors
 from model import GPT
@@ -30,7 +31,7 @@ def run(args, nproc=None):
 @pytest.mark.parametrize("script, extra", [("train_sft.py", []), ("train_dpo.py", ["--lora_r", "4"])])
 def test_two_processes_match_one(script, extra, tmp_path):
     torch.manual_seed(0)
-    GPT(tiny_config()).save_pretrained(tmp_path / "tiny")
+    checkpoint.save_pretrained(GPT(tiny_config()), tmp_path / "tiny")
     data = tmp_path / "data"
     data.mkdir()
     write_learnable_quora(data / "quora-train.csv", 32, seed=5)
@@ -38,7 +39,8 @@ def test_two_processes_match_one(script, extra, tmp_path):
     args = [script, "--task", "paraphrase", "--init_from", str(tmp_path / "tiny"), "--data_dir", str(data),
             "--device", "cpu", "--epochs", "1", "--batch_size", "8", "--lr", "1e-3", "--dropout", "0", *extra]
     one = run(args + ["--out_dir", str(tmp_path / "one")])
-    two = run(args + ["--out_dir", str(tmp_path / "two"), "--grad_accum", "2"], nproc=2)  # 2 ranks x 2 micro-batches of 2
+    # 2 ranks x 2 micro-batches of 2
+    two = run(args + ["--out_dir", str(tmp_path / "two"), "--grad_accum", "2"], nproc=2)
     assert two.count("epoch 1:") == 1, two  # only rank 0 prints and writes
     name = "adapter.safetensors" if extra else "model.safetensors"
     a = read_safetensors(tmp_path / "one" / "last" / name)[0]

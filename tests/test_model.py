@@ -1,14 +1,17 @@
 """model.py against Hugging Face transformers' GPT-2 (the oracle), and its own invariants."""
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import checkpoint
-import model as model_module
-from conftest import always_predict, tiny_config
+from conftest import ROOT, always_predict, tiny_config
 from fileio import InputError
 from model import GPT, GPTConfig, attention_inputs, manual_attention, top_p_filter
 
@@ -18,11 +21,26 @@ def random_ids(batch, length, seed=0, vocab=50257):
 
 
 # -----------------------------------------------------------------------------
+# model.py stands alone
+
+
+def test_model_py_runs_alone_in_an_empty_folder(tmp_path):
+    """Copied alone into a folder (a notebook, say), model.py imports and generates: it needs only torch."""
+    shutil.copy(ROOT / "model.py", tmp_path / "model.py")
+    code = ("import torch, model\n"
+            "gpt = model.GPT(model.GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8))\n"
+            "assert gpt.generate(torch.tensor([[1, 2]]), 3, temperature=0).shape == (1, 5)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the project is not on the path
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+# -----------------------------------------------------------------------------
 # parity with transformers
 
 def test_logits_match_transformers(hub_checkpoint):
     directory, hf_model = hub_checkpoint
-    ours = GPT.from_pretrained(directory).eval()
+    ours = checkpoint.from_pretrained(directory).eval()
     ids = random_ids(3, 50)
     with torch.no_grad():
         expected = hf_model(ids).logits
@@ -33,7 +51,7 @@ def test_logits_match_transformers(hub_checkpoint):
 
 def test_greedy_generation_matches_transformers(hub_checkpoint):
     directory, hf_model = hub_checkpoint
-    ours = GPT.from_pretrained(directory).eval()
+    ours = checkpoint.from_pretrained(directory).eval()
     prompt = random_ids(1, 8, seed=1)
     expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
                                  do_sample=False, pad_token_id=50256, eos_token_id=None)
@@ -45,10 +63,10 @@ def test_greedy_generation_matches_transformers(hub_checkpoint):
 def test_transformers_loads_what_save_pretrained_writes(hub_checkpoint, tmp_path):
     transformers = pytest.importorskip("transformers")
     directory, _ = hub_checkpoint
-    ours = GPT.from_pretrained(directory).eval()
-    ours.save_pretrained(tmp_path)
+    ours = checkpoint.from_pretrained(directory).eval()
+    checkpoint.save_pretrained(ours, tmp_path)
     hf_again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    ours_again = GPT.from_pretrained(tmp_path).eval()
+    ours_again = checkpoint.from_pretrained(tmp_path).eval()
     ids = random_ids(2, 20)
     with torch.no_grad():
         assert torch.allclose(hf_again(ids).logits, ours(ids), atol=1e-4, rtol=0)
@@ -109,13 +127,12 @@ def test_sequence_longer_than_block_size_is_a_clear_error(tiny_model):
 
 
 @pytest.mark.parametrize("bad_id", [50257, 99999, -1])
-@pytest.mark.parametrize("entry", ["generate", "collate", "left_pad"])
-def test_token_id_outside_the_vocabulary_is_a_clear_error(tiny_model, bad_id, entry):
-    """Checked on the CPU where batches are built (training, scoring) and by generate, not in every forward pass."""
+@pytest.mark.parametrize("entry", ["collate", "left_pad"])
+def test_token_id_outside_the_vocabulary_is_a_clear_error(bad_id, entry):
+    """Checked on the CPU where batches are built: collate (training, scoring) and left_pad (generation)."""
     from data.batching import Example, collate, left_pad
     ids = [5, 50256, bad_id, 7]
-    call = {"generate": lambda: tiny_model.generate(torch.tensor([ids]), max_new_tokens=1),
-            "collate": lambda: collate([Example([1, 2], [3]), Example(ids[:2], ids[2:])]),
+    call = {"collate": lambda: collate([Example([1, 2], [3]), Example(ids[:2], ids[2:])]),
             "left_pad": lambda: left_pad([[1, 2], ids])}[entry]
     with pytest.raises(ValueError, match=rf"token id {bad_id} is outside the vocabulary: ids must be in "
                                          rf"\[0, vocab_size=50257\)"):
@@ -295,9 +312,9 @@ def copy_checkpoint(hub_checkpoint, tmp_path):
 
 def test_missing_directory_or_unknown_name(tmp_path):
     with pytest.raises(InputError, match="neither a GPT-2 name"):
-        GPT.from_pretrained(tmp_path / "nope")
+        checkpoint.from_pretrained(tmp_path / "nope")
     with pytest.raises(InputError, match="config.json: no such file"):
-        GPT.from_pretrained(tmp_path)
+        checkpoint.from_pretrained(tmp_path)
 
 
 def test_missing_weights_file(hub_checkpoint, tmp_path):
@@ -305,7 +322,7 @@ def test_missing_weights_file(hub_checkpoint, tmp_path):
     (tmp_path / "model.safetensors").unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(InputError, match="model.safetensors: no such file.*never opens"):
-        GPT.from_pretrained(tmp_path)
+        checkpoint.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("cut", ["to 0 bytes", "to 5 bytes", "inside the header", "by its last 1000 bytes"])
@@ -323,7 +340,7 @@ def test_truncated_weights(hub_checkpoint, tmp_path, cut):
     }[cut]
     path.write_bytes(kept)
     with pytest.raises(InputError, match=re.escape(f"model.safetensors: not a valid safetensors file: {message}")):
-        GPT.from_pretrained(tmp_path)
+        checkpoint.from_pretrained(tmp_path)
 
 
 def test_corrupted_header(hub_checkpoint, tmp_path):
@@ -332,7 +349,7 @@ def test_corrupted_header(hub_checkpoint, tmp_path):
     data[8:12] = b"\xff\xfe{]"
     path.write_bytes(bytes(data))
     with pytest.raises(InputError, match="header is not JSON"):
-        GPT.from_pretrained(tmp_path)
+        checkpoint.from_pretrained(tmp_path)
 
 
 def test_shape_mismatch(hub_checkpoint, tmp_path):
@@ -341,7 +358,7 @@ def test_shape_mismatch(hub_checkpoint, tmp_path):
     config["n_embd"] = 32  # the file's tensors are 64 wide
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match=r"tensor transformer\.\S+ has shape .* expects"):
-        GPT.from_pretrained(tmp_path)
+        checkpoint.from_pretrained(tmp_path)
 
 
 def test_missing_layers(hub_checkpoint, tmp_path):
@@ -350,30 +367,30 @@ def test_missing_layers(hub_checkpoint, tmp_path):
     config["n_layer"] = 3
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match=r"n_layer=3: missing \['transformer.h.2"):
-        GPT.from_pretrained(tmp_path)
+        checkpoint.from_pretrained(tmp_path)
 
 
 def test_bad_config(hub_checkpoint, tmp_path):
     copy_checkpoint(hub_checkpoint, tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
     with pytest.raises(InputError, match="missing the GPT-2 setting"):
-        GPT.from_pretrained(tmp_path)
+        checkpoint.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
-        GPT.from_pretrained(tmp_path)
+        checkpoint.from_pretrained(tmp_path)
     config = json.loads((hub_checkpoint[0] / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_head": 5}))
     with pytest.raises(InputError, match=r"config.json: GPTConfig n_embd=64 is not divisible by n_head=5"):
-        GPT.from_pretrained(tmp_path)
+        checkpoint.from_pretrained(tmp_path)
 
 
 def test_offline_download_says_how_to_supply_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(model_module, "HUB_URL", "http://127.0.0.1:9/{name}/model.safetensors")  # refused
+    monkeypatch.setattr(checkpoint, "HUB_URL", "http://127.0.0.1:9/{name}/model.safetensors")  # refused
     with pytest.raises(InputError, match="could not download .*pass that directory instead"):
-        GPT.from_pretrained("gpt2")
+        checkpoint.from_pretrained("gpt2")
     with pytest.raises(InputError, match="could not download http://127.0.0.1:9/gpt2-medium/"):
-        GPT.from_pretrained("openai-community/gpt2-medium")  # the hub's full name works too
+        checkpoint.from_pretrained("openai-community/gpt2-medium")  # the hub's full name works too
     assert not (tmp_path / "gpt2" / "model.safetensors").exists()
 
 
@@ -389,7 +406,7 @@ def test_loads_the_openai_hub_layout(hub_checkpoint, tmp_path):
     write_safetensors(tmp_path / "model.safetensors", hub_style)
     ids = random_ids(2, 16)
     with torch.no_grad():
-        assert torch.allclose(GPT.from_pretrained(tmp_path)(ids), hf_model(ids).logits, atol=1e-4, rtol=0)
+        assert torch.allclose(checkpoint.from_pretrained(tmp_path)(ids), hf_model(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_gpt2_124m_shape_matches_transformers(tmp_path):
@@ -399,7 +416,7 @@ def test_gpt2_124m_shape_matches_transformers(tmp_path):
     torch.manual_seed(0)
     hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
     hf_model.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(tmp_path).eval()
+    ours = checkpoint.from_pretrained(tmp_path).eval()
     assert ours.num_parameters() == 124_439_808  # GPT-2 "124M"
     ids = random_ids(2, 40, seed=5)
     with torch.no_grad():
@@ -417,15 +434,15 @@ def test_save_pretrained_into_or_under_a_file_is_a_clear_error(tiny_model, tmp_p
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     with pytest.raises(InputError) as error:
-        tiny_model.save_pretrained(a_file)
+        checkpoint.save_pretrained(tiny_model, a_file)
     assert str(error.value) == (f"{a_file}: is a file, not a folder; save_pretrained writes config.json and "
                                 f"model.safetensors into a folder")
     with pytest.raises(InputError) as error:
-        tiny_model.save_pretrained(a_file / "run" / "best")
+        checkpoint.save_pretrained(tiny_model, a_file / "run" / "best")
     assert str(error.value) == (f"{a_file / 'run' / 'best'}: lies under {a_file}, which is a file, not a folder; "
                                 f"save_pretrained writes config.json and model.safetensors into a folder")
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"] and a_file.read_text() == "x"  # nothing left behind
-    tiny_model.save_pretrained(tmp_path / "new" / "deeper")  # a folder that is not there yet is made
+    checkpoint.save_pretrained(tiny_model, tmp_path / "new" / "deeper")  # a folder that is not there yet is made
     assert sorted(p.name for p in (tmp_path / "new" / "deeper").iterdir()) == ["config.json", "model.safetensors"]
 
 
@@ -446,10 +463,10 @@ def adapter_folder(directory, base, block_size):
 
 def test_model_context_is_the_block_size_load_model_gives(tmp_path):
     torch.manual_seed(0)
-    GPT(tiny_config(block_size=96)).save_pretrained(tmp_path / "hub")
+    checkpoint.save_pretrained(GPT(tiny_config(block_size=96)), tmp_path / "hub")
     adapter = adapter_folder(tmp_path / "lora-run", tmp_path / "hub", 96)
     on_adapter = adapter_folder(tmp_path / "lora-on-lora", adapter, 96)
-    GPT(tiny_config(block_size=48)).save_pretrained(tmp_path / "fft-run" / "best")
+    checkpoint.save_pretrained(GPT(tiny_config(block_size=48)), tmp_path / "fft-run" / "best")
     adapter_folder(tmp_path / "run-of-adapter" / "best", on_adapter, 96)
     expected = {"hub": 96, "lora-run": 96, "lora-on-lora": 96, "fft-run": 48, "run-of-adapter": 96}
     for name, block_size in expected.items():
@@ -460,7 +477,7 @@ def test_model_context_is_the_block_size_load_model_gives(tmp_path):
 def test_model_context_of_the_gpt2_names_reads_no_weights(monkeypatch, tmp_path):
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))  # nothing downloaded, nothing read
-    monkeypatch.setattr(model_module, "read_safetensors", None)
+    monkeypatch.setattr(checkpoint, "read_safetensors", None)
     for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2"):
         assert checkpoint.model_context(name) == transformers.GPT2Config().n_positions == 1024
     # a hub directory: config.json's n_positions, or n_ctx in older configs; the weights are never opened
