@@ -209,7 +209,7 @@ def test_data_imports_neither_the_model_nor_the_network(tmp_path):
             "import data.tokenizer, data.batching, data.quora, data.sonnets, data.download\n"
             "assert 'model' not in sys.modules, 'data/ imported model.py'\n"
             "import model\n"
-            "assert model.END_OF_TEXT is data.tokenizer.END_OF_TEXT\n")
+            "assert model.END_OF_TEXT == data.tokenizer.END_OF_TEXT\n")
     env = {"PATH": "", "TIKTOKEN_CACHE_DIR": str(tmp_path)}  # an empty cache: any load would need the network
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

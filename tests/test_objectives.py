@@ -19,6 +19,7 @@ from conftest import tiny_config
 from data.batching import Example
 from fileio import read_safetensors
 from lora import apply_lora
+from checkpoint import from_pretrained
 from model import GPT
 from test_train import settings, tiny_dir, weights, write_learnable_quora  # noqa: F401 (tiny_dir: a fixture)
 
@@ -320,7 +321,7 @@ def test_an_rslora_run_saves_and_reloads_its_scaling(tiny_dir, small_data, tmp_p
     folder = tmp_path / "rs" / "last"
     assert json.loads((folder / "adapter_config.json").read_text())["use_rslora"] is True
     tensors, _ = read_safetensors(folder / "adapter.safetensors")
-    base, tuned = GPT.from_pretrained(tiny_dir).state_dict(), load_model(folder).state_dict()
+    base, tuned = from_pretrained(tiny_dir).state_dict(), load_model(folder).state_dict()
     name = "transformer.h.0.mlp.c_fc"
     delta = tensors[f"{name}.lora_B"] @ tensors[f"{name}.lora_A"]
     assert delta.abs().max() > 0

@@ -27,7 +27,7 @@ from data.quora import read_quora
 from data.tasks import load_task_data
 from fileio import InputError, read_safetensors
 from lora import apply_lora
-from checkpoint import load_model
+from checkpoint import from_pretrained, load_model, save_pretrained
 from model import GPT
 
 # -----------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def tiny_dir(tmp_path_factory):
     """A random tiny GPT-2 in the hub layout; block_size 256 so that a whole sonnet fits."""
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("tiny_gpt2")
-    GPT(tiny_config(block_size=256)).save_pretrained(directory)
+    save_pretrained(GPT(tiny_config(block_size=256)), directory)
     return directory
 
 
@@ -173,7 +173,7 @@ def test_lora_sft_trains_only_a_and_b_and_saves_only_the_adapter(tiny_dir, learn
                                                                                   + 4 * 64 + 256 * 4 + 4 * 256 + 64 * 4)
     assert sorted(p.name for p in (tmp_path / "lora" / "best").iterdir()) == ["adapter.safetensors",
                                                                               "adapter_config.json"]
-    base, tuned = GPT.from_pretrained(tiny_dir), load_model(tmp_path / "lora")  # base + the adapter, merged
+    base, tuned = from_pretrained(tiny_dir), load_model(tmp_path / "lora")  # base + the adapter, merged
     changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
     # only the adapted Linears' weights differ (by B A); embeddings, LayerNorms and biases are untouched
     assert changed and all(k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for k in changed)
@@ -214,7 +214,7 @@ def test_the_reference_never_changes_and_live_equals_precomputed(tiny_dir, learn
     # and the precomputed one is the starting model's: recompute it from the checkpoint on disk
     config = {**flags.defaults(train_dpo.SETTINGS), "beta": 0.1, "device": "cpu"}
     pairs = preferences.paraphrase_pairs(read_quora(learnable_data / "quora-train.csv", limit=32))
-    expected = train_dpo.scored_logps(GPT.from_pretrained(tiny_dir), pairs, config, nullcontext())
+    expected = train_dpo.scored_logps(from_pretrained(tiny_dir), pairs, config, nullcontext())
     for method in ("fft", "lora"):
         cached, = (tmp_path / f"{method}-False").glob("reference-train-*.safetensors")
         tensors = read_safetensors(cached)[0]
@@ -232,7 +232,7 @@ def test_sft_then_dpo_with_lora_uses_the_sft_model_as_reference(tiny_dir, learna
     with train_dpo.adapters_off(policy):
         ref = train_dpo.scored_logps(policy, pairs, config, nullcontext())
     sft_model = load_model(tmp_path / "sft")
-    base = GPT.from_pretrained(tiny_dir)
+    base = from_pretrained(tiny_dir)
     assert torch.allclose(ref[0], train_dpo.scored_logps(sft_model, pairs, config, nullcontext())[0],
                           atol=1e-5)
     train_dpo.check_reference(policy, pairs, *ref, config, nullcontext())  # passes: same model
@@ -362,7 +362,7 @@ def test_bad_beta_missing_data_and_unwritable_out_dir(tiny_dir, learnable_data, 
 
 
 def test_an_example_longer_than_the_model_is_refused_before_training(learnable_data, tmp_path):
-    GPT(tiny_config(block_size=16)).save_pretrained(tmp_path / "short")
+    save_pretrained(GPT(tiny_config(block_size=16)), tmp_path / "short")
     with pytest.raises(InputError, match="tokens long, more than the model's block_size of 16"):
         train_sft.train(settings(tmp_path / "short", learnable_data, tmp_path / "o"))
 
@@ -384,8 +384,8 @@ def test_seeds_and_epochs_never_share_a_data_order():
 
 @pytest.mark.parametrize("script", [train_sft, train_dpo])
 def test_lengths_that_do_not_fit_the_model_are_refused_before_it_loads(script, sample_data, tmp_path, monkeypatch):
-    GPT(tiny_config(block_size=120)).save_pretrained(tmp_path / "short")  # shorter than the sample sonnets (163)
-    GPT(tiny_config(block_size=256)).save_pretrained(tmp_path / "long")
+    save_pretrained(GPT(tiny_config(block_size=120)), tmp_path / "short")  # shorter than the sample sonnets (163)
+    save_pretrained(GPT(tiny_config(block_size=256)), tmp_path / "long")
     monkeypatch.setattr(trainer, "load_model", None)  # any load would fail loudly: the checks read config.json only
     out = tmp_path / "out"
     with pytest.raises(InputError, match=r"is 1[0-9]{2} tokens long, more than the model's block_size of 120"):
@@ -431,7 +431,7 @@ def test_rejections_from_another_model_are_that_models_samples(sample_data, tmp_
     from data.sonnets import read_sonnets
     torch.manual_seed(1)
     other = GPT(tiny_config(block_size=256)).eval()
-    other.save_pretrained(tmp_path / "other")
+    save_pretrained(other, tmp_path / "other")
     torch.manual_seed(0)
     policy = GPT(tiny_config(block_size=256)).eval()
     sonnets = read_sonnets(sample_data / "sonnets.txt")[:2]
