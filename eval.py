@@ -20,7 +20,6 @@ gives an answer. Sonnets: the model continues the first 3 lines of each held-out
 against the true sonnet with corpus chrF.
 """
 
-import argparse
 import sys
 import time
 from collections import Counter
@@ -32,14 +31,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import flags
 from checkpoint import check_source, load_model, model_context
 from data.batching import Example, batch_indices, collate, left_pad
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, read_quora
 from data.sonnets import read_sonnets
 from data.tasks import QUORA, SONNETS
-from data.tokenizer import decode, encode
+from data.tokenizer import END_OF_TEXT, decode, encode
 from fileio import InputError, atomic_open, writable_dir
-from model import END_OF_TEXT, check_device, default_device
+from flags import LIMIT, REQUIRED, at_least, check_device, default_device, one_of
 
 # -----------------------------------------------------------------------------
 # metrics: pure functions of Python lists
@@ -342,51 +342,61 @@ def write_sonnets(path, numbered_sonnets):
 
 
 # -----------------------------------------------------------------------------
-# checks on the command line's values, before any real work
+# the command line: each flag's row, then the checks that span flags or read files, before any real work
+
+SONNET_SPLITS = {"dev": (SONNETS["dev"], SONNETS["dev_true"]), "test": (SONNETS["test"], None)}  # prompts, references
+
+SETTINGS = {
+    "task": (REQUIRED, str, one_of("paraphrase", "sonnet"), "paraphrase (accuracy, macro-F1) or sonnet (chrF)"),
+    "checkpoint": ("gpt2", str, None, "a GPT-2 name (gpt2 ... gpt2-xl), a model directory or a run folder"),
+    "adapter": (None, str, None, "a LoRA adapter (.safetensors written by lora.save_lora) to apply on top"),
+    "split": ("dev", str, one_of("train", "dev", "test"), "the sonnets have dev and test"),
+    "data_dir": (Path(__file__).resolve().parent / "data", Path, None, "where the course's files are"),
+    "limit": (None, int, LIMIT, "score only the first N examples"),
+    "batch_size": (64, int, at_least(1), "prompts per forward pass"),
+    "device": (default_device(), str, None, "cpu, cuda, cuda:N or mps (the default is the best one here)"),
+    "seed": (11711, int, (lambda v: 0 <= v < 2 ** 64, "must be in [0, 2**64)"), "sonnet sampling seed"),
+    "temperature": (1.2, float, (lambda v: v >= 0, "must be >= 0 (0 picks the most likely token)"),
+                    "sonnet sampling (the course's); 0: greedy"),
+    "top_p": (0.9, float, (lambda v: 0 < v <= 1, "must be in (0, 1]"), "nucleus sampling (the course's)"),
+    "max_new_tokens": (128, int, at_least(1), "sonnet tokens written after each prompt (the course's)"),
+    "out_dir": (Path("predictions"), Path, None, "where the predictions file goes (named by prediction_file)"),
+}
 
 
-def check_args(args):
-    """Every value the command line gave, checked before the data is read or a model is loaded."""
-    if args.task == "sonnet" and args.split not in SONNET_SPLITS:
-        raise InputError(f"--split {args.split}: --task sonnet has a dev and a test split (sonnets.txt is for "
+def check_config(config):
+    """The checks that span several flags or read files (each flag's own are flags.parse's), before the data is
+    read or a model is loaded."""
+    if config["task"] == "sonnet" and config["split"] not in SONNET_SPLITS:
+        raise InputError(f"--split {config['split']}: --task sonnet has a dev and a test split (sonnets.txt is for "
                          f"training)")
-    for flag, value in (("--limit", args.limit), ("--batch_size", args.batch_size),
-                        ("--max_new_tokens", args.max_new_tokens)):
-        if value is not None and value < 1:
-            raise InputError(f"{flag} {value}: must be at least 1")
-    if not 0 <= args.seed < 2 ** 64:  # what torch.Generator.manual_seed takes
-        raise InputError(f"--seed {args.seed}: must be in [0, 2**64)")
-    if not args.temperature >= 0:  # also catches nan
-        raise InputError(f"--temperature {args.temperature}: must be >= 0 (0 picks the most likely token)")
-    if not 0 < args.top_p <= 1:
-        raise InputError(f"--top_p {args.top_p}: must be in (0, 1]")
-    check_device(args.device)
-    check_source(args.checkpoint, "--checkpoint")
-    if args.task == "sonnet" and args.max_new_tokens >= (context := model_context(args.checkpoint)):
-        raise InputError(f"--max_new_tokens {args.max_new_tokens}: the model ({args.checkpoint}) has {context} "
-                         f"positions for the prompt and the new tokens together; give at most {context - 1}")
-    if args.adapter is not None and not Path(args.adapter).is_file():
-        raise InputError(f"--adapter {args.adapter!r}: no such file (a .safetensors written by lora.save_lora)")
-    writable_dir(args.out_dir, "--out_dir")
+    check_device(config["device"])
+    check_source(config["checkpoint"], "--checkpoint")
+    if config["task"] == "sonnet" and config["max_new_tokens"] >= (context := model_context(config["checkpoint"])):
+        raise InputError(f"--max_new_tokens {config['max_new_tokens']}: the model ({config['checkpoint']}) has "
+                         f"{context} positions for the prompt and the new tokens together; give at most {context - 1}")
+    if config["adapter"] is not None and not Path(config["adapter"]).is_file():
+        raise InputError(f"--adapter {config['adapter']!r}: no such file (a .safetensors written by lora.save_lora)")
+    writable_dir(config["out_dir"], "--out_dir")
 
 
-def prediction_file(args):
+def prediction_file(config):
     """Where a run's predictions go: the course's base names for a default run,
         <model>-para-<split>-output.csv     <model>-sonnets-<split>.txt
     with a tag before the ending for every setting that changes the predictions, so two different runs never
     overwrite each other: -limitN; for sonnets also -seedS -tempT -toppP -tokensM -batchB where not the default.
     <model> is the checkpoint's last path component, plus "+<adapter file stem>" with --adapter."""
-    checkpoint = Path(args.checkpoint)
+    checkpoint = Path(config["checkpoint"])
     name = (checkpoint.resolve() if checkpoint.is_dir() else checkpoint).name
-    name += f"+{Path(args.adapter).stem}" if args.adapter else ""
-    tags = [f"limit{args.limit}"] if args.limit is not None else []
-    if args.task == "paraphrase":
-        return args.out_dir / ("-".join([name, "para", args.split, *tags, "output"]) + ".csv")
+    name += f"+{Path(config['adapter']).stem}" if config["adapter"] else ""
+    tags = [f"limit{config['limit']}"] if config["limit"] is not None else []
+    if config["task"] == "paraphrase":
+        return config["out_dir"] / ("-".join([name, "para", config["split"], *tags, "output"]) + ".csv")
     for setting, tag in (("seed", "seed"), ("temperature", "temp"), ("top_p", "topp"), ("max_new_tokens", "tokens"),
                          ("batch_size", "batch")):
-        if getattr(args, setting) != DEFAULTS[setting]:
-            tags.append(f"{tag}{getattr(args, setting)}")
-    return args.out_dir / ("-".join([name, "sonnets", args.split, *tags]) + ".txt")
+        if config[setting] != SETTINGS[setting][0]:
+            tags.append(f"{tag}{config[setting]}")
+    return config["out_dir"] / ("-".join([name, "sonnets", config["split"], *tags]) + ".txt")
 
 
 def check_paraphrase_prompts(pairs, path, context):
@@ -418,82 +428,57 @@ def check_sonnet_prompts(held_out, path, max_new_tokens, context):
                              f"positions; give --max_new_tokens at most {context - n}")
 
 
-# -----------------------------------------------------------------------------
-# command line
-
-SONNET_SPLITS = {"dev": (SONNETS["dev"], SONNETS["dev_true"]), "test": (SONNETS["test"], None)}  # prompts, references
-DEFAULTS = dict(batch_size=64, seed=11711, temperature=1.2, top_p=0.9, max_new_tokens=128)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Score a GPT-2 checkpoint on paraphrase detection or sonnets.")
-    parser.add_argument("--task", choices=["paraphrase", "sonnet"], required=True)
-    parser.add_argument("--checkpoint", default="gpt2", help="gpt2, gpt2-medium, ... or a model directory")
-    parser.add_argument("--adapter", default=None, help="a LoRA adapter (.safetensors) to apply on top")
-    parser.add_argument("--split", choices=["train", "dev", "test"], default="dev")
-    parser.add_argument("--data_dir", "--data-dir", type=Path, default=Path(__file__).resolve().parent / "data")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="sonnet sampling seed")
-    parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0: greedy")
-    parser.add_argument("--top_p", "--top-p", type=float, default=DEFAULTS["top_p"])
-    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
-    parser.add_argument("--out_dir", "--out-dir", type=Path, default=Path("predictions"))
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-        run(args)
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    return flags.main(run, SETTINGS, __doc__, argv)
 
 
-def run(args):
+def run(config):
+    """Score a model on --task's --split, and write its predictions in the course's format under --out_dir."""
+    check_config(config)
     t0 = time.time()
-    # read the data first: a missing file should fail before a model is downloaded or loaded
-    if args.task == "paraphrase":
-        data_file = args.data_dir / QUORA[args.split]
-        pairs = read_quora(data_file, limit=args.limit)
-    else:
-        prompts_file, references_file = SONNET_SPLITS[args.split]
-        data_file = args.data_dir / prompts_file
-        held_out = read_sonnets(data_file, limit=args.limit)
-        references = read_sonnets(args.data_dir / references_file) if references_file else None
-    # then the prompts against the model's positions, read from its config alone: no weights loaded yet
-    context = model_context(args.checkpoint)
-    if args.task == "paraphrase":
+    # the data and the prompts against the model's positions (read from its config alone) first: a missing file or
+    # a prompt that does not fit fails before a model is downloaded or loaded
+    context = model_context(config["checkpoint"])
+    if config["task"] == "paraphrase":
+        data_file = config["data_dir"] / QUORA[config["split"]]
+        pairs = read_quora(data_file, limit=config["limit"])
         check_paraphrase_prompts(pairs, data_file, context)
     else:
-        check_sonnet_prompts(held_out, data_file, args.max_new_tokens, context)
-    model = load_model(args.checkpoint, args.adapter).to(args.device).eval()
-    print(f"{args.checkpoint}: {model.num_parameters() / 1e6:.1f}M parameters on {args.device}")
+        prompts_file, references_file = SONNET_SPLITS[config["split"]]
+        data_file = config["data_dir"] / prompts_file
+        held_out = read_sonnets(data_file, limit=config["limit"])
+        references = read_sonnets(config["data_dir"] / references_file) if references_file else None
+        check_sonnet_prompts(held_out, data_file, config["max_new_tokens"], context)
+    device = config["device"]
+    model = load_model(config["checkpoint"], config["adapter"]).to(device).eval()
+    print(f"{config['checkpoint']}: {model.num_parameters() / 1e6:.1f}M parameters on {device}")
 
     t1 = time.time()
-    out = prediction_file(args)
-    if args.task == "paraphrase":
-        if pairs and pairs[0].label is not None:
-            result = evaluate_paraphrase(model, pairs, args.batch_size, args.device)
-            predictions = result["predictions"]
+    out = prediction_file(config)
+    if config["task"] == "paraphrase":
+        if pairs[0].label is not None:
+            result = evaluate_paraphrase(model, pairs, config["batch_size"], device)
             score = paraphrase_score(result)
         else:
-            predictions, score = predict_paraphrase(model, pairs, args.batch_size, args.device, context), "(no labels)"
-        write_paraphrase_predictions(out, pairs, predictions)
+            result = {"predictions": predict_paraphrase(model, pairs, config["batch_size"], device, context)}
+            score = "(no labels)"
+        write_paraphrase_predictions(out, pairs, result["predictions"])
         what = f"{len(pairs)} pairs"
     else:
-        generation = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, batch_size=args.batch_size)
+        generation = {name: config[name] for name in ("temperature", "top_p", "max_new_tokens", "seed", "batch_size")}
         if references is not None:
-            result = evaluate_sonnets(model, held_out, references, device=args.device, **generation)
-            numbered, score = result["sonnets"], f"chrF {result['chrf']:.2f}"
+            result = evaluate_sonnets(model, held_out, references, device=device, **generation)
+            score = f"chrF {result['chrf']:.2f}"
         else:
-            texts = generate_sonnets(model, [s.text for s in held_out], device=args.device, **generation)
-            numbered, score = list(zip([s.number for s in held_out], texts)), "(no references)"
-        write_sonnets(out, numbered)
+            texts = generate_sonnets(model, [s.text for s in held_out], device=device, **generation)
+            result, score = {"sonnets": list(zip([s.number for s in held_out], texts))}, "(no references)"
+        write_sonnets(out, result["sonnets"])
         what = f"{len(held_out)} sonnets"
-    print(f"{args.task} {args.split}: {score}  ({what}, {time.time() - t1:.1f}s scoring, "
+    print(f"{config['task']} {config['split']}: {score}  ({what}, {time.time() - t1:.1f}s scoring, "
           f"{time.time() - t0:.1f}s total)")
     print(f"predictions: {out}" + ("  (yes/no answers: logit(yes) > logit(no), never a non-answer)"
-                                   if args.task == "paraphrase" else ""))
+                                   if config["task"] == "paraphrase" else ""))
+    return result
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """eval.py's command line: both tasks end to end, every bad argument refused before any work, file names."""
 
-import argparse
 import os
 import re
 import shutil
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 import eval as evaluation
+import flags
 from conftest import tiny_config
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, paraphrase_prompt, read_quora
 from data.sonnets import read_sonnets
@@ -74,8 +74,7 @@ def test_cli_scores_sonnets(tiny_checkpoint, data_dir, tmp_path, capsys):
 
 
 def args_for(task, **overrides):
-    return argparse.Namespace(**{**dict(task=task, checkpoint="gpt2", adapter=None, split="dev", limit=None,
-                                        out_dir=evaluation.Path("predictions")), **evaluation.DEFAULTS, **overrides})
+    return {**{name: row[0] for name, row in evaluation.SETTINGS.items()}, "task": task, **overrides}
 
 
 def test_prediction_files_are_named_by_what_changes_them(tiny_checkpoint, tmp_path):
@@ -188,23 +187,23 @@ def test_errors_after_the_checks_leave_nothing_behind(hub_checkpoint, data_dir, 
 
 
 # -----------------------------------------------------------------------------
-# check_device, which the training scripts use too
+# flags.check_device, which eval.py and the training scripts use
 
 
 def test_check_device_names_what_this_machine_has(monkeypatch, no_cuda_no_mps):
-    assert evaluation.check_device("cpu") == "cpu"
+    assert flags.check_device("cpu") == "cpu"
     with pytest.raises(InputError, match="--device 'cuda': CUDA is not available on this machine; valid here: cpu"):
-        evaluation.check_device("cuda")
+        flags.check_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert [evaluation.check_device(d) for d in ("cuda", "cuda:0", "cuda:1")] == ["cuda", "cuda:0", "cuda:1"]
+    assert [flags.check_device(d) for d in ("cuda", "cuda:0", "cuda:1")] == ["cuda", "cuda:0", "cuda:1"]
     with pytest.raises(InputError, match="'cuda:2': this machine has 2 CUDA device.*valid here: cpu, cuda, cuda:0, "
                                          "cuda:1$"):
-        evaluation.check_device("cuda:2")
+        flags.check_device("cuda:2")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert evaluation.check_device("mps") == "mps"
+    assert flags.check_device("mps") == "mps"
     with pytest.raises(InputError, match="^--init_device 'gpu': not a device name"):
-        evaluation.check_device("gpu", flag="--init_device")
+        flags.check_device("gpu", flag="--init_device")
 
 
 # -----------------------------------------------------------------------------
