@@ -38,7 +38,7 @@ from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, read_quora
 from data.sonnets import read_sonnets
 from data.tasks import QUORA, SONNETS
 from data.tokenizer import END_OF_TEXT, decode, encode
-from fileio import InputError, atomic_open, writable_dir
+from fileio import InputError, atomic_open, read_text, writable_dir
 from flags import LIMIT, REQUIRED, at_least, check_device, default_device, one_of
 
 # -----------------------------------------------------------------------------
@@ -342,6 +342,71 @@ def write_sonnets(path, numbered_sonnets):
 
 
 # -----------------------------------------------------------------------------
+# a submission file scored against the references, with no model (--predictions)
+
+
+def score_paraphrase_file(path, reference):
+    """Accuracy and macro-F1 of a submission file against the labelled pairs of `reference`, the course's
+    definitions: each prediction as a token against the true answer token ("yes" for 1, "no" for 0).
+
+    The course's format: the header "id \t Predicted_Is_Paraphrase", then "<id>, <prediction>" per line. This
+    project writes 0/1 answers (read as "yes"/"no"); the course's starter writes its argmax token ids. A file
+    whose every prediction is 0 or 1 is the former, any other the latter. Ids are matched in lower case, as the
+    course reads them; the pairs a file answers are scored (a --limit run's file answers the first N)."""
+    labels = {pair.id.lower(): pair.label for pair in read_quora(reference)}
+    if None in labels.values():
+        raise InputError(f"{reference}: has no is_duplicate column to score --predictions against")
+    lines = read_text(path).splitlines()
+    if not lines or lines[0].split() != ["id", "Predicted_Is_Paraphrase"]:
+        raise InputError(f"{path}:1: expected the course's header 'id <tab> Predicted_Is_Paraphrase'")
+    found = {}  # id -> prediction, in the file's order
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        pair_id, _, value = line.rpartition(",")
+        pair_id, value = pair_id.strip().lower(), value.strip()
+        if not pair_id or not (value.isascii() and value.isdigit()):
+            raise InputError(f"{path}:{number}: expected '<id>, <prediction>' (a whole number), got {line!r}")
+        if pair_id not in labels:
+            raise InputError(f"{path}:{number}: id {pair_id!r} is not in {reference}")
+        if pair_id in found:
+            raise InputError(f"{path}:{number}: id {pair_id!r} appears a second time")
+        found[pair_id] = int(value)
+    if not found:
+        raise InputError(f"{path}: has a header but no predictions")
+    predictions = list(found.values())
+    if set(predictions) <= {0, 1}:
+        predictions = answer_tokens(predictions)
+    answers = answer_tokens([labels[pair_id] for pair_id in found])
+    return {"accuracy": accuracy(predictions, answers), "f1": macro_f1(predictions, answers), "n": len(found)}
+
+
+def score_sonnet_file(path, reference):
+    """chrF of a submission file's sonnets against the true sonnets in `reference`, as the course's
+    test_sonnet(test_path, gold_path) scores them: the i-th sonnet of one file against the i-th of the other, as
+    many as the shorter file holds (the course's starter numbers its sonnets 0, 1, ...; this project by the
+    sonnets' own numbers, in the references' order)."""
+    sonnets, references = read_sonnets(path), read_sonnets(reference)
+    n = min(len(sonnets), len(references))
+    return {"chrf": chrf([s.text for s in sonnets[:n]], [s.text for s in references[:n]]), "n": n}
+
+
+def score_predictions(config):
+    """--predictions: the submission file scored against --split's references."""
+    path = Path(config["predictions"])
+    if config["task"] == "paraphrase":
+        reference = config["data_dir"] / QUORA[config["split"]]
+        result = score_paraphrase_file(path, reference)
+        score = f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's)  ({result['n']} pairs"
+    else:
+        reference = config["data_dir"] / SONNET_SPLITS[config["split"]][1]
+        result = score_sonnet_file(path, reference)
+        score = f"chrF {result['chrf']:.2f}  ({result['n']} sonnets"
+    print(f"{config['task']} {config['split']}: {score} of {path}, against {reference})")
+    return result
+
+
+# -----------------------------------------------------------------------------
 # the command line: each flag's row, then the checks that span flags or read files, before any real work
 
 SONNET_SPLITS = {"dev": (SONNETS["dev"], SONNETS["dev_true"]), "test": (SONNETS["test"], None)}  # prompts, references
@@ -350,6 +415,8 @@ SETTINGS = {
     "task": (REQUIRED, str, one_of("paraphrase", "sonnet"), "paraphrase (accuracy, macro-F1) or sonnet (chrF)"),
     "checkpoint": ("gpt2", str, None, "a GPT-2 name (gpt2 ... gpt2-xl), a model directory or a run folder"),
     "adapter": (None, str, None, "a LoRA adapter (.safetensors written by lora.save_lora) to apply on top"),
+    "predictions": (None, str, None, "score this submission file (the course's .csv or .txt) against --split's "
+                                     "references instead of a model's predictions: no model is loaded"),
     "split": ("dev", str, one_of("train", "dev", "test"), "the sonnets have dev and test"),
     "data_dir": (Path(__file__).resolve().parent / "data", Path, None, "where the course's files are"),
     "limit": (None, int, LIMIT, "score only the first N examples"),
@@ -370,6 +437,12 @@ def check_config(config):
     if config["task"] == "sonnet" and config["split"] not in SONNET_SPLITS:
         raise InputError(f"--split {config['split']}: --task sonnet has a dev and a test split (sonnets.txt is for "
                          f"training)")
+    if config["predictions"] is not None:
+        if not Path(config["predictions"]).is_file():
+            raise InputError(f"--predictions {config['predictions']!r}: no such file")
+        if config["split"] == "test":
+            raise InputError(f"--split test: has no references to score --predictions {config['predictions']} against")
+        return
     check_device(config["device"])
     check_source(config["checkpoint"], "--checkpoint")
     if config["task"] == "sonnet" and config["max_new_tokens"] >= (context := model_context(config["checkpoint"])):
@@ -433,8 +506,11 @@ def main(argv=None):
 
 
 def run(config):
-    """Score a model on --task's --split, and write its predictions in the course's format under --out_dir."""
+    """Score a model on --task's --split, and write its predictions in the course's format under --out_dir; or,
+    with --predictions, score that file instead."""
     check_config(config)
+    if config["predictions"] is not None:
+        return score_predictions(config)
     t0 = time.time()
     # the data and the prompts against the model's positions (read from its config alone) first: a missing file or
     # a prompt that does not fit fails before a model is downloaded or loaded
