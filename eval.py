@@ -1,5 +1,5 @@
 """
-The two tasks' scores, as the Stanford CS224N GPT-2 project defines them, and the statistics to compare them.
+The two tasks' scores, as the Stanford CS224N GPT-2 project defines them (stats.py compares them).
 
     python eval.py --task paraphrase --checkpoint gpt2 --split dev       # accuracy and macro-F1
     python eval.py --task sonnet --checkpoint out/my-model --split dev   # chrF of the generated sonnets
@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -77,7 +76,7 @@ def char_ngrams(text, n):
     return Counter(text[i:i + n] for i in range(len(text) - n + 1))
 
 
-@lru_cache(maxsize=4096)  # a bootstrap rescores the same few sonnets thousands of times
+@lru_cache(maxsize=4096)  # a bootstrap (stats.py) rescores the same few sonnets thousands of times
 def chrf_counts(hypothesis, reference, max_order=6):
     """For one hypothesis and its reference, per order n = 1..max_order: (hypothesis n-grams, reference
     n-grams, matches clipped to the reference count). A corpus's counts are the sums of these."""
@@ -112,65 +111,6 @@ def chrf(hypotheses, references, max_order=6, beta=2.0):
     if precision + recall == 0:
         return 0.0
     return 100 * (1 + beta ** 2) * precision * recall / (beta ** 2 * precision + recall)
-
-
-# -----------------------------------------------------------------------------
-# statistics: how sure a score is, and whether two models differ
-
-
-def bootstrap_ci(metric, hypotheses, references, n_resamples=1000, confidence=0.95, seed=0):
-    """Percentile bootstrap interval (Efron) for a corpus-level metric(hypotheses, references) -> float.
-
-    Draw n_resamples sets of n example indices with replacement, keeping each hypothesis with its reference,
-    recompute the metric on each set: s_1..s_B. With a = 1 - confidence, the interval is
-        (a/2 quantile of s, 1 - a/2 quantile of s)       (numpy's linear interpolation, as scipy's "percentile")
-    Paraphrase: metric = accuracy or macro_f1 on (predictions, labels); sonnets: chrf on the 12 sonnets.
-    """
-    n = len(hypotheses)
-    if n != len(references) or n == 0:
-        raise ValueError(f"need equally many hypotheses and references, got {n} and {len(references)}")
-    if n_resamples < 1 or not 0 < confidence < 1:
-        raise ValueError(f"need n_resamples >= 1 and 0 < confidence < 1, got {n_resamples} and {confidence}")
-    rng = np.random.default_rng(seed)
-    scores = [metric([hypotheses[i] for i in idx], [references[i] for i in idx])
-              for idx in rng.integers(0, n, size=(n_resamples, n)).tolist()]
-    alpha = 1 - confidence
-    low, high = np.quantile(scores, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
-
-
-def discordant_pairs(correct_a, correct_b):
-    """(b, c): how many examples only A gets right, and how many only B gets right (same examples, in order)."""
-    if len(correct_a) != len(correct_b) or len(correct_a) == 0:
-        raise ValueError(f"need two equally long, non-empty lists, got {len(correct_a)} and {len(correct_b)}")
-    b = sum(bool(x) and not y for x, y in zip(correct_a, correct_b))
-    c = sum(bool(y) and not x for x, y in zip(correct_a, correct_b))
-    return b, c
-
-
-def mcnemar_exact(correct_a, correct_b):
-    """Two-sided exact McNemar test of "A and B are equally accurate" on paired examples.
-
-    Only discordant pairs say anything: under the null each of the n = b + c is equally likely to favour A or B,
-    so b ~ Binomial(n, 1/2) and
-        p = min(1, 2 * sum_{k=0}^{min(b, c)} C(n, k) / 2^n)       (p = 1.0 when n = 0: no evidence either way)
-    """
-    b, c = discordant_pairs(correct_a, correct_b)
-    n = b + c
-    term = tail = 1  # C(n, 0), in exact integers: no rounding however large n is
-    for k in range(min(b, c)):
-        term = term * (n - k) // (k + 1)  # C(n, k + 1) = C(n, k) (n - k) / (k + 1)
-        tail += term
-    return min(1.0, 2 * tail / 2 ** n)  # n = 0: 2 * 1 / 1, capped at 1.0
-
-
-def paired_difference(correct_a, correct_b):
-    """Accuracy of A minus accuracy of B on the same examples, = (b - c) / N, with McNemar's exact p-value.
-
-    Returns {"difference", "p_value", "only_a_correct" (b), "only_b_correct" (c), "n" (examples)}."""
-    b, c = discordant_pairs(correct_a, correct_b)
-    return {"difference": (b - c) / len(correct_a), "p_value": mcnemar_exact(correct_a, correct_b),
-            "only_a_correct": b, "only_b_correct": c, "n": len(correct_a)}
 
 
 # -----------------------------------------------------------------------------
