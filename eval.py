@@ -1,23 +1,17 @@
 """
-The two tasks' scores, as the Stanford CS224N GPT-2 project defines them (stats.py compares them).
+The two tasks' scores as the Stanford CS224N GPT-2 project defines them, of a model or of a submission file.
 
-    python eval.py --task paraphrase --checkpoint gpt2 --split dev       # accuracy and macro-F1
-    python eval.py --task sonnet --checkpoint out/my-model --split dev   # chrF of the generated sonnets
+    python eval.py --task paraphrase --checkpoint gpt2                    # accuracy and macro-F1 on the dev pairs
+    python eval.py --task sonnet --checkpoint out/my-model --split test   # the test sonnets, written for submission
+    python eval.py --task sonnet --predictions generated_sonnets.txt      # chrF of a submission file, no model
 
---checkpoint is a GPT-2 name (gpt2, gpt2-medium, ...) or a directory with config.json + model.safetensors
-(what the training scripts write); --adapter adds a LoRA adapter on top. Every argument is checked before the
-data is read or a model is loaded. Predictions are written in the course's submission formats under --out_dir
-(predictions/), named <model>-para-<split>-output.csv and <model>-sonnets-<split>.txt for a default run, with
-a tag before the ending for every setting that changes the predictions: -limitN, and for sonnets also -seedS,
--tempT, -toppP, -tokensM and -batchB when they differ from the defaults (see prediction_file).
-
-Paraphrase detection: the model reads the course's prompt, and its logits at the last prompt position are
-scored two ways. The course's accuracy and macro-F1 take the most likely token over the whole vocabulary and
-compare it with the answer token ("yes" or "no"): any other token is wrong. The restricted figures compare only
-logit("yes") with logit("no") (predict "paraphrase" when yes > no); the predictions file holds these, so it always
-gives an answer. Sonnets: the model continues the first 3 lines of each held-out sonnet (temperature 1.2, top-p
-0.9, up to 128 new tokens, seeded), and the whole sonnet, given lines included as in the course, is scored
-against the true sonnet with corpus chrF.
+Paraphrase detection: the model reads the course's prompt, and its logits at the last position are scored two
+ways. The course's accuracy and macro-F1 take the most likely token over the whole vocabulary and compare it
+with the answer token ("yes" or "no"): any other token is wrong. The restricted figures compare only logit("yes")
+with logit("no"); the predictions file holds these, so it always gives an answer. Sonnets: the model continues
+the first 3 lines of each held-out sonnet (the course's sampling: temperature 1.2, top-p 0.9, up to 128 new
+tokens), and the whole sonnet, given lines included as in the course, is scored against the true one by chrF.
+Predictions go under --out_dir in the course's formats, named by prediction_file.
 """
 
 import sys
@@ -55,12 +49,9 @@ def accuracy(predictions, labels):
 
 
 def macro_f1(predictions, labels):
-    """F1 of each class, F1 = 2 TP / (2 TP + FP + FN), averaged over the classes that occur in labels or
-    predictions: sklearn's f1_score(labels, predictions, average="macro"), for any classes (0/1, or token ids).
-
-    A class that is only predicted (a third token) or never predicted has TP = 0, so F1 = 0, and it counts in the
-    average. Every class in the average occurs somewhere, so 2 TP + FP + FN > 0 and sklearn's zero_division (a
-    0/0 precision or recall) never changes the result."""
+    """F1 = 2 TP / (2 TP + FP + FN) of each class that occurs in labels or predictions (0/1, or token ids),
+    averaged: sklearn's f1_score(labels, predictions, average="macro"). A class only predicted (a third token) or
+    never predicted has F1 = 0 and counts in the average; none has 2 TP + FP + FN = 0, so no 0/0 arises."""
     check_predictions(predictions, labels)
     scores = []
     for c in sorted(set(labels) | set(predictions)):
@@ -78,8 +69,8 @@ def char_ngrams(text, n):
 
 @lru_cache(maxsize=4096)  # a bootstrap (stats.py) rescores the same few sonnets thousands of times
 def chrf_counts(hypothesis, reference, max_order=6):
-    """For one hypothesis and its reference, per order n = 1..max_order: (hypothesis n-grams, reference
-    n-grams, matches clipped to the reference count). A corpus's counts are the sums of these."""
+    """Per order n = 1..max_order: (hypothesis n-grams, reference n-grams, matches clipped to the reference
+    count). A corpus's counts are the sums of these."""
     counts = []
     for n in range(1, max_order + 1):
         hyp, ref = char_ngrams(hypothesis, n), char_ngrams(reference, n)
@@ -89,10 +80,8 @@ def chrf_counts(hypothesis, reference, max_order=6):
 
 
 def chrf(hypotheses, references, max_order=6, beta=2.0):
-    """Corpus chrF (Popović 2015), exactly as sacrebleu's CHRF().corpus_score computes it.
-
-    For each order n = 1..6, count character n-grams (whitespace removed) over the whole corpus: those in
-    the hypotheses, those in the references, and the matches (clipped to the reference count). Then
+    """Corpus chrF (Popović 2015), as sacrebleu's CHRF().corpus_score. Character n-grams (whitespace removed) of
+    each order n = 1..6, counted over the whole corpus: in the hypotheses, in the references, and matched. Then
         P = mean over orders of matches / hypothesis n-grams,   R = mean over orders of matches / reference n-grams
         chrF = 100 * (1 + beta^2) * P * R / (beta^2 * P + R)            (beta = 2: recall counts 4x)
     Orders with no hypothesis or no reference n-grams are left out of the means (sacrebleu's "effective order").
@@ -119,8 +108,7 @@ def chrf(hypotheses, references, max_order=6, beta=2.0):
 
 @contextmanager
 def eval_mode(model):
-    """model.eval() (dropout off) inside the block; afterwards every module is back in the mode it had, so
-    evaluating inside a training loop does not leave dropout switched off."""
+    """model.eval() (dropout off) inside the block; afterwards every module is back in the mode it had."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
@@ -135,10 +123,8 @@ def eval_mode(model):
 
 
 def predict_paraphrase(model, pairs, batch_size=64, device="cpu", max_len=None):
-    """1 (paraphrase) where the model's "yes" logit beats its "no" logit after the prompt, else 0: the restricted
-    answer the predictions file holds (never a non-answer), not the course's whole-vocabulary argmax.
-
-    max_len: a prompt longer than this keeps only its end (keep_the_end), so that every pair gets a prediction."""
+    """1 (paraphrase) where logit("yes") > logit("no") after the pair's prompt, else 0: the restricted answer.
+    A prompt longer than max_len keeps only its end (keep_the_end), so that every pair gets a prediction."""
     prompts = [paraphrase_example(p).prompt for p in pairs]
     if max_len is not None:
         prompts = [keep_the_end(prompt, max_len) for prompt in prompts]
@@ -146,9 +132,8 @@ def predict_paraphrase(model, pairs, batch_size=64, device="cpu", max_len=None):
 
 
 def keep_the_end(prompt, max_len):
-    """The last max_len tokens of a prompt (token ids). The end is what the answer rests on: the second question
-    and the line that asks "Are these questions asking the same thing?", which the model answers right after;
-    what is cut is the start of the first question."""
+    """The last max_len tokens of a prompt. The end is what the answer rests on: the second question and "Are
+    these questions asking the same thing?"; what is cut is the start of the first question."""
     if not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"max_len must be a positive whole number, got {max_len!r}")
     return prompt[-max_len:]
@@ -187,22 +172,13 @@ def answer_tokens(labels):
 
 
 def evaluate_paraphrase(model, pairs, batch_size=64, device="cpu"):
-    """Score labelled pairs; accuracy and f1 are the course's, from the same logits as the restricted figures.
-
-    The course (CS224N GPT-2 starter, public_cs224n_gpt, commit 0102aef "Release second part to default final
-    project"): datasets.py ParaphraseDetectionDataset.collate_fn turns each label into its answer token (1 -> "yes"
-    = 8505, 0 -> "no" = 3919); evaluation.py model_eval_paraphrase takes preds = np.argmax(logits, axis=1) over the
-    model's next-token logits (the whole vocabulary, as ParaphraseGPT.forward's docstring describes) and returns
-    accuracy_score(y_true, y_pred) and f1_score(y_true, y_pred, average='macro') on these token ids. So a token
-    other than "yes"/"no" is wrong, and as a third predicted class it enters the macro average with F1 = 0.
-
-    Returns:
-        accuracy, f1      the course's: whole-vocabulary argmax token vs the answer token; sklearn's definitions
-        yes_no_accuracy   the restricted yes-vs-no comparison (logit("yes") > logit("no")) vs the 0/1 label
-        yes_no_f1         macro-F1 of the restricted predictions
-        yes_no_share      the fraction of argmax tokens that are "yes" or "no"
-        predictions       the restricted 0/1 predictions (what the predictions file holds)
-        predicted_tokens  the argmax token ids
+    """Score labelled pairs as the course does (public_cs224n_gpt: its collate_fn turns each label into its
+    answer token; model_eval_paraphrase takes the argmax over the vocabulary and returns sklearn's accuracy_score
+    and f1_score(average="macro") on these token ids), and by the restricted yes/no answers. Returns:
+        accuracy, f1                    the course's: argmax token vs answer token (a third token is wrong)
+        yes_no_accuracy, yes_no_f1      the restricted 0/1 answers vs the labels
+        yes_no_share                    the fraction of argmax tokens that are "yes" or "no"
+        predictions, predicted_tokens   the restricted answers (what the predictions file holds), the argmax tokens
     """
     labels = [p.label for p in pairs]
     if None in labels:
@@ -219,18 +195,6 @@ def paraphrase_score(result):
     """evaluate_paraphrase's figures on one line, naming which are the course's."""
     return (f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's: argmax over the "
             f"vocabulary)  yes/no accuracy {result['yes_no_accuracy']:.4f}  yes/no share {result['yes_no_share']:.4f}")
-
-
-def write_paraphrase_predictions(path, pairs, predictions):
-    """The course's submission format: a header, then "id, prediction" per line.
-
-    `predictions` are the restricted 0/1 answers (logit("yes") > logit("no")): always an answer, never another
-    token, and right wherever the course's argmax is (an argmax of "yes" also beats "no"), so at least as accurate.
-    The course's figures are evaluate_paraphrase's accuracy and f1."""
-    with atomic_open(path) as f:
-        f.write("id \t Predicted_Is_Paraphrase \n")
-        for pair, prediction in zip(pairs, predictions):
-            f.write(f"{pair.id}, {prediction} \n")
 
 
 # -----------------------------------------------------------------------------
@@ -254,11 +218,11 @@ def sample_continuations(model, prompts, temperature=1.2, top_p=0.9, max_new_tok
     return continuations
 
 
-def generate_sonnets(model, prompts, temperature=1.2, top_p=0.9, max_new_tokens=128, seed=11711, batch_size=16,
-                     device="cpu"):
-    """Each prompt followed by the model's continuation (up to its end-of-text token), as text."""
+def generate_sonnets(model, prompts, device="cpu", **generation):
+    """Each prompt followed by the model's continuation (up to its end-of-text token), as text; `generation` is
+    sample_continuations' settings."""
     prompt_ids = [encode(p) for p in prompts]
-    new = sample_continuations(model, prompt_ids, temperature, top_p, max_new_tokens, seed, batch_size, device)
+    new = sample_continuations(model, prompt_ids, device=device, **generation)
     return [decode(ids + [t for t in tokens if t != END_OF_TEXT]).strip() for ids, tokens in zip(prompt_ids, new)]
 
 
@@ -273,6 +237,19 @@ def evaluate_sonnets(model, held_out, references, device="cpu", **generation):
             "sonnets": list(zip([s.number for s in held_out], sonnets))}
 
 
+# -----------------------------------------------------------------------------
+# submission files in the course's formats: written from a model's predictions, or scored with no model
+
+
+def write_paraphrase_predictions(path, pairs, predictions):
+    """The course's format: a header, then "id, prediction" per line. The predictions are the restricted 0/1
+    answers: right wherever the course's argmax is (an argmax "yes" also beats "no"), and more."""
+    with atomic_open(path) as f:
+        f.write("id \t Predicted_Is_Paraphrase \n")
+        for pair, prediction in zip(pairs, predictions):
+            f.write(f"{pair.id}, {prediction} \n")
+
+
 def write_sonnets(path, numbered_sonnets):
     """The course's format: a title line, then each sonnet's number on its own line and its text."""
     with atomic_open(path) as f:
@@ -281,18 +258,11 @@ def write_sonnets(path, numbered_sonnets):
             f.write(f"\n{number}\n{text}\n\n")
 
 
-# -----------------------------------------------------------------------------
-# a submission file scored against the references, with no model (--predictions)
-
-
 def score_paraphrase_file(path, reference):
-    """Accuracy and macro-F1 of a submission file against the labelled pairs of `reference`, the course's
-    definitions: each prediction as a token against the true answer token ("yes" for 1, "no" for 0).
-
-    The course's format: the header "id \t Predicted_Is_Paraphrase", then "<id>, <prediction>" per line. This
-    project writes 0/1 answers (read as "yes"/"no"); the course's starter writes its argmax token ids. A file
-    whose every prediction is 0 or 1 is the former, any other the latter. Ids are matched in lower case, as the
-    course reads them; the pairs a file answers are scored (a --limit run's file answers the first N)."""
+    """Accuracy and macro-F1 of a predictions file against the labelled pairs in `reference`, the course's
+    definitions: each prediction as a token against the answer token. This project writes 0/1 answers (read as
+    "no"/"yes"), the course's starter its argmax token ids: a file whose every prediction is 0 or 1 is the former.
+    Ids match in lower case, as the course reads them; the pairs the file answers are scored (a --limit run's)."""
     labels = {pair.id.lower(): pair.label for pair in read_quora(reference)}
     if None in labels.values():
         raise InputError(f"{reference}: has no is_duplicate column to score --predictions against")
@@ -322,49 +292,33 @@ def score_paraphrase_file(path, reference):
 
 
 def score_sonnet_file(path, reference):
-    """chrF of a submission file's sonnets against the true sonnets in `reference`, as the course's
-    test_sonnet(test_path, gold_path) scores them: the i-th sonnet of one file against the i-th of the other, as
-    many as the shorter file holds (the course's starter numbers its sonnets 0, 1, ...; this project by the
-    sonnets' own numbers, in the references' order)."""
+    """chrF of a file's sonnets against the true ones in `reference` as the course's test_sonnet(test_path,
+    gold_path) scores them: the i-th sonnet against the i-th, as many as the shorter file holds (the course's
+    starter numbers its sonnets 0, 1, ...; this project by their own numbers, in the references' order)."""
     sonnets, references = read_sonnets(path), read_sonnets(reference)
     n = min(len(sonnets), len(references))
     return {"chrf": chrf([s.text for s in sonnets[:n]], [s.text for s in references[:n]]), "n": n}
 
 
-def score_predictions(config):
-    """--predictions: the submission file scored against --split's references."""
-    path = Path(config["predictions"])
-    if config["task"] == "paraphrase":
-        reference = config["data_dir"] / QUORA[config["split"]]
-        result = score_paraphrase_file(path, reference)
-        score = f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's)  ({result['n']} pairs"
-    else:
-        reference = config["data_dir"] / SONNET_SPLITS[config["split"]][1]
-        result = score_sonnet_file(path, reference)
-        score = f"chrF {result['chrf']:.2f}  ({result['n']} sonnets"
-    print(f"{config['task']} {config['split']}: {score} of {path}, against {reference})")
-    return result
-
-
 # -----------------------------------------------------------------------------
-# the command line: each flag's row, then the checks that span flags or read files, before any real work
+# the command line: a row per flag, then the checks that span flags or read files, before any real work
 
 SONNET_SPLITS = {"dev": (SONNETS["dev"], SONNETS["dev_true"]), "test": (SONNETS["test"], None)}  # prompts, references
+SONNET_TAGS = {"seed": "seed", "temperature": "temp", "top_p": "topp", "max_new_tokens": "tokens", "batch_size": "batch"}
 
 SETTINGS = {
     "task": (REQUIRED, str, one_of("paraphrase", "sonnet"), "paraphrase (accuracy, macro-F1) or sonnet (chrF)"),
     "checkpoint": ("gpt2", str, None, "a GPT-2 name (gpt2 ... gpt2-xl), a model directory or a run folder"),
     "adapter": (None, str, None, "a LoRA adapter (.safetensors written by lora.save_lora) to apply on top"),
     "predictions": (None, str, None, "score this submission file (the course's .csv or .txt) against --split's "
-                                     "references instead of a model's predictions: no model is loaded"),
+                                     "references instead of a model: no model is loaded"),
     "split": ("dev", str, one_of("train", "dev", "test"), "the sonnets have dev and test"),
     "data_dir": (Path(__file__).resolve().parent / "data", Path, None, "where the course's files are"),
     "limit": (None, int, LIMIT, "score only the first N examples"),
     "batch_size": (64, int, at_least(1), "prompts per forward pass"),
     "device": (default_device(), str, None, "cpu, cuda, cuda:N or mps (the default is the best one here)"),
     "seed": (11711, int, (lambda v: 0 <= v < 2 ** 64, "must be in [0, 2**64)"), "sonnet sampling seed"),
-    "temperature": (1.2, float, (lambda v: v >= 0, "must be >= 0 (0 picks the most likely token)"),
-                    "sonnet sampling (the course's); 0: greedy"),
+    "temperature": (1.2, float, (lambda v: v >= 0, "must be >= 0 (0 picks the most likely token)"), "the course's"),
     "top_p": (0.9, float, (lambda v: 0 < v <= 1, "must be in (0, 1]"), "nucleus sampling (the course's)"),
     "max_new_tokens": (128, int, at_least(1), "sonnet tokens written after each prompt (the course's)"),
     "out_dir": (Path("predictions"), Path, None, "where the predictions file goes (named by prediction_file)"),
@@ -372,8 +326,7 @@ SETTINGS = {
 
 
 def check_config(config):
-    """The checks that span several flags or read files (each flag's own are flags.parse's), before the data is
-    read or a model is loaded."""
+    """The checks that span several flags or look at files (each flag's own are flags.parse's)."""
     if config["task"] == "sonnet" and config["split"] not in SONNET_SPLITS:
         raise InputError(f"--split {config['split']}: --task sonnet has a dev and a test split (sonnets.txt is for "
                          f"training)")
@@ -394,21 +347,16 @@ def check_config(config):
 
 
 def prediction_file(config):
-    """Where a run's predictions go: the course's base names for a default run,
-        <model>-para-<split>-output.csv     <model>-sonnets-<split>.txt
-    with a tag before the ending for every setting that changes the predictions, so two different runs never
-    overwrite each other: -limitN; for sonnets also -seedS -tempT -toppP -tokensM -batchB where not the default.
-    <model> is the checkpoint's last path component, plus "+<adapter file stem>" with --adapter."""
+    """The course's names, <model>-para-<split>-output.csv and <model>-sonnets-<split>.txt, with a tag for every
+    setting that changes the predictions (-limitN; for sonnets SONNET_TAGS where not the default), so that two
+    runs never overwrite each other. <model>: the checkpoint's last path component (+<adapter file stem>)."""
     checkpoint = Path(config["checkpoint"])
     name = (checkpoint.resolve() if checkpoint.is_dir() else checkpoint).name
     name += f"+{Path(config['adapter']).stem}" if config["adapter"] else ""
     tags = [f"limit{config['limit']}"] if config["limit"] is not None else []
     if config["task"] == "paraphrase":
         return config["out_dir"] / ("-".join([name, "para", config["split"], *tags, "output"]) + ".csv")
-    for setting, tag in (("seed", "seed"), ("temperature", "temp"), ("top_p", "topp"), ("max_new_tokens", "tokens"),
-                         ("batch_size", "batch")):
-        if config[setting] != SETTINGS[setting][0]:
-            tags.append(f"{tag}{config[setting]}")
+    tags += [f"{tag}{config[name]}" for name, tag in SONNET_TAGS.items() if config[name] != SETTINGS[name][0]]
     return config["out_dir"] / ("-".join([name, "sonnets", config["split"], *tags]) + ".txt")
 
 
@@ -446,14 +394,12 @@ def main(argv=None):
 
 
 def run(config):
-    """Score a model on --task's --split, and write its predictions in the course's format under --out_dir; or,
-    with --predictions, score that file instead."""
+    """Score a model on --task's --split and write its predictions, or score a --predictions file. The data, and
+    its prompts against the model's positions (from its config alone), are checked before a model is loaded."""
     check_config(config)
     if config["predictions"] is not None:
         return score_predictions(config)
-    t0 = time.time()
-    # the data and the prompts against the model's positions (read from its config alone) first: a missing file or
-    # a prompt that does not fit fails before a model is downloaded or loaded
+    t0, device = time.time(), config["device"]
     context = model_context(config["checkpoint"])
     if config["task"] == "paraphrase":
         data_file = config["data_dir"] / QUORA[config["split"]]
@@ -461,39 +407,46 @@ def run(config):
         check_paraphrase_prompts(pairs, data_file, context)
     else:
         prompts_file, references_file = SONNET_SPLITS[config["split"]]
-        data_file = config["data_dir"] / prompts_file
-        held_out = read_sonnets(data_file, limit=config["limit"])
+        held_out = read_sonnets(config["data_dir"] / prompts_file, limit=config["limit"])
         references = read_sonnets(config["data_dir"] / references_file) if references_file else None
-        check_sonnet_prompts(held_out, data_file, config["max_new_tokens"], context)
-    device = config["device"]
+        check_sonnet_prompts(held_out, config["data_dir"] / prompts_file, config["max_new_tokens"], context)
     model = load_model(config["checkpoint"], config["adapter"]).to(device).eval()
     print(f"{config['checkpoint']}: {model.num_parameters() / 1e6:.1f}M parameters on {device}")
-
-    t1 = time.time()
     out = prediction_file(config)
     if config["task"] == "paraphrase":
-        if pairs[0].label is not None:
-            result = evaluate_paraphrase(model, pairs, config["batch_size"], device)
-            score = paraphrase_score(result)
-        else:
+        if pairs[0].label is None:
             result = {"predictions": predict_paraphrase(model, pairs, config["batch_size"], device, context)}
-            score = "(no labels)"
+        else:
+            result = evaluate_paraphrase(model, pairs, config["batch_size"], device)
         write_paraphrase_predictions(out, pairs, result["predictions"])
-        what = f"{len(pairs)} pairs"
+        score = f"{paraphrase_score(result) if 'f1' in result else '(no labels)'}  ({len(pairs)} pairs"
     else:
         generation = {name: config[name] for name in ("temperature", "top_p", "max_new_tokens", "seed", "batch_size")}
-        if references is not None:
-            result = evaluate_sonnets(model, held_out, references, device=device, **generation)
-            score = f"chrF {result['chrf']:.2f}"
+        if references is None:
+            texts = generate_sonnets(model, [s.text for s in held_out], device, **generation)
+            result = {"sonnets": list(zip([s.number for s in held_out], texts))}
         else:
-            texts = generate_sonnets(model, [s.text for s in held_out], device=device, **generation)
-            result, score = {"sonnets": list(zip([s.number for s in held_out], texts))}, "(no references)"
+            result = evaluate_sonnets(model, held_out, references, device, **generation)
         write_sonnets(out, result["sonnets"])
-        what = f"{len(held_out)} sonnets"
-    print(f"{config['task']} {config['split']}: {score}  ({what}, {time.time() - t1:.1f}s scoring, "
-          f"{time.time() - t0:.1f}s total)")
-    print(f"predictions: {out}" + ("  (yes/no answers: logit(yes) > logit(no), never a non-answer)"
-                                   if config["task"] == "paraphrase" else ""))
+        chrf_text = f"chrF {result['chrf']:.2f}" if references else "(no references)"
+        score = f"{chrf_text}  ({len(held_out)} sonnets"
+    print(f"{config['task']} {config['split']}: {score}, {time.time() - t0:.1f}s)")
+    print(f"predictions: {out}")
+    return result
+
+
+def score_predictions(config):
+    """--predictions: the file scored against --split's references."""
+    path = Path(config["predictions"])
+    if config["task"] == "paraphrase":
+        reference = config["data_dir"] / QUORA[config["split"]]
+        result = score_paraphrase_file(path, reference)
+        score = f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's)  ({result['n']} pairs"
+    else:
+        reference = config["data_dir"] / SONNET_SPLITS[config["split"]][1]
+        result = score_sonnet_file(path, reference)
+        score = f"chrF {result['chrf']:.2f}  ({result['n']} sonnets"
+    print(f"{config['task']} {config['split']}: {score} of {path}, against {reference})")
     return result
 
 
