@@ -5,13 +5,10 @@ The two tasks' scores as the Stanford CS224N GPT-2 project defines them, of a mo
     python eval.py --task sonnet --checkpoint out/my-model --split test   # the test sonnets, written for submission
     python eval.py --task sonnet --predictions generated_sonnets.txt      # chrF of a submission file, no model
 
-Paraphrase detection: the model reads the course's prompt, and its logits at the last position are scored two
-ways. The course's accuracy and macro-F1 take the most likely token over the whole vocabulary and compare it
-with the answer token ("yes" or "no"): any other token is wrong. The restricted figures compare only logit("yes")
-with logit("no"); the predictions file holds these, so it always gives an answer. Sonnets: the model continues
-the first 3 lines of each held-out sonnet (the course's sampling: temperature 1.2, top-p 0.9, up to 128 new
-tokens), and the whole sonnet, given lines included as in the course, is scored against the true one by chrF.
-Predictions go under --out_dir in the course's formats, named by prediction_file.
+Paraphrase: the course's accuracy and macro-F1 take the most likely next token after the prompt, over the whole
+vocabulary, against the answer token ("yes" or "no"); the restricted figures, and the predictions file, compare
+only logit("yes") with logit("no"). Sonnets: the model continues each held-out sonnet's first 3 lines (the
+course's sampling), and the whole sonnet, given lines included as in the course, is scored by chrF.
 """
 
 import sys
@@ -103,7 +100,7 @@ def chrf(hypotheses, references, max_order=6, beta=2.0):
 
 
 # -----------------------------------------------------------------------------
-# the model in eval mode, and back
+# the model in eval mode; paraphrase detection
 
 
 @contextmanager
@@ -118,25 +115,14 @@ def eval_mode(model):
             module.training = training
 
 
-# -----------------------------------------------------------------------------
-# paraphrase detection
-
-
 def predict_paraphrase(model, pairs, batch_size=64, device="cpu", max_len=None):
     """1 (paraphrase) where logit("yes") > logit("no") after the pair's prompt, else 0: the restricted answer.
-    A prompt longer than max_len keeps only its end (keep_the_end), so that every pair gets a prediction."""
+    A prompt longer than max_len keeps its last max_len tokens, so that every pair gets a prediction: the end is
+    what the answer rests on (the second question, and "Are these questions asking the same thing?")."""
     prompts = [paraphrase_example(p).prompt for p in pairs]
     if max_len is not None:
-        prompts = [keep_the_end(prompt, max_len) for prompt in prompts]
+        prompts = [prompt[-max_len:] for prompt in prompts]
     return answers_yes(model, prompts, batch_size, device)
-
-
-def keep_the_end(prompt, max_len):
-    """The last max_len tokens of a prompt. The end is what the answer rests on: the second question and "Are
-    these questions asking the same thing?"; what is cut is the start of the first question."""
-    if not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len must be a positive whole number, got {max_len!r}")
-    return prompt[-max_len:]
 
 
 def answers_yes(model, prompts, batch_size=64, device="cpu"):
@@ -172,9 +158,8 @@ def answer_tokens(labels):
 
 
 def evaluate_paraphrase(model, pairs, batch_size=64, device="cpu"):
-    """Score labelled pairs as the course does (public_cs224n_gpt: its collate_fn turns each label into its
-    answer token; model_eval_paraphrase takes the argmax over the vocabulary and returns sklearn's accuracy_score
-    and f1_score(average="macro") on these token ids), and by the restricted yes/no answers. Returns:
+    """Score labelled pairs as the course does (public_cs224n_gpt's model_eval_paraphrase: sklearn's accuracy and
+    macro-F1 of the argmax token over the vocabulary against the answer token), and by the restricted answers:
         accuracy, f1                    the course's: argmax token vs answer token (a third token is wrong)
         yes_no_accuracy, yes_no_f1      the restricted 0/1 answers vs the labels
         yes_no_share                    the fraction of argmax tokens that are "yes" or "no"
@@ -272,10 +257,10 @@ def score_paraphrase_file(path, reference):
     found = {}  # id -> prediction, in the file's order
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
-            continue
+            continue  # a blank line, such as an editor's at the end
         pair_id, _, value = line.rpartition(",")
         pair_id, value = pair_id.strip().lower(), value.strip()
-        if not pair_id or not (value.isascii() and value.isdigit()):
+        if not (value.isascii() and value.isdigit()):
             raise InputError(f"{path}:{number}: expected '<id>, <prediction>' (a whole number), got {line!r}")
         if pair_id not in labels:
             raise InputError(f"{path}:{number}: id {pair_id!r} is not in {reference}")
@@ -304,14 +289,14 @@ def score_sonnet_file(path, reference):
 # the command line: a row per flag, then the checks that span flags or read files, before any real work
 
 SONNET_SPLITS = {"dev": (SONNETS["dev"], SONNETS["dev_true"]), "test": (SONNETS["test"], None)}  # prompts, references
-SONNET_TAGS = {"seed": "seed", "temperature": "temp", "top_p": "topp", "max_new_tokens": "tokens", "batch_size": "batch"}
+SONNET_TAGS = {"seed": "seed", "temperature": "temp", "top_p": "topp", "max_new_tokens": "tokens",
+               "batch_size": "batch"}  # the file name's tag of each sampling setting
 
 SETTINGS = {
     "task": (REQUIRED, str, one_of("paraphrase", "sonnet"), "paraphrase (accuracy, macro-F1) or sonnet (chrF)"),
     "checkpoint": ("gpt2", str, None, "a GPT-2 name (gpt2 ... gpt2-xl), a model directory or a run folder"),
     "adapter": (None, str, None, "a LoRA adapter (.safetensors written by lora.save_lora) to apply on top"),
-    "predictions": (None, str, None, "score this submission file (the course's .csv or .txt) against --split's "
-                                     "references instead of a model: no model is loaded"),
+    "predictions": (None, str, None, "score this course-format file against --split's references, with no model"),
     "split": ("dev", str, one_of("train", "dev", "test"), "the sonnets have dev and test"),
     "data_dir": (Path(__file__).resolve().parent / "data", Path, None, "where the course's files are"),
     "limit": (None, int, LIMIT, "score only the first N examples"),
@@ -363,11 +348,11 @@ def prediction_file(config):
 def check_paraphrase_prompts(pairs, path, context):
     """Every pair's prompt must fit the model's `context` positions. In labelled data (train, dev) a longer one is
     an InputError naming the pair; in the test file, whose every pair needs a prediction, it will keep its end
-    (keep_the_end), with one warning. Returns the number of prompts that will be cut."""
+    (predict_paraphrase's max_len), with one warning."""
     too_long = [(row, pair, n) for row, pair in enumerate(pairs, start=1)
                 if (n := len(paraphrase_example(pair).prompt)) > context]
     if not too_long:
-        return 0
+        return
     row, pair, n = too_long[0]
     if pair.label is not None:
         more = f" (and {len(too_long) - 1} more)" if len(too_long) > 1 else ""
@@ -376,7 +361,6 @@ def check_paraphrase_prompts(pairs, path, context):
     print(f"warning: {path}: {len(too_long)} of {len(pairs)} prompts are longer than the model's {context} "
           f"positions (the first: pair {row}, id {pair.id}, {n} tokens); each keeps its last {context} tokens, "
           f"the start of question 1 is cut", file=sys.stderr)
-    return len(too_long)
 
 
 def check_sonnet_prompts(held_out, path, max_new_tokens, context):
@@ -407,9 +391,10 @@ def run(config):
         check_paraphrase_prompts(pairs, data_file, context)
     else:
         prompts_file, references_file = SONNET_SPLITS[config["split"]]
-        held_out = read_sonnets(config["data_dir"] / prompts_file, limit=config["limit"])
+        data_file = config["data_dir"] / prompts_file
+        held_out = read_sonnets(data_file, limit=config["limit"])
         references = read_sonnets(config["data_dir"] / references_file) if references_file else None
-        check_sonnet_prompts(held_out, config["data_dir"] / prompts_file, config["max_new_tokens"], context)
+        check_sonnet_prompts(held_out, data_file, config["max_new_tokens"], context)
     model = load_model(config["checkpoint"], config["adapter"]).to(device).eval()
     print(f"{config['checkpoint']}: {model.num_parameters() / 1e6:.1f}M parameters on {device}")
     out = prediction_file(config)
@@ -437,7 +422,7 @@ def run(config):
 
 def score_predictions(config):
     """--predictions: the file scored against --split's references."""
-    path = Path(config["predictions"])
+    path = config["predictions"]
     if config["task"] == "paraphrase":
         reference = config["data_dir"] / QUORA[config["split"]]
         result = score_paraphrase_file(path, reference)

@@ -278,21 +278,10 @@ def test_the_test_split_predicts_every_pair_keeping_the_end_of_a_long_prompt(tin
     for pair, line in zip(read_quora(test)[-2:], lines[-2:]):
         prompt = encode(paraphrase_prompt(pair.sentence1, pair.sentence2))
         assert len(prompt) > 128
+        assert decode(prompt[-128:]).endswith('"is length a problem ?\nAre these questions asking the same thing?\n')
         with torch.no_grad():
             logits = model(torch.tensor([prompt[-128:]]))[0, -1]
         assert line == f"{pair.id}, {int(logits[YES_TOKEN] > logits[NO_TOKEN])} "
-
-
-def test_keep_the_end_keeps_the_question_that_is_asked():
-    assert evaluation.keep_the_end([1, 2, 3, 4, 5], 3) == [3, 4, 5]
-    assert evaluation.keep_the_end([1, 2], 3) == [1, 2]
-    prompt = encode(paraphrase_prompt("Is " + "very " * 300 + "long a problem?", "Is length a problem?"))
-    kept = evaluation.keep_the_end(prompt, 20)
-    assert len(kept) == 20 and decode(kept).endswith('"is length a problem ?\nAre these questions asking the same '
-                                                     'thing?\n')
-    for bad in (0, -1, 2.5):
-        with pytest.raises(ValueError, match=f"max_len must be a positive whole number, got {bad}"):
-            evaluation.keep_the_end(prompt, bad)
 
 
 # -----------------------------------------------------------------------------
@@ -328,8 +317,9 @@ def test_sonnet_predictions_equal_the_checkpoint_run_and_the_courses_evaluation(
         assert scored == {"chrf": ran["chrf"], "n": 3}
         assert scored["chrf"] == pytest.approx(course_test_sonnet(path, data_dir / "TRUE_sonnets_held_out_dev.txt"),
                                                abs=1e-9)
+    true = data_dir / "TRUE_sonnets_held_out_dev.txt"
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"sonnet dev: chrF {ran['chrf']:.2f}  (3 sonnets of {theirs}, against {data_dir / 'TRUE_sonnets_held_out_dev.txt'})")
+        f"sonnet dev: chrF {ran['chrf']:.2f}  (3 sonnets of {theirs}, against {true})")
 
 
 @pytest.mark.parametrize("where", ["sample_data", "course_data"])
@@ -388,7 +378,7 @@ BAD_PREDICTIONS = [  # (the file, what the one-line error must say); {id} is the
     (HEADER + "{id}, 1 \n{id} 0\n", r"p.csv:3: expected '<id>, <prediction>' \(a whole number\), got '.* 0'"),
     (HEADER + "{id}, yes \n", "p.csv:2: expected '<id>, <prediction>'"),
     (HEADER + "{id}, -1 \n", "p.csv:2: expected '<id>, <prediction>'"),
-    (HEADER + ", 1 \n", "p.csv:2: expected '<id>, <prediction>'"),
+    (HEADER + ", 1 \n", "p.csv:2: id '' is not in .*quora-dev.csv"),
     (HEADER + "{id}, 1 \n\nno-such-id, 1 \n", "p.csv:4: id 'no-such-id' is not in .*quora-dev.csv"),
     (HEADER + "{id}, 1 \n{ID}, 0 \n", "p.csv:3: id '.*' appears a second time"),
 ]
