@@ -179,7 +179,8 @@ def evaluate_paraphrase(model, pairs, batch_size=64, device="cpu"):
 def paraphrase_score(result):
     """evaluate_paraphrase's figures on one line, naming which are the course's."""
     return (f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's: argmax over the "
-            f"vocabulary)  yes/no accuracy {result['yes_no_accuracy']:.4f}  yes/no share {result['yes_no_share']:.4f}")
+            f"vocabulary)  yes/no accuracy {result['yes_no_accuracy']:.4f}  macro-F1 {result['yes_no_f1']:.4f}  "
+            f"yes/no share {result['yes_no_share']:.4f}")
 
 
 # -----------------------------------------------------------------------------
