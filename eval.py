@@ -1,26 +1,16 @@
 """
-The two tasks' scores, as the Stanford CS224N GPT-2 project defines them, and the statistics to compare them.
+The two tasks' scores as the Stanford CS224N GPT-2 project defines them, of a model or of a submission file.
 
-    python eval.py --task paraphrase --checkpoint gpt2 --split dev       # accuracy and macro-F1
-    python eval.py --task sonnet --checkpoint out/my-model --split dev   # chrF of the generated sonnets
+    python eval.py --task paraphrase --checkpoint gpt2                    # accuracy and macro-F1 on the dev pairs
+    python eval.py --task sonnet --checkpoint out/my-model --split test   # the test sonnets, written for submission
+    python eval.py --task sonnet --predictions generated_sonnets.txt      # chrF of a submission file, no model
 
---checkpoint is a GPT-2 name (gpt2, gpt2-medium, ...) or a directory with config.json + model.safetensors
-(what the training scripts write); --adapter adds a LoRA adapter on top. Every argument is checked before the
-data is read or a model is loaded. Predictions are written in the course's submission formats under --out_dir
-(predictions/), named <model>-para-<split>-output.csv and <model>-sonnets-<split>.txt for a default run, with
-a tag before the ending for every setting that changes the predictions: -limitN, and for sonnets also -seedS,
--tempT, -toppP, -tokensM and -batchB when they differ from the defaults (see prediction_file).
-
-Paraphrase detection: the model reads the course's prompt, and its logits at the last prompt position are
-scored two ways. The course's accuracy and macro-F1 take the most likely token over the whole vocabulary and
-compare it with the answer token ("yes" or "no"): any other token is wrong. The restricted figures compare only
-logit("yes") with logit("no") (predict "paraphrase" when yes > no); the predictions file holds these, so it always
-gives an answer. Sonnets: the model continues the first 3 lines of each held-out sonnet (temperature 1.2, top-p
-0.9, up to 128 new tokens, seeded), and the whole sonnet, given lines included as in the course, is scored
-against the true sonnet with corpus chrF.
+Paraphrase: the course's accuracy and macro-F1 take the most likely next token after the prompt, over the whole
+vocabulary, against the answer token ("yes" or "no"); the restricted figures, and the predictions file, compare
+only logit("yes") with logit("no"). Sonnets: the model continues each held-out sonnet's first 3 lines (the
+course's sampling), and the whole sonnet, given lines included as in the course, is scored by chrF.
 """
 
-import argparse
 import sys
 import time
 from collections import Counter
@@ -28,18 +18,18 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+import flags
 from checkpoint import check_source, load_model, model_context
 from data.batching import Example, batch_indices, collate, left_pad
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, read_quora
 from data.sonnets import read_sonnets
 from data.tasks import QUORA, SONNETS
-from data.tokenizer import decode, encode
-from fileio import InputError, atomic_open, writable_dir
-from model import END_OF_TEXT, check_device, default_device
+from data.tokenizer import END_OF_TEXT, decode, encode
+from fileio import InputError, atomic_open, read_text, writable_dir
+from flags import LIMIT, REQUIRED, at_least, check_device, default_device, one_of
 
 # -----------------------------------------------------------------------------
 # metrics: pure functions of Python lists
@@ -56,12 +46,9 @@ def accuracy(predictions, labels):
 
 
 def macro_f1(predictions, labels):
-    """F1 of each class, F1 = 2 TP / (2 TP + FP + FN), averaged over the classes that occur in labels or
-    predictions: sklearn's f1_score(labels, predictions, average="macro"), for any classes (0/1, or token ids).
-
-    A class that is only predicted (a third token) or never predicted has TP = 0, so F1 = 0, and it counts in the
-    average. Every class in the average occurs somewhere, so 2 TP + FP + FN > 0 and sklearn's zero_division (a
-    0/0 precision or recall) never changes the result."""
+    """F1 = 2 TP / (2 TP + FP + FN) of each class that occurs in labels or predictions (0/1, or token ids),
+    averaged: sklearn's f1_score(labels, predictions, average="macro"). A class only predicted (a third token) or
+    never predicted has F1 = 0 and counts in the average; none has 2 TP + FP + FN = 0, so no 0/0 arises."""
     check_predictions(predictions, labels)
     scores = []
     for c in sorted(set(labels) | set(predictions)):
@@ -77,10 +64,10 @@ def char_ngrams(text, n):
     return Counter(text[i:i + n] for i in range(len(text) - n + 1))
 
 
-@lru_cache(maxsize=4096)  # a bootstrap rescores the same few sonnets thousands of times
+@lru_cache(maxsize=4096)  # a bootstrap (stats.py) rescores the same few sonnets thousands of times
 def chrf_counts(hypothesis, reference, max_order=6):
-    """For one hypothesis and its reference, per order n = 1..max_order: (hypothesis n-grams, reference
-    n-grams, matches clipped to the reference count). A corpus's counts are the sums of these."""
+    """Per order n = 1..max_order: (hypothesis n-grams, reference n-grams, matches clipped to the reference
+    count). A corpus's counts are the sums of these."""
     counts = []
     for n in range(1, max_order + 1):
         hyp, ref = char_ngrams(hypothesis, n), char_ngrams(reference, n)
@@ -90,10 +77,8 @@ def chrf_counts(hypothesis, reference, max_order=6):
 
 
 def chrf(hypotheses, references, max_order=6, beta=2.0):
-    """Corpus chrF (Popović 2015), exactly as sacrebleu's CHRF().corpus_score computes it.
-
-    For each order n = 1..6, count character n-grams (whitespace removed) over the whole corpus: those in
-    the hypotheses, those in the references, and the matches (clipped to the reference count). Then
+    """Corpus chrF (Popović 2015), as sacrebleu's CHRF().corpus_score. Character n-grams (whitespace removed) of
+    each order n = 1..6, counted over the whole corpus: in the hypotheses, in the references, and matched. Then
         P = mean over orders of matches / hypothesis n-grams,   R = mean over orders of matches / reference n-grams
         chrF = 100 * (1 + beta^2) * P * R / (beta^2 * P + R)            (beta = 2: recall counts 4x)
     Orders with no hypothesis or no reference n-grams are left out of the means (sacrebleu's "effective order").
@@ -115,72 +100,12 @@ def chrf(hypotheses, references, max_order=6, beta=2.0):
 
 
 # -----------------------------------------------------------------------------
-# statistics: how sure a score is, and whether two models differ
-
-
-def bootstrap_ci(metric, hypotheses, references, n_resamples=1000, confidence=0.95, seed=0):
-    """Percentile bootstrap interval (Efron) for a corpus-level metric(hypotheses, references) -> float.
-
-    Draw n_resamples sets of n example indices with replacement, keeping each hypothesis with its reference,
-    recompute the metric on each set: s_1..s_B. With a = 1 - confidence, the interval is
-        (a/2 quantile of s, 1 - a/2 quantile of s)       (numpy's linear interpolation, as scipy's "percentile")
-    Paraphrase: metric = accuracy or macro_f1 on (predictions, labels); sonnets: chrf on the 12 sonnets.
-    """
-    n = len(hypotheses)
-    if n != len(references) or n == 0:
-        raise ValueError(f"need equally many hypotheses and references, got {n} and {len(references)}")
-    if n_resamples < 1 or not 0 < confidence < 1:
-        raise ValueError(f"need n_resamples >= 1 and 0 < confidence < 1, got {n_resamples} and {confidence}")
-    rng = np.random.default_rng(seed)
-    scores = [metric([hypotheses[i] for i in idx], [references[i] for i in idx])
-              for idx in rng.integers(0, n, size=(n_resamples, n)).tolist()]
-    alpha = 1 - confidence
-    low, high = np.quantile(scores, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
-
-
-def discordant_pairs(correct_a, correct_b):
-    """(b, c): how many examples only A gets right, and how many only B gets right (same examples, in order)."""
-    if len(correct_a) != len(correct_b) or len(correct_a) == 0:
-        raise ValueError(f"need two equally long, non-empty lists, got {len(correct_a)} and {len(correct_b)}")
-    b = sum(bool(x) and not y for x, y in zip(correct_a, correct_b))
-    c = sum(bool(y) and not x for x, y in zip(correct_a, correct_b))
-    return b, c
-
-
-def mcnemar_exact(correct_a, correct_b):
-    """Two-sided exact McNemar test of "A and B are equally accurate" on paired examples.
-
-    Only discordant pairs say anything: under the null each of the n = b + c is equally likely to favour A or B,
-    so b ~ Binomial(n, 1/2) and
-        p = min(1, 2 * sum_{k=0}^{min(b, c)} C(n, k) / 2^n)       (p = 1.0 when n = 0: no evidence either way)
-    """
-    b, c = discordant_pairs(correct_a, correct_b)
-    n = b + c
-    term = tail = 1  # C(n, 0), in exact integers: no rounding however large n is
-    for k in range(min(b, c)):
-        term = term * (n - k) // (k + 1)  # C(n, k + 1) = C(n, k) (n - k) / (k + 1)
-        tail += term
-    return min(1.0, 2 * tail / 2 ** n)  # n = 0: 2 * 1 / 1, capped at 1.0
-
-
-def paired_difference(correct_a, correct_b):
-    """Accuracy of A minus accuracy of B on the same examples, = (b - c) / N, with McNemar's exact p-value.
-
-    Returns {"difference", "p_value", "only_a_correct" (b), "only_b_correct" (c), "n" (examples)}."""
-    b, c = discordant_pairs(correct_a, correct_b)
-    return {"difference": (b - c) / len(correct_a), "p_value": mcnemar_exact(correct_a, correct_b),
-            "only_a_correct": b, "only_b_correct": c, "n": len(correct_a)}
-
-
-# -----------------------------------------------------------------------------
-# the model in eval mode, and back
+# the model in eval mode; paraphrase detection
 
 
 @contextmanager
 def eval_mode(model):
-    """model.eval() (dropout off) inside the block; afterwards every module is back in the mode it had, so
-    evaluating inside a training loop does not leave dropout switched off."""
+    """model.eval() (dropout off) inside the block; afterwards every module is back in the mode it had."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
@@ -190,28 +115,14 @@ def eval_mode(model):
             module.training = training
 
 
-# -----------------------------------------------------------------------------
-# paraphrase detection
-
-
 def predict_paraphrase(model, pairs, batch_size=64, device="cpu", max_len=None):
-    """1 (paraphrase) where the model's "yes" logit beats its "no" logit after the prompt, else 0: the restricted
-    answer the predictions file holds (never a non-answer), not the course's whole-vocabulary argmax.
-
-    max_len: a prompt longer than this keeps only its end (keep_the_end), so that every pair gets a prediction."""
+    """1 (paraphrase) where logit("yes") > logit("no") after the pair's prompt, else 0: the restricted answer.
+    A prompt longer than max_len keeps its last max_len tokens, so that every pair gets a prediction: the end is
+    what the answer rests on (the second question, and "Are these questions asking the same thing?")."""
     prompts = [paraphrase_example(p).prompt for p in pairs]
     if max_len is not None:
-        prompts = [keep_the_end(prompt, max_len) for prompt in prompts]
+        prompts = [prompt[-max_len:] for prompt in prompts]
     return answers_yes(model, prompts, batch_size, device)
-
-
-def keep_the_end(prompt, max_len):
-    """The last max_len tokens of a prompt (token ids). The end is what the answer rests on: the second question
-    and the line that asks "Are these questions asking the same thing?", which the model answers right after;
-    what is cut is the start of the first question."""
-    if not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len must be a positive whole number, got {max_len!r}")
-    return prompt[-max_len:]
 
 
 def answers_yes(model, prompts, batch_size=64, device="cpu"):
@@ -247,22 +158,12 @@ def answer_tokens(labels):
 
 
 def evaluate_paraphrase(model, pairs, batch_size=64, device="cpu"):
-    """Score labelled pairs; accuracy and f1 are the course's, from the same logits as the restricted figures.
-
-    The course (CS224N GPT-2 starter, public_cs224n_gpt, commit 0102aef "Release second part to default final
-    project"): datasets.py ParaphraseDetectionDataset.collate_fn turns each label into its answer token (1 -> "yes"
-    = 8505, 0 -> "no" = 3919); evaluation.py model_eval_paraphrase takes preds = np.argmax(logits, axis=1) over the
-    model's next-token logits (the whole vocabulary, as ParaphraseGPT.forward's docstring describes) and returns
-    accuracy_score(y_true, y_pred) and f1_score(y_true, y_pred, average='macro') on these token ids. So a token
-    other than "yes"/"no" is wrong, and as a third predicted class it enters the macro average with F1 = 0.
-
-    Returns:
-        accuracy, f1      the course's: whole-vocabulary argmax token vs the answer token; sklearn's definitions
-        yes_no_accuracy   the restricted yes-vs-no comparison (logit("yes") > logit("no")) vs the 0/1 label
-        yes_no_f1         macro-F1 of the restricted predictions
-        yes_no_share      the fraction of argmax tokens that are "yes" or "no"
-        predictions       the restricted 0/1 predictions (what the predictions file holds)
-        predicted_tokens  the argmax token ids
+    """Score labelled pairs as the course does (public_cs224n_gpt's model_eval_paraphrase: sklearn's accuracy and
+    macro-F1 of the argmax token over the vocabulary against the answer token), and by the restricted answers:
+        accuracy, f1                    the course's: argmax token vs answer token (a third token is wrong)
+        yes_no_accuracy, yes_no_f1      the restricted 0/1 answers vs the labels
+        yes_no_share                    the fraction of argmax tokens that are "yes" or "no"
+        predictions, predicted_tokens   the restricted answers (what the predictions file holds), the argmax tokens
     """
     labels = [p.label for p in pairs]
     if None in labels:
@@ -278,19 +179,8 @@ def evaluate_paraphrase(model, pairs, batch_size=64, device="cpu"):
 def paraphrase_score(result):
     """evaluate_paraphrase's figures on one line, naming which are the course's."""
     return (f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's: argmax over the "
-            f"vocabulary)  yes/no accuracy {result['yes_no_accuracy']:.4f}  yes/no share {result['yes_no_share']:.4f}")
-
-
-def write_paraphrase_predictions(path, pairs, predictions):
-    """The course's submission format: a header, then "id, prediction" per line.
-
-    `predictions` are the restricted 0/1 answers (logit("yes") > logit("no")): always an answer, never another
-    token, and right wherever the course's argmax is (an argmax of "yes" also beats "no"), so at least as accurate.
-    The course's figures are evaluate_paraphrase's accuracy and f1."""
-    with atomic_open(path) as f:
-        f.write("id \t Predicted_Is_Paraphrase \n")
-        for pair, prediction in zip(pairs, predictions):
-            f.write(f"{pair.id}, {prediction} \n")
+            f"vocabulary)  yes/no accuracy {result['yes_no_accuracy']:.4f}  macro-F1 {result['yes_no_f1']:.4f}  "
+            f"yes/no share {result['yes_no_share']:.4f}")
 
 
 # -----------------------------------------------------------------------------
@@ -314,11 +204,11 @@ def sample_continuations(model, prompts, temperature=1.2, top_p=0.9, max_new_tok
     return continuations
 
 
-def generate_sonnets(model, prompts, temperature=1.2, top_p=0.9, max_new_tokens=128, seed=11711, batch_size=16,
-                     device="cpu"):
-    """Each prompt followed by the model's continuation (up to its end-of-text token), as text."""
+def generate_sonnets(model, prompts, device="cpu", **generation):
+    """Each prompt followed by the model's continuation (up to its end-of-text token), as text; `generation` is
+    sample_continuations' settings."""
     prompt_ids = [encode(p) for p in prompts]
-    new = sample_continuations(model, prompt_ids, temperature, top_p, max_new_tokens, seed, batch_size, device)
+    new = sample_continuations(model, prompt_ids, device=device, **generation)
     return [decode(ids + [t for t in tokens if t != END_OF_TEXT]).strip() for ids, tokens in zip(prompt_ids, new)]
 
 
@@ -333,6 +223,19 @@ def evaluate_sonnets(model, held_out, references, device="cpu", **generation):
             "sonnets": list(zip([s.number for s in held_out], sonnets))}
 
 
+# -----------------------------------------------------------------------------
+# submission files in the course's formats: written from a model's predictions, or scored with no model
+
+
+def write_paraphrase_predictions(path, pairs, predictions):
+    """The course's format: a header, then "id, prediction" per line. The predictions are the restricted 0/1
+    answers: right wherever the course's argmax is (an argmax "yes" also beats "no"), and more."""
+    with atomic_open(path) as f:
+        f.write("id \t Predicted_Is_Paraphrase \n")
+        for pair, prediction in zip(pairs, predictions):
+            f.write(f"{pair.id}, {prediction} \n")
+
+
 def write_sonnets(path, numbered_sonnets):
     """The course's format: a title line, then each sonnet's number on its own line and its text."""
     with atomic_open(path) as f:
@@ -341,62 +244,116 @@ def write_sonnets(path, numbered_sonnets):
             f.write(f"\n{number}\n{text}\n\n")
 
 
+def score_paraphrase_file(path, reference):
+    """Accuracy and macro-F1 of a predictions file against the labelled pairs in `reference`, the course's
+    definitions: each prediction as a token against the answer token. This project writes 0/1 answers (read as
+    "no"/"yes"), the course's starter its argmax token ids: a file whose every prediction is 0 or 1 is the former.
+    Ids match in lower case, as the course reads them; the pairs the file answers are scored (a --limit run's)."""
+    labels = {pair.id.lower(): pair.label for pair in read_quora(reference)}
+    if None in labels.values():
+        raise InputError(f"{reference}: has no is_duplicate column to score --predictions against")
+    lines = read_text(path).splitlines()
+    if not lines or lines[0].split() != ["id", "Predicted_Is_Paraphrase"]:
+        raise InputError(f"{path}:1: expected the course's header 'id <tab> Predicted_Is_Paraphrase'")
+    found = {}  # id -> prediction, in the file's order
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue  # a blank line, such as an editor's at the end
+        pair_id, _, value = line.rpartition(",")
+        pair_id, value = pair_id.strip().lower(), value.strip()
+        if not (value.isascii() and value.isdigit()):
+            raise InputError(f"{path}:{number}: expected '<id>, <prediction>' (a whole number), got {line!r}")
+        if pair_id not in labels:
+            raise InputError(f"{path}:{number}: id {pair_id!r} is not in {reference}")
+        if pair_id in found:
+            raise InputError(f"{path}:{number}: id {pair_id!r} appears a second time")
+        found[pair_id] = int(value)
+    if not found:
+        raise InputError(f"{path}: has a header but no predictions")
+    predictions = list(found.values())
+    if set(predictions) <= {0, 1}:
+        predictions = answer_tokens(predictions)
+    answers = answer_tokens([labels[pair_id] for pair_id in found])
+    return {"accuracy": accuracy(predictions, answers), "f1": macro_f1(predictions, answers), "n": len(found)}
+
+
+def score_sonnet_file(path, reference):
+    """chrF of a file's sonnets against the true ones in `reference` as the course's test_sonnet(test_path,
+    gold_path) scores them: the i-th sonnet against the i-th, as many as the shorter file holds (the course's
+    starter numbers its sonnets 0, 1, ...; this project by their own numbers, in the references' order)."""
+    sonnets, references = read_sonnets(path), read_sonnets(reference)
+    n = min(len(sonnets), len(references))
+    return {"chrf": chrf([s.text for s in sonnets[:n]], [s.text for s in references[:n]]), "n": n}
+
+
 # -----------------------------------------------------------------------------
-# checks on the command line's values, before any real work
+# the command line: a row per flag, then the checks that span flags or read files, before any real work
+
+SONNET_SPLITS = {"dev": (SONNETS["dev"], SONNETS["dev_true"]), "test": (SONNETS["test"], None)}  # prompts, references
+SONNET_TAGS = {"seed": "seed", "temperature": "temp", "top_p": "topp", "max_new_tokens": "tokens",
+               "batch_size": "batch"}  # the file name's tag of each sampling setting
+
+SETTINGS = {
+    "task": (REQUIRED, str, one_of("paraphrase", "sonnet"), "paraphrase (accuracy, macro-F1) or sonnet (chrF)"),
+    "checkpoint": ("gpt2", str, None, "a GPT-2 name (gpt2 ... gpt2-xl), a model directory or a run folder"),
+    "adapter": (None, str, None, "a LoRA adapter (.safetensors written by lora.save_lora) to apply on top"),
+    "predictions": (None, str, None, "score this course-format file against --split's references, with no model"),
+    "split": ("dev", str, one_of("train", "dev", "test"), "the sonnets have dev and test"),
+    "data_dir": (Path(__file__).resolve().parent / "data", Path, None, "where the course's files are"),
+    "limit": (None, int, LIMIT, "score only the first N examples"),
+    "batch_size": (64, int, at_least(1), "prompts per forward pass"),
+    "device": (default_device(), str, None, "cpu, cuda, cuda:N or mps (the default is the best one here)"),
+    "seed": (11711, int, (lambda v: 0 <= v < 2 ** 64, "must be in [0, 2**64)"), "sonnet sampling seed"),
+    "temperature": (1.2, float, (lambda v: v >= 0, "must be >= 0 (0 picks the most likely token)"), "the course's"),
+    "top_p": (0.9, float, (lambda v: 0 < v <= 1, "must be in (0, 1]"), "nucleus sampling (the course's)"),
+    "max_new_tokens": (128, int, at_least(1), "sonnet tokens written after each prompt (the course's)"),
+    "out_dir": (Path("predictions"), Path, None, "where the predictions file goes (named by prediction_file)"),
+}
 
 
-def check_args(args):
-    """Every value the command line gave, checked before the data is read or a model is loaded."""
-    if args.task == "sonnet" and args.split not in SONNET_SPLITS:
-        raise InputError(f"--split {args.split}: --task sonnet has a dev and a test split (sonnets.txt is for "
+def check_config(config):
+    """The checks that span several flags or look at files (each flag's own are flags.parse's)."""
+    if config["task"] == "sonnet" and config["split"] not in SONNET_SPLITS:
+        raise InputError(f"--split {config['split']}: --task sonnet has a dev and a test split (sonnets.txt is for "
                          f"training)")
-    for flag, value in (("--limit", args.limit), ("--batch_size", args.batch_size),
-                        ("--max_new_tokens", args.max_new_tokens)):
-        if value is not None and value < 1:
-            raise InputError(f"{flag} {value}: must be at least 1")
-    if not 0 <= args.seed < 2 ** 64:  # what torch.Generator.manual_seed takes
-        raise InputError(f"--seed {args.seed}: must be in [0, 2**64)")
-    if not args.temperature >= 0:  # also catches nan
-        raise InputError(f"--temperature {args.temperature}: must be >= 0 (0 picks the most likely token)")
-    if not 0 < args.top_p <= 1:
-        raise InputError(f"--top_p {args.top_p}: must be in (0, 1]")
-    check_device(args.device)
-    check_source(args.checkpoint, "--checkpoint")
-    if args.task == "sonnet" and args.max_new_tokens >= (context := model_context(args.checkpoint)):
-        raise InputError(f"--max_new_tokens {args.max_new_tokens}: the model ({args.checkpoint}) has {context} "
-                         f"positions for the prompt and the new tokens together; give at most {context - 1}")
-    if args.adapter is not None and not Path(args.adapter).is_file():
-        raise InputError(f"--adapter {args.adapter!r}: no such file (a .safetensors written by lora.save_lora)")
-    writable_dir(args.out_dir, "--out_dir")
+    if config["predictions"] is not None:
+        if not Path(config["predictions"]).is_file():
+            raise InputError(f"--predictions {config['predictions']!r}: no such file")
+        if config["split"] == "test":
+            raise InputError(f"--split test: has no references to score --predictions {config['predictions']} against")
+        return
+    check_device(config["device"])
+    check_source(config["checkpoint"], "--checkpoint")
+    if config["task"] == "sonnet" and config["max_new_tokens"] >= (context := model_context(config["checkpoint"])):
+        raise InputError(f"--max_new_tokens {config['max_new_tokens']}: the model ({config['checkpoint']}) has "
+                         f"{context} positions for the prompt and the new tokens together; give at most {context - 1}")
+    if config["adapter"] is not None and not Path(config["adapter"]).is_file():
+        raise InputError(f"--adapter {config['adapter']!r}: no such file (a .safetensors written by lora.save_lora)")
+    writable_dir(config["out_dir"], "--out_dir")
 
 
-def prediction_file(args):
-    """Where a run's predictions go: the course's base names for a default run,
-        <model>-para-<split>-output.csv     <model>-sonnets-<split>.txt
-    with a tag before the ending for every setting that changes the predictions, so two different runs never
-    overwrite each other: -limitN; for sonnets also -seedS -tempT -toppP -tokensM -batchB where not the default.
-    <model> is the checkpoint's last path component, plus "+<adapter file stem>" with --adapter."""
-    checkpoint = Path(args.checkpoint)
+def prediction_file(config):
+    """The course's names, <model>-para-<split>-output.csv and <model>-sonnets-<split>.txt, with a tag for every
+    setting that changes the predictions (-limitN; for sonnets SONNET_TAGS where not the default), so that two
+    runs never overwrite each other. <model>: the checkpoint's last path component (+<adapter file stem>)."""
+    checkpoint = Path(config["checkpoint"])
     name = (checkpoint.resolve() if checkpoint.is_dir() else checkpoint).name
-    name += f"+{Path(args.adapter).stem}" if args.adapter else ""
-    tags = [f"limit{args.limit}"] if args.limit is not None else []
-    if args.task == "paraphrase":
-        return args.out_dir / ("-".join([name, "para", args.split, *tags, "output"]) + ".csv")
-    for setting, tag in (("seed", "seed"), ("temperature", "temp"), ("top_p", "topp"), ("max_new_tokens", "tokens"),
-                         ("batch_size", "batch")):
-        if getattr(args, setting) != DEFAULTS[setting]:
-            tags.append(f"{tag}{getattr(args, setting)}")
-    return args.out_dir / ("-".join([name, "sonnets", args.split, *tags]) + ".txt")
+    name += f"+{Path(config['adapter']).stem}" if config["adapter"] else ""
+    tags = [f"limit{config['limit']}"] if config["limit"] is not None else []
+    if config["task"] == "paraphrase":
+        return config["out_dir"] / ("-".join([name, "para", config["split"], *tags, "output"]) + ".csv")
+    tags += [f"{tag}{config[name]}" for name, tag in SONNET_TAGS.items() if config[name] != SETTINGS[name][0]]
+    return config["out_dir"] / ("-".join([name, "sonnets", config["split"], *tags]) + ".txt")
 
 
 def check_paraphrase_prompts(pairs, path, context):
     """Every pair's prompt must fit the model's `context` positions. In labelled data (train, dev) a longer one is
     an InputError naming the pair; in the test file, whose every pair needs a prediction, it will keep its end
-    (keep_the_end), with one warning. Returns the number of prompts that will be cut."""
+    (predict_paraphrase's max_len), with one warning."""
     too_long = [(row, pair, n) for row, pair in enumerate(pairs, start=1)
                 if (n := len(paraphrase_example(pair).prompt)) > context]
     if not too_long:
-        return 0
+        return
     row, pair, n = too_long[0]
     if pair.label is not None:
         more = f" (and {len(too_long) - 1} more)" if len(too_long) > 1 else ""
@@ -405,7 +362,6 @@ def check_paraphrase_prompts(pairs, path, context):
     print(f"warning: {path}: {len(too_long)} of {len(pairs)} prompts are longer than the model's {context} "
           f"positions (the first: pair {row}, id {pair.id}, {n} tokens); each keeps its last {context} tokens, "
           f"the start of question 1 is cut", file=sys.stderr)
-    return len(too_long)
 
 
 def check_sonnet_prompts(held_out, path, max_new_tokens, context):
@@ -418,82 +374,66 @@ def check_sonnet_prompts(held_out, path, max_new_tokens, context):
                              f"positions; give --max_new_tokens at most {context - n}")
 
 
-# -----------------------------------------------------------------------------
-# command line
-
-SONNET_SPLITS = {"dev": (SONNETS["dev"], SONNETS["dev_true"]), "test": (SONNETS["test"], None)}  # prompts, references
-DEFAULTS = dict(batch_size=64, seed=11711, temperature=1.2, top_p=0.9, max_new_tokens=128)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Score a GPT-2 checkpoint on paraphrase detection or sonnets.")
-    parser.add_argument("--task", choices=["paraphrase", "sonnet"], required=True)
-    parser.add_argument("--checkpoint", default="gpt2", help="gpt2, gpt2-medium, ... or a model directory")
-    parser.add_argument("--adapter", default=None, help="a LoRA adapter (.safetensors) to apply on top")
-    parser.add_argument("--split", choices=["train", "dev", "test"], default="dev")
-    parser.add_argument("--data_dir", "--data-dir", type=Path, default=Path(__file__).resolve().parent / "data")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="sonnet sampling seed")
-    parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0: greedy")
-    parser.add_argument("--top_p", "--top-p", type=float, default=DEFAULTS["top_p"])
-    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
-    parser.add_argument("--out_dir", "--out-dir", type=Path, default=Path("predictions"))
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-        run(args)
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    return flags.main(run, SETTINGS, __doc__, argv)
 
 
-def run(args):
-    t0 = time.time()
-    # read the data first: a missing file should fail before a model is downloaded or loaded
-    if args.task == "paraphrase":
-        data_file = args.data_dir / QUORA[args.split]
-        pairs = read_quora(data_file, limit=args.limit)
-    else:
-        prompts_file, references_file = SONNET_SPLITS[args.split]
-        data_file = args.data_dir / prompts_file
-        held_out = read_sonnets(data_file, limit=args.limit)
-        references = read_sonnets(args.data_dir / references_file) if references_file else None
-    # then the prompts against the model's positions, read from its config alone: no weights loaded yet
-    context = model_context(args.checkpoint)
-    if args.task == "paraphrase":
+def run(config):
+    """Score a model on --task's --split and write its predictions, or score a --predictions file. The data, and
+    its prompts against the model's positions (from its config alone), are checked before a model is loaded."""
+    check_config(config)
+    if config["predictions"] is not None:
+        return score_predictions(config)
+    t0, device = time.time(), config["device"]
+    context = model_context(config["checkpoint"])
+    if config["task"] == "paraphrase":
+        data_file = config["data_dir"] / QUORA[config["split"]]
+        pairs = read_quora(data_file, limit=config["limit"])
         check_paraphrase_prompts(pairs, data_file, context)
     else:
-        check_sonnet_prompts(held_out, data_file, args.max_new_tokens, context)
-    model = load_model(args.checkpoint, args.adapter).to(args.device).eval()
-    print(f"{args.checkpoint}: {model.num_parameters() / 1e6:.1f}M parameters on {args.device}")
-
-    t1 = time.time()
-    out = prediction_file(args)
-    if args.task == "paraphrase":
-        if pairs and pairs[0].label is not None:
-            result = evaluate_paraphrase(model, pairs, args.batch_size, args.device)
-            predictions = result["predictions"]
-            score = paraphrase_score(result)
+        prompts_file, references_file = SONNET_SPLITS[config["split"]]
+        data_file = config["data_dir"] / prompts_file
+        held_out = read_sonnets(data_file, limit=config["limit"])
+        references = read_sonnets(config["data_dir"] / references_file) if references_file else None
+        check_sonnet_prompts(held_out, data_file, config["max_new_tokens"], context)
+    model = load_model(config["checkpoint"], config["adapter"]).to(device).eval()
+    print(f"{config['checkpoint']}: {model.num_parameters() / 1e6:.1f}M parameters on {device}")
+    out = prediction_file(config)
+    if config["task"] == "paraphrase":
+        if pairs[0].label is None:
+            result = {"predictions": predict_paraphrase(model, pairs, config["batch_size"], device, context)}
         else:
-            predictions, score = predict_paraphrase(model, pairs, args.batch_size, args.device, context), "(no labels)"
-        write_paraphrase_predictions(out, pairs, predictions)
-        what = f"{len(pairs)} pairs"
+            result = evaluate_paraphrase(model, pairs, config["batch_size"], device)
+        write_paraphrase_predictions(out, pairs, result["predictions"])
+        score = f"{paraphrase_score(result) if 'f1' in result else '(no labels)'}  ({len(pairs)} pairs"
     else:
-        generation = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, batch_size=args.batch_size)
-        if references is not None:
-            result = evaluate_sonnets(model, held_out, references, device=args.device, **generation)
-            numbered, score = result["sonnets"], f"chrF {result['chrf']:.2f}"
+        generation = {name: config[name] for name in ("temperature", "top_p", "max_new_tokens", "seed", "batch_size")}
+        if references is None:
+            texts = generate_sonnets(model, [s.text for s in held_out], device, **generation)
+            result = {"sonnets": list(zip([s.number for s in held_out], texts))}
         else:
-            texts = generate_sonnets(model, [s.text for s in held_out], device=args.device, **generation)
-            numbered, score = list(zip([s.number for s in held_out], texts)), "(no references)"
-        write_sonnets(out, numbered)
-        what = f"{len(held_out)} sonnets"
-    print(f"{args.task} {args.split}: {score}  ({what}, {time.time() - t1:.1f}s scoring, "
-          f"{time.time() - t0:.1f}s total)")
-    print(f"predictions: {out}" + ("  (yes/no answers: logit(yes) > logit(no), never a non-answer)"
-                                   if args.task == "paraphrase" else ""))
+            result = evaluate_sonnets(model, held_out, references, device, **generation)
+        write_sonnets(out, result["sonnets"])
+        chrf_text = f"chrF {result['chrf']:.2f}" if references else "(no references)"
+        score = f"{chrf_text}  ({len(held_out)} sonnets"
+    print(f"{config['task']} {config['split']}: {score}, {time.time() - t0:.1f}s)")
+    print(f"predictions: {out}")
+    return result
+
+
+def score_predictions(config):
+    """--predictions: the file scored against --split's references."""
+    path = config["predictions"]
+    if config["task"] == "paraphrase":
+        reference = config["data_dir"] / QUORA[config["split"]]
+        result = score_paraphrase_file(path, reference)
+        score = f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's)  ({result['n']} pairs"
+    else:
+        reference = config["data_dir"] / SONNET_SPLITS[config["split"]][1]
+        result = score_sonnet_file(path, reference)
+        score = f"chrF {result['chrf']:.2f}  ({result['n']} sonnets"
+    print(f"{config['task']} {config['split']}: {score} of {path}, against {reference})")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """eval.py's command line: both tasks end to end, every bad argument refused before any work, file names."""
 
-import argparse
 import os
 import re
 import shutil
@@ -9,11 +8,13 @@ import pytest
 import torch
 
 import eval as evaluation
+import flags
 from conftest import tiny_config
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, paraphrase_prompt, read_quora
 from data.sonnets import read_sonnets
 from data.tokenizer import decode, encode
 from fileio import InputError
+from checkpoint import save_pretrained
 from model import GPT
 
 
@@ -32,12 +33,12 @@ def data_dir(sample_data, tmp_path):
 def tiny_checkpoint(tmp_path):
     torch.manual_seed(0)
     directory = tmp_path / "tiny"
-    GPT(tiny_config()).save_pretrained(directory)
+    save_pretrained(GPT(tiny_config()), directory)
     return directory
 
 
 def run_cli(*args):
-    evaluation.main([*map(str, args), "--device", "cpu"])
+    return evaluation.main([*map(str, args), "--device", "cpu"])
 
 
 # -----------------------------------------------------------------------------
@@ -74,8 +75,7 @@ def test_cli_scores_sonnets(tiny_checkpoint, data_dir, tmp_path, capsys):
 
 
 def args_for(task, **overrides):
-    return argparse.Namespace(**{**dict(task=task, checkpoint="gpt2", adapter=None, split="dev", limit=None,
-                                        out_dir=evaluation.Path("predictions")), **evaluation.DEFAULTS, **overrides})
+    return {**{name: row[0] for name, row in evaluation.SETTINGS.items()}, "task": task, **overrides}
 
 
 def test_prediction_files_are_named_by_what_changes_them(tiny_checkpoint, tmp_path):
@@ -104,11 +104,13 @@ def no_cuda_no_mps(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
 
+def refuse(*args, **kwargs):
+    raise AssertionError("a model was loaded where none is needed yet")
+
+
 @pytest.fixture
 def refuse_to_load(monkeypatch):
-    def load_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-    monkeypatch.setattr(evaluation, "load_model", load_model)
+    monkeypatch.setattr(evaluation, "load_model", refuse)
 
 
 BAD_ARGUMENTS = [  # (arguments, what the one-line error must say)
@@ -188,23 +190,23 @@ def test_errors_after_the_checks_leave_nothing_behind(hub_checkpoint, data_dir, 
 
 
 # -----------------------------------------------------------------------------
-# check_device, which the training scripts use too
+# flags.check_device, which eval.py and the training scripts use
 
 
 def test_check_device_names_what_this_machine_has(monkeypatch, no_cuda_no_mps):
-    assert evaluation.check_device("cpu") == "cpu"
+    assert flags.check_device("cpu") == "cpu"
     with pytest.raises(InputError, match="--device 'cuda': CUDA is not available on this machine; valid here: cpu"):
-        evaluation.check_device("cuda")
+        flags.check_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert [evaluation.check_device(d) for d in ("cuda", "cuda:0", "cuda:1")] == ["cuda", "cuda:0", "cuda:1"]
+    assert [flags.check_device(d) for d in ("cuda", "cuda:0", "cuda:1")] == ["cuda", "cuda:0", "cuda:1"]
     with pytest.raises(InputError, match="'cuda:2': this machine has 2 CUDA device.*valid here: cpu, cuda, cuda:0, "
                                          "cuda:1$"):
-        evaluation.check_device("cuda:2")
+        flags.check_device("cuda:2")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert evaluation.check_device("mps") == "mps"
+    assert flags.check_device("mps") == "mps"
     with pytest.raises(InputError, match="^--init_device 'gpu': not a device name"):
-        evaluation.check_device("gpu", flag="--init_device")
+        flags.check_device("gpu", flag="--init_device")
 
 
 # -----------------------------------------------------------------------------
@@ -276,18 +278,133 @@ def test_the_test_split_predicts_every_pair_keeping_the_end_of_a_long_prompt(tin
     for pair, line in zip(read_quora(test)[-2:], lines[-2:]):
         prompt = encode(paraphrase_prompt(pair.sentence1, pair.sentence2))
         assert len(prompt) > 128
+        assert decode(prompt[-128:]).endswith('"is length a problem ?\nAre these questions asking the same thing?\n')
         with torch.no_grad():
             logits = model(torch.tensor([prompt[-128:]]))[0, -1]
         assert line == f"{pair.id}, {int(logits[YES_TOKEN] > logits[NO_TOKEN])} "
 
 
-def test_keep_the_end_keeps_the_question_that_is_asked():
-    assert evaluation.keep_the_end([1, 2, 3, 4, 5], 3) == [3, 4, 5]
-    assert evaluation.keep_the_end([1, 2], 3) == [1, 2]
-    prompt = encode(paraphrase_prompt("Is " + "very " * 300 + "long a problem?", "Is length a problem?"))
-    kept = evaluation.keep_the_end(prompt, 20)
-    assert len(kept) == 20 and decode(kept).endswith('"is length a problem ?\nAre these questions asking the same '
-                                                     'thing?\n')
-    for bad in (0, -1, 2.5):
-        with pytest.raises(ValueError, match=f"max_len must be a positive whole number, got {bad}"):
-            evaluation.keep_the_end(prompt, bad)
+# -----------------------------------------------------------------------------
+# --predictions: a submission file scored with no model, as the model's own run and the course's code score it
+
+
+def course_test_sonnet(test_path, gold_path):
+    """The course's evaluation.test_sonnet, the oracle: each file split on its number lines (its SonnetsDataset),
+    the i-th sonnet against the i-th, as many as the shorter file holds, sacrebleu's corpus chrF."""
+    sacrebleu = pytest.importorskip("sacrebleu")
+    generated, true = ([s.strip() for s in re.split(r"\n\s*\d+\s*\n", path.read_text())[1:]]
+                       for path in (test_path, gold_path))
+    n = min(len(generated), len(true))
+    return sacrebleu.metrics.CHRF().corpus_score(generated[:n], [true[:n]]).score
+
+
+def score_file(task, path, data_dir, *extra):
+    return evaluation.main(["--task", task, "--predictions", str(path), "--data_dir", str(data_dir), *extra])
+
+
+def test_sonnet_predictions_equal_the_checkpoint_run_and_the_courses_evaluation(tiny_checkpoint, data_dir, tmp_path,
+                                                                                monkeypatch, capsys):
+    ran = run_cli("--task", "sonnet", "--checkpoint", tiny_checkpoint, "--data_dir", data_dir, "--out_dir", tmp_path,
+                  "--max_new_tokens", 8, "--limit", 3)
+    ours = tmp_path / "tiny-sonnets-dev-limit3-tokens8.txt"
+    theirs = tmp_path / "generated_sonnets.txt"  # the same sonnets as the course's starter writes them: 0, 1, 2
+    theirs.write_text("--Generated Sonnets-- \n\n" + "".join(f"\n{i}\n{text}\n\n" for i, (_, text) in
+                                                             enumerate(ran["sonnets"])))
+    monkeypatch.setattr(evaluation, "load_model", refuse)
+    capsys.readouterr()
+    for path in (ours, theirs):
+        scored = score_file("sonnet", path, data_dir)
+        assert scored == {"chrf": ran["chrf"], "n": 3}
+        assert scored["chrf"] == pytest.approx(course_test_sonnet(path, data_dir / "TRUE_sonnets_held_out_dev.txt"),
+                                               abs=1e-9)
+    true = data_dir / "TRUE_sonnets_held_out_dev.txt"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"sonnet dev: chrF {ran['chrf']:.2f}  (3 sonnets of {theirs}, against {true})")
+
+
+@pytest.mark.parametrize("where", ["sample_data", "course_data"])
+def test_sonnet_predictions_on_the_courses_files(where, request):
+    directory = request.getfixturevalue(where)
+    true = directory / "TRUE_sonnets_held_out_dev.txt"
+    prompts_alone = score_file("sonnet", directory / "sonnets_held_out_dev.txt", directory)
+    assert prompts_alone["chrf"] == pytest.approx(course_test_sonnet(directory / "sonnets_held_out_dev.txt", true),
+                                                  abs=1e-9)
+    assert score_file("sonnet", true, directory) == {"chrf": pytest.approx(100.0), "n": len(read_sonnets(true))}
+
+
+def rigged_checkpoint(directory):
+    """A tiny model whose argmax is "yes", "no", or a third token (",") by prompt, saved in the hub's layout."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for token in (YES_TOKEN, NO_TOKEN, 11):
+            model.lm_head.weight[token] = torch.randn(model.config.n_embd, generator=generator)
+    save_pretrained(model, directory)
+    return directory
+
+
+def test_paraphrase_predictions_equal_the_checkpoint_run_and_sklearn(data_dir, tmp_path, monkeypatch):
+    metrics = pytest.importorskip("sklearn.metrics")
+    checkpoint = rigged_checkpoint(tmp_path / "rigged")
+    ran = run_cli("--task", "paraphrase", "--checkpoint", checkpoint, "--data_dir", data_dir, "--out_dir", tmp_path)
+    ran_10 = run_cli("--task", "paraphrase", "--checkpoint", checkpoint, "--data_dir", data_dir, "--out_dir", tmp_path,
+                     "--limit", 10)
+    pairs = read_quora(data_dir / "quora-dev.csv")
+    labels, tokens = [p.label for p in pairs], ran["predicted_tokens"]
+    assert {YES_TOKEN, NO_TOKEN} < set(tokens) and 0 < ran["accuracy"] < ran["yes_no_accuracy"]
+    # the course's starter writes its argmax tokens, with the ids in lower case; here in the opposite order
+    theirs = tmp_path / "para-dev-output.csv"
+    theirs.write_text("id \t Predicted_Is_Paraphrase \n" + "".join(f"{pairs[i].id.lower()}, {tokens[i]} \n"
+                                                                    for i in reversed(range(len(pairs)))))
+    monkeypatch.setattr(evaluation, "load_model", refuse)
+    ours = score_file("paraphrase", tmp_path / "rigged-para-dev-output.csv", data_dir)
+    assert ours == {"accuracy": ran["yes_no_accuracy"], "f1": ran["yes_no_f1"], "n": 30}
+    assert ours["f1"] == pytest.approx(metrics.f1_score(labels, ran["predictions"], average="macro"))
+    scored = score_file("paraphrase", theirs, data_dir)
+    assert scored == {"accuracy": ran["accuracy"], "f1": ran["f1"], "n": 30}
+    answers = evaluation.answer_tokens(labels)
+    assert scored["accuracy"] == pytest.approx(metrics.accuracy_score(answers, tokens))
+    assert scored["f1"] == pytest.approx(metrics.f1_score(answers, tokens, average="macro"))
+    first_10 = score_file("paraphrase", tmp_path / "rigged-para-dev-limit10-output.csv", data_dir)
+    assert first_10 == {"accuracy": ran_10["yes_no_accuracy"], "f1": ran_10["yes_no_f1"], "n": 10}
+
+
+HEADER = "id \t Predicted_Is_Paraphrase \n"
+BAD_PREDICTIONS = [  # (the file, what the one-line error must say); {id} is the first dev pair's
+    ("", "p.csv:1: expected the course's header 'id <tab> Predicted_Is_Paraphrase'"),
+    ("id,prediction\n{id}, 1 \n", "p.csv:1: expected the course's header"),
+    (HEADER, "p.csv: has a header but no predictions"),
+    (HEADER + "{id}, 1 \n{id} 0\n", r"p.csv:3: expected '<id>, <prediction>' \(a whole number\), got '.* 0'"),
+    (HEADER + "{id}, yes \n", "p.csv:2: expected '<id>, <prediction>'"),
+    (HEADER + "{id}, -1 \n", "p.csv:2: expected '<id>, <prediction>'"),
+    (HEADER + ", 1 \n", "p.csv:2: id '' is not in .*quora-dev.csv"),
+    (HEADER + "{id}, 1 \n\nno-such-id, 1 \n", "p.csv:4: id 'no-such-id' is not in .*quora-dev.csv"),
+    (HEADER + "{id}, 1 \n{ID}, 0 \n", "p.csv:3: id '.*' appears a second time"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_PREDICTIONS, ids=[m.split(": ")[1][:40] for _, m in BAD_PREDICTIONS])
+def test_a_malformed_paraphrase_file_is_one_line_naming_the_line(text, message, data_dir, tmp_path, refuse_to_load):
+    pair_id = read_quora(data_dir / "quora-dev.csv")[0].id
+    (tmp_path / "p.csv").write_text(text.format(id=pair_id, ID=pair_id.upper()))
+    with pytest.raises(SystemExit) as exit_info:
+        score_file("paraphrase", tmp_path / "p.csv", data_dir)
+    error = str(exit_info.value.code)
+    assert error.startswith("error: ") and "\n" not in error
+    assert re.search(message, error), error
+
+
+def test_bad_predictions_runs_are_one_line(data_dir, tmp_path, refuse_to_load):
+    cases = [  # (task, file, extra flags, what the one-line error must say)
+        ("paraphrase", tmp_path / "missing.csv", [], "--predictions '.*missing.csv': no such file"),
+        ("paraphrase", data_dir / "quora-dev.csv", ["--split", "test"], "--split test: has no references"),
+        ("sonnet", data_dir / "quora-dev.csv", [], "quora-dev.csv: found no numbered sonnets"),
+        ("sonnet", data_dir / "sonnets_held_out_dev.txt", ["--split", "train"], "--split train: --task sonnet has"),
+    ]
+    (tmp_path / "empty.txt").write_text("--Generated Sonnets-- \n\n\n0\nA line\n\n1\n")
+    cases.append(("sonnet", tmp_path / "empty.txt", [], "empty.txt:7: sonnet 1 has no lines"))
+    for task, path, extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            score_file(task, path, data_dir, *extra)
+        assert re.fullmatch(f"error: .*{message}.*", str(exit_info.value.code)), exit_info.value.code
