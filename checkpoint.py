@@ -20,11 +20,13 @@ load_model reads any of these, a GPT-2 name, or a whole run folder (its best/, e
 import json
 import os
 import random
+import resource
+import sys
 from pathlib import Path
 
 import torch
 
-from fileio import InputError, atomic_open, download, read_safetensors, write_json, write_safetensors
+from fileio import InputError, atomic_open, download, read_json, read_safetensors, write_json, write_safetensors
 from lora import load_lora, lora_layers, lora_state_dict, merged_model, save_lora
 from model import END_OF_TEXT, GPT, PRETRAINED, GPTConfig
 
@@ -289,3 +291,121 @@ def load_checkpoint(path, model, optimizer):
         raise InputError(f"{path}: cannot resume from it: {e}") from None
     set_rng_state(state["rng"])
     return {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
+
+
+# -----------------------------------------------------------------------------
+# resuming: the progress record, and the settings a run was trained with
+
+# settings a resumed run may change: they do not change what is trained
+RESUMABLE_CHANGES = ("resume", "checkpoint_every", "device", "out_dir", "data_dir", "cache_dir", "eval_batch_size",
+                     "compile", "grad_accum", "live_reference", "log_every", "save_best", "keep_checkpoints",
+                     "logprobs", "wandb_project")
+
+
+def start_or_resume(run, model, optimizer):
+    """A fresh progress record, or with --resume the one in checkpoint.pt (refused if it was written with
+    other settings). A fresh LoRA run writes its starting A and B to lora_init.safetensors (--lora_init)."""
+    config, checkpoint = run.config, Path(run.config["out_dir"]) / CHECKPOINT
+    progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "train_seconds": 0.0, "eval_seconds": 0.0,
+                "real_tokens": 0, "config": trained_with(config)}
+    if config["resume"] and checkpoint.exists():
+        progress = load_checkpoint(checkpoint, model, optimizer)
+        check_same_settings(checkpoint, progress.get("config", {}), config)
+        if run.master:
+            print(f"resuming from {checkpoint}: epoch {progress['epoch'] + 1}, step {progress['step']}")
+        return progress
+    if config["resume"] and run.master:
+        print(f"--resume: no {checkpoint} yet, so starting from the beginning")
+    if config["lora_r"] and run.master:
+        save_lora(model, Path(config["out_dir"]) / "lora_init.safetensors")
+    return progress
+
+
+def finished_results(run):
+    """With --resume, the results of a run that has already finished (its checkpoint.pt is gone): it is not
+    trained again, and one trained with other settings is refused rather than overwritten."""
+    config, path = run.config, Path(run.config["out_dir"]) / "results.json"
+    if not (config["resume"] and path.exists() and not (path.parent / CHECKPOINT).exists()):
+        return None
+    results = read_json(path)
+    check_same_settings(path, results.get("config", {}), config)
+    if run.master:
+        print(f"--resume: {path} says this run has finished; not training it again")
+    return results
+
+
+def trained_with(config):
+    return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+
+
+def check_same_settings(path, saved, config, ignore=()):
+    """Settings that change what is trained must be what `path` was written with (`ignore`: more to pass over)."""
+    now = trained_with(config)
+    changed = [(k, v, now.get(k)) for k, v in saved.items()
+               if k not in RESUMABLE_CHANGES and k not in ignore and now.get(k) != v]
+    if changed:
+        k, then, now = changed[0]
+        raise InputError(f"{path}: written by a run with other settings (--{k} {then} then, {now} now); "
+                         f"resume with the same settings or use another --out_dir")
+
+
+# -----------------------------------------------------------------------------
+# results.json, and the costs it records
+
+
+def run_results(run, regime, model, progress):
+    """What results.json holds. `score` and `metrics` are the final evaluation's: every run gets the same fixed
+    budget and nothing is selected on the dev set it is scored on. `best_score` and `best_epoch` are the best
+    dev evaluation's, by its `selection` figure (the course's practice; best/ holds that model)."""
+    config, history = run.config, progress["history"]
+    final = history[-1]
+    best = max(history, key=lambda h: h["selection"])
+    return {
+        "task": config["task"], "regime": regime, "method": "lora" if config["lora_r"] else "fft",
+        "score": final["score"], "score_name": "accuracy" if config["task"] == "paraphrase" else "chrf",
+        "metrics": {k: v for k, v in final.items() if k not in ("epoch", "step", "train_loss", "score", "selection")},
+        "best_score": best["score"], "best_epoch": best["epoch"],
+        "train_seconds": progress["train_seconds"], "eval_seconds": progress["eval_seconds"],
+        "tokens_per_second": progress["real_tokens"] / max(progress["train_seconds"], 1e-9),
+        "real_tokens": progress["real_tokens"], "steps": progress["step"],
+        "peak_memory_bytes": peak_memory_bytes(run.device_type),
+        "total_parameters": model.num_parameters(),
+        "trainable_parameters": model.num_parameters(trainable_only=True),
+        "device": torch.cuda.get_device_name() if run.device_type == "cuda" else run.device_type,
+        "world_size": run.world_size, "torch": torch.__version__, "history": history, "config": config,
+    }
+
+
+def print_results(results):
+    metrics = "  ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items() if isinstance(v, (int, float)))
+    print(f"{results['task']} {results['regime']} {results['method']}: {metrics} (dev, final; the best, "
+          f"{results['best_score']:.4f}, at epoch {results['best_epoch']:g}); train {results['train_seconds']:.1f}s, "
+          f"eval {results['eval_seconds']:.1f}s, {results['tokens_per_second']:.0f} tokens/s, peak memory "
+          f"{results['peak_memory_bytes'] / 2**20:.0f} MiB, {results['trainable_parameters']:,} of "
+          f"{results['total_parameters']:,} parameters trained, on {results['device']}")
+
+
+def reset_peak_memory(device_type):
+    """Start counting peak memory now (so a study that trains condition after condition in one process
+    measures each on its own)."""
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the process's peak resident memory
+        except OSError:
+            pass
+
+
+def peak_memory_bytes(device_type):
+    """GPU: the most memory PyTorch had allocated. CPU: the process's peak resident memory (all of it)."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    if device_type == "mps":
+        return torch.mps.driver_allocated_memory()
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

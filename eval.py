@@ -374,6 +374,25 @@ def check_sonnet_prompts(held_out, path, max_new_tokens, context):
                              f"positions; give --max_new_tokens at most {context - n}")
 
 
+def check_lengths(examples, block_size, what="training example"):
+    longest = max(range(len(examples)), key=lambda i: len(examples[i]))
+    if len(examples[longest]) > block_size:
+        raise InputError(f"{what} {longest + 1} is {len(examples[longest])} tokens long, more than the "
+                         f"model's block_size of {block_size} positions")
+
+
+def check_task_lengths(config, examples, dev):
+    """Everything the run will give the model must fit its positions: the training examples, and the dev
+    prompts (sonnets: with the --max_new_tokens written after them). Read from the model's config alone, so
+    that this fails before any weights are loaded."""
+    context = model_context(config["init_from"])
+    check_lengths(examples, context)
+    if config["task"] == "paraphrase":
+        check_paraphrase_prompts(dev, Path(config["data_dir"]) / QUORA["dev"], context)
+    else:
+        check_sonnet_prompts(dev[0], Path(config["data_dir"]) / SONNETS["dev"], config["max_new_tokens"], context)
+
+
 def main(argv=None):
     return flags.main(run, SETTINGS, __doc__, argv)
 

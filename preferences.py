@@ -13,22 +13,33 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import trainer
 from checkpoint import load_model
 from data.batching import Example
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example
+from data.sonnets import continuation_examples
 from data.tasks import load_task_data
 from data.tokenizer import decode
-from eval import chrf, sample_continuations
+from eval import check_lengths, check_task_lengths, chrf, sample_continuations
 from fileio import fingerprint, read_cache, read_json, write_json
 from lora import merged_state_dict
-from train_sft import check_lengths, check_task_lengths, continuation_examples
+from train_sft import predicted_targets
+
 
 
 @dataclass(frozen=True)
 class Pair:
     chosen: Example
     rejected: Example
+
+
+def average_logps(logps, examples):
+    """Per-token averages of summed log-probabilities (IPO, RPO, SimPO, ORPO): each divided by its example's
+    number of target tokens. An answer with no target tokens has the sum 0, and its average is defined as 0."""
+    counts = torch.tensor([predicted_targets(e) for e in examples], dtype=logps.dtype)
+    return logps / counts.clamp(min=1).to(logps.device)
 
 
 def paraphrase_pairs(quora_pairs):
@@ -93,18 +104,23 @@ def preference_pairs(model, train_data, dev, config):
                                                          block_size)) for sonnets in (train_data, true))
 
 
-def policy_and_pairs(run):
-    """The starting model (with fresh LoRA adapters if asked) and the preference pairs: (policy, training
-    pairs, dev pairs, dev data). The data and lengths are checked before the model loads. ORPO's too."""
-    config = run.config
-    train_data, dev = load_task_data(config)  # before the model: a missing file fails in a second
+def task_data(config):
+    """(training records, dev data), with every chosen answer's length checked before any model loads (and
+    before the run's folder is made); the rejections' lengths are checked once they are sampled."""
+    train_data, dev = load_task_data(config)  # a missing file fails in a second
     chosen = ([p.chosen for p in paraphrase_pairs(train_data)] if config["task"] == "paraphrase"
               else continuation_examples(train_data))
-    check_task_lengths(config, chosen, dev)  # before the model; the rejections once they are sampled
-    policy = trainer.load_policy(config).to(run.device)  # the starting model, and the trained one
-    pairs, dev_pairs = preference_pairs(policy, train_data, dev, config)
+    check_task_lengths(config, chosen, dev)
+    return train_data, dev
+
+
+def policy_and_pairs(run, train_data, dev):
+    """The starting model (with LoRA adapters if asked), which is also the model trained, and the preference
+    pairs: (policy, training pairs, dev pairs). DPO's and ORPO's."""
+    policy = trainer.load_policy(run.config).to(run.device)
+    pairs, dev_pairs = preference_pairs(policy, train_data, dev, run.config)
     check_lengths([e for p in pairs for e in (p.chosen, p.rejected)], policy.config.block_size)
-    return policy, pairs, dev_pairs, dev
+    return policy, pairs, dev_pairs
 
 
 def rejections_summary(run, pairs):

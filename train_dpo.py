@@ -20,11 +20,8 @@ it on), --rpo_alpha alpha (RPO: + alpha * the chosen answer's NLL, which holds i
 --loss_type simpo (SimPO: no reference model at all; the reward is beta times the per-token average
 log-probability). ORPO, also reference-free, is train_orpo.py.
 
-The pairs mirror each task's supervised objective (preferences.py, shared with ORPO): for paraphrase the
-correct answer token against the other one, for sonnets the true rest against one sampled from the starting
-model.
-
-The loop (settings, optimizer, schedule, checkpoints, --resume, results.json) is trainer.py's.
+The pairs are preferences.py's (shared with ORPO); the loop (settings, optimizer, schedule, checkpoints,
+--resume, log.jsonl, results.json) is trainer.py's.
 """
 
 import copy
@@ -42,8 +39,8 @@ from data.batching import batch_indices, collate
 from fileio import InputError, fingerprint, read_cache, read_safetensors, writable_dir, write_safetensors
 from flags import NON_NEGATIVE, POSITIVE, between, one_of
 from lora import lora_layers
-from preferences import policy_and_pairs, rejections_summary, weights_fingerprint
-from train_sft import batch_logprobs, evaluate, predicted_targets
+from preferences import average_logps, policy_and_pairs, rejections_summary, task_data, weights_fingerprint
+from train_sft import batch_logprobs, evaluate
 
 # -----------------------------------------------------------------------------
 # settings: trainer.py's, with these changes and additions
@@ -75,8 +72,6 @@ SETTINGS = {
     "rejections_from": (None, str, None, "sonnets: sample the rejected continuations from this model or run folder "
                                          "instead of the starting model (e.g. one shared set for every regime)"),
 }
-LOSS_OPTIONS = ("loss_type", "beta", "label_smoothing", "simpo_gamma")  # what pair_losses passes, every one
-
 
 # -----------------------------------------------------------------------------
 # the loss
@@ -131,16 +126,9 @@ def rpo_loss(losses, policy_chosen_avg_logps, alpha):
     return losses - alpha * policy_chosen_avg_logps
 
 
-def average_logps(logps, examples):
-    """Per-token averages of summed log-probabilities (IPO, RPO, SimPO, ORPO): each divided by its example's
-    number of target tokens. An answer with no target tokens has the sum 0, and its average is defined as 0."""
-    counts = torch.tensor([predicted_targets(e) for e in examples], dtype=logps.dtype)
-    return logps / counts.clamp(min=1).to(logps.device)
-
-
 def pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, pairs, config):
     """The loss --loss_type names, on what it reads (summed log-probabilities, or per-token averages for IPO and
-    SimPO), with every option in LOSS_OPTIONS passed explicitly. ref_* are None for a reference-free loss."""
+    SimPO), with every option passed explicitly. ref_* are None for a reference-free loss."""
     if config["loss_type"] in ("ipo", "simpo"):
         chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
         policy_chosen, policy_rejected = average_logps(policy_chosen, chosen), average_logps(policy_rejected, rejected)
@@ -265,9 +253,11 @@ def check_config(config, settings=SETTINGS, prefix="dpo"):
 
 def train(config):
     """Run DPO as `config` (a dict of SETTINGS) says; returns what it writes to out_dir/results.json."""
-    run = trainer.start(check_config(config))
+    config = check_config(config)
+    train_data, dev = task_data(config)  # checked before the model loads
+    run = trainer.start(config)
     config, device = run.config, run.device
-    policy, pairs, dev_pairs, dev = policy_and_pairs(run)
+    policy, pairs, dev_pairs = policy_and_pairs(run, train_data, dev)
     autocast = trainer.autocast_context(config, run.device_type)
     sizes = [len(p.chosen) + len(p.rejected) for p in pairs]
 

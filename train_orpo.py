@@ -27,8 +27,8 @@ import flags
 import trainer
 import train_dpo
 from flags import POSITIVE
-from preferences import policy_and_pairs, rejections_summary
-from train_dpo import average_logps, concatenated_logps, scored_logps
+from preferences import average_logps, policy_and_pairs, rejections_summary, task_data
+from train_dpo import concatenated_logps, scored_logps
 from train_sft import evaluate
 
 # -----------------------------------------------------------------------------
@@ -94,9 +94,11 @@ def orpo_metrics(model, pairs, config, autocast):
 
 def train(config):
     """Run ORPO as `config` (a dict of SETTINGS) says; returns what it writes to out_dir/results.json."""
-    run = trainer.start(train_dpo.check_config(config, SETTINGS, prefix="orpo"))
+    config = train_dpo.check_config(config, SETTINGS, prefix="orpo")
+    train_data, dev = task_data(config)  # checked before the model loads
+    run = trainer.start(config)
     config, device = run.config, run.device
-    model, pairs, dev_pairs, dev = policy_and_pairs(run)
+    model, pairs, dev_pairs = policy_and_pairs(run, train_data, dev)
     autocast = trainer.autocast_context(config, run.device_type)
 
     def loss_fn(model, micro_batch, batch):

@@ -18,23 +18,17 @@ This file holds only what SFT is: its examples, the log-likelihood, the loss, an
 (best/, last/, checkpoint.pt, results.json) is described in checkpoint.py. --help lists every setting.
 """
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 import flags
 import trainer
 from chunked_logprobs import chunked_head
-from checkpoint import model_context
-from data.batching import VOCAB_SIZE, Example, batch_indices, collate
+from data.batching import VOCAB_SIZE, batch_indices, collate
 from data.quora import paraphrase_example
-from data.sonnets import sonnet_example, split_prompt
-from data.tasks import QUORA, SONNETS, load_task_data
-from data.tokenizer import END_OF_TEXT, encode
-from eval import (answer_tokens, check_paraphrase_prompts, check_sonnet_prompts, eval_mode, evaluate_paraphrase,
-                  evaluate_sonnets)
-from fileio import InputError
+from data.sonnets import continuation_examples, sonnet_example
+from data.tasks import load_task_data
+from eval import answer_tokens, check_task_lengths, eval_mode, evaluate_paraphrase, evaluate_sonnets
 
 SETTINGS = trainer.SETTINGS  # SFT adds none of its own: GPT-2's dropout 0.1 is the default
 # batch_logprobs' "auto" path is chunked above this many logits in the target window (2**26 float32 numbers are
@@ -119,34 +113,6 @@ def sft_examples(task, records):
     return [paraphrase_example(r) if task == "paraphrase" else sonnet_example(r) for r in records]
 
 
-def check_lengths(examples, block_size, what="training example"):
-    longest = max(range(len(examples)), key=lambda i: len(examples[i]))
-    if len(examples[longest]) > block_size:
-        raise InputError(f"{what} {longest + 1} is {len(examples[longest])} tokens long, more than the "
-                         f"model's block_size of {block_size} positions")
-
-
-def check_task_lengths(config, examples, dev):
-    """Everything the run will give the model must fit its positions: the training examples, and the dev
-    prompts (sonnets: with the --max_new_tokens written after them). Read from the model's config alone, so
-    that this fails before any weights are loaded."""
-    context = model_context(config["init_from"])
-    check_lengths(examples, context)
-    if config["task"] == "paraphrase":
-        check_paraphrase_prompts(dev, Path(config["data_dir"]) / QUORA["dev"], context)
-    else:
-        check_sonnet_prompts(dev[0], Path(config["data_dir"]) / SONNETS["dev"], config["max_new_tokens"], context)
-
-
-def continuation_examples(sonnets):
-    """Each sonnet as its task poses it: the first 3 lines, then the true rest and end-of-text as the target."""
-    examples = []
-    for sonnet in sonnets:
-        prompt, rest = split_prompt(sonnet.text)
-        examples.append(Example(encode(prompt), encode(rest) + [END_OF_TEXT]))
-    return examples
-
-
 @torch.no_grad()
 def mean_token_nll(model, examples, batch_size, device):
     """-log p(target) per target token over `examples` (in eval mode): the dev loss."""
@@ -162,10 +128,9 @@ def mean_token_nll(model, examples, batch_size, device):
 def evaluate(model, task, dev, config, device):
     """The dev figures with eval.py's own functions, and per-example lists (predictions, the argmax tokens and
     whether each is correct; the sampled sonnets) for dev_predictions.json. 'score' is what the study reports
-    (the course's accuracy, or chrF) and
-    'selection' what best/ is chosen by: paraphrase accuracy; for sonnets minus the dev loss (the true
-    continuations' log-likelihood), since chrF of a dozen sampled sonnets moves by about a point with the
-    sampling seed alone, and choosing the epoch by it would mostly choose noise."""
+    (the course's accuracy, or chrF) and 'selection' what best/ is chosen by: paraphrase accuracy; for sonnets
+    minus the dev loss (the true continuations' log-likelihood), since chrF of a dozen sampled sonnets moves by
+    about a point with the sampling seed alone, and choosing the epoch by it would mostly choose noise."""
     if task == "paraphrase":  # accuracy and f1 are the course's (whole-vocabulary argmax); see eval.py
         result = evaluate_paraphrase(model, dev, config["eval_batch_size"], device)
         correct = [int(t == a) for t, a in zip(result["predicted_tokens"], answer_tokens([p.label for p in dev]))]
@@ -187,11 +152,11 @@ def evaluate(model, task, dev, config, device):
 
 def train(config):
     """Run SFT as `config` (a dict of SETTINGS) says; returns what it writes to out_dir/results.json."""
-    run = trainer.start(trainer.check_config(config, SETTINGS, prefix="sft"))
-    config = run.config
+    config = trainer.check_config(config, SETTINGS, prefix="sft")
     records, dev = load_task_data(config)  # before the model: a missing file fails in a second
     examples = sft_examples(config["task"], records)
-    check_task_lengths(config, examples, dev)  # before the model, too
+    check_task_lengths(config, examples, dev)  # before the model (and before out_dir is made), too
+    run = trainer.start(config)
     model = trainer.load_policy(config).to(run.device)
 
     def loss_fn(model, micro_batch, batch):

@@ -1,32 +1,29 @@
 """
 The training loop, written once for every objective (after nanoGPT's train.py and minGPT's trainer).
 
-    run = trainer.start(trainer.check_config(config))       # settings checked, the out_dir locked, torchrun joined
-    model = trainer.load_policy(run.config).to(run.device)    # GPT-2, with fresh LoRA adapters if --lora_r
+    run = trainer.start(trainer.check_config(config))       # settings checked, out_dir locked, torchrun joined
+    model = trainer.load_policy(run.config).to(run.device)    # GPT-2, with LoRA adapters if --lora_r
     results = trainer.fit(run, model, sizes, loss_fn, evaluate, regime="sft", title="...")
 
-fit knows nothing of SFT, DPO or ORPO (train_sft.py, train_dpo.py, train_orpo.py). The objective comes in as
-a function of the indices of the training items it is given:
+fit knows nothing of SFT, DPO or ORPO. The objective comes in as a function of training-item indices:
 
     loss_fn(model, micro_batch, batch) -> (loss, figures)
 
-`batch` holds the item indices of one optimizer step (over every process), `micro_batch` those this call
-computes; the loss is micro_batch's share of the mean over batch, so the micro-batches' gradients add up to the
-gradient of the whole batch's mean loss however it is split. `figures` are more such shares to log (DPO's
-reward accuracy and margin), or {}. `sizes` are the items' token counts. `evaluate(model)` returns the dev
-metrics: "score" (what results.json and the study report) and "selection" (what best/ is chosen by).
+`batch` holds the items of one optimizer step (over every process), `micro_batch` those this call computes;
+the loss is micro_batch's share of the mean over batch, so the micro-batches' gradients add up to the gradient
+of the whole batch's mean loss however it is split. `figures` are more such shares for log.jsonl (DPO's reward
+accuracy and margin), or {}. `sizes` are the items' token counts. `evaluate(model)` returns the dev metrics:
+"score" (what results.json and the study report) and "selection" (what best/ is chosen by).
 
-What the loop does: AdamW, linear warm-up then cosine decay, gradient clipping, bfloat16 autocast, gradient
-accumulation, DistributedDataParallel under torchrun, a line of log.jsonl every --log_every steps, a stop on a
-NaN loss, a clean stop on SIGTERM or Ctrl-C, checkpoint.pt and --resume (exact, down to the random number
-generators), the dev score every --eval_every steps (default: each epoch's end) with last/ and best/
-(checkpoint.py writes and reads them), and, when the run ends, results.json.
+The loop: AdamW, warm-up then cosine decay, gradient clipping, bfloat16 autocast, gradient accumulation, DDP
+under torchrun, log.jsonl (runlog.py), a stop on a NaN loss, a clean stop on SIGTERM or Ctrl-C, checkpoint.pt
+and an exact --resume, the dev score every --eval_every steps (default: each epoch's end) with last/ and best/,
+and results.json (checkpoint.py writes and reads the run folder).
 """
 
 import math
 import os
 import random
-import resource
 import signal
 import sys
 import threading
@@ -40,12 +37,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CHECKPOINT, check_source, load_checkpoint, load_model, save_checkpoint, save_model
+from checkpoint import (CHECKPOINT, check_source, finished_results, load_model, print_results, reset_peak_memory,
+                        run_results, save_checkpoint, save_model, start_or_resume)
 from data.batching import batch_indices
-from fileio import InputError, lock_dir, read_json, read_safetensors, writable_dir, write_json
+from fileio import InputError, lock_dir, writable_dir, write_json
 from flags import (LIMIT, NON_NEGATIVE, POSITIVE, REQUIRED, at_least, between, check, check_device, default_device,
                    one_of)
-from lora import DEFAULT_TARGETS, apply_lora, load_lora_state_dict, save_lora
+from lora import DEFAULT_TARGETS, apply_lora, load_lora
 from runlog import Log
 
 # -----------------------------------------------------------------------------
@@ -71,7 +69,7 @@ SETTINGS = {
     "dropout": (0.1, float, between(0, 0.999), "GPT-2's own (and the course's) dropout"),
     "lora_r": (0, int, (lambda v: v >= 0, "must be 0 (full fine-tuning) or a positive rank such as 8"),
                "LoRA rank; 0 = full fine-tuning"),
-    "lora_alpha": (16.0, float, None, "LoRA scale alpha: the update is (alpha / r) B A (alpha = 2r, a common choice)"),
+    "lora_alpha": (16.0, float, POSITIVE, "LoRA scale alpha: the update is (alpha / r) B A (alpha = 2r, a common choice)"),
     "lora_dropout": (0.0, float, between(0, 0.999), "dropout on LoRA's input"),
     "lora_targets": (",".join(DEFAULT_TARGETS), str, None, "comma-separated Linear layers LoRA adapts (all of a block's)"),
     "lora_rslora": (False, bool, None, "rsLoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of "
@@ -109,11 +107,6 @@ SETTINGS = {
                                        "wandb)"),
 }
 
-# settings a resumed run may change: they do not change what is trained
-RESUMABLE_CHANGES = ("resume", "checkpoint_every", "device", "out_dir", "data_dir", "cache_dir", "eval_batch_size",
-                     "compile", "grad_accum", "live_reference", "log_every", "save_best", "keep_checkpoints",
-                     "logprobs", "wandb_project")
-
 
 def check_config(config, settings=SETTINGS, prefix="sft"):
     """Every setting that can be checked without loading anything (each row's valid values, then the checks
@@ -124,8 +117,6 @@ def check_config(config, settings=SETTINGS, prefix="sft"):
     if config["grad_accum"] > config["batch_size"]:
         raise InputError(f"--grad_accum {config['grad_accum']}: cannot split a batch of {config['batch_size']} into "
                          f"more micro-batches than examples")
-    if config["lora_r"] and not config["lora_alpha"] > 0:
-        raise InputError(f"--lora_alpha {config['lora_alpha']}: must be positive")
     lora_only = [f"--{k}" + ("" if config[k] is True else f" {config[k]}")
                  for k in ("lora_plus_ratio", "lora_rslora", "lora_init") if config[k] != settings[k][0]]
     if not config["lora_r"] and lora_only:
@@ -172,9 +163,8 @@ class Run:
 
 
 def start(config):
-    """For a checked config: lock out_dir for this process (a second run on it stops here, at once), join
-    torchrun's processes (RANK in the environment: one per device, gradients averaged by DDP), seed every
-    generator and start counting peak memory."""
+    """Lock out_dir for this process (a second run on it stops here, at once), join torchrun's processes (RANK
+    in the environment: one per device), seed every generator and start counting peak memory."""
     rank, world_size = 0, 1
     if "RANK" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -194,11 +184,9 @@ def start(config):
 
 
 def load_policy(config):
-    """The model to train: init_from, with LoRA adapters when --lora_r is set (GPT-2 then frozen): fresh ones,
-    or --lora_init's (drawn at random all the same, so every random number after them is the same too).
-
-    An SFT run's LoRA folder loads as its base model with the SFT adapter folded in, so SFT->DPO with LoRA
-    trains a new adapter on top of the SFT model."""
+    """init_from, with LoRA adapters when --lora_r is set (the rest frozen): fresh, or --lora_init's (drawn at
+    random all the same, so every later random number is too). An SFT run's LoRA folder loads with its adapter
+    folded in, so SFT->DPO with LoRA trains a new adapter on top of the SFT model."""
     model = load_model(config["init_from"], dropout=config["dropout"])
     if config["lora_r"]:
         try:
@@ -207,11 +195,7 @@ def load_policy(config):
         except ValueError as e:
             raise InputError(f"--lora_targets {config['lora_targets']}: {e}") from None
         if config["lora_init"] is not None:
-            tensors, _ = read_safetensors(config["lora_init"])
-            try:
-                load_lora_state_dict(model, tensors)
-            except ValueError as e:
-                raise InputError(f"--lora_init {config['lora_init']}: {e}") from None
+            load_lora(model, config["lora_init"])  # onto the layers just made: an adapter that does not fit is refused
     return model
 
 
@@ -264,8 +248,7 @@ def train_loop(run, model, sizes, loss_fn, evaluate, title):
         ddp_model.train()
         bar = tqdm(total=len(batches), initial=progress["batch"], disable=not run.master or None,
                    desc=f"epoch {progress['epoch'] + 1}/{config['epochs']}")
-        while progress["batch"] < len(batches):
-            batch = batches[progress["batch"]]
+        for batch in batches[progress["batch"]:]:
             lr = lr_at(progress["step"], total_steps, config["lr"], config["warmup"], config["min_lr_ratio"])
             for group in optimizer.param_groups:  # LoRA+'s B group keeps its ratio to the rest
                 group["lr"] = lr * group["lr_scale"]
@@ -296,7 +279,7 @@ def train_loop(run, model, sizes, loss_fn, evaluate, title):
                 # are cut on the CPU, the loss adds up on the device, clipping and AdamW read nothing back.
                 line = log.write(progress, epoch, lr, t0)
                 bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}")
-            if progress["batch"] == len(batches):
+            if progress["batch"] == len(batches):  # a checkpoint saved from here on starts the next epoch
                 progress["epoch"] += 1
                 progress["batch"] = 0
             if evaluate_now or save_now:
@@ -309,8 +292,6 @@ def train_loop(run, model, sizes, loss_fn, evaluate, title):
                 ddp_model.train()
             if stopping:
                 stop.exit(run, progress)
-            if progress["batch"] == 0:
-                break
         bar.close()
     stop.restore()
     return progress
@@ -391,53 +372,6 @@ class StopSignal:
         self.saved = {}
 
 
-def start_or_resume(run, model, optimizer):
-    """A fresh progress record, or with --resume the one in checkpoint.pt (refused if it was written with
-    other settings). A fresh LoRA run writes its starting A and B to lora_init.safetensors (--lora_init)."""
-    config, checkpoint = run.config, Path(run.config["out_dir"]) / CHECKPOINT
-    progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "train_seconds": 0.0, "eval_seconds": 0.0,
-                "real_tokens": 0, "config": trained_with(config)}
-    if config["resume"] and checkpoint.exists():
-        progress = load_checkpoint(checkpoint, model, optimizer)
-        check_same_settings(checkpoint, progress.get("config", {}), config)
-        if run.master:
-            print(f"resuming from {checkpoint}: epoch {progress['epoch'] + 1}, step {progress['step']}")
-        return progress
-    if config["resume"] and run.master:
-        print(f"--resume: no {checkpoint} yet, so starting from the beginning")
-    if config["lora_r"] and run.master:
-        save_lora(model, Path(config["out_dir"]) / "lora_init.safetensors")
-    return progress
-
-
-def finished_results(run):
-    """With --resume, the results of a run that has already finished (its checkpoint.pt is gone): it is not
-    trained again, and one trained with other settings is refused rather than overwritten."""
-    config, path = run.config, Path(run.config["out_dir"]) / "results.json"
-    if not (config["resume"] and path.exists() and not (path.parent / CHECKPOINT).exists()):
-        return None
-    results = read_json(path)
-    check_same_settings(path, results.get("config", {}), config)
-    if run.master:
-        print(f"--resume: {path} says this run has finished; not training it again")
-    return results
-
-
-def trained_with(config):
-    return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
-
-
-def check_same_settings(path, saved, config, ignore=()):
-    """Settings that change what is trained must be what `path` was written with (`ignore`: more to pass over)."""
-    now = trained_with(config)
-    changed = [(k, v, now.get(k)) for k, v in saved.items()
-               if k not in RESUMABLE_CHANGES and k not in ignore and now.get(k) != v]
-    if changed:
-        k, then, now = changed[0]
-        raise InputError(f"{path}: written by a run with other settings (--{k} {then} then, {now} now); "
-                         f"resume with the same settings or use another --out_dir")
-
-
 # -----------------------------------------------------------------------------
 # the loop's parts: optimizer, schedule, batches, precision, devices
 
@@ -514,65 +448,3 @@ def wrap_model(model, config, world_size):
         device = config["device"]
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
     return model
-
-
-def reset_peak_memory(device_type):
-    """Start counting peak memory now (so a study that trains condition after condition in one process
-    measures each on its own)."""
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    elif Path("/proc/self/clear_refs").exists():
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the process's peak resident memory
-        except OSError:
-            pass
-
-
-def peak_memory_bytes(device_type):
-    """GPU: the most memory PyTorch had allocated. CPU: the process's peak resident memory (all of it)."""
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    if device_type == "mps":
-        return torch.mps.driver_allocated_memory()
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-# -----------------------------------------------------------------------------
-# results.json
-
-
-def run_results(run, regime, model, progress):
-    """What results.json holds. `score` and `metrics` are the final evaluation's: every run gets the same fixed
-    budget and nothing is selected on the dev set it is scored on. `best_score` and `best_epoch` are the best
-    dev evaluation's, by its `selection` figure (the course's practice; best/ holds that model)."""
-    config, history = run.config, progress["history"]
-    final = history[-1]
-    best = max(history, key=lambda h: h["selection"])
-    return {
-        "task": config["task"], "regime": regime, "method": "lora" if config["lora_r"] else "fft",
-        "score": final["score"], "score_name": "accuracy" if config["task"] == "paraphrase" else "chrf",
-        "metrics": {k: v for k, v in final.items() if k not in ("epoch", "step", "train_loss", "score", "selection")},
-        "best_score": best["score"], "best_epoch": best["epoch"],
-        "train_seconds": progress["train_seconds"], "eval_seconds": progress["eval_seconds"],
-        "tokens_per_second": progress["real_tokens"] / max(progress["train_seconds"], 1e-9),
-        "real_tokens": progress["real_tokens"], "steps": progress["step"],
-        "peak_memory_bytes": peak_memory_bytes(run.device_type),
-        "total_parameters": model.num_parameters(),
-        "trainable_parameters": model.num_parameters(trainable_only=True),
-        "device": torch.cuda.get_device_name() if run.device_type == "cuda" else run.device_type,
-        "world_size": run.world_size, "torch": torch.__version__, "history": history, "config": config,
-    }
-
-
-def print_results(results):
-    metrics = "  ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items() if isinstance(v, (int, float)))
-    print(f"{results['task']} {results['regime']} {results['method']}: {metrics} (dev, final; the best, "
-          f"{results['best_score']:.4f}, at epoch {results['best_epoch']:g}); train {results['train_seconds']:.1f}s, "
-          f"eval {results['eval_seconds']:.1f}s, {results['tokens_per_second']:.0f} tokens/s, peak memory "
-          f"{results['peak_memory_bytes'] / 2**20:.0f} MiB, {results['trainable_parameters']:,} of "
-          f"{results['total_parameters']:,} parameters trained, on {results['device']}")

@@ -56,3 +56,12 @@ def sonnet_example(sonnet):
 
     There is no prompt: every token after the first is a target, so the model learns openings too."""
     return Example(prompt=[], target=encode(sonnet.text) + [END_OF_TEXT])
+
+
+def continuation_examples(sonnets):
+    """Each sonnet as its task poses it: the first 3 lines, then the true rest and end-of-text as the target."""
+    examples = []
+    for sonnet in sonnets:
+        prompt, rest = split_prompt(sonnet.text)
+        examples.append(Example(encode(prompt), encode(rest) + [END_OF_TEXT]))
+    return examples

@@ -140,7 +140,7 @@ def test_average_logps_divide_by_each_answers_target_tokens_and_define_none_as_z
     examples = [Example([5, 6, 7], [8, 9, 10]), Example([1], [2]), Example([], [11, 12, 13]), Example([4, 4], [])]
     sums = torch.tensor([-6.0, -2.0, -5.0, 0.0], dtype=torch.float64)
     # 3 targets; 1; a prompt-less sonnet's first token has nothing to predict it, so 2; none: 0/0 defined as 0
-    assert train_dpo.average_logps(sums, examples).tolist() == [-2.0, -2.0, -2.5, 0.0]
+    assert preferences.average_logps(sums, examples).tolist() == [-2.0, -2.0, -2.5, 0.0]
     # through the model: an empty rejected answer sums to 0, and IPO and ORPO stay finite, gradients too
     chosen, rejected = [Example([5, 6, 7], [8, 9]), Example([3], [2])], [Example([5, 6, 7], []), Example([3], [4])]
     policy_chosen, policy_rejected = train_dpo.concatenated_logps(tiny_model.train(), chosen, rejected, "cpu")
@@ -149,8 +149,8 @@ def test_average_logps_divide_by_each_answers_target_tokens_and_define_none_as_z
     config = {**flags.defaults(train_dpo.SETTINGS), "beta": 0.1, "loss_type": "ipo"}
     ipo, _, _ = train_dpo.pair_losses(policy_chosen, policy_rejected, policy_chosen.detach() - 1,
                                       policy_rejected.detach(), pairs, config)
-    orpo = train_orpo.orpo_loss(train_dpo.average_logps(policy_chosen, chosen),
-                                train_dpo.average_logps(policy_rejected, rejected), 0.1)
+    orpo = train_orpo.orpo_loss(preferences.average_logps(policy_chosen, chosen),
+                                preferences.average_logps(policy_rejected, rejected), 0.1)
     (ipo.sum() + orpo.sum()).backward()
     assert torch.isfinite(ipo).all() and torch.isfinite(orpo).all()
     assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters() if p.grad is not None)

@@ -23,6 +23,7 @@ import flags
 import trainer
 from conftest import ROOT, tiny_config
 from data.batching import Example, collate
+from data.sonnets import continuation_examples
 from data.quora import read_quora
 from data.tasks import load_task_data
 from fileio import InputError, read_safetensors
@@ -328,7 +329,7 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tiny_dir, learnab
     (["--lr", "0"], "--lr 0.0: must be a positive number"),
     (["--lr", "nan"], "--lr nan: must be a positive number"),
     (["--lora_r", "-2"], "--lora_r -2: must be 0"),
-    (["--lora_r", "4", "--lora_alpha", "0"], "--lora_alpha 0.0: must be positive"),
+    (["--lora_r", "4", "--lora_alpha", "0"], "--lora_alpha 0.0: must be a positive number"),
     (["--grad_accum", "9"], "--grad_accum 9: cannot split a batch of 8"),
     (["--train_limit", "0"], "--train_limit 0: must be at least 1"),
     (["--device", "tpu"], "--device 'tpu': not a device name"),
@@ -414,7 +415,7 @@ def test_sonnet_rejections_are_the_sampled_tokens_with_end_of_text_only_when_sam
     sonnets = read_sonnets(sample_data / "sonnets.txt")[:2]
     config = {**flags.defaults(train_dpo.SETTINGS), "beta": 0.1, "device": "cpu"}
     rejected = preferences.sample_rejections(model, sonnets, config, tmp_path, "weights", model.config.block_size)
-    chosen = train_sft.continuation_examples(sonnets)
+    chosen = continuation_examples(sonnets)
     budget = max(len(c.target) for c in chosen)  # the longest true rest, with its end-of-text, fits
     ids, mask = left_pad([c.prompt for c in chosen])
     out = model.generate(ids, budget, temperature=config["temperature"], top_p=config["top_p"], attention_mask=mask,
