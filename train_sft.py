@@ -31,9 +31,8 @@ from data.tasks import load_task_data
 from eval import answer_tokens, check_task_lengths, eval_mode, evaluate_paraphrase, evaluate_sonnets
 
 SETTINGS = trainer.SETTINGS  # SFT adds none of its own: GPT-2's dropout 0.1 is the default
-# batch_logprobs' "auto" path is chunked above this many logits in the target window (2**26 float32 numbers are
-# 256 MiB: a 16-sonnet DPO batch has 5x that; a paraphrase batch of 8 has 2 positions a row, 0.8M)
-CHUNKED_ABOVE = 2**26
+# batch_logprobs("auto") is chunked above this many window logits: 2**26 float32 numbers are 256 MiB
+CHUNKED_ABOVE = 2**26  # a 16-sonnet DPO batch has 5x that; a paraphrase batch of 8, 0.8M
 
 
 # -----------------------------------------------------------------------------
