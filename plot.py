@@ -1,6 +1,6 @@
 """
-Pictures of what a run and a study wrote (matplotlib is an optional extra: without it each function says how to
-get it, and the numbers stay in log.jsonl and study.json).
+Pictures of a run's log.jsonl and of the study's conditions, drawn with matplotlib (an optional extra).
+Without matplotlib each function says how to get it; the numbers stay in log.jsonl and study.json.
 
     python -m plot --run RUN_DIR      # or python -m plot RUN_DIR: RUN_DIR/curves.png from RUN_DIR/log.jsonl
 
