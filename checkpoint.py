@@ -14,7 +14,7 @@ A model folder (last/, best/) is one of two layouts:
 - LoRA: adapter.safetensors + adapter_config.json, whose "base_model_name_or_path" names the model it adapts
   (a GPT-2 name, a hub folder, or another adapter folder: SFT LoRA -> DPO LoRA stacks).
 
-load_model reads any of these, a GPT-2 name, or a whole run folder (its best/, else its last/).
+load_model reads any of these, a GPT-2 name, or a whole run folder (its last/: the final weights).
 """
 
 import json
@@ -186,10 +186,11 @@ def check_source(name_or_dir, flag):
 
 
 def model_folder(name_or_dir):
-    """The model folder a path means: a run folder means its best/ (else last/); anything else is itself."""
+    """The model folder a path means: a run folder means its last/, the final weights (best/ is chosen on dev, so
+    it is used only when named, <run>/best, or when there is no last/); anything else is itself."""
     directory = Path(str(name_or_dir))
     if directory.is_dir() and not (directory / "config.json").exists() and not (directory / ADAPTER_CONFIG).exists():
-        for kept in ("best", "last"):
+        for kept in ("last", "best"):
             if (directory / kept).is_dir():
                 return directory / kept
     return directory
@@ -198,7 +199,7 @@ def model_folder(name_or_dir):
 def model_context(name_or_dir):
     """How many positions (block_size) the model that load_model(name_or_dir) loads has, read from its JSON
     files alone, so that lengths are checked before any weights are loaded: a GPT-2 name (1024), a hub folder's
-    config.json, an adapter folder's base (followed to the end), or a run folder's best/ (else last/)."""
+    config.json, an adapter folder's base (followed to the end), or a run folder's last/."""
     seen = set()
     while str(name_or_dir).removeprefix("openai-community/") not in PRETRAINED:
         directory = model_folder(name_or_dir)
@@ -228,7 +229,7 @@ def load_model(name_or_dir, adapter=None, dropout=0.0):
     - a GPT-2 name (gpt2, gpt2-medium, ...) or a hub-layout directory (config.json + model.safetensors);
     - a LoRA model folder: its base is loaded first (by this same function, so a base may itself be an adapter
       folder) and the adapter is folded into its weights, W + (alpha/r) B A;
-    - a training run's folder (out/my-run): its best/ checkpoint, else its last/.
+    - a training run's folder (out/my-run): its last/ (name out/my-run/best for the best dev evaluation's).
     `adapter` (a .safetensors file written by lora.save_lora) is folded in on top.
     """
     directory = model_folder(name_or_dir)

@@ -8,12 +8,12 @@ The study's cost-quality scatter (score and interval against training seconds, F
 "is LoRA, or DPO, worth what it costs?" by looking.
 """
 
-import json
 import sys
 from pathlib import Path
 
 import flags
-from fileio import InputError, atomic_open, read_text
+import runlog
+from fileio import InputError, atomic_open
 
 try:  # the object-oriented API, no pyplot: no GUI backend is touched and no figure outlives its function
     from matplotlib.figure import Figure
@@ -28,22 +28,12 @@ SETTINGS = {"run": (flags.REQUIRED, str, None, "a run folder, one holding log.js
 
 
 def read_log(run_dir):
-    """(training lines, evaluation lines) of <run_dir>/log.jsonl, each a dict; a last line cut short by a killed
-    run is skipped, any other line that is not JSON is an InputError naming it."""
+    """(training lines, evaluation lines) of <run_dir>/log.jsonl (runlog.read_log), each a dict."""
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
         raise InputError(f"{run_dir}: no such folder" if not Path(run_dir).is_dir()
                          else f"{path}: not found (a run folder holds log.jsonl)")
-    text = read_text(path)
-    lines = text.splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number == len(lines) and not text.endswith("\n"):
-                break  # the last write of a killed run, cut short
-            raise InputError(f"{path}:{number}: not a line of JSON: {line[:60]!r}") from None
+    records = runlog.read_log(path)
     return [r for r in records if "dev" not in r], [r for r in records if "dev" in r]
 
 

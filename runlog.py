@@ -85,15 +85,20 @@ class Log:
 
 
 def read_log(path):
-    """The lines of a log.jsonl (none if it does not exist); a last line cut off by a kill is dropped."""
-    if not Path(path).exists():
+    """The lines of a log.jsonl, as dicts (none if there is no file). A last line cut short by a killed run is
+    dropped; any other line that is not JSON is an InputError naming it."""
+    path = Path(path)
+    if not path.exists():
         return []
+    text = read_text(path)
     lines = []
-    for text in read_text(path).splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         try:
-            lines.append(json.loads(text))
-        except json.JSONDecodeError:
-            break
+            lines.append(json.loads(line))
+        except ValueError:
+            if number == len(text.splitlines()) and not text.endswith("\n"):
+                break  # the last write of a killed run
+            raise InputError(f"{path}:{number}: not a line of JSON: {line[:60]!r}") from None
     return lines
 
 

@@ -306,9 +306,8 @@ def train(config):
     regime = ("sft_dpo" if is_sft_run(config["init_from"]) else "simpo" if config["loss_type"] == "simpo"
               else "rpo" if config["rpo_alpha"] else "dpo")
     extra = {"beta": config["beta"], "reference": reference}
-    rpo = f", RPO alpha={config['rpo_alpha']}" if config["rpo_alpha"] else ""
-    title = (f"{config['task']} DPO ({trainer.describe(config)}, {config['loss_type']} loss, beta={config['beta']}"
-             f"{rpo}, {extra['reference']} reference) of {config['init_from']}")
+    title = (f"{config['task']} DPO ({trainer.describe(config)}, {config['loss_type']} loss, beta={config['beta']}, "
+             f"RPO alpha={config['rpo_alpha']}, {reference} reference) of {config['init_from']}")
     return trainer.fit(run, policy, sizes, loss_fn, dev_metrics, regime, title,
                        {**extra, **rejections_summary(run, pairs)})
 

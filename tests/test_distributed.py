@@ -41,7 +41,7 @@ def test_two_processes_match_one(script, extra, tmp_path):
     one = run(args + ["--out_dir", str(tmp_path / "one")])
     # 2 ranks x 2 micro-batches of 2
     two = run(args + ["--out_dir", str(tmp_path / "two"), "--grad_accum", "2"], nproc=2)
-    assert two.count("epoch 1:") == 1, two  # only rank 0 prints and writes
+    assert two.count("epoch 1, step") == 1, two  # only rank 0 prints and writes
     name = "adapter.safetensors" if extra else "model.safetensors"
     a = read_safetensors(tmp_path / "one" / "last" / name)[0]
     b = read_safetensors(tmp_path / "two" / "last" / name)[0]
@@ -50,4 +50,4 @@ def test_two_processes_match_one(script, extra, tmp_path):
     if not extra:
         assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4  # it trained
     assert '"world_size": 2' in (tmp_path / "two" / "results.json").read_text()
-    assert one.count("epoch 1:") == 1
+    assert one.count("epoch 1, step") == 1

@@ -14,7 +14,7 @@ from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, paraphrase_promp
 from data.sonnets import read_sonnets
 from data.tokenizer import decode, encode
 from fileio import InputError
-from checkpoint import save_pretrained
+from checkpoint import from_pretrained, save_pretrained
 from model import GPT
 
 
@@ -274,7 +274,7 @@ def test_the_test_split_predicts_every_pair_keeping_the_end_of_a_long_prompt(tin
     lines = (tmp_path / "tiny-para-test-output.csv").read_text().splitlines()
     assert [line.rsplit(", ", 1)[0] for line in lines[1:]] == [p.id for p in read_quora(test)]  # every pair
     # each long pair's prediction is the model's answer after the last 128 tokens of its prompt
-    model = GPT.from_pretrained(tiny_checkpoint).eval()
+    model = from_pretrained(tiny_checkpoint).eval()
     for pair, line in zip(read_quora(test)[-2:], lines[-2:]):
         prompt = encode(paraphrase_prompt(pair.sentence1, pair.sentence2))
         assert len(prompt) > 128

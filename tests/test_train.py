@@ -162,10 +162,27 @@ def test_sft_learns_the_task_and_writes_its_results(tiny_dir, learnable_data, tm
     assert results["total_parameters"] == results["trainable_parameters"]
     assert results["config"]["lr"] == 3e-3 and results["device"] == "cpu" and len(results["history"]) == 5
     # best/ and last/ are GPT-2 checkpoints that eval.py's loader (and Hugging Face) can read
-    best = load_model(tmp_path / "sft")  # a run folder means its best/
+    best = load_model(tmp_path / "sft" / "best")
     assert train_sft.evaluate(best, "paraphrase", load_task_data(settings(tiny_dir, learnable_data, tmp_path))[1],
                               {"eval_batch_size": 64}, "cpu")["accuracy"] == results["best_score"]
     assert (tmp_path / "sft" / "last" / "config.json").exists()
+
+
+def test_a_run_folder_means_its_last_weights_and_dpo_starts_from_them(tiny_dir, learnable_data, tmp_path):
+    """best/ is chosen on dev: SFT->DPO (and eval.py, and load_model) start from <run>/last unless told <run>/best."""
+    run = tmp_path / "sft"
+    torch.manual_seed(1)
+    save_pretrained(GPT(tiny_config(block_size=256)), run / "last")
+    save_pretrained(from_pretrained(tiny_dir), run / "best")
+    (run / "results.json").write_text("{}")
+    assert torch.equal(load_model(run).lm_head.weight, from_pretrained(run / "last").lm_head.weight)
+    results = train_dpo.train(settings(run, learnable_data, tmp_path / "dpo", epochs=1, train_limit=8))
+    assert results["regime"] == "sft_dpo"
+    pairs = preferences.paraphrase_pairs(read_quora(learnable_data / "quora-train.csv", limit=8))
+    config = {**flags.defaults(train_dpo.SETTINGS), "beta": 0.1, "device": "cpu"}
+    last = train_dpo.scored_logps(from_pretrained(run / "last"), pairs, config, nullcontext())
+    cached, = (tmp_path / "dpo").glob("reference-train-*.safetensors")
+    assert torch.allclose(read_safetensors(cached)[0]["chosen"], last[0], atol=1e-5)
 
 
 def test_lora_sft_trains_only_a_and_b_and_saves_only_the_adapter(tiny_dir, learnable_data, tmp_path):
