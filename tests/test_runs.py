@@ -157,18 +157,26 @@ def interrupted(args, out, sig, when):
     return process
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_an_interrupted_run_resumes_to_the_weights_and_log_of_an_unbroken_one(sig, tiny_dir, tmp_path):
-    """kill -9 after a --checkpoint_every save, or SIGTERM at any step (the run saves, says how to go on and
-    exits 143 within that step); --resume then ends bit-identical to a run never stopped, and log.jsonl holds
-    every step exactly once."""
-    data = tmp_path / "data"
-    data.mkdir()
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, tiny_dir):
+    """(the flags of a 24-step run that logs every step and saves every 5, the folder of that run never stopped)."""
+    data = tmp_path_factory.mktemp("resume_data")
     write_learnable_quora(data / "quora-train.csv", 96, seed=3)
     write_learnable_quora(data / "quora-dev.csv", 8, seed=4)
     args = ["--task", "paraphrase", "--init_from", str(tiny_dir), "--data_dir", str(data), "--device", "cpu",
             "--lr", "1e-3", "--epochs", "2", "--dropout", "0.1", "--log_every", "1", "--checkpoint_every", "5"]
-    straight = run_script(args + ["--out_dir", str(tmp_path / "straight")])
+    out = tmp_path_factory.mktemp("straight")
+    straight = run_script(args + ["--out_dir", str(out)])
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    return args, out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_an_interrupted_run_resumes_to_the_weights_and_log_of_an_unbroken_one(sig, unbroken, tmp_path):
+    """kill -9 after a --checkpoint_every save, or SIGTERM at any step (the run saves, says how to go on and
+    exits 143 within that step); --resume then ends bit-identical to a run never stopped, and log.jsonl holds
+    every step exactly once."""
+    args, straight = unbroken
     if sig == signal.SIGKILL:
         when = lambda out: (out / "checkpoint.pt").exists()  # noqa: E731
     else:
@@ -186,8 +194,7 @@ def test_an_interrupted_run_resumes_to_the_weights_and_log_of_an_unbroken_one(si
     resumed = run_script(args + ["--out_dir", str(tmp_path / "stopped"), "--resume"])
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0 and "resuming from" in output, output
-    assert straight.wait(timeout=300) == 0, straight.stdout.read()
-    a, b = weights(tmp_path / "straight" / "last"), weights(tmp_path / "stopped" / "last")
+    a, b = weights(straight / "last"), weights(tmp_path / "stopped" / "last")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [line["step"] for line in train_lines(tmp_path / "stopped")] == list(range(1, 25))
 
