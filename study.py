@@ -56,9 +56,10 @@ from data.quora import read_quora
 from data.sonnets import read_sonnets
 from data.tasks import QUORA, SONNETS
 from data.tokenizer import get_tokenizer
-from eval import check_device, chrf, evaluate_sonnets, paired_difference
+from eval import check_device, chrf, evaluate_sonnets
 from fileio import InputError, atomic_open, read_text, writable_dir, write_json
 from model import GPT, PRETRAINED, GPTConfig, default_device
+from stats import holm, paired_difference, smallest_detectable, t_test
 
 # -----------------------------------------------------------------------------
 # The 12 conditions: each one's training run, in train_sft.SETTINGS / train_dpo.SETTINGS names. Everything
@@ -553,7 +554,7 @@ def sample(plan, weights, settings, seeds):
 
 
 # -----------------------------------------------------------------------------
-# statistics: a bootstrap over training seeds, sampling seeds and dev examples; paired differences; Holm
+# statistics: the seed is the unit of replication (stats.py); one seed compares two trained models, not methods
 
 
 def run_items(plan, task, out_dir):
@@ -572,81 +573,97 @@ def run_items(plan, task, out_dir):
     return [np.asarray(correct, dtype=np.float64)]
 
 
-def score_of(task, items, references, seeds, samples, examples):
-    """What every interval is of: the mean, over the given training seeds and sampling seeds, of the dev score on
-    the given examples (indices, repeats allowed). items[seed][sample][example]; accuracy is the mean per-pair
-    correctness, chrF the corpus chrF of the chosen sonnets against their references."""
+def score_of(task, outcomes, references, samples, examples):
+    """One run's dev score on the given examples (indices, repeats allowed), averaged over the given sampling
+    seeds; outcomes[sample][example]. Accuracy is the mean per-pair correctness, chrF the corpus chrF of the
+    chosen sonnets against their references."""
     if task == "paraphrase":
-        return float(np.mean([items[s][k][examples].mean() for s in seeds for k in samples]))
-    return float(np.mean([chrf([items[s][k][i] for i in examples], [references[i] for i in examples])
-                          for s in seeds for k in samples]))
+        return float(np.mean([outcomes[k][examples].mean() for k in samples]))
+    return float(np.mean([chrf([outcomes[k][i] for i in examples], [references[i] for i in examples])
+                          for k in samples]))
 
 
-def bootstrap(statistic, n_seeds, n_samples, n_examples, n_resamples=BOOTSTRAP_RESAMPLES, seed=0):
-    """statistic(seeds, samples, examples) on n_resamples bootstrap draws: each draws n_examples dev examples,
-    n_seeds training seeds and n_samples sampling seeds, all with replacement (a level with one member stays
-    put), so the spread includes the variation between runs, between samplings and between dev sets. Every
-    call makes the same draws, so a statistic that compares two conditions is paired. Examples are drawn first:
-    with one seed and one sampling seed the draws are eval.bootstrap_ci's."""
+def seed_scores(task, items, references):
+    """[per training seed] the score on the whole dev set, averaged over sampling seeds (items[seed][sample][example])."""
+    return [score_of(task, outcomes, references, range(len(outcomes)), np.arange(len(outcomes[0])))
+            for outcomes in items]
+
+
+def bootstrap(statistic, n_samples, n_examples, n_resamples=BOOTSTRAP_RESAMPLES, seed=0):
+    """One seed: statistic(samples, examples) on n_resamples draws of n_examples dev examples and n_samples
+    sampling seeds, with replacement. Examples are drawn first, so with one sampling seed the draws are
+    stats.bootstrap_ci's; every call makes the same draws, so a difference of two runs is paired."""
     rng = np.random.default_rng(seed)
     examples = rng.integers(0, n_examples, size=(n_resamples, n_examples))
-    seeds = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))
     samples = rng.integers(0, n_samples, size=(n_resamples, n_samples))
-    return np.array([statistic(s, k, e) for s, k, e in zip(seeds, samples, examples)])
+    return np.array([statistic(k, e) for k, e in zip(samples, examples)])
 
 
 def interval(values):
-    """The 95% percentile interval of bootstrap values (numpy's linear interpolation, as eval.bootstrap_ci)."""
+    """The 95% percentile interval of bootstrap values (numpy's linear interpolation, as stats.bootstrap_ci)."""
     low, high = np.quantile(values, [0.025, 0.975])
     return [float(low), float(high)]
 
 
-def bootstrap_p(differences):
-    """Two-sided p-value of "no difference" from bootstrap draws of a difference d: twice the smaller tail at 0,
-        p = min(1, 2 min(1 + #{d <= 0}, 1 + #{d >= 0}) / (B + 1))
-    i.e. the level at which the percentile interval reaches 0 (the +1s keep p > 0 with B draws)."""
-    d = np.asarray(differences)
-    return min(1.0, 2 * min(1 + int((d <= 0).sum()), 1 + int((d >= 0).sum())) / (len(d) + 1))
-
-
 def score_interval(task, items, references):
-    """95% bootstrap interval of the condition's score (seeds, sampling seeds and dev examples resampled)."""
-    n_seeds, n_samples, n = len(items), len(items[0]), len(items[0][0])
-    return interval(bootstrap(lambda s, k, e: score_of(task, items, references, s, k, e), n_seeds, n_samples, n))
+    """A condition's 95% interval: across seeds, the t interval of the per-seed scores (S - 1 degrees of freedom);
+    with one seed, a bootstrap over the run's dev examples and sampling seeds."""
+    if len(items) > 1:
+        return t_test(seed_scores(task, items, references))["ci95"]
+    outcomes = items[0]
+    return interval(bootstrap(lambda k, e: score_of(task, outcomes, references, k, e), len(outcomes), len(outcomes[0])))
 
 
 def versus_baseline(task, items, baseline, references):
-    """The condition's score minus SFT-only FFT's on the same dev examples, seed by seed (the same seeds, drawn
-    together) and sampling seed by sampling seed: the difference, its 95% bootstrap interval and two-sided
-    bootstrap p-value. With one seed on paraphrase the p-value is McNemar's exact test on the per-pair
-    correctness instead (eval.paired_difference): two models on the same pairs."""
-    n_seeds, n_samples, n = len(items), len(items[0]), len(items[0][0])
+    """The condition's score minus another's (`baseline`) on the same dev examples, seed by seed (sonnets: each
+    the mean over sampling seeds): the per-seed differences, their mean, and with S >= 2 seeds the paired t-test's
+    95% interval and p-value (S - 1 degrees of freedom). One seed is two trained models: the interval is a paired
+    bootstrap over dev examples (and sampling seeds), p_value is None (no verdict about methods), and paraphrase
+    adds McNemar's exact test of the two models under "mcnemar"."""
+    differences = [a - b for a, b in zip(seed_scores(task, items, references), seed_scores(task, baseline, references))]
+    result = {**t_test(differences), "per_seed": differences,
+              "test": f"paired t-test over {len(items)} seeds ({len(items) - 1} degrees of freedom)"}
+    if len(items) == 1:
+        mine, theirs = items[0], baseline[0]
 
-    def difference(seeds, samples, examples):
-        return (score_of(task, items, references, seeds, samples, examples)
-                - score_of(task, baseline, references, seeds, samples, examples))
+        def difference(samples, examples):
+            return score_of(task, mine, references, samples, examples) - score_of(task, theirs, references, samples, examples)
 
-    values = bootstrap(difference, n_seeds, n_samples, n)
-    levels = ["training seeds"] * (n_seeds > 1) + ["sampling seeds"] * (n_samples > 1) + ["dev examples"]
-    result = {"difference": difference(range(n_seeds), range(n_samples), np.arange(n)), "ci95": interval(values),
-              "p_value": bootstrap_p(values), "test": "paired bootstrap over " + ", ".join(levels)}
-    if task == "paraphrase" and n_seeds == 1:
-        mcnemar = paired_difference(items[0][0].astype(int).tolist(), baseline[0][0].astype(int).tolist())
-        result.update(p_value=mcnemar["p_value"], test="McNemar's exact test", mcnemar=mcnemar)
+        result.update(ci95=interval(bootstrap(difference, len(mine), len(mine[0]))),
+                      test="one seed: two trained models, no test of the methods")
+        if task == "paraphrase":
+            result["mcnemar"] = {**paired_difference(mine[0].astype(int).tolist(), theirs[0].astype(int).tolist()),
+                                 "test": "McNemar's exact test of these two trained models (not of the methods)"}
     return result
 
 
-def holm(p_values):
-    """Holm's (1979) step-down correction for m comparisons. With the p-values sorted, p_(1) <= ... <= p_(m),
-        adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j))
-    and "adjusted p < 0.05" keeps the chance of any false "told apart" among the m at 5% or less. Returns the
-    adjusted p-values in the order given."""
-    m = len(p_values)
-    adjusted, largest = [0.0] * m, 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
-        largest = max(largest, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = largest
-    return adjusted
+def questions(regimes, methods):
+    """The paper's questions as (question, condition a, condition b), each condition (regime, method): is LoRA as
+    good as FFT within each regime; does SFT->DPO add to SFT-only, and does DPO-only match it, within each method."""
+    asked = [(f"LoRA vs FFT, {NAMES[r]}", (r, "lora"), (r, "fft")) for r in regimes if {"fft", "lora"} <= set(methods)]
+    for regime in ("sft_dpo", "dpo"):
+        asked += [(f"{NAMES[regime]} vs SFT-only, {NAMES[m]}", (regime, m), ("sft", m)) for m in methods
+                  if {regime, "sft"} <= set(regimes)]
+    return asked
+
+
+def contrasts(plan, items):
+    """Every question of every task, paired by seed, with Holm's correction over the task's family (those with a
+    p-value: none with one seed), and for each the smallest difference the design could have detected: 80% power
+    at Holm's first threshold 0.05 / m, from the observed spread of the per-seed differences."""
+    found = []
+    for task in plan["tasks"]:
+        family = [{"task": task, "question": question, "a": f"{NAMES[a[0]]} {NAMES[a[1]]}",
+                   "b": f"{NAMES[b[0]]} {NAMES[b[1]]}",
+                   **versus_baseline(task, items[(task, *a)], items[(task, *b)], references_of(plan, task))}
+                  for question, a, b in questions(plan["regimes"], plan["methods"])]
+        tested = [c for c in family if c["p_value"] is not None]
+        for c, adjusted in zip(tested, holm([c["p_value"] for c in tested])):
+            spread = float(np.std(c["per_seed"], ddof=1))
+            c.update(p_holm=adjusted, told_apart=adjusted < 0.05, comparisons=len(tested),
+                     smallest_detectable=smallest_detectable(spread, len(c["per_seed"]), 0.05 / len(tested)))
+        found += family
+    return found
 
 
 # -----------------------------------------------------------------------------
@@ -670,7 +687,7 @@ def condition_row(plan, results, task, regime, method):
     own = [runs_of_seed[-1] for runs_of_seed in stages]  # the condition's own run (SFT->DPO: its DPO stage)
     items = [run_items(plan, task, run_dir(plan, task, regime, method, s)) for s in seeds]
     examples = np.arange(len(items[0][0]))
-    per_sample = [[score_of(task, [outcomes], references, [0], [k], examples) for k in range(len(outcomes))]
+    per_sample = [[score_of(task, outcomes, references, [k], examples) for k in range(len(outcomes))]
                   for outcomes in items]  # [seed][sampling seed]
     scores = [statistics.fmean(values) for values in per_sample]
     score, std = mean_std(scores)
@@ -705,15 +722,14 @@ def costs(stages):
 
 
 def table_rows(plan, results):
-    """Every selected condition's row; each compared with its task's SFT-only FFT when those runs are among the
-    results (selected, or the SFT stage of SFT->DPO FFT); Holm's correction over all the comparisons."""
+    """Every selected condition's row, each with its paired difference from its task's SFT-only FFT when that is
+    among the results (a description: the verdicts are the paper's questions, contrasts()); and the contrasts."""
     rows, items = [], {}
     for task in plan["tasks"]:
         for regime in plan["regimes"]:
             for method in plan["methods"]:
                 row, items[(task, regime, method)] = condition_row(plan, results, task, regime, method)
                 rows.append(row)
-    compared = []
     for row in rows:
         task, baseline = row["task"], (row["task"], "sft", "fft")
         if (row["regime"], row["method"]) == ("sft", "fft") or not all(
@@ -723,96 +739,103 @@ def table_rows(plan, results):
             items[baseline] = [run_items(plan, task, run_dir(plan, *baseline, s)) for s in plan["seeds"]]
         row["vs_sft_fft"] = versus_baseline(task, items[(task, row["regime"], row["method"])], items[baseline],
                                             references_of(plan, task))
-        compared.append(row["vs_sft_fft"])
-    for versus, adjusted in zip(compared, holm([v["p_value"] for v in compared])):
-        versus.update(p_holm=adjusted, told_apart=adjusted < 0.05, comparisons=len(compared))
-    return rows
+    return rows, contrasts(plan, items)
 
 
 def label(row):
     return f"{NAMES[row['task']]} {NAMES[row['regime']]} {NAMES[row['method']]}"
 
 
-def verdict(rows, plan):
-    """One sentence: which differences from SFT-only FFT these runs and dev sets can tell apart after Holm's
-    correction, which not, and whether that is about methods (several seeds) or two trained models (one)."""
-    compared = [row for row in rows if "vs_sft_fft" in row]
-    if not compared:
-        return ("No paired differences: SFT-only FFT (each task's baseline) is not among the selected conditions, "
-                "so nothing was compared with it.")
-    apart = [label(r) for r in compared if r["vs_sft_fft"]["told_apart"]]
-    not_apart = [label(r) for r in compared if not r["vs_sft_fft"]["told_apart"]]
-    sizes = []
-    if "paraphrase" in plan["dev"]:
-        sizes.append(f"{len(plan['dev']['paraphrase']):,} dev pairs")
-    if "sonnet" in plan["dev"]:
-        sizes.append(f"{len(plan['dev']['sonnet']['references'])} dev sonnets x {plan['sample_seeds']} sampling seed(s)")
-    against = (f"against SFT-only FFT on the same {' and '.join(sizes)}, with Holm's correction for the "
-               f"{len(compared)} comparison(s) (adjusted p < 0.05)")
-    n = len(plan["seeds"])
-    if n == 1:
-        start = (f"Each comparison is between two trained models (one seed each), so it says whether these two "
-                 f"models differ, not whether the methods do (--seeds {GPU_SEEDS} compares methods). "
-                 f"{against[0].upper()}{against[1:]}")
-    else:
-        start = f"Over {n} seeds per condition (a bootstrap over seeds and dev examples together), {against}"
-    noise = f"{'seeds, ' if n > 1 else ''}dev examples{' and sampling seeds' if 'sonnet' in plan['dev'] else ''}"
-    if not apart:
-        return (f"{start}, the data tell apart none of the {len(compared)}: differences that small are within what "
-                f"the choice of {noise} alone produces.")
-    return (f"{start}, the data tell apart {', '.join(apart)}"
-            + (f", but not {', '.join(not_apart)}: differences that small are within what the choice of {noise} "
-               f"alone produces." if not_apart else "."))
+def answer(c):
+    """One contrast in words: told apart or not, the per-seed differences, and what "not" could have seen."""
+    signed = ", ".join(fmt_score(c["task"], d, "+") for d in c["per_seed"])
+    if c["told_apart"]:
+        return (f"{c['question']}: told apart, {fmt_score(c['task'], c['difference'], '+')} "
+                f"(per seed {signed}; Holm p={c['p_holm']:.2g})")
+    return (f"{c['question']}: not told apart (per seed {signed}; this design detects a difference of "
+            f"{fmt_score(c['task'], c['smallest_detectable'])} or more with 80% power)")
+
+
+def verdict(contrasts, plan):
+    """The paper's questions answered in words, task by task; with one seed, why there is no answer."""
+    if not contrasts:
+        return ("No paired differences: the paper's questions compare LoRA with FFT in a regime, or SFT->DPO and DPO-only with "
+                "SFT-only in a method, and no such pair of conditions is among the selected ones.")
+    if len(plan["seeds"]) == 1:
+        return (f"One seed per condition: each row is one trained model, so no method is told apart from another; "
+                f"comparing methods needs --seeds 2 or more ({GPU_SEEDS} by default on a GPU). McNemar's exact test "
+                f"of each pair of trained models is in study.json (\"mcnemar\").")
+    sentences = []
+    for task in dict.fromkeys(c["task"] for c in contrasts):
+        family = [c for c in contrasts if c["task"] == task]
+        sentences.append(f"{NAMES[task].capitalize()}, {len(plan['seeds'])} seeds, paired t-tests with Holm's "
+                         f"correction over {len(family)} questions: " + "; ".join(map(answer, family)) + ".")
+    return " ".join(sentences)
 
 
 # -----------------------------------------------------------------------------
 # writing it out
 
 
-def fmt_score(task, value):
-    return f"{value:.4f}" if task == "paraphrase" else f"{value:.2f}"
-
-
-def versus_cell(row):
-    if "vs_sft_fft" not in row:
-        return "baseline" if (row["regime"], row["method"]) == ("sft", "fft") else "—"
-    v, signed = row["vs_sft_fft"], (lambda x: f"{x:+.4f}" if row["task"] == "paraphrase" else f"{x:+.2f}")
-    return (f"{signed(v['difference'])} [{signed(v['ci95'][0])}, {signed(v['ci95'][1])}] "
-            f"p={v['p_value']:.2g}, Holm p={v['p_holm']:.2g}")
+def fmt_score(task, value, sign=""):
+    return f"{value:{sign}.4f}" if task == "paraphrase" else f"{value:{sign}.2f}"
 
 
 def table_cells(row):
-    task = row["task"]
+    task, metrics = row["task"], row["metrics"]
     score = fmt_score(task, row["score"]) + (f" ± {fmt_score(task, row['score_std'])}" if row["score_std"] is not None else "")
     epochs = ",".join(map(str, row["best_epochs"]))
+    yes_no = f"{metrics['yes_no_accuracy']:.4f}, {metrics['yes_no_share']:.2f}" if task == "paraphrase" else "—"
     return [task, row["regime"], row["method"], f"{row['score_name']} {score}",
             f"[{fmt_score(task, row['ci95'][0])}, {fmt_score(task, row['ci95'][1])}]",
-            f"{fmt_score(task, row['best_score'])} (epoch {epochs} of {row['epochs']})", versus_cell(row),
+            f"{fmt_score(task, row['best_score'])} (epoch {epochs} of {row['epochs']})", yes_no,
             f"{row['train_seconds']:.1f}", row["reference"], f"{row['tokens_per_second']:,.0f}",
             f"{row['peak_memory_bytes'] / 2 ** 20:,.0f} MiB", f"{row['trainable_parameters']:,}", str(len(row["seeds"]))]
 
 
+def contrast_cells(c):
+    task = c["task"]
+    ci = f" [{fmt_score(task, c['ci95'][0], '+')}, {fmt_score(task, c['ci95'][1], '+')}]"
+    if c["p_value"] is None:
+        mcnemar = c.get("mcnemar")
+        said = f"two trained models: McNemar p={mcnemar['p_value']:.2g}" if mcnemar else "two trained models: no test"
+        return [c["question"], task, fmt_score(task, c["difference"], "+"), fmt_score(task, c["difference"], "+") + ci,
+                "—", "—", said]
+    said = "told apart" if c["told_apart"] else f"not told apart (detects ≥ {fmt_score(task, c['smallest_detectable'])})"
+    return [c["question"], task, ", ".join(fmt_score(task, d, "+") for d in c["per_seed"]),
+            fmt_score(task, c["difference"], "+") + ci, f"{c['p_value']:.2g}", f"{c['p_holm']:.2g}", said]
+
+
 def reference_pass(results):
-    """What the run paid for a reference model: SFT and ORPO have none; DPO and RPO compute its log-probabilities
-    once before training (or, with --live_reference, at every step)."""
+    """What the run paid for a reference model: SFT, ORPO and SimPO have none; DPO and RPO compute its
+    log-probabilities once before training (or, with --live_reference, at every step)."""
     return {"precomputed": "once", "live": "every step"}.get(results.get("reference", "none"), "none")
 
 
-def header(n_seeds):
-    versus = ("vs SFT-only FFT: two trained models (diff [95% CI] p)" if n_seeds == 1 else
-              f"vs SFT-only FFT: mean over {n_seeds} seeds (diff [95% CI] p)")
-    return ["task", "regime", "method", "score, final epoch (mean ± std)", "95% CI",
-            "best dev epoch (as the course reports it; sonnets: 1 sampling seed)", versus, "train_seconds",
-            "reference pass", "tokens_per_second", "peak_memory",
-            "trainable_parameters", "seeds"]
+HEADER = ["task", "regime", "method", "score, final epoch (mean ± std)", "95% CI",
+          "best dev epoch (as the course reports it; sonnets: 1 sampling seed)", "yes/no accuracy, share",
+          "train_seconds", "reference pass", "tokens_per_second", "peak_memory", "trainable_parameters", "seeds"]
+CONTRAST_HEADER = ["question (a − b)", "task", "per-seed differences", "mean [95% CI]", "p", "Holm p", "verdict"]
 
 
-def markdown_table(rows, n_seeds):
-    cells = [header(n_seeds)] + [table_cells(row) for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
-    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    return "\n".join(lines)
+def markdown_table(header, lines):
+    cells = [header] + lines
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    text = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
+    text.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(text)
+
+
+LEGEND = """How to read the tables. score: the FINAL epoch's dev score (paraphrase: the course's accuracy; sonnets:
+chrF, the mean over the sampling seeds), mean ± std over training seeds. 95% CI: with 2 or more seeds the t interval
+of the per-seed scores (S − 1 degrees of freedom: the seed is the unit of replication); with one seed a bootstrap
+over the dev examples (and sampling seeds), which describes one trained model. best dev epoch: chosen on the dev
+set, as the course reports it, so optimistic. yes/no accuracy, share (paraphrase): the restricted answer
+logit("yes") > logit("no") against the label, and the share of whole-vocabulary argmax answers that are "yes" or
+"no" at all; the course's accuracy needs both. Contrasts: the paper's questions, a − b paired by seed, the paired
+t-test (S − 1 degrees of freedom) and Holm's correction over each task's questions; "detects ≥" is the smallest
+difference this design finds with 80% power (per-seed spread as observed, at Holm's first threshold). Costs:
+means over seeds (peak memory: the largest); SFT→DPO's include its SFT stage."""
 
 
 def describe_preset(plan):
@@ -874,41 +897,19 @@ def plot(rows, out_dir):
     return files
 
 
-def error_bars(plan, rows):
-    """How to read the table: what each figure is, what each interval resamples, and the correction."""
-    n, k = len(plan["seeds"]), sum("vs_sft_fft" in row for row in rows)
-    seeds = (f"the {n} training seeds (with replacement; with so few seeds the interval is rough), " if n > 1 else "")
-    runs = "other runs, " if n > 1 else ""
-    return f"""How to read the table. "score" is each run's FINAL epoch on the dev set: every condition gets the
-same fixed budget and nothing is chosen on the dev set. Sonnets are scored from the final weights with
-{plan['sample_seeds']} sampling seed(s) (the first is the one training scored with) and averaged over them.
-"best dev epoch" is the best epoch's score, as the course reports it: picked on the dev set, so optimistic
-(sonnets: with the one sampling seed training scored with, so it can differ from the score even after 1 epoch).
-"mean ± std" is over seeds: how much the score moves when only the random seed (LoRA's initialisation, data
-order, dropout, sampling) changes. "95% CI" is a percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples) that
-redraws {seeds}the sampling seeds (sonnets) and the dev examples (paraphrase: the pairs; sonnets: the held-out
-sonnets, recomputing corpus chrF), so it includes how much the score would move with {runs}other samples
-and another dev set of the same size. "vs SFT-only FFT" is the paired difference from SFT-only FFT on the same
-dev examples, seeds and sampling seeds, with the same bootstrap's 95% interval (not corrected) and a two-sided
-p-value: {"McNemar's exact test on per-pair correctness (the course's metric) for paraphrase, the bootstrap's for sonnets" if n == 1 else "the bootstrap's"}.
-{"With one seed each comparison is between two trained models, not two methods. " if n == 1 else ""}"Holm p" corrects
-for the {k} comparison(s) in this table (Holm's step-down method): a condition is told apart from SFT-only FFT
-when its Holm p < 0.05. Costs are means over seeds; SFT→DPO's include its SFT stage, and its peak memory is the
-larger of the two stages'."""
-
-
-def write_study(plan, rows, plots):
+def write_study(plan, rows, contrasts, plots):
     title = (f"# The study: {Path(plan['model']).name if plan['preset'] == 'smoke' else plan['model']}, "
              f"{len(rows)} conditions x {len(plan['seeds'])} seed(s) on {rows[0]['device'] if rows else plan['device']}")
-    sentence = verdict(rows, plan)
+    sentence = verdict(contrasts, plan)
     if plots is None:
         pictures = ("Plots: `pip install matplotlib`, then run the same command again: nothing is retrained, and "
                     "study-<task>.png (dev score and training loss per epoch) are drawn from the runs' histories.")
     else:
         pictures = "\n".join(f"![{name}]({name})" for name in plots)
-    legend = error_bars(plan, rows)
-    markdown = "\n\n".join([title, describe_preset(plan), markdown_table(rows, len(plan["seeds"])), sentence, legend,
-                            pictures]) + "\n"
+    tables = [markdown_table(HEADER, [table_cells(row) for row in rows])]
+    if contrasts:
+        tables.append(markdown_table(CONTRAST_HEADER, [contrast_cells(c) for c in contrasts]))
+    markdown = "\n\n".join([title, describe_preset(plan), *tables, sentence, LEGEND, pictures]) + "\n"
     with atomic_open(plan["out_dir"] / "study.md") as f:
         f.write(markdown)
     summary = [{k: v for k, v in row.items() if k != "history"} for row in rows]
@@ -918,15 +919,16 @@ def write_study(plan, rows, plots):
         "conditions": {f"{t}-{r}-{m}": CONDITIONS[(t, r, m)] for t, r, m in CONDITIONS if t in plan["tasks"]
                        and r in plan["regimes"] and m in plan["methods"]},
         "seeds": plan["seeds"], "sample_seeds": plan["sample_seeds"], "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
-        "multiple_comparisons": "Holm", "verdict": sentence, "legend": legend, "plots": plots, "rows": summary})
-    return markdown, legend
+        "multiple_comparisons": "Holm", "verdict": sentence, "legend": LEGEND, "plots": plots, "rows": summary,
+        "contrasts": contrasts})
+    return markdown
 
 
 def study(plan):
     results = run_all(plan) if not plan["report_only"] else {c["out_dir"]: finished(c) for _, c in runs(plan)}
-    rows = table_rows(plan, results)
-    markdown, legend = write_study(plan, rows, plot(rows, plan["out_dir"]))
-    print("\n" + markdown.split("\n\n" + legend)[0])
+    rows, contrasts = table_rows(plan, results)
+    markdown = write_study(plan, rows, contrasts, plot(rows, plan["out_dir"]))
+    print("\n" + markdown.split("\n\n" + LEGEND)[0])
     print(f"\nwritten: {plan['out_dir'] / 'study.md'} and {plan['out_dir'] / 'study.json'}")
     return rows
 
