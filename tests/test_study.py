@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import flags
 import stats
 import study
 import train_dpo
@@ -29,6 +30,9 @@ import trainer
 from data.sonnets import read_sonnets
 
 ALL = [(t, r, m) for t in study.TASKS for r in study.REGIMES for m in study.METHODS]
+SIMPO_MERGED = "simpo_gamma" in train_dpo.SETTINGS  # train_dpo --loss_type simpo is the lead's change (issue 20)
+UNTIL_SIMPO = pytest.mark.xfail(not SIMPO_MERGED, strict=True,
+                                reason="needs train_dpo.py --loss_type simpo --simpo_gamma (the lead's change)")
 SMOKE_DEV_PAIRS = 30  # data/samples/quora-dev.csv
 
 
@@ -37,7 +41,7 @@ def forbid_training(monkeypatch):
         raise AssertionError(f"trained {args[-1]['out_dir'] if isinstance(args[-1], dict) else args} again")
     monkeypatch.setattr(train_sft, "train", refuse)
     monkeypatch.setattr(train_dpo, "train", refuse)
-    monkeypatch.setattr(study, "start", lambda trainer, config, env: refuse(config))
+    monkeypatch.setattr(study, "launch", lambda trainer, config, env: refuse(config))
 
 
 def forbid_sampling(monkeypatch):
@@ -145,14 +149,25 @@ def test_a_finished_study_is_small_on_disk(smoke):
 
 
 def test_plots_or_how_to_get_them(smoke):
-    """With matplotlib (an optional extra) a PNG per task, linked from study.md; without it, how to get them."""
+    """The figures' data in study.json for every condition (dev curve: the runs' histories; training curve: the
+    first seed's log.jsonl loss lines); with plot.py and matplotlib (an optional extra) the PNGs it draws, linked
+    from study.md; without them, how to get them."""
     out_dir, summary, markdown, _ = smoke
+    data = summary["figures_data"]
+    assert [(d["task"], d["regime"], d["method"]) for d in data] == ALL
+    for d, row in zip(data, summary["rows"]):
+        assert d["score"] == row["score"] and d["ci"] == row["ci95"] and d["train_seconds"] == row["train_seconds"]
+        stages = 2 if row["regime"] == "sft_dpo" else 1
+        epochs = results_of(out_dir, row["task"], "sft", row["method"])["config"]["epochs"]
+        assert len(d["dev_curve"]) == stages * epochs
+        assert d["dev_curve"][-1][1] == results_of(out_dir, *row["runs"][0].split("/")[-1].split("-")[:3])["score"]
     try:
         import matplotlib  # noqa: F401
+        import plot  # noqa: F401  (plot.py: another helper's, issue 21)
     except ImportError:
-        assert summary["plots"] is None and "pip install matplotlib" in markdown
+        assert not summary["plots"] and "pip install matplotlib" in markdown
         return
-    assert summary["plots"] == ["study-paraphrase.png", "study-sonnet.png"]
+    assert summary["plots"]
     for name in summary["plots"]:
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in markdown
 
@@ -224,7 +239,7 @@ def test_one_seed_tells_no_method_apart(smoke):
     assert all(c["p_value"] is None and "told_apart" not in c for c in contrasts)
     assert all(("mcnemar" in c) == (c["task"] == "paraphrase") for c in contrasts)
     assert "--seeds 2" in summary["verdict"] and "no method is told apart" in summary["verdict"]
-    assert "two trained models: McNemar p=" in markdown and "Holm" in markdown
+    assert summary["verdict"] in markdown and "Holm" in markdown
 
 
 def test_dpo_runs_share_one_cache(smoke):
@@ -297,7 +312,7 @@ def test_several_seeds_give_a_mean_a_spread_and_a_bootstrap_over_seeds(smoke):
     for row in rows:  # each condition's interval is across seeds: the t interval of its 2 per-seed scores
         assert row["ci95"] == pytest.approx(stats.t_test(row["scores"])["ci95"])
     markdown = (out_dir / "study.md").read_text()
-    assert "| DPO-only vs SFT-only, FFT" in markdown and "two trained models" not in markdown
+    assert "DPO-only vs SFT-only, FFT: " in markdown and "two trained models" not in markdown
 
 
 # -----------------------------------------------------------------------------
@@ -354,8 +369,9 @@ def test_several_seeds_answer_the_papers_questions_with_a_paired_t_test_and_holm
     plan = {"tasks": ["paraphrase"], "regimes": list(study.REGIMES), "methods": list(study.METHODS),
             "seeds": [1, 2, 3], "dev": {"paraphrase": [0] * 400}}
     contrasts = study.contrasts(plan, items)
-    pairs = [(("sft", "lora"), ("sft", "fft")), (("dpo", "lora"), ("dpo", "fft")), (("sft_dpo", "lora"), ("sft_dpo", "fft")),
-             (("sft_dpo", "fft"), ("sft", "fft")), (("sft_dpo", "lora"), ("sft", "lora")),
+    pairs = [(("sft", "lora"), ("sft", "fft")), (("dpo", "lora"), ("dpo", "fft")),
+             (("sft_dpo", "lora"), ("sft_dpo", "fft")), (("sft_dpo", "fft"), ("sft", "fft")),
+             (("sft_dpo", "lora"), ("sft", "lora")),
              (("dpo", "fft"), ("sft", "fft")), (("dpo", "lora"), ("sft", "lora"))]
     assert len(contrasts) == 7 and all(c["comparisons"] == 7 for c in contrasts)
     for c, (a, b) in zip(contrasts, pairs):
@@ -424,7 +440,7 @@ if __name__ == "__main__":  # the full-size calibration of docs/study.md: python
                                      (40429, 0.0, 1000), (40429, 0.0043, 1000), (40429, 0.009, 1000)]:
         family, _, single = calibration(n_pairs, seed_sd, tables)
         se = np.sqrt(0.05 * 0.95 / tables)
-        print(f"{n_pairs} | {seed_sd} | {tables} | {family:.3f} | {single:.3f} (Monte-Carlo standard error at 5%: {se:.3f})")
+        print(f"{n_pairs} | {seed_sd} | {tables} | {family:.3f} | {single:.3f} (Monte-Carlo error at 5%: {se:.3f})")
     for n_pairs, seed_sd in [(4000, 0.0045), (40429, 0.0043)]:
         _, power, single = calibration(n_pairs, seed_sd, 1000, effect=0.01, seed=1)
         print(f"true +0.01 for SFT-only LoRA, {n_pairs} pairs, seed sd {seed_sd}: told apart (Holm) {power:.3f}, "
@@ -440,7 +456,7 @@ def test_every_setting_is_a_flag_the_training_scripts_read_back(tmp_path):
     keep_checkpoints included)."""
     plan = {"preset": "smoke", "model": str(tmp_path / "tiny-gpt2"), "data_dir": tmp_path / "data", "device": "cpu",
             "out_dir": tmp_path, "keep_checkpoints": False}
-    for task, regime, method in study.CONDITIONS:  # the paper's 12 and --regimes all's 8 more
+    for task, regime, method in [c for c in study.CONDITIONS if c[1] != "simpo"]:  # simpo: the test below
         config = study.run_config(plan, task, regime, method, 11711)
         assert config["save_best"] is False and config["keep_checkpoints"] is False
         script = study.TRAINERS[regime]
@@ -450,6 +466,18 @@ def test_every_setting_is_a_flag_the_training_scripts_read_back(tmp_path):
         assert {k: parsed[k] for k in config} == config
     kept = study.run_config({**plan, "keep_checkpoints": True}, "sonnet", "sft", "fft", 11711)
     assert kept["save_best"] is True and kept["keep_checkpoints"] is True
+
+
+@UNTIL_SIMPO
+def test_simpo_runs_are_flags_train_dpo_reads_back(tmp_path):
+    plan = {"preset": "smoke", "model": str(tmp_path / "tiny-gpt2"), "data_dir": tmp_path / "data", "device": "cpu",
+            "out_dir": tmp_path, "keep_checkpoints": False}
+    for task in study.TASKS:
+        for method in study.METHODS:
+            config = study.run_config(plan, task, "simpo", method, 11711)
+            assert (config["loss_type"], config["beta"], config["simpo_gamma"]) == ("simpo", 2.0, 0.5)
+            parsed = trainer.parse_args(study.command(train_dpo, config)[2:], train_dpo.SETTINGS, "")
+            assert {k: parsed[k] for k in config} == config
 
 
 class FakeRun:
@@ -470,7 +498,7 @@ class FakeRun:
 
 
 def fake_processes(monkeypatch, failing=()):
-    """Replace study.start: returns the log of (run, what was running when it started, its environment)."""
+    """Replace study.launch: returns the log of (run, what was running when it started, its environment)."""
     started, running = [], []
 
     def start(trainer, config, env):
@@ -480,7 +508,7 @@ def fake_processes(monkeypatch, failing=()):
         running.append(FakeRun(config, Path(config["out_dir"]).name in failing))
         return running[-1]
 
-    monkeypatch.setattr(study, "start", start)
+    monkeypatch.setattr(study, "launch", start)
     monkeypatch.setattr(study.time, "sleep", lambda seconds: None)
     return started
 
@@ -604,8 +632,9 @@ def wait_for(condition, timeout):
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_stopping_the_study_stops_every_run_and_a_restart_resumes(sig, tmp_path):
-    """Ctrl-C (SIGINT), kill (SIGTERM) and even kill -9 of the study stop every training process it started;
-    started again, the study finishes the runs."""
+    """Ctrl-C (SIGINT), kill (SIGTERM) and even kill -9 of the study stop every training process it started
+    (the first two by passing the signal on, so each run checkpoints and exits); the study names the runs it
+    interrupted and exits 128 + the signal; started again, it finishes the runs."""
     out_dir = tmp_path / "study"
     flags = ["--smoke", "--device", "cpu", "--out_dir", str(out_dir), "--jobs", "2", "--tasks", "paraphrase",
              "--regimes", "sft", "--methods", "fft,lora"]
@@ -614,13 +643,15 @@ def test_stopping_the_study_stops_every_run_and_a_restart_resumes(sig, tmp_path)
     try:
         children = wait_for(lambda: len(training_processes(out_dir)) == 2 and training_processes(out_dir), 300)
         parent.send_signal(sig)
-        parent.wait(timeout=60)
+        parent.wait(timeout=90)
         wait_for(lambda: not set(children) & set(training_processes(out_dir)), 30)
     finally:
         parent.kill()
         parent.wait()
-    if sig == signal.SIGINT:
-        assert "interrupted: every run stopped" in parent.stderr.read()
+    if sig != signal.SIGKILL:
+        stderr = parent.stderr.read()
+        assert parent.returncode == 128 + sig and "interrupted: every run stopped; 2 run(s) interrupted" in stderr
+        assert "paraphrase-sft-fft-seed11711" in stderr and "paraphrase-sft-lora-seed11711" in stderr
     if sig == signal.SIGTERM:
         rows, _ = run_study(*flags[3:])
         assert [(r["regime"], r["method"]) for r in rows] == [("sft", "fft"), ("sft", "lora")]
@@ -709,15 +740,18 @@ def test_smoke_without_the_samples_names_the_missing_file(tmp_path, monkeypatch)
 # beyond the paper: --regimes all
 
 
-def test_regimes_all_plans_20_conditions_with_their_own_trainers(tmp_path):
-    plan = study.check_args(study.parse_args(["--smoke", "--device", "cpu", "--regimes", "all",
-                                              "--out_dir", str(tmp_path / "s")]))
-    assert plan["regimes"] == ["sft", "dpo", "sft_dpo", "rpo", "orpo"]
+def plan_of(*argv):
+    return study.check_args(flags.parse(list(argv), study.SETTINGS, study.__doc__))
+
+
+def test_regimes_all_plans_24_conditions_with_their_own_trainers(tmp_path):
+    plan = plan_of("--smoke", "--device", "cpu", "--regimes", "all", "--out_dir", str(tmp_path / "s"))
+    assert plan["regimes"] == ["sft", "dpo", "sft_dpo", "rpo", "orpo", "simpo"]
     conditions = {(t, r, m) for t in plan["tasks"] for r in plan["regimes"] for m in plan["methods"]}
-    assert len(conditions) == 20 and conditions <= set(study.CONDITIONS)
+    assert len(conditions) == 24 and conditions <= set(study.CONDITIONS)
     trainers = {Path(config["out_dir"]).name.split("-")[1]: trainer.__name__ for trainer, config in study.runs(plan)}
     assert trainers == {"sft": "train_sft", "dpo": "train_dpo", "sft_dpo": "train_dpo", "rpo": "train_dpo",
-                        "orpo": "train_orpo"}
+                        "orpo": "train_orpo", "simpo": "train_dpo"}
 
 
 def test_rpo_and_orpo_rows_say_what_reference_they_paid_for(tmp_path):
@@ -730,15 +764,28 @@ def test_rpo_and_orpo_rows_say_what_reference_they_paid_for(tmp_path):
     assert any("| orpo" in line and "| none" in line for line in printed.splitlines()), printed
 
 
+@UNTIL_SIMPO
+def test_simpo_rows_for_both_methods_pay_no_reference_pass(tmp_path):
+    """SimPO (train_dpo --loss_type simpo) is reference-free: results.json says "reference": "none", and so does
+    the row's reference pass column, for FFT and LoRA."""
+    rows, printed = run_study("--tasks", "paraphrase", "--regimes", "simpo", "--out_dir", tmp_path / "s")
+    assert [(r["method"], r["reference"]) for r in rows] == [("fft", "none"), ("lora", "none")]
+    for method in study.METHODS:
+        run = results_of(tmp_path / "s", "paraphrase", "simpo", method)
+        assert run["reference"] == "none"
+        assert (run["config"]["loss_type"], run["config"]["simpo_gamma"]) == ("simpo", 0.5)
+    assert sum("| simpo" in line and "| none" in line for line in printed.splitlines()) == 2, printed
+
+
 def test_a_fairer_lora_reaches_every_lora_condition_and_nothing_else(tmp_path):
-    plan = study.check_args(study.parse_args(["--smoke", "--device", "cpu", "--lora_rslora", "--lora_plus_ratio", "16",
-                                              "--out_dir", str(tmp_path / "s")]))
+    plan = plan_of("--smoke", "--device", "cpu", "--lora_rslora", "--lora_plus_ratio", "16",
+                   "--out_dir", str(tmp_path / "s"))
     for task, regime, method in ALL:
         config = study.run_config(plan, task, regime, method, 11711)
         fair = {k: config.get(k) for k in ("lora_rslora", "lora_plus_ratio")}
         assert fair == ({"lora_rslora": True, "lora_plus_ratio": 16.0} if method == "lora" else
                         {"lora_rslora": None, "lora_plus_ratio": None})
-    plain = study.check_args(study.parse_args(["--smoke", "--device", "cpu", "--out_dir", str(tmp_path / "p")]))
+    plain = plan_of("--smoke", "--device", "cpu", "--out_dir", str(tmp_path / "p"))
     assert "lora_rslora" not in study.run_config(plain, "sonnet", "sft", "lora", 11711)  # older runs still match
     with pytest.raises(SystemExit, match=r"error: --lora_plus_ratio 0.0: must be a positive number"):
         study.main(["--smoke", "--lora_plus_ratio", "0", "--out_dir", str(tmp_path / "z")])
