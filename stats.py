@@ -1,12 +1,7 @@
 """
-The statistics behind eval.py's intervals and study.py's verdicts, in numpy and the standard library:
-
-    bootstrap_ci        percentile bootstrap interval of a corpus-level metric over dev examples
-    paired_difference   accuracy of A minus B on the same examples, with McNemar's exact test (two trained models)
-    t_test              Student's t interval and p-value of a mean from S values (S - 1 degrees of freedom): on
-                        per-seed differences it is the paired t-test, the study's test of one method against another
-    holm                Holm's correction for a family of p-values
-    smallest_detectable the difference a paired t-test on S seeds finds with 80% power, given their spread
+The statistics behind eval.py's intervals and study.py's verdicts, in numpy and the standard library: the
+percentile bootstrap, McNemar's exact test of two trained models, Student's t (the paired t-test on per-seed
+differences, the study's test of one method against another), Holm's correction, and the paired t-test's power.
 """
 
 import math
@@ -72,9 +67,9 @@ def paired_difference(correct_a, correct_b):
 
 def t_tail(t, df):
     """P(|T| >= |t|) for Student's t with an integer df >= 1, in closed form (Abramowitz & Stegun 26.7.3-4):
-    with theta = atan(|t| / sqrt(df)), P(|T| < |t|) is
-        odd df:  (2 / pi) (theta + sin(theta) (cos(theta) + 2/3 cos^3(theta) + ... + (2 4 .. df-3) / (1 3 .. df-2) cos^(df-2)))
-        even df: sin(theta) (1 + 1/2 cos^2(theta) + ... + (1 3 .. df-3) / (2 4 .. df-2) cos^(df-2)(theta))"""
+    with theta = atan(|t| / sqrt(df)), c = cos(theta), s = sin(theta), P(|T| < |t|) is
+        odd df:  (2 / pi) (theta + s (c + 2/3 c^3 + ... + (2 4 .. df-3) / (1 3 .. df-2) c^(df-2)))
+        even df: s (1 + 1/2 c^2 + 1 3 / (2 4) c^4 + ... + (1 3 .. df-3) / (2 4 .. df-2) c^(df-2))"""
     theta = math.atan(abs(t) / math.sqrt(df))
     cos2 = math.cos(theta) ** 2
     j, term, total = (1, math.cos(theta), 0.0) if df % 2 else (0, 1.0, 0.0)
@@ -86,15 +81,20 @@ def t_tail(t, df):
     return max(0.0, 1.0 - inside)
 
 
-def t_quantile(q, df):
-    """The t with P(T <= t) = q (0.5 <= q < 1) for df degrees of freedom: t_tail inverted by bisection."""
+def solve(increasing, target, steps=100):
+    """The x >= 0 at which an increasing function reaches `target`: doubling to bracket it, then bisection."""
     low, high = 0.0, 1.0
-    while t_tail(high, df) > 2 * (1 - q):
+    while increasing(high) < target:
         high *= 2
-    for _ in range(100):
+    for _ in range(steps):
         middle = (low + high) / 2
-        low, high = (middle, high) if t_tail(middle, df) > 2 * (1 - q) else (low, middle)
+        low, high = (middle, high) if increasing(middle) < target else (low, middle)
     return (low + high) / 2
+
+
+def t_quantile(q, df):
+    """The t with P(T <= t) = q (0.5 <= q < 1) for df degrees of freedom: P(T <= t) = 1 - t_tail(t) / 2, solved."""
+    return solve(lambda t: 1 - t_tail(t, df) / 2, q)
 
 
 def t_test(values, confidence=0.95):
@@ -141,14 +141,8 @@ def t_power(shift, df, alpha):
 @lru_cache(maxsize=None)
 def detectable_shift(n, alpha, power):
     """The true mean, in standard errors, that the two-sided t-test on n values rejects with probability `power`
-    at level alpha: t_power(shift, n - 1, alpha) = power, solved by bisection."""
-    low, high = 0.0, 1.0
-    while t_power(high, n - 1, alpha) < power:
-        high *= 2
-    for _ in range(40):
-        middle = (low + high) / 2
-        low, high = (middle, high) if t_power(middle, n - 1, alpha) < power else (low, middle)
-    return high
+    at level alpha: t_power(shift, n - 1, alpha) = power, solved."""
+    return solve(lambda shift: t_power(shift, n - 1, alpha), power, steps=40)
 
 
 def smallest_detectable(sd, n, alpha=0.05, power=0.8):

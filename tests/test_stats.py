@@ -171,7 +171,7 @@ def test_t_test_is_scipys_one_sample_test_and_interval():
     assert stats.t_test([0.0, 0.0])["p_value"] == 1.0 and stats.t_test([0.2, 0.2])["p_value"] == 0.0
 
 
-@pytest.mark.parametrize("n, alpha", [(2, 0.05), (3, 0.05), (3, 0.05 / 7), (5, 0.01), (10, 0.05)])
+@pytest.mark.parametrize("n, alpha", [(3, 0.05), (3, 0.05 / 7), (4, 0.05 / 14), (5, 0.01), (10, 0.05)])
 def test_smallest_detectable_difference_has_80_percent_power_by_scipys_noncentral_t(n, alpha):
     """Power of the two-sided t-test with n - 1 df at noncentrality delta sqrt(n) / sd: scipy's noncentral t tails."""
     sd = 0.006
