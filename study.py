@@ -401,9 +401,10 @@ def run_in_processes(plan, planned, jobs):
     on any other way out every run is stopped with SIGTERM. Returns {out_dir: results}."""
     results = {c["out_dir"]: done for _, c in planned if (done := finished(c)) is not None}
     waiting = [(t, c) for t, c in planned if c["out_dir"] not in results]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # --device cuda: every visible GPU; else the processes share one
-    devices = [] if plan["device"] != "cuda" else [g.strip() for g in visible.split(",") if g.strip()] if visible \
-        else [str(i) for i in range(torch.cuda.device_count())]
+    devices, visible = [], os.environ.get("CUDA_VISIBLE_DEVICES")  # GPUs to spread runs over: with --device cuda
+    if plan["device"] == "cuda":  # every visible one; else none (the CPU, MPS or one named GPU, which all share)
+        devices = [g.strip() for g in (visible or "").split(",") if g.strip()]
+        devices = devices or [str(i) for i in range(torch.cuda.device_count())]
     running, failed, total, count = {}, [], len(waiting), 0
     print(f"{len(results)} run(s) done already; training {total}, up to {jobs} at a time "
           f"({'GPUs ' + ','.join(devices) if devices else plan['device']}); each logs to <run>/train.log", flush=True)
