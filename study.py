@@ -1,38 +1,19 @@
 """
 The study in one command: 2 tasks x 3 regimes x 2 methods = 12 conditions, each trained, scored and costed.
 
-    python study.py                                # all 12: the full study (3 seeds) on a CUDA GPU, the reduced preset elsewhere
-    python study.py --seeds 3                      # each condition 3 times (seeds 11711, 11712, 11713)
-    python study.py --tasks paraphrase --regimes sft,sft_dpo --methods lora
-    python study.py --model gpt2-medium            # the same study at another size
-    python study.py --jobs 4                       # up to 4 runs at once, each a train_sft.py / train_dpo.py process
-    python study.py --smoke                        # a tiny random GPT-2 on data/samples: minutes on a CPU
+    python study.py                     # the full study (3 seeds) on a CUDA GPU, the reduced preset elsewhere
+    python study.py --tasks paraphrase --regimes sft,sft_dpo --methods lora --seeds 3
+    python study.py --regimes all       # also RPO, ORPO and SimPO: 24 conditions
+    python study.py --jobs 4            # up to 4 runs at once, each a train_*.py process
+    python study.py --smoke             # a tiny random GPT-2 on data/samples: minutes on a CPU
 
-Regimes: sft = SFT only (train_sft.py, from GPT-2); dpo = DPO only (train_dpo.py, from GPT-2); sft_dpo = DPO
-starting from the final weights (last/) of the SFT-only run of the same task, method and seed (that run is its
-SFT stage: trained once, used twice). Methods: fft = full fine-tuning; lora = LoRA adapters on a frozen GPT-2.
-
-Every run is one call of train_sft.train or train_dpo.train (--jobs N: one process each), in its own folder
-out_dir/<task>-<regime>-<method>-seed<S>/, which keeps one copy of the weights, last/ (--keep_checkpoints also
-keeps best/ and checkpoint.pt). A run whose results.json is there is not run again, and one that was
-interrupted resumes from its checkpoint.pt, so a study started again goes on where it stopped. Several
-machines can share one out_dir, each running a subset (--tasks, --methods, --seeds/--first_seed); a last
-`python study.py --report_only` with the whole selection then reads every run and writes the table.
-The study reads every run back, prints one table and writes it to out_dir/study.md and out_dir/study.json:
-
-    score          the FINAL epoch's dev accuracy (paraphrase, the course's metric) or chrF (sonnets: mean over
-                   --sample_seeds sampling seeds of the final weights), mean +- standard deviation over seeds:
-                   every condition gets the same fixed budget, with no selection on the dev set
-    95% CI         percentile bootstrap resampling the training seeds (2 or more), the sampling seeds (sonnets)
-                   and the dev examples (paraphrase: the dev pairs; sonnets: the held-out sonnets)
-    best epoch     the best dev epoch's score, as the course reports it (chosen on the dev set: optimistic)
-    vs SFT FFT     the paired difference from SFT-only FFT (same dev examples, seeds and sampling seeds), its
-                   95% bootstrap interval and p-value (one seed, paraphrase: McNemar's exact test on per-pair
-                   correctness), Holm-corrected over the table's comparisons
-    cost           train_seconds, tokens_per_second, peak_memory_bytes (SFT->DPO: both stages), trainable_parameters
+Regimes: sft = SFT only, dpo = DPO only (each from GPT-2), sft_dpo = DPO from the SFT-only run's last/ (same
+task, method and seed). Methods: fft = full fine-tuning, lora = LoRA adapters on a frozen GPT-2. Each run has
+its own folder out_dir/<task>-<regime>-<method>-seed<S>/; a finished run is not run again and an interrupted one
+resumes, so several machines can share out_dir and `--report_only` writes the table. study.md and study.json
+hold a row per condition, the paper's questions answered from the seeds (paired t-tests, Holm), and a legend.
 """
 
-import argparse
 import ctypes
 import hashlib
 import json
@@ -42,71 +23,60 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import checkpoint
+import fileio
+import flags
 import train_dpo
 import train_orpo
 import train_sft
-from checkpoint import load_model
 from data.quora import read_quora
 from data.sonnets import read_sonnets
 from data.tasks import QUORA, SONNETS
 from data.tokenizer import get_tokenizer
-from eval import check_device, chrf, evaluate_sonnets, paired_difference
+from eval import chrf, evaluate_sonnets
 from fileio import InputError, atomic_open, read_text, writable_dir, write_json
-from model import GPT, PRETRAINED, GPTConfig, default_device
+from flags import POSITIVE, at_least, one_of
+from model import GPT, PRETRAINED, GPTConfig
+from stats import bootstrap_ci, holm, paired_difference, smallest_detectable, t_test
+
+try:  # MERGE (issue 21): plot.py comes from the plot helper; once merged this is a plain `import plot`
+    import plot
+except ImportError:
+    plot = None
 
 # -----------------------------------------------------------------------------
-# The 12 conditions: each one's training run, in train_sft.SETTINGS / train_dpo.SETTINGS names. Everything
-# not named is the training scripts' default: batches of 8 (the course's), AdamW, 5% warm-up then cosine
-# decay, dropout 0.1 in SFT and 0 in DPO. The study reports every run's final epoch. LoRA: rank 8, alpha 16, on
-# every Linear layer of the blocks, at Hu et al. (2021)'s GPT-2 learning rate. sft_dpo rows are the DPO stage;
-# it starts from the sft row's final weights. Every stage of a task trains equally long (paraphrase: 3 passes
-# over the ~283k training pairs, a third of the course starter's 10 and a third of its cost; sonnets: the
-# course's 10).
-CONDITIONS = {
-    # task           regime      method     epochs     learning rate  LoRA                      DPO
-    ("paraphrase", "sft",     "fft"):  dict(epochs=3,  lr=1e-5),
-    ("paraphrase", "sft",     "lora"): dict(epochs=3,  lr=2e-4,       lora_r=8, lora_alpha=16.0),
-    ("paraphrase", "dpo",     "fft"):  dict(epochs=3,  lr=1e-5,                                 beta=0.1),
-    ("paraphrase", "dpo",     "lora"): dict(epochs=3,  lr=2e-4,       lora_r=8, lora_alpha=16.0, beta=0.1),
-    ("paraphrase", "sft_dpo", "fft"):  dict(epochs=3,  lr=1e-5,                                 beta=0.1),
-    ("paraphrase", "sft_dpo", "lora"): dict(epochs=3,  lr=2e-4,       lora_r=8, lora_alpha=16.0, beta=0.1),
-    ("sonnet",     "sft",     "fft"):  dict(epochs=10, lr=1e-5),
-    ("sonnet",     "sft",     "lora"): dict(epochs=10, lr=2e-4,       lora_r=8, lora_alpha=16.0),
-    ("sonnet",     "dpo",     "fft"):  dict(epochs=10, lr=1e-5,                                 beta=0.1),
-    ("sonnet",     "dpo",     "lora"): dict(epochs=10, lr=2e-4,       lora_r=8, lora_alpha=16.0, beta=0.1),
-    ("sonnet",     "sft_dpo", "fft"):  dict(epochs=10, lr=1e-5,                                 beta=0.1),
-    ("sonnet",     "sft_dpo", "lora"): dict(epochs=10, lr=2e-4,       lora_r=8, lora_alpha=16.0, beta=0.1),
-    # beyond the paper (--regimes all): SFT and preference in one stage, from GPT-2. rpo: DPO + alpha * the
-    # chosen answer's NLL (Pang et al. 2024's alpha = 1); orpo: NLL + lambda * odds ratio, no reference model
-    # (Hong et al. 2024's lambda = 0.1; train_orpo.py)
-    ("paraphrase", "rpo",     "fft"):  dict(epochs=3,  lr=1e-5,                                 beta=0.1, rpo_alpha=1.0),
-    ("paraphrase", "rpo",     "lora"): dict(epochs=3,  lr=2e-4,       lora_r=8, lora_alpha=16.0, beta=0.1, rpo_alpha=1.0),
-    ("paraphrase", "orpo",    "fft"):  dict(epochs=3,  lr=1e-5,                                 orpo_lambda=0.1),
-    ("paraphrase", "orpo",    "lora"): dict(epochs=3,  lr=2e-4,       lora_r=8, lora_alpha=16.0, orpo_lambda=0.1),
-    ("sonnet",     "rpo",     "fft"):  dict(epochs=10, lr=1e-5,                                 beta=0.1, rpo_alpha=1.0),
-    ("sonnet",     "rpo",     "lora"): dict(epochs=10, lr=2e-4,       lora_r=8, lora_alpha=16.0, beta=0.1, rpo_alpha=1.0),
-    ("sonnet",     "orpo",    "fft"):  dict(epochs=10, lr=1e-5,                                 orpo_lambda=0.1),
-    ("sonnet",     "orpo",    "lora"): dict(epochs=10, lr=2e-4,       lora_r=8, lora_alpha=16.0, orpo_lambda=0.1),
+# The conditions, in the training scripts' SETTINGS names; the rest is their defaults (batches of 8, AdamW, 5%
+# warm-up then cosine decay). LoRA: rank 8, alpha 16, every Linear of the blocks, Hu et al. (2021)'s GPT-2 lr.
+# Every stage trains equally long: paraphrase 3 passes over the ~283k pairs (the course's 10 / 3), sonnets 10.
+FFT, LORA = dict(lr=1e-5), dict(lr=2e-4, lora_r=8, lora_alpha=16.0)
+EPOCHS = {"paraphrase": 3, "sonnet": 10}
+TRAINING = {
+    "sft": dict(),
+    "dpo": dict(beta=0.1),
+    "sft_dpo": dict(beta=0.1),
+    # beyond the paper (--regimes all), one stage from GPT-2: RPO = DPO + alpha NLL (Pang et al. 2024); ORPO and
+    # SimPO have no reference model (Hong et al. 2024's lambda; Meng et al. 2024's recommended beta and gamma)
+    "rpo": dict(beta=0.1, rpo_alpha=1.0),
+    "orpo": dict(orpo_lambda=0.1),
+    "simpo": dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5),
 }
 TASKS, REGIMES, METHODS = ("paraphrase", "sonnet"), ("sft", "dpo", "sft_dpo"), ("fft", "lora")  # the paper's 12
-ALL_REGIMES = (*REGIMES, "rpo", "orpo")  # --regimes all: 20 conditions
-TRAINERS = {"sft": train_sft, "dpo": train_dpo, "sft_dpo": train_dpo, "rpo": train_dpo, "orpo": train_orpo}
+ALL_REGIMES = tuple(TRAINING)  # --regimes all: 24 conditions
+CONDITIONS = {(task, regime, method): {"epochs": EPOCHS[task], **(FFT if method == "fft" else LORA), **TRAINING[regime]}
+              for task in TASKS for regime in ALL_REGIMES for method in METHODS}
+TRAINERS = {"sft": train_sft, "dpo": train_dpo, "sft_dpo": train_dpo, "rpo": train_dpo, "orpo": train_orpo,
+            "simpo": train_dpo}
 FIRST_SEED = 11711  # the course's; --seeds N uses 11711, 11712, ..., 11711 + N - 1
 GPU_SEEDS = 3  # --seeds' default on a CUDA GPU: a verdict about methods needs more than one model each
 
-# What a preset changes on top of the table, per task (the same for all 6 of a task's conditions).
-# --preset auto: full with a CUDA GPU, reduced otherwise. reduced is sized to finish in about an hour on a
-# 4-core laptop CPU (an estimate): its steps, scoring and sampling, each timed at GPT-2 124M's shape on a 2-core
-# machine, add up to 104 min there (89 paraphrase, 15 sonnets); a scaled-down run of the whole study took 20%
-# longer than the same sum (loading, saving), so ~2 h on 2 cores, and 1 -> 2 threads ran 1.86x faster.
-# smoke: all of data/samples (40 training and 30 dev pairs; 10 training and 4 dev sonnets) at a learning rate
-# a tiny random model moves at in a few steps; paraphrase 2 epochs, so that the final and the best epoch differ.
+# What a preset changes on top of CONDITIONS. reduced: about an hour on a 4-core laptop CPU (docs/estimates.md).
+# smoke: all of data/samples at an lr a tiny random model moves at; 2 paraphrase epochs, so final and best differ.
 PRESETS = {
     "full": {"paraphrase": {}, "sonnet": {}},
     "reduced": {"paraphrase": dict(train_limit=2000, dev_limit=1000, epochs=1),
@@ -118,118 +88,83 @@ SAMPLE_SEED_STRIDE = 1000  # a run's sampling seeds: its own seed (the one train
 ROOT = Path(__file__).resolve().parent
 SMOKE_DATA = ROOT / "data" / "samples"  # the course-format samples --smoke trains on
 SMOKE_MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=256)  # 256 positions: a whole sonnet fits
-NAMES = {"paraphrase": "paraphrase", "sonnet": "sonnets", "sft": "SFT-only", "dpo": "DPO-only",
-         "sft_dpo": "SFT→DPO", "rpo": "RPO", "orpo": "ORPO", "fft": "FFT", "lora": "LoRA"}
+NAMES = {"paraphrase": "paraphrase", "sonnet": "sonnets", "sft": "SFT-only", "dpo": "DPO-only", "sft_dpo": "SFT→DPO",
+         "rpo": "RPO", "orpo": "ORPO", "simpo": "SimPO", "fft": "FFT", "lora": "LoRA"}
 
 
 # -----------------------------------------------------------------------------
 # the command line, checked before any work
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as every script here reports bad input
-        sys.exit(f"error: {message} (python study.py --help lists the flags)")
+def names(value):
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
-def parse_args(argv=None):
-    parser = Parser(description=__doc__.strip().split("\n")[0],
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
-    parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated subset of "
-                        + ", ".join(ALL_REGIMES) + ", or all (the default is the paper's three)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    parser.add_argument("--seeds", type=int, default=None, help=f"runs per condition, seeds --first_seed, "
-                        f"--first_seed + 1, ... (default {GPU_SEEDS} on a CUDA GPU, 1 elsewhere and with --smoke)")
-    parser.add_argument("--first_seed", type=int, default=FIRST_SEED, help="the first seed (another machine's "
-                                                                           "share of the seeds: --seeds 1 --first_seed 11713)")
-    parser.add_argument("--sample_seeds", type=int, default=3, help="sonnets: score each run's final weights with "
-                                                                    "this many sampling seeds")
-    parser.add_argument("--model", default=None, help="the GPT-2 to start from: a name (gpt2 ... gpt2-xl) or a "
-                                                       "model directory (default gpt2)")
-    parser.add_argument("--data_dir", default=None, help="the course's files (default data/; --smoke: data/samples/)")
-    parser.add_argument("--out_dir", default=None, help="default out/study[-<model>][-<preset>]")
-    parser.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:N or mps")
-    parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
-                        help="auto: full on a CUDA GPU, reduced otherwise (see PRESETS)")
-    parser.add_argument("--smoke", action="store_true", help="the smoke preset: a tiny random GPT-2 (2 layers, 64 "
-                                                             "wide) on data/samples/, a few steps, no download")
-    parser.add_argument("--jobs", type=int, default=1, help="train up to N runs at once, each a train_sft.py / "
-                                                            "train_dpo.py process (1: one after the other, in this process)")
-    parser.add_argument("--lora_rslora", action="store_true", help="every LoRA condition scales by alpha/sqrt(r) "
-                        "(rsLoRA, Kalajdzievski 2023) instead of alpha/r; give the study its own --out_dir")
-    parser.add_argument("--lora_plus_ratio", type=float, default=1.0, help="every LoRA condition trains B at this "
-                        "times A's learning rate (LoRA+, Hayou et al. 2024 suggest 16); give the study its own --out_dir")
-    parser.add_argument("--keep_checkpoints", action="store_true", help="keep each run's best/ and checkpoint.pt "
-                                                                        "too (default: only last/)")
-    parser.add_argument("--report_only", action="store_true", help="train nothing: read the finished runs of the "
-                                                                   "selection and write the table")
-    return parser.parse_args(argv)
+def subset_of(valid, *extra):
+    return (lambda v: v.strip() in extra or bool(names(v)) and set(names(v)) <= set(valid),
+            f"must be a comma-separated subset of {', '.join(valid)}" + "".join(f", or {e}" for e in extra))
 
 
-def pick(value, valid, flag):
-    chosen = [name.strip() for name in value.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in valid]
-    if unknown or not chosen:
-        raise InputError(f"{flag} {value!r}: {'unknown ' + ', '.join(unknown) if unknown else 'names nothing'}; "
-                         f"valid: {', '.join(valid)} (comma-separated)")
-    return [name for name in valid if name in chosen]  # the table's order
+SETTINGS = {
+    "tasks": (",".join(TASKS), str, subset_of(TASKS), "which tasks"),
+    "regimes": (",".join(REGIMES), str, subset_of(ALL_REGIMES, "all"), "which regimes (default: the paper's three)"),
+    "methods": (",".join(METHODS), str, subset_of(METHODS), "which methods"),
+    "seeds": (None, int, at_least(1), f"runs per condition (default {GPU_SEEDS} on a CUDA GPU, 1 elsewhere)"),
+    "first_seed": (FIRST_SEED, int, at_least(0), "the first seed (a machine's share: --seeds 1 --first_seed 11713)"),
+    "sample_seeds": (3, int, at_least(1), "sonnets: score each run's final weights with this many sampling seeds"),
+    "model": (None, str, None, "the GPT-2 to start from: a name (gpt2 ... gpt2-xl) or a model directory (gpt2)"),
+    "data_dir": (None, str, None, "the course's files (default data/; --smoke: data/samples/)"),
+    "out_dir": (None, str, None, "default out/study[-<model>][-<preset>]"),
+    "device": (flags.default_device(), str, None, "cpu, cuda, cuda:N or mps"),
+    "preset": ("auto", str, one_of("auto", *PRESETS), "auto: full on a CUDA GPU, reduced otherwise (see PRESETS)"),
+    "smoke": (False, bool, None, "the smoke preset: a tiny random GPT-2 on data/samples/, no download"),
+    "jobs": (1, int, at_least(1), "train up to N runs at once, each a train_*.py process (1: in this process)"),
+    "lora_rslora": (False, bool, None, "every LoRA condition scales by alpha/sqrt(r) (rsLoRA); use its own --out_dir"),
+    "lora_plus_ratio": (1.0, float, POSITIVE, "every LoRA condition trains B at this times A's lr (LoRA+, Hayou et "
+                                              "al. 2024 suggest 16); use its own --out_dir"),
+    "keep_checkpoints": (False, bool, None, "keep each run's best/ and checkpoint.pt too (default: only last/)"),
+    "report_only": (False, bool, None, "train nothing: read the finished runs of the selection and write the table"),
+}
 
 
-def check_counts(args):
-    for flag, value in (("--seeds", args.seeds), ("--sample_seeds", args.sample_seeds), ("--jobs", args.jobs)):
-        if value is not None and value < 1:
-            raise InputError(f"{flag} {value}: must be at least 1")
-    if args.first_seed < 0:
-        raise InputError(f"--first_seed {args.first_seed}: must be 0 or more")
-    if not 0 < args.lora_plus_ratio < float("inf"):
-        raise InputError(f"--lora_plus_ratio {args.lora_plus_ratio}: must be a positive number such as 16 (1 = plain LoRA)")
-
-
-def check_model(args, preset):
-    if preset == "smoke" and args.model is not None:
-        raise InputError(f"--model {args.model}: --smoke trains its own tiny random GPT-2; leave --model out")
-    model = args.model or "gpt2"
-    if preset != "smoke" and model.removeprefix("openai-community/") not in PRETRAINED and not Path(model).is_dir():
-        raise InputError(f"--model {model!r}: neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
-    return model
-
-
-def check_args(args):
-    """Every flag, the output folder, then the data and the finished runs, checked before anything is written
-    or trained. Returns the study's plan."""
-    regimes = ",".join(ALL_REGIMES) if args.regimes.strip() == "all" else args.regimes
-    tasks, regimes = pick(args.tasks, TASKS, "--tasks"), pick(regimes, ALL_REGIMES, "--regimes")
-    methods = pick(args.methods, METHODS, "--methods")
-    check_counts(args)
-    device = check_device(args.device)
-    if args.smoke and args.preset not in ("auto", "smoke"):
-        raise InputError(f"--smoke with --preset {args.preset}: --smoke is --preset smoke; give one of them")
-    preset = "smoke" if args.smoke else args.preset
+def check_args(config):
+    """The checks that span several flags, the output folder, then the data and the finished runs, before
+    anything is written or trained. Returns the study's plan."""
+    device = flags.check_device(config["device"])
+    if config["smoke"] and config["preset"] not in ("auto", "smoke"):
+        raise InputError(f"--smoke with --preset {config['preset']}: --smoke is --preset smoke; give one of them")
+    preset = "smoke" if config["smoke"] else config["preset"]
     if preset == "auto":
         preset = "full" if device.startswith("cuda") else "reduced"
-    model = check_model(args, preset)
+    if preset == "smoke" and config["model"] is not None:
+        raise InputError(f"--model {config['model']}: --smoke trains its own tiny random GPT-2; leave --model out")
+    model = config["model"] or "gpt2"
+    if preset != "smoke" and model.removeprefix("openai-community/") not in PRETRAINED and not Path(model).is_dir():
+        raise InputError(f"--model {model!r}: neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
     name = Path(model).name if Path(model).is_dir() else model.removeprefix("openai-community/")
-    out_dir = Path(args.out_dir or "out/study" + ("" if name == "gpt2" else f"-{name}")
+    out_dir = Path(config["out_dir"] or "out/study" + ("" if name == "gpt2" else f"-{name}")
                    + ("" if preset == "full" else f"-{preset}"))
     writable_dir(out_dir, "--out_dir")  # every output path is checked before any data is read
-    n_seeds = args.seeds or (GPU_SEEDS if device.startswith("cuda") and preset != "smoke" else 1)
-    plan = dict(tasks=tasks, regimes=regimes, methods=methods, device=device, preset=preset, out_dir=out_dir,
-                seeds=[args.first_seed + k for k in range(n_seeds)], sample_seeds=args.sample_seeds,
-                model=str(out_dir / "tiny-gpt2") if preset == "smoke" else model, jobs=args.jobs,
-                data_dir=Path(args.data_dir) if args.data_dir else SMOKE_DATA if preset == "smoke" else Path("data"),
-                keep_checkpoints=args.keep_checkpoints, report_only=args.report_only,
-                lora={k: v for k, v in (("lora_rslora", args.lora_rslora), ("lora_plus_ratio", args.lora_plus_ratio))
-                      if v != train_sft.SETTINGS[k][0]})
+    n_seeds = config["seeds"] or (GPU_SEEDS if device.startswith("cuda") and preset != "smoke" else 1)
+    regimes = ALL_REGIMES if config["regimes"].strip() == "all" else names(config["regimes"])
+    plan = dict(tasks=[t for t in TASKS if t in names(config["tasks"])], device=device, preset=preset,
+                regimes=[r for r in ALL_REGIMES if r in regimes],
+                methods=[m for m in METHODS if m in names(config["methods"])],
+                out_dir=out_dir, seeds=[config["first_seed"] + k for k in range(n_seeds)],
+                sample_seeds=config["sample_seeds"], model=str(out_dir / "tiny-gpt2") if preset == "smoke" else model,
+                jobs=config["jobs"], keep_checkpoints=config["keep_checkpoints"], report_only=config["report_only"],
+                data_dir=Path(config["data_dir"] or (SMOKE_DATA if preset == "smoke" else "data")),
+                lora={k: config[k] for k in ("lora_rslora", "lora_plus_ratio") if config[k] != SETTINGS[k][0]})
     get_tokenizer()  # its BPE files: a one-line error now if tiktoken can neither find nor download them
-    plan["dev"] = {task: read_dev(plan, task) for task in tasks}  # every needed file read (and checked) now
+    plan["dev"] = {task: read_dev(plan, task) for task in plan["tasks"]}  # every needed file read (and checked) now
     check_runs(plan)
     return plan
 
 
 def read_dev(plan, task):
     """What every run of `task` is scored against: the Quora dev labels, or the held-out sonnets (prompts) and
-    {number: true sonnet}. Reads (and so checks) all of the task's files, with the preset's limits, before
-    anything is trained."""
+    their true sonnets. Reads (and so checks) all of the task's files, with the preset's limits, before anything
+    is trained."""
     limits, data_dir = PRESETS[plan["preset"]][task], plan["data_dir"]
     if task == "paraphrase":
         read_quora(data_dir / QUORA["train"], limit=limits.get("train_limit"))
@@ -255,8 +190,8 @@ def run_dir(plan, task, regime, method, seed):
 
 
 def run_config(plan, task, regime, method, seed):
-    """What train_sft.train / train_dpo.train get for one run: the table's row, the preset, and the study's flags.
-    One copy of the weights per run (last/, the final epoch's: what the study reports and SFT->DPO starts from)."""
+    """What train_*.train get for one run: the condition, the preset, and the study's flags. One copy of the
+    weights per run (last/, the final epoch's: what the study reports and SFT->DPO starts from)."""
     config = {**CONDITIONS[(task, regime, method)], **PRESETS[plan["preset"]][task], "task": task, "seed": seed,
               "init_from": plan["model"], "data_dir": str(plan["data_dir"]), "device": plan["device"],
               "out_dir": str(run_dir(plan, task, regime, method, seed)), "resume": True,
@@ -304,14 +239,13 @@ NOT_COMPARED = ("data_dir", "out_dir", "device", "resume", "cache_dir", "save_be
 
 
 def start_name(path):
-    """init_from as compared between studies: a GPT-2 name or model folder by its name, an SFT run's weights as
-    <run>/last (a study folder may have moved)."""
     path = Path(str(path))
     return f"{path.parent.name}/{path.name}" if path.name in ("last", "best") else path.name
 
 
 def check_same_settings(results, config):
-    """A finished run is reused only if it was trained as this study would train it, under the results.json
+    """A finished run is reused only if it was trained as this study would train it (the settings the study sets;
+    init_from by name, an SFT run's weights as <run>/last: a study folder may have moved), under the results.json
     contract the table reads (score = the final epoch's, best_score = the best epoch's)."""
     if "best_score" not in results:
         raise InputError(f"{config['out_dir']}/results.json: written by an older train_sft/train_dpo, whose score is "
@@ -347,30 +281,54 @@ def check_runs(plan):
 # training: one run after the other in this process (--jobs 1), or up to N processes at once
 
 
-def make_smoke_model(plan):
-    """--smoke: the tiny random GPT-2 every run starts from, inside out_dir."""
-    model_dir = Path(plan["model"])
-    if not (model_dir / "model.safetensors").exists():
-        torch.manual_seed(0)
-        GPT(GPTConfig(**SMOKE_MODEL)).save_pretrained(model_dir)
+class Interrupted(Exception):
+    """SIGINT or SIGTERM reached the study: the signal, and the runs it stopped (each saved a checkpoint)."""
+
+    def __init__(self, signum, stopped=()):
+        super().__init__(signum)
+        self.signum, self.stopped = signum, list(stopped)
 
 
-def run_all(plan):
-    """Train every run that has not finished; returns {out_dir: results}."""
-    if plan["preset"] == "smoke":
-        make_smoke_model(plan)
-    if plan["jobs"] > 1:
-        return run_in_processes(plan, runs(plan), plan["jobs"])
-    planned, results = runs(plan), {}
+def interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+def train_all(plan):
+    """Train every run that has not finished, holding the study folder; SIGINT and SIGTERM raise Interrupted.
+    Returns {out_dir: results}."""
+    plan["out_dir"].mkdir(parents=True, exist_ok=True)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:  # MERGE (issue 22): fileio.lock_dir, one writer per folder, is being added to fileio.py by the io helper
+        with fileio.lock_dir(plan["out_dir"]) if hasattr(fileio, "lock_dir") else nullcontext():
+            if plan["preset"] == "smoke" and not (Path(plan["model"]) / "model.safetensors").exists():
+                torch.manual_seed(0)  # --smoke: the tiny random GPT-2 every run starts from, inside out_dir
+                checkpoint.save_pretrained(GPT(GPTConfig(**SMOKE_MODEL)), plan["model"])
+            if plan["jobs"] > 1:
+                return run_in_processes(plan, runs(plan), plan["jobs"])
+            return run_here(runs(plan))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_here(planned):
+    """--jobs 1: each run a call of its trainer's train(config) in this process."""
+    results = {}
     for i, (trainer, config) in enumerate(planned, 1):
-        what = f"[{i}/{len(planned)}] {Path(config['out_dir']).name}"
-        done = finished(config)
+        what, done = f"[{i}/{len(planned)}] {Path(config['out_dir']).name}", finished(config)
         if done is not None:
             print(f"{what}: done already ({config['out_dir']}/results.json)")
             results[config["out_dir"]] = done
             continue
         print(f"{what}: {trainer.__name__}.train from {config['init_from']}", flush=True)
-        results[config["out_dir"]] = trainer.train(dict(config))
+        try:
+            results[config["out_dir"]] = trainer.train(dict(config))
+        except (Interrupted, KeyboardInterrupt) as e:
+            raise Interrupted(getattr(e, "signum", signal.SIGINT), [config["out_dir"]]) from None
+        except SystemExit as e:  # a run stopped by a signal saves a checkpoint and exits with 128 + its number
+            if e.code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+                raise
+            raise Interrupted(e.code - 128, [config["out_dir"]]) from None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the finished run's cached blocks back
     return results
@@ -378,78 +336,47 @@ def run_all(plan):
 
 def command(trainer, config):
     """The run as a command line: every setting a flag (--name value; booleans true/false; None left out)."""
-    flags = []
+    argv = []
     for name, value in config.items():
         if value is not None:
-            flags += [f"--{name}", ("true" if value else "false") if isinstance(value, bool) else str(value)]
-    return [sys.executable, str(ROOT / f"{trainer.__name__}.py"), *flags]
-
-
-def gpus(device):
-    """The GPUs --jobs spreads runs over: with --device cuda every visible one, else none (the CPU, MPS, or
-    one named GPU, which the processes then share)."""
-    if device != "cuda":
-        return []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [g.strip() for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
+            argv += [f"--{name}", ("true" if value else "false") if isinstance(value, bool) else str(value)]
+    return [sys.executable, str(ROOT / f"{trainer.__name__}.py"), *argv]
 
 
 def child_environment(jobs, gpu):
     """Each process's share of the machine: one GPU (round-robin), and max(1, cores // jobs) CPU threads."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = str(max(1, cores // jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    return env
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+            **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
 
 
-def die_with_parent():
-    """In the child, before it runs: Linux sends it SIGTERM if the study process dies, even by SIGKILL."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def start(trainer, config, env):
-    """The run as a process in its own process group, its stdout and stderr appended to <run>/train.log."""
-    out_dir = Path(config["out_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "train.log", "a") as log:
+def launch(trainer, config, env):
+    """The run as a process in its own process group, its output appended to <run>/train.log. On Linux the child
+    gets SIGTERM if the study dies, even by SIGKILL (prctl 1 = PR_SET_PDEATHSIG)."""
+    Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
+    die_with_parent = (lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM)) if sys.platform == "linux" else None
+    with open(Path(config["out_dir"]) / "train.log", "a") as log:
         return subprocess.Popen(command(trainer, config), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                                start_new_session=True, preexec_fn=die_with_parent)
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt  # a kill (SIGTERM) stops the study as Ctrl-C does
-
-
-@contextmanager
-def children_stopped(running):
-    """On the way out (finished, Ctrl-C, kill, an error) every process still running is stopped, with
-    everything it started: SIGTERM to its process group, SIGKILL after 10 seconds."""
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for proc in running:
-            with_group(proc, signal.SIGTERM)
-        deadline = time.time() + 10
-        for proc in running:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                with_group(proc, signal.SIGKILL)
-                proc.wait()
-
-
-def with_group(proc, sig):
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+def stop(running, sig, grace=60):
+    """`sig` to every live run's process group (a run saves a checkpoint and exits 128 + sig), then SIGKILL to
+    any still running after `grace` seconds. Returns the out_dirs of the runs that were live."""
+    live = [proc for proc in running if proc.poll() is None]
+    deadline = time.time() + grace
+    for proc in live:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+    for proc in live:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return [running[proc][1]["out_dir"] for proc in live]
 
 
 def ready(waiting, running, failed, free):
@@ -469,19 +396,24 @@ def ready(waiting, running, failed, free):
 
 
 def run_in_processes(plan, planned, jobs):
-    """--jobs N: up to N runs at once, each `python train_sft.py ...` / `python train_dpo.py ...` with the same
-    settings as in-process; one line per finished run. Returns {out_dir: results}."""
+    """--jobs N: up to N runs at once, each `python train_sft.py ...` etc. with the same settings as in-process;
+    one line per finished run. SIGINT/SIGTERM (Interrupted) is passed on to the runs, which checkpoint and exit;
+    on any other way out every run is stopped with SIGTERM. Returns {out_dir: results}."""
     results = {c["out_dir"]: done for _, c in planned if (done := finished(c)) is not None}
     waiting = [(t, c) for t, c in planned if c["out_dir"] not in results]
-    running, failed, devices, total, count = {}, [], gpus(plan["device"]), len(waiting), 0
+    devices, visible = [], os.environ.get("CUDA_VISIBLE_DEVICES")  # GPUs to spread runs over: with --device cuda
+    if plan["device"] == "cuda":  # every visible one; else none (the CPU, MPS or one named GPU, which all share)
+        devices = [g.strip() for g in (visible or "").split(",") if g.strip()]
+        devices = devices or [str(i) for i in range(torch.cuda.device_count())]
+    running, failed, total, count = {}, [], len(waiting), 0
     print(f"{len(results)} run(s) done already; training {total}, up to {jobs} at a time "
           f"({'GPUs ' + ','.join(devices) if devices else plan['device']}); each logs to <run>/train.log", flush=True)
-    with children_stopped(running):
+    try:
         while waiting or running:
             for trainer, config in ready(waiting, running, failed, jobs - len(running)):
                 load = {gpu: sum(g == gpu for g, _ in running.values()) for gpu in devices}
                 gpu = min(devices, key=load.get) if devices else None  # the least busy GPU
-                running[start(trainer, config, child_environment(jobs, gpu))] = (gpu, config)
+                running[launch(trainer, config, child_environment(jobs, gpu))] = (gpu, config)
             proc = next(iter(p for p in running if p.poll() is not None), None)
             if proc is None:
                 time.sleep(0.2)
@@ -493,6 +425,10 @@ def run_in_processes(plan, planned, jobs):
             else:
                 results[config["out_dir"]] = done
             print(finished_line(config, done, proc.returncode, count, total), flush=True)
+    except Interrupted as e:
+        raise Interrupted(e.signum, stop(running, e.signum)) from None
+    finally:
+        stop(running, signal.SIGTERM)
     if failed:
         raise InputError(f"{len(failed)} run(s) failed or could not start: {', '.join(Path(f).name for f in failed)}; "
                          f"see each one's train.log, then run the same command again")
@@ -518,9 +454,9 @@ def sample_seeds(plan, seed):
 
 
 def sampled_sonnets(plan, out_dir):
-    """[[text of each held-out dev sonnet] per sampling seed], written by the run's final weights (last/) with
-    eval.evaluate_sonnets and the run's own generation settings. Cached in <run>/study_sonnets.json under a hash
-    of its results.json, so a run trained again is sampled again; only missing seeds are sampled."""
+    """[[text of each held-out dev sonnet] per sampling seed], written by the run's final weights (last/) with the
+    run's own generation settings. Cached in <run>/study_sonnets.json under a hash of its results.json, so a run
+    trained again is sampled again; only missing seeds are sampled."""
     out_dir = Path(out_dir)
     finished_bytes = (out_dir / "results.json").read_bytes()
     config = json.loads(finished_bytes)["config"]
@@ -545,7 +481,7 @@ def sample(plan, weights, settings, seeds):
     dev = plan["dev"]["sonnet"]
     print(f"{weights.parent.name}: sampling the {len(dev['held_out'])} dev sonnets from {weights.name}/ with seed(s) "
           f"{', '.join(map(str, seeds))}", flush=True)
-    model = load_model(weights).to(plan["device"])
+    model = checkpoint.load_model(weights).to(plan["device"])
     return {str(seed): evaluate_sonnets(model, dev["held_out"], dev["references"], device=plan["device"], seed=seed,
                                         temperature=settings["temperature"], top_p=settings["top_p"],
                                         max_new_tokens=settings["max_new_tokens"],
@@ -553,13 +489,12 @@ def sample(plan, weights, settings, seeds):
 
 
 # -----------------------------------------------------------------------------
-# statistics: a bootstrap over training seeds, sampling seeds and dev examples; paired differences; Holm
+# statistics: the seed is the unit of replication (stats.py); one seed compares two trained models, not methods
 
 
 def run_items(plan, task, out_dir):
-    """A run's final-epoch dev outcomes, [per sampling seed][per dev example]: paraphrase one row (scoring is
-    deterministic) of per-pair correctness under the course's metric, from dev_predictions.json; sonnets the
-    texts sampled from last/."""
+    """A run's final-epoch dev outcomes [per sampling seed][per dev example]: paraphrase one row of per-pair
+    correctness under the course's metric (dev_predictions.json); sonnets the texts sampled from last/."""
     if task == "sonnet":
         return sampled_sonnets(plan, out_dir)
     path = Path(out_dir) / "dev_predictions.json"
@@ -568,126 +503,117 @@ def run_items(plan, task, out_dir):
     correct = read_json(path).get("correct")
     if correct is None or len(correct) != len(plan["dev"]["paraphrase"]):
         raise InputError(f"{path}: needs 'correct', one 0/1 per dev pair ({len(plan['dev']['paraphrase'])}); was it "
-                         f"trained with another dev_limit or an older train_sft.py? Delete {path.parent} to train it again")
+                         f"trained with another dev_limit or an older train_sft.py? Delete {path.parent} to retrain")
     return [np.asarray(correct, dtype=np.float64)]
 
 
-def score_of(task, items, references, seeds, samples, examples):
-    """What every interval is of: the mean, over the given training seeds and sampling seeds, of the dev score on
-    the given examples (indices, repeats allowed). items[seed][sample][example]; accuracy is the mean per-pair
-    correctness, chrF the corpus chrF of the chosen sonnets against their references."""
+def run_score(task, outcomes, references):
+    """A run's dev score, the mean over its sampling seeds: outcomes[sample][example] is per-pair correctness
+    (accuracy: its mean) or the sampled sonnets (corpus chrF against the references)."""
     if task == "paraphrase":
-        return float(np.mean([items[s][k][examples].mean() for s in seeds for k in samples]))
-    return float(np.mean([chrf([items[s][k][i] for i in examples], [references[i] for i in examples])
-                          for s in seeds for k in samples]))
+        return float(np.mean(outcomes))
+    return statistics.fmean(chrf(list(texts), references) for texts in outcomes)
 
 
-def bootstrap(statistic, n_seeds, n_samples, n_examples, n_resamples=BOOTSTRAP_RESAMPLES, seed=0):
-    """statistic(seeds, samples, examples) on n_resamples bootstrap draws: each draws n_examples dev examples,
-    n_seeds training seeds and n_samples sampling seeds, all with replacement (a level with one member stays
-    put), so the spread includes the variation between runs, between samplings and between dev sets. Every
-    call makes the same draws, so a statistic that compares two conditions is paired. Examples are drawn first:
-    with one seed and one sampling seed the draws are eval.bootstrap_ci's."""
-    rng = np.random.default_rng(seed)
-    examples = rng.integers(0, n_examples, size=(n_resamples, n_examples))
-    seeds = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))
-    samples = rng.integers(0, n_samples, size=(n_resamples, n_samples))
-    return np.array([statistic(s, k, e) for s, k, e in zip(seeds, samples, examples)])
+def one_seed_interval(task, outcomes, references, other=None):
+    """One seed: stats.bootstrap_ci's 95% interval of a run's score over its dev examples, or of its difference
+    from the `other` run's on the same examples (paired: each draw keeps an example's outcomes together)."""
+    examples, k = list(zip(*outcomes, *(other or []))), len(outcomes)
 
+    def statistic(chosen, chosen_references):
+        columns = list(zip(*chosen))
+        mine = run_score(task, columns[:k], chosen_references)
+        return mine - run_score(task, columns[k:], chosen_references) if other else mine
 
-def interval(values):
-    """The 95% percentile interval of bootstrap values (numpy's linear interpolation, as eval.bootstrap_ci)."""
-    low, high = np.quantile(values, [0.025, 0.975])
-    return [float(low), float(high)]
-
-
-def bootstrap_p(differences):
-    """Two-sided p-value of "no difference" from bootstrap draws of a difference d: twice the smaller tail at 0,
-        p = min(1, 2 min(1 + #{d <= 0}, 1 + #{d >= 0}) / (B + 1))
-    i.e. the level at which the percentile interval reaches 0 (the +1s keep p > 0 with B draws)."""
-    d = np.asarray(differences)
-    return min(1.0, 2 * min(1 + int((d <= 0).sum()), 1 + int((d >= 0).sum())) / (len(d) + 1))
-
-
-def score_interval(task, items, references):
-    """95% bootstrap interval of the condition's score (seeds, sampling seeds and dev examples resampled)."""
-    n_seeds, n_samples, n = len(items), len(items[0]), len(items[0][0])
-    return interval(bootstrap(lambda s, k, e: score_of(task, items, references, s, k, e), n_seeds, n_samples, n))
+    return list(bootstrap_ci(statistic, examples, references or examples, n_resamples=BOOTSTRAP_RESAMPLES))
 
 
 def versus_baseline(task, items, baseline, references):
-    """The condition's score minus SFT-only FFT's on the same dev examples, seed by seed (the same seeds, drawn
-    together) and sampling seed by sampling seed: the difference, its 95% bootstrap interval and two-sided
-    bootstrap p-value. With one seed on paraphrase the p-value is McNemar's exact test on the per-pair
-    correctness instead (eval.paired_difference): two models on the same pairs."""
-    n_seeds, n_samples, n = len(items), len(items[0]), len(items[0][0])
-
-    def difference(seeds, samples, examples):
-        return (score_of(task, items, references, seeds, samples, examples)
-                - score_of(task, baseline, references, seeds, samples, examples))
-
-    values = bootstrap(difference, n_seeds, n_samples, n)
-    levels = ["training seeds"] * (n_seeds > 1) + ["sampling seeds"] * (n_samples > 1) + ["dev examples"]
-    result = {"difference": difference(range(n_seeds), range(n_samples), np.arange(n)), "ci95": interval(values),
-              "p_value": bootstrap_p(values), "test": "paired bootstrap over " + ", ".join(levels)}
-    if task == "paraphrase" and n_seeds == 1:
-        mcnemar = paired_difference(items[0][0].astype(int).tolist(), baseline[0][0].astype(int).tolist())
-        result.update(p_value=mcnemar["p_value"], test="McNemar's exact test", mcnemar=mcnemar)
+    """The condition's score minus another's (`baseline`) on the same dev examples, seed by seed (items[seed][sample]
+    [example]): the per-seed differences, their mean, and with S >= 2 seeds the paired t-test's 95% interval and
+    p-value (S - 1 degrees of freedom). One seed is two trained models: the interval is a paired bootstrap over
+    dev examples, p_value is None (no verdict about methods), and paraphrase adds McNemar's test of the two models."""
+    differences = [run_score(task, mine, references) - run_score(task, theirs, references)
+                   for mine, theirs in zip(items, baseline)]
+    result = {**t_test(differences), "per_seed": differences,
+              "test": f"paired t-test over {len(items)} seeds ({len(items) - 1} degrees of freedom)"}
+    if len(items) == 1:
+        result.update(ci95=one_seed_interval(task, items[0], references, baseline[0]),
+                      test="one seed: two trained models, no test of the methods")
+        if task == "paraphrase":
+            mcnemar = paired_difference(items[0][0].astype(int).tolist(), baseline[0][0].astype(int).tolist())
+            result["mcnemar"] = {**mcnemar, "test": "McNemar's exact test of these two trained models (not of methods)"}
     return result
 
 
-def holm(p_values):
-    """Holm's (1979) step-down correction for m comparisons. With the p-values sorted, p_(1) <= ... <= p_(m),
-        adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j))
-    and "adjusted p < 0.05" keeps the chance of any false "told apart" among the m at 5% or less. Returns the
-    adjusted p-values in the order given."""
-    m = len(p_values)
-    adjusted, largest = [0.0] * m, 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
-        largest = max(largest, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = largest
-    return adjusted
+def contrasts(plan, items):
+    """The paper's questions for each task, as a - b paired by seed, (regime, method) each: is LoRA as good as FFT
+    within each regime; does SFT->DPO add to SFT-only, and does DPO-only match it, within each method. Holm's
+    correction over the task's family (those with a p-value: none with one seed), and for each the smallest
+    difference the design detects with 80% power at Holm's first threshold 0.05 / m, from the observed spread."""
+    regimes, methods, found = plan["regimes"], plan["methods"], []
+    asked = [(f"LoRA vs FFT, {NAMES[r]}", (r, "lora"), (r, "fft")) for r in regimes if {"fft", "lora"} <= set(methods)]
+    for regime in ("sft_dpo", "dpo"):
+        asked += [(f"{NAMES[regime]} vs SFT-only, {NAMES[m]}", (regime, m), ("sft", m)) for m in methods
+                  if {regime, "sft"} <= set(regimes)]
+    for task in plan["tasks"]:
+        family = [{"task": task, "question": question, "a": f"{NAMES[a[0]]} {NAMES[a[1]]}",
+                   "b": f"{NAMES[b[0]]} {NAMES[b[1]]}",
+                   **versus_baseline(task, items[(task, *a)], items[(task, *b)], references_of(plan, task))}
+                  for question, a, b in asked]
+        tested = [c for c in family if c["p_value"] is not None]
+        for c, adjusted in zip(tested, holm([c["p_value"] for c in tested])):
+            spread = float(np.std(c["per_seed"], ddof=1))
+            c.update(p_holm=adjusted, told_apart=adjusted < 0.05, comparisons=len(tested),
+                     smallest_detectable=smallest_detectable(spread, len(c["per_seed"]), 0.05 / len(tested)))
+        found += family
+    return found
 
 
 # -----------------------------------------------------------------------------
 # the table's rows: means over seeds, intervals, paired differences
 
 
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def references_of(plan, task):
     return [s.text for s in plan["dev"]["sonnet"]["references"]] if task == "sonnet" else None
 
 
+def stages_of(regime):
+    return ["sft", "sft_dpo"] if regime == "sft_dpo" else [regime]  # SFT->DPO: its SFT run, then its DPO run
+
+
 def condition_row(plan, results, task, regime, method):
-    """One row of the table from the condition's runs over seeds, read back from their folders; and the runs'
-    dev outcomes (items[seed][sample][example]) for the paired comparisons."""
+    """One row of the table from the condition's runs over seeds, read back from their folders, and the runs'
+    dev outcomes (items[seed][sample][example]). Costs are means over seeds of each seed's cost (SFT->DPO: both
+    stages; peak memory the largest); reference is what the run paid for a reference model."""
     seeds, references = plan["seeds"], references_of(plan, task)
-    stages = [[results[str(run_dir(plan, task, r, method, s))] for r in (["sft", "sft_dpo"] if regime == "sft_dpo" else [regime])]
-              for s in seeds]
+    stages = [[results[str(run_dir(plan, task, r, method, s))] for r in stages_of(regime)] for s in seeds]
     own = [runs_of_seed[-1] for runs_of_seed in stages]  # the condition's own run (SFT->DPO: its DPO stage)
     items = [run_items(plan, task, run_dir(plan, task, regime, method, s)) for s in seeds]
-    examples = np.arange(len(items[0][0]))
-    per_sample = [[score_of(task, [outcomes], references, [0], [k], examples) for k in range(len(outcomes))]
-                  for outcomes in items]  # [seed][sampling seed]
+    per_sample = [[run_score(task, [texts], references) for texts in outcomes] for outcomes in items]  # [seed][sample]
     scores = [statistics.fmean(values) for values in per_sample]
-    score, std = mean_std(scores)
-    row = {"task": task, "regime": regime, "method": method, "score_name": own[0]["score_name"], "score": score,
-           "score_std": std, "scores": scores, "run_scores": [r["score"] for r in own],
-           "ci95": score_interval(task, items, references), "best_score": statistics.fmean(r["best_score"] for r in own),
-           "best_scores": [r["best_score"] for r in own], "best_epochs": [r["best_epoch"] for r in own],
-           "epochs": len(own[0]["history"]),
+    seconds = [sum(r["train_seconds"] for r in st) for st in stages]
+    row = {"task": task, "regime": regime, "method": method, "score_name": own[0]["score_name"],
+           "score": statistics.fmean(scores), "score_std": statistics.stdev(scores) if len(seeds) > 1 else None,
+           "scores": scores, "run_scores": [r["score"] for r in own],
+           "ci95": t_test(scores)["ci95"] if len(seeds) > 1 else one_seed_interval(task, items[0], references),
+           "best_score": statistics.fmean(r["best_score"] for r in own), "best_scores": [r["best_score"] for r in own],
+           "best_epochs": [r["best_epoch"] for r in own], "epochs": len(own[0]["history"]),
            "metrics": {k: statistics.fmean(r["metrics"][k] for r in own) for k in own[0]["metrics"]},
-           **costs(stages), "reference": reference_pass(own[0]), "trainable_parameters": own[0]["trainable_parameters"],
-           "total_parameters": own[0]["total_parameters"], "seeds": seeds, "device": own[0]["device"],
+           "train_seconds": statistics.fmean(seconds),
+           "tokens_per_second": statistics.fmean(sum(r["real_tokens"] for r in st) / max(t, 1e-9)
+                                                 for st, t in zip(stages, seconds)),
+           "peak_memory_bytes": max(r["peak_memory_bytes"] for st in stages for r in st),
+           "reference": {"precomputed": "once", "live": "every step"}.get(own[0].get("reference"), "none"),
+           "trainable_parameters": own[0]["trainable_parameters"], "total_parameters": own[0]["total_parameters"],
+           "seeds": seeds, "device": own[0]["device"],
            "runs": [str(run_dir(plan, task, regime, method, s)) for s in seeds],
            # per seed, epoch by epoch; SFT->DPO's DPO stage continues after its SFT stage's epochs
            "history": [[{**h, "epoch": h["epoch"] + (len(st[0]["history"]) if i else 0)}
                         for i, r in enumerate(st) for h in r["history"]] for st in stages]}
     if task == "paraphrase":
-        row["f1"], row["f1_std"] = mean_std([r["metrics"]["f1"] for r in own])
+        row["f1"] = statistics.fmean(r["metrics"]["f1"] for r in own)
+        row["f1_std"] = statistics.stdev(r["metrics"]["f1"] for r in own) if len(seeds) > 1 else None
     else:
         row["sample_seeds"] = [sample_seeds(plan, s) for s in seeds]
         row["sampled_scores"] = per_sample
@@ -696,24 +622,15 @@ def condition_row(plan, results, task, regime, method):
     return row, items
 
 
-def costs(stages):
-    """Means over seeds of each seed's cost; SFT->DPO's include its SFT stage, its peak memory the larger one."""
-    return {"train_seconds": statistics.fmean(sum(r["train_seconds"] for r in st) for st in stages),
-            "tokens_per_second": statistics.fmean(sum(r["real_tokens"] for r in st) / max(sum(r["train_seconds"] for r in st), 1e-9)
-                                                  for st in stages),
-            "peak_memory_bytes": max(r["peak_memory_bytes"] for st in stages for r in st)}
-
-
 def table_rows(plan, results):
-    """Every selected condition's row; each compared with its task's SFT-only FFT when those runs are among the
-    results (selected, or the SFT stage of SFT->DPO FFT); Holm's correction over all the comparisons."""
+    """Every selected condition's row, each with its paired difference from its task's SFT-only FFT when those
+    runs are among the results (a description: the verdicts are contrasts(), the paper's questions)."""
     rows, items = [], {}
     for task in plan["tasks"]:
         for regime in plan["regimes"]:
             for method in plan["methods"]:
                 row, items[(task, regime, method)] = condition_row(plan, results, task, regime, method)
                 rows.append(row)
-    compared = []
     for row in rows:
         task, baseline = row["task"], (row["task"], "sft", "fft")
         if (row["regime"], row["method"]) == ("sft", "fft") or not all(
@@ -723,222 +640,143 @@ def table_rows(plan, results):
             items[baseline] = [run_items(plan, task, run_dir(plan, *baseline, s)) for s in plan["seeds"]]
         row["vs_sft_fft"] = versus_baseline(task, items[(task, row["regime"], row["method"])], items[baseline],
                                             references_of(plan, task))
-        compared.append(row["vs_sft_fft"])
-    for versus, adjusted in zip(compared, holm([v["p_value"] for v in compared])):
-        versus.update(p_holm=adjusted, told_apart=adjusted < 0.05, comparisons=len(compared))
-    return rows
+    return rows, contrasts(plan, items)
 
 
-def label(row):
-    return f"{NAMES[row['task']]} {NAMES[row['regime']]} {NAMES[row['method']]}"
+def fmt_score(task, value, sign=""):
+    return f"{value:{sign}.4f}" if task == "paraphrase" else f"{value:{sign}.2f}"
 
 
-def verdict(rows, plan):
-    """One sentence: which differences from SFT-only FFT these runs and dev sets can tell apart after Holm's
-    correction, which not, and whether that is about methods (several seeds) or two trained models (one)."""
-    compared = [row for row in rows if "vs_sft_fft" in row]
-    if not compared:
-        return ("No paired differences: SFT-only FFT (each task's baseline) is not among the selected conditions, "
-                "so nothing was compared with it.")
-    apart = [label(r) for r in compared if r["vs_sft_fft"]["told_apart"]]
-    not_apart = [label(r) for r in compared if not r["vs_sft_fft"]["told_apart"]]
-    sizes = []
-    if "paraphrase" in plan["dev"]:
-        sizes.append(f"{len(plan['dev']['paraphrase']):,} dev pairs")
-    if "sonnet" in plan["dev"]:
-        sizes.append(f"{len(plan['dev']['sonnet']['references'])} dev sonnets x {plan['sample_seeds']} sampling seed(s)")
-    against = (f"against SFT-only FFT on the same {' and '.join(sizes)}, with Holm's correction for the "
-               f"{len(compared)} comparison(s) (adjusted p < 0.05)")
-    n = len(plan["seeds"])
-    if n == 1:
-        start = (f"Each comparison is between two trained models (one seed each), so it says whether these two "
-                 f"models differ, not whether the methods do (--seeds {GPU_SEEDS} compares methods). "
-                 f"{against[0].upper()}{against[1:]}")
-    else:
-        start = f"Over {n} seeds per condition (a bootstrap over seeds and dev examples together), {against}"
-    noise = f"{'seeds, ' if n > 1 else ''}dev examples{' and sampling seeds' if 'sonnet' in plan['dev'] else ''}"
-    if not apart:
-        return (f"{start}, the data tell apart none of the {len(compared)}: differences that small are within what "
-                f"the choice of {noise} alone produces.")
-    return (f"{start}, the data tell apart {', '.join(apart)}"
-            + (f", but not {', '.join(not_apart)}: differences that small are within what the choice of {noise} "
-               f"alone produces." if not_apart else "."))
+def answer(c):
+    """One question in words: told apart or not, the per-seed differences, and what "not" could have seen."""
+    seeds = ", ".join(fmt_score(c["task"], d, "+") for d in c["per_seed"])
+    if c["told_apart"]:
+        return (f"{c['question']}: told apart, {fmt_score(c['task'], c['difference'], '+')} (per seed {seeds}; "
+                f"Holm p={c['p_holm']:.2g})")
+    return (f"{c['question']}: not told apart (per seed {seeds}; Holm p={c['p_holm']:.2g}; this design detects a "
+            f"difference of {fmt_score(c['task'], c['smallest_detectable'])} or more with 80% power)")
+
+
+def verdict(contrasts, plan):
+    """The paper's questions answered in words, task by task; with one seed, why there is no answer."""
+    if not contrasts:
+        return ("No paired differences: the paper's questions compare LoRA with FFT in a regime, or SFT->DPO and "
+                "DPO-only with SFT-only in a method, and no such pair of conditions is among the selected ones.")
+    if len(plan["seeds"]) == 1:
+        return (f"One seed per condition: each row is one trained model, so no method is told apart from another; "
+                f"comparing methods needs --seeds 2 or more ({GPU_SEEDS} by default on a GPU). The differences and "
+                f"McNemar's exact test of each pair of trained models are in study.json (contrasts).")
+    sentences = []
+    for task in dict.fromkeys(c["task"] for c in contrasts):
+        family = [c for c in contrasts if c["task"] == task]
+        sentences.append(f"{NAMES[task].capitalize()}, {len(plan['seeds'])} seeds, paired t-tests with Holm's "
+                         f"correction over {len(family)} questions: " + "; ".join(map(answer, family)) + ".")
+    return "\n\n".join(sentences)
 
 
 # -----------------------------------------------------------------------------
 # writing it out
 
-
-def fmt_score(task, value):
-    return f"{value:.4f}" if task == "paraphrase" else f"{value:.2f}"
-
-
-def versus_cell(row):
-    if "vs_sft_fft" not in row:
-        return "baseline" if (row["regime"], row["method"]) == ("sft", "fft") else "—"
-    v, signed = row["vs_sft_fft"], (lambda x: f"{x:+.4f}" if row["task"] == "paraphrase" else f"{x:+.2f}")
-    return (f"{signed(v['difference'])} [{signed(v['ci95'][0])}, {signed(v['ci95'][1])}] "
-            f"p={v['p_value']:.2g}, Holm p={v['p_holm']:.2g}")
+HEADER = ["task", "regime", "method", "score, final epoch (mean ± std)", "95% CI",
+          "best dev epoch (as the course reports it; sonnets: 1 sampling seed)", "yes/no accuracy, share",
+          "train_seconds", "reference pass", "tokens_per_second", "peak_memory", "trainable_parameters", "seeds"]
+LEGEND = """How to read the table. score: the FINAL epoch's dev score (paraphrase: the course's accuracy; sonnets: chrF,
+the mean over sampling seeds), mean ± std over seeds. 95% CI: with 2 or more seeds the t interval of the per-seed
+scores (S − 1 degrees of freedom: the seed is the unit of replication); with one seed a bootstrap over the dev
+examples, which describes one trained model. best dev epoch: chosen on the dev set, as the course reports it, so
+optimistic. yes/no accuracy, share: the restricted answer logit("yes") > logit("no") against the label, and the
+share of argmax answers that are "yes" or "no" at all; the course's accuracy needs both. The verdict: each
+question a − b paired by seed, a paired t-test, Holm's correction over the task's questions, and for each one
+not told apart the smallest difference found with 80% power. Costs: means over seeds; SFT→DPO's include its SFT
+stage."""
 
 
 def table_cells(row):
-    task = row["task"]
-    score = fmt_score(task, row["score"]) + (f" ± {fmt_score(task, row['score_std'])}" if row["score_std"] is not None else "")
-    epochs = ",".join(map(str, row["best_epochs"]))
-    return [task, row["regime"], row["method"], f"{row['score_name']} {score}",
+    task, metrics = row["task"], row["metrics"]
+    spread = f" ± {fmt_score(task, row['score_std'])}" if len(row["seeds"]) > 1 else ""
+    yes_no = f"{metrics['yes_no_accuracy']:.4f}, {metrics['yes_no_share']:.2f}" if task == "paraphrase" else "—"
+    return [task, row["regime"], row["method"], f"{row['score_name']} {fmt_score(task, row['score'])}{spread}",
             f"[{fmt_score(task, row['ci95'][0])}, {fmt_score(task, row['ci95'][1])}]",
-            f"{fmt_score(task, row['best_score'])} (epoch {epochs} of {row['epochs']})", versus_cell(row),
-            f"{row['train_seconds']:.1f}", row["reference"], f"{row['tokens_per_second']:,.0f}",
-            f"{row['peak_memory_bytes'] / 2 ** 20:,.0f} MiB", f"{row['trainable_parameters']:,}", str(len(row["seeds"]))]
+            f"{fmt_score(task, row['best_score'])} (epoch {','.join(map(str, row['best_epochs']))} of {row['epochs']})",
+            yes_no, f"{row['train_seconds']:.1f}", row["reference"], f"{row['tokens_per_second']:,.0f}",
+            f"{row['peak_memory_bytes'] / 2 ** 20:,.0f} MiB", f"{row['trainable_parameters']:,}",
+            str(len(row["seeds"]))]
 
 
-def reference_pass(results):
-    """What the run paid for a reference model: SFT and ORPO have none; DPO and RPO compute its log-probabilities
-    once before training (or, with --live_reference, at every step)."""
-    return {"precomputed": "once", "live": "every step"}.get(results.get("reference", "none"), "none")
+def markdown_table(rows):
+    cells = [HEADER] + [table_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(HEADER))]
+    text = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
+    text.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(text)
 
 
-def header(n_seeds):
-    versus = ("vs SFT-only FFT: two trained models (diff [95% CI] p)" if n_seeds == 1 else
-              f"vs SFT-only FFT: mean over {n_seeds} seeds (diff [95% CI] p)")
-    return ["task", "regime", "method", "score, final epoch (mean ± std)", "95% CI",
-            "best dev epoch (as the course reports it; sonnets: 1 sampling seed)", versus, "train_seconds",
-            "reference pass", "tokens_per_second", "peak_memory",
-            "trainable_parameters", "seeds"]
+def figures(plan, rows):
+    """What plot.study_figures draws, per condition: score, interval, train_seconds, the dev score per evaluation
+    (mean over seeds; SFT->DPO: its SFT stage, then its DPO stage) and the training loss per logged step (the
+    first seed's log.jsonl lines that have a loss; SFT->DPO's DPO steps continue after its SFT steps)."""
+    data = []
+    for row in rows:
+        history = row["history"]
+        dev = [[h["epoch"], statistics.fmean(seed[i]["score"] for seed in history)] for i, h in enumerate(history[0])]
+        train, offset = [], 0
+        for regime in stages_of(row["regime"]):
+            log = run_dir(plan, row["task"], regime, row["method"], plan["seeds"][0]) / "log.jsonl"
+            lines = [json.loads(line) for line in read_text(log).splitlines() if line.strip()] if log.exists() else []
+            train += [[offset + line["step"], line["loss"]] for line in lines if "loss" in line]
+            offset = train[-1][0] if train else 0
+        data.append({"label": f"{NAMES[row['task']]} {NAMES[row['regime']]} {NAMES[row['method']]}",
+                     "task": row["task"], "regime": row["regime"], "method": row["method"], "score": row["score"],
+                     "ci": row["ci95"], "train_seconds": row["train_seconds"], "dev_curve": dev, "train_curve": train})
+    return data
 
 
-def markdown_table(rows, n_seeds):
-    cells = [header(n_seeds)] + [table_cells(row) for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
-    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    return "\n".join(lines)
-
-
-def describe_preset(plan):
-    preset = plan["preset"]
-    if preset == "full":
-        return "full study: every training pair and sonnet, every dev pair, the epochs of the table in study.py"
-    parts = []
-    for task in plan["tasks"]:
-        s = PRESETS[preset][task]
-        unit = "pairs" if task == "paraphrase" else "sonnets"
-        what = [f"the first {s['train_limit']:,} training {unit}" if "train_limit" in s else f"all training {unit}"]
-        if task == "paraphrase":
-            what.append(f"the first {s['dev_limit']:,} dev pairs" if "dev_limit" in s else "every dev pair")
-        if "epochs" in s:
-            what.append(f"{s['epochs']} epoch{'s' if s['epochs'] > 1 else ''} per stage")
-        if "lr" in s:
-            what.append(f"learning rate {s['lr']:g} in every condition")
-        if "max_new_tokens" in s:
-            what.append(f"at most {s['max_new_tokens']} generated tokens")
-        parts.append(f"{NAMES[task]}: {', '.join(what)}")
-    kind = {"reduced": "REDUCED preset (the default without a CUDA GPU; --preset full runs the whole study)",
-            "smoke": "SMOKE test: a tiny random 2-layer GPT-2 on data/samples, so the scores mean nothing"}[preset]
-    return f"{kind}; {'; '.join(parts)}"
-
-
-def plot(rows, out_dir):
-    """A PNG per task: dev score and training loss per epoch, each condition's mean over seeds (SFT->DPO: its
-    SFT stage, then its DPO stage). Returns the file names, or None without matplotlib (an optional extra)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        return None
-    files = []
-    for task in dict.fromkeys(row["task"] for row in rows):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        for row in [r for r in rows if r["task"] == task]:
-            histories = row["history"]  # per seed
-            epochs = [h["epoch"] for h in histories[0]]
-            style = dict(marker="o", linestyle="--" if row["method"] == "lora" else "-",
-                         label=f"{NAMES[row['regime']]} {NAMES[row['method']]}")
-            for axis, key in ((left, "score"), (right, "train_loss")):
-                axis.plot(epochs, [statistics.fmean(h[i][key] for h in histories) for i in range(len(epochs))], **style)
-        left.set(xlabel="epoch", ylabel="dev accuracy" if task == "paraphrase" else "dev chrF",
-                 title=f"{NAMES[task]}: dev score")
-        right.set(xlabel="epoch", ylabel="training loss (SFT: cross-entropy, DPO: DPO loss)",
-                  title=f"{NAMES[task]}: training loss (last batch of each epoch)")
-        for axis in (left, right):
-            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        left.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"study-{task}.png"
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        plt.close(fig)
-        files.append(path.name)
-    return files
-
-
-def error_bars(plan, rows):
-    """How to read the table: what each figure is, what each interval resamples, and the correction."""
-    n, k = len(plan["seeds"]), sum("vs_sft_fft" in row for row in rows)
-    seeds = (f"the {n} training seeds (with replacement; with so few seeds the interval is rough), " if n > 1 else "")
-    runs = "other runs, " if n > 1 else ""
-    return f"""How to read the table. "score" is each run's FINAL epoch on the dev set: every condition gets the
-same fixed budget and nothing is chosen on the dev set. Sonnets are scored from the final weights with
-{plan['sample_seeds']} sampling seed(s) (the first is the one training scored with) and averaged over them.
-"best dev epoch" is the best epoch's score, as the course reports it: picked on the dev set, so optimistic
-(sonnets: with the one sampling seed training scored with, so it can differ from the score even after 1 epoch).
-"mean ± std" is over seeds: how much the score moves when only the random seed (LoRA's initialisation, data
-order, dropout, sampling) changes. "95% CI" is a percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples) that
-redraws {seeds}the sampling seeds (sonnets) and the dev examples (paraphrase: the pairs; sonnets: the held-out
-sonnets, recomputing corpus chrF), so it includes how much the score would move with {runs}other samples
-and another dev set of the same size. "vs SFT-only FFT" is the paired difference from SFT-only FFT on the same
-dev examples, seeds and sampling seeds, with the same bootstrap's 95% interval (not corrected) and a two-sided
-p-value: {"McNemar's exact test on per-pair correctness (the course's metric) for paraphrase, the bootstrap's for sonnets" if n == 1 else "the bootstrap's"}.
-{"With one seed each comparison is between two trained models, not two methods. " if n == 1 else ""}"Holm p" corrects
-for the {k} comparison(s) in this table (Holm's step-down method): a condition is told apart from SFT-only FFT
-when its Holm p < 0.05. Costs are means over seeds; SFT→DPO's include its SFT stage, and its peak memory is the
-larger of the two stages'."""
-
-
-def write_study(plan, rows, plots):
-    title = (f"# The study: {Path(plan['model']).name if plan['preset'] == 'smoke' else plan['model']}, "
-             f"{len(rows)} conditions x {len(plan['seeds'])} seed(s) on {rows[0]['device'] if rows else plan['device']}")
-    sentence = verdict(rows, plan)
-    if plots is None:
-        pictures = ("Plots: `pip install matplotlib`, then run the same command again: nothing is retrained, and "
-                    "study-<task>.png (dev score and training loss per epoch) are drawn from the runs' histories.")
-    else:
-        pictures = "\n".join(f"![{name}]({name})" for name in plots)
-    legend = error_bars(plan, rows)
-    markdown = "\n\n".join([title, describe_preset(plan), markdown_table(rows, len(plan["seeds"])), sentence, legend,
-                            pictures]) + "\n"
+def write_study(plan, rows, contrasts, data, plots):
+    preset = {"full": "FULL study: every training pair and sonnet, every dev pair, the epochs of CONDITIONS",
+              "reduced": "REDUCED preset (the default without a CUDA GPU; --preset full runs the whole study)",
+              "smoke": "SMOKE test: a tiny random 2-layer GPT-2 on data/samples, so the scores mean nothing",
+              }[plan["preset"]]
+    settings = {task: PRESETS[plan["preset"]][task] for task in plan["tasks"]}
+    model = Path(plan["model"]).name if plan["preset"] == "smoke" else plan["model"]
+    title = f"# The study: {model}, {len(rows)} conditions x {len(plan['seeds'])} seed(s) on {plan['device']}"
+    sentence = verdict(contrasts, plan)
+    pictures = "\n".join(f"![{name}]({name})" for name in plots) if plots else (
+        "Plots (dev curves, loss per step, cost against quality): `pip install matplotlib`, then run the same "
+        "command again; nothing is retrained. Their data is in study.json (figures_data).")
+    markdown = "\n\n".join([title, f"{preset}; on top of CONDITIONS: {json.dumps(settings)}", markdown_table(rows),
+                             sentence, LEGEND, pictures]) + "\n"
     with atomic_open(plan["out_dir"] / "study.md") as f:
         f.write(markdown)
-    summary = [{k: v for k, v in row.items() if k != "history"} for row in rows]
     write_json(plan["out_dir"] / "study.json", {
-        "model": plan["model"], "preset": plan["preset"], "preset_description": describe_preset(plan),
-        "preset_settings": {task: PRESETS[plan["preset"]][task] for task in plan["tasks"]},
+        "model": plan["model"], "preset": plan["preset"], "preset_description": preset, "preset_settings": settings,
         "conditions": {f"{t}-{r}-{m}": CONDITIONS[(t, r, m)] for t, r, m in CONDITIONS if t in plan["tasks"]
                        and r in plan["regimes"] and m in plan["methods"]},
         "seeds": plan["seeds"], "sample_seeds": plan["sample_seeds"], "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
-        "multiple_comparisons": "Holm", "verdict": sentence, "legend": legend, "plots": plots, "rows": summary})
-    return markdown, legend
+        "multiple_comparisons": "Holm", "verdict": sentence, "legend": LEGEND, "plots": plots,
+        "rows": [{k: v for k, v in row.items() if k != "history"} for row in rows], "contrasts": contrasts,
+        "figures_data": data})
+    return markdown
 
 
 def study(plan):
-    results = run_all(plan) if not plan["report_only"] else {c["out_dir"]: finished(c) for _, c in runs(plan)}
-    rows = table_rows(plan, results)
-    markdown, legend = write_study(plan, rows, plot(rows, plan["out_dir"]))
-    print("\n" + markdown.split("\n\n" + legend)[0])
+    results = {c["out_dir"]: finished(c) for _, c in runs(plan)} if plan["report_only"] else train_all(plan)
+    rows, contrasts = table_rows(plan, results)
+    data = figures(plan, rows)
+    plots = plot.study_figures(data, plan["out_dir"]) if plot else None  # MERGE (issue 21): see `import plot`
+    markdown = write_study(plan, rows, contrasts, data, plots and [Path(p).name for p in plots])
+    print("\n" + markdown.split("\n\n" + LEGEND)[0])
     print(f"\nwritten: {plan['out_dir'] / 'study.md'} and {plan['out_dir'] / 'study.json'}")
     return rows
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        return study(check_args(args))
-    except InputError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: every run stopped; run the same command again to go on where the study stopped")
+        return flags.main(lambda config: study(check_args(config)), SETTINGS, __doc__, argv)
+    except Interrupted as e:
+        stopped = ", ".join(Path(d).name for d in e.stopped) or "none was training"
+        print(f"interrupted: every run stopped; {len(e.stopped)} run(s) interrupted ({stopped}), each resumable: run "
+              f"the same command again to go on where the study stopped", file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """study.py end to end with --smoke (a tiny random GPT-2 on the repository's data/samples): all 12 conditions
 with measured figures, the final-epoch scores and their statistics recomputed from the runs' files with
-independent oracles (scipy, sacrebleu, eval.bootstrap_ci), a second run that trains nothing, subsets, several
+independent oracles (scipy, sacrebleu, stats.bootstrap_ci), a second run that trains nothing, subsets, several
 seeds, --jobs (same numbers as in one process, every process stopped with the study), a study split over
 "machines" that gives the same table, and bad flags."""
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import eval as evaluation
+import flags
+import stats
 import study
 import train_dpo
 import train_sft
@@ -29,6 +30,9 @@ import trainer
 from data.sonnets import read_sonnets
 
 ALL = [(t, r, m) for t in study.TASKS for r in study.REGIMES for m in study.METHODS]
+SIMPO_MERGED = "simpo_gamma" in train_dpo.SETTINGS  # train_dpo --loss_type simpo is the lead's change (issue 20)
+UNTIL_SIMPO = pytest.mark.xfail(not SIMPO_MERGED, strict=True,
+                                reason="needs train_dpo.py --loss_type simpo --simpo_gamma (the lead's change)")
 SMOKE_DEV_PAIRS = 30  # data/samples/quora-dev.csv
 
 
@@ -37,7 +41,7 @@ def forbid_training(monkeypatch):
         raise AssertionError(f"trained {args[-1]['out_dir'] if isinstance(args[-1], dict) else args} again")
     monkeypatch.setattr(train_sft, "train", refuse)
     monkeypatch.setattr(train_dpo, "train", refuse)
-    monkeypatch.setattr(study, "start", lambda trainer, config, env: refuse(config))
+    monkeypatch.setattr(study, "launch", lambda trainer, config, env: refuse(config))
 
 
 def forbid_sampling(monkeypatch):
@@ -145,22 +149,33 @@ def test_a_finished_study_is_small_on_disk(smoke):
 
 
 def test_plots_or_how_to_get_them(smoke):
-    """With matplotlib (an optional extra) a PNG per task, linked from study.md; without it, how to get them."""
+    """The figures' data in study.json for every condition (dev curve: the runs' histories; training curve: the
+    first seed's log.jsonl loss lines); with plot.py and matplotlib (an optional extra) the PNGs it draws, linked
+    from study.md; without them, how to get them."""
     out_dir, summary, markdown, _ = smoke
+    data = summary["figures_data"]
+    assert [(d["task"], d["regime"], d["method"]) for d in data] == ALL
+    for d, row in zip(data, summary["rows"]):
+        assert d["score"] == row["score"] and d["ci"] == row["ci95"] and d["train_seconds"] == row["train_seconds"]
+        stages = 2 if row["regime"] == "sft_dpo" else 1
+        epochs = results_of(out_dir, row["task"], "sft", row["method"])["config"]["epochs"]
+        assert len(d["dev_curve"]) == stages * epochs
+        assert d["dev_curve"][-1][1] == results_of(out_dir, *row["runs"][0].split("/")[-1].split("-")[:3])["score"]
     try:
         import matplotlib  # noqa: F401
+        import plot  # noqa: F401  (plot.py: another helper's, issue 21)
     except ImportError:
-        assert summary["plots"] is None and "pip install matplotlib" in markdown
+        assert not summary["plots"] and "pip install matplotlib" in markdown
         return
-    assert summary["plots"] == ["study-paraphrase.png", "study-sonnet.png"]
+    assert summary["plots"]
     for name in summary["plots"]:
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in markdown
 
 
 def test_paraphrase_scores_and_paired_differences_follow_from_the_predictions(smoke):
     """Accuracy, its interval and the difference from SFT-only FFT, recomputed from each run's final-epoch
-    per-pair correctness: McNemar's p from scipy's exact binomial test on the discordant pairs, the intervals
-    from eval.bootstrap_ci (the same draws with one seed)."""
+    per-pair correctness: McNemar's p (of the two trained models; one seed gives no p-value about methods) from
+    scipy's exact binomial test on the discordant pairs, the intervals from stats.bootstrap_ci (the same draws)."""
     scipy_stats = pytest.importorskip("scipy.stats")
     out_dir, summary, _, _ = smoke
     baseline = correct_of(out_dir, "sft", "fft")
@@ -171,7 +186,7 @@ def test_paraphrase_scores_and_paired_differences_follow_from_the_predictions(sm
     for row in [r for r in summary["rows"] if r["task"] == "paraphrase"]:
         mine = correct_of(out_dir, row["regime"], row["method"])
         assert row["score"] == pytest.approx(sum(mine) / len(mine))
-        assert row["ci95"] == pytest.approx(list(evaluation.bootstrap_ci(mean, mine, mine, n_resamples=1000)))
+        assert row["ci95"] == pytest.approx(list(stats.bootstrap_ci(mean, mine, mine, n_resamples=1000)))
         if (row["regime"], row["method"]) == ("sft", "fft"):
             assert "vs_sft_fft" not in row
             continue
@@ -180,9 +195,10 @@ def test_paraphrase_scores_and_paired_differences_follow_from_the_predictions(sm
         versus = row["vs_sft_fft"]
         assert versus["difference"] == pytest.approx((only_mine - only_base) / len(mine))
         expected = 1.0 if only_mine + only_base == 0 else scipy_stats.binomtest(only_mine, only_mine + only_base).pvalue
-        assert versus["p_value"] == pytest.approx(expected) and versus["test"] == "McNemar's exact test"
+        assert versus["p_value"] is None and "two trained models" in versus["test"]
+        assert versus["mcnemar"]["p_value"] == pytest.approx(expected) and "McNemar" in versus["mcnemar"]["test"]
         differences = [a - b for a, b in zip(mine, baseline)]
-        assert versus["ci95"] == pytest.approx(list(evaluation.bootstrap_ci(mean, differences, differences)))
+        assert versus["ci95"] == pytest.approx(list(stats.bootstrap_ci(mean, differences, differences)))
 
 
 def test_sonnet_scores_are_sacrebleu_chrf_over_the_sampling_seeds(smoke):
@@ -207,17 +223,23 @@ def test_sonnet_scores_are_sacrebleu_chrf_over_the_sampling_seeds(smoke):
             assert cached["11711"] == trained and scores[0] == pytest.approx(results_of(out_dir, "sonnet", row["regime"], "fft")["score"])
         if (row["regime"], row["method"]) != ("sft", "fft"):
             low, high = row["vs_sft_fft"]["ci95"]
-            assert low <= row["vs_sft_fft"]["difference"] <= high and "sampling seeds" in row["vs_sft_fft"]["test"]
+            assert low <= row["vs_sft_fft"]["difference"] <= high and row["vs_sft_fft"]["p_value"] is None
 
 
-def test_holm_corrects_the_tables_comparisons(smoke):
+def test_one_seed_tells_no_method_apart(smoke):
+    """With one seed each condition is one trained model: the paper's 7 questions per task are listed with their
+    differences (and McNemar's test of the two models for paraphrase), but none has a p-value or enters Holm's
+    family, and the verdict says that comparing methods needs --seeds 2 or more."""
     out_dir, summary, markdown, _ = smoke
-    compared = [r["vs_sft_fft"] for r in summary["rows"] if "vs_sft_fft" in r]
-    assert len(compared) == 10
-    assert [v["p_holm"] for v in compared] == pytest.approx(study.holm([v["p_value"] for v in compared]))
-    assert all(v["told_apart"] == (v["p_holm"] < 0.05) and v["comparisons"] == 10 for v in compared)
-    assert "Holm" in markdown and "10 comparison(s)" in summary["verdict"]
-    assert "two trained models" in markdown and "two trained models" in summary["verdict"]
+    contrasts = summary["contrasts"]
+    assert [c["question"] for c in contrasts[:7]] == [
+        "LoRA vs FFT, SFT-only", "LoRA vs FFT, DPO-only", "LoRA vs FFT, SFT→DPO", "SFT→DPO vs SFT-only, FFT",
+        "SFT→DPO vs SFT-only, LoRA", "DPO-only vs SFT-only, FFT", "DPO-only vs SFT-only, LoRA"]
+    assert len(contrasts) == 14 and [c["task"] for c in contrasts] == ["paraphrase"] * 7 + ["sonnet"] * 7
+    assert all(c["p_value"] is None and "told_apart" not in c for c in contrasts)
+    assert all(("mcnemar" in c) == (c["task"] == "paraphrase") for c in contrasts)
+    assert "--seeds 2" in summary["verdict"] and "no method is told apart" in summary["verdict"]
+    assert summary["verdict"] in markdown and "Holm" in markdown
 
 
 def test_dpo_runs_share_one_cache(smoke):
@@ -266,8 +288,9 @@ def test_an_interrupted_study_trains_only_what_is_missing(smoke, monkeypatch):
 
 
 def test_several_seeds_give_a_mean_a_spread_and_a_bootstrap_over_seeds(smoke):
-    """--seeds 2: each row is the mean and sample standard deviation of its runs (numpy as the oracle), and the
-    comparison with SFT-only FFT resamples seeds and dev pairs together. Trains only the two seed-11712 runs."""
+    """--seeds 2: each row is the mean and sample standard deviation of its runs (numpy as the oracle), its interval
+    the t interval across seeds, and the comparison with SFT-only FFT the paired t-test on the per-seed differences;
+    the contrasts table and the verdict answer DPO-only vs SFT-only. Trains only the two seed-11712 runs."""
     out_dir = smoke[0]
     rows, _ = run_study("--out_dir", out_dir, "--seeds", "2", "--tasks", "paraphrase", "--regimes", "sft,dpo",
                         "--methods", "fft")
@@ -278,11 +301,18 @@ def test_several_seeds_give_a_mean_a_spread_and_a_bootstrap_over_seeds(smoke):
         assert row["score_std"] == pytest.approx(np.std(row["scores"], ddof=1), abs=1e-12)
         assert row["train_seconds"] == pytest.approx(np.mean([r["train_seconds"] for r in runs]))
     versus = rows[1]["vs_sft_fft"]
-    assert versus["test"] == "paired bootstrap over training seeds, dev examples" and "mcnemar" not in versus
+    assert versus["test"] == "paired t-test over 2 seeds (1 degrees of freedom)" and "mcnemar" not in versus
     mine = [np.mean(correct_of(out_dir, "dpo", "fft", s)) - np.mean(correct_of(out_dir, "sft", "fft", s)) for s in (11711, 11712)]
-    assert versus["difference"] == pytest.approx(np.mean(mine))
+    assert versus["difference"] == pytest.approx(np.mean(mine)) and versus["per_seed"] == pytest.approx(mine)
+    summary = json.loads((out_dir / "study.json").read_text())
+    [contrast] = summary["contrasts"]
+    assert contrast["question"] == "DPO-only vs SFT-only, FFT" and contrast["per_seed"] == pytest.approx(mine)
+    assert "Paraphrase, 2 seeds, paired t-tests" in summary["verdict"]
+    assert ("told apart" if contrast["told_apart"] else "this design detects") in summary["verdict"]
+    for row in rows:  # each condition's interval is across seeds: the t interval of its 2 per-seed scores
+        assert row["ci95"] == pytest.approx(stats.t_test(row["scores"])["ci95"])
     markdown = (out_dir / "study.md").read_text()
-    assert "mean over 2 seeds" in markdown and "Over 2 seeds" in markdown and "two trained models" not in markdown
+    assert "DPO-only vs SFT-only, FFT: " in markdown and "two trained models" not in markdown
 
 
 # -----------------------------------------------------------------------------
@@ -307,47 +337,114 @@ def test_holm_matches_hand_values_and_the_step_down_procedure():
         assert {i for i, q in enumerate(study.holm(p)) if q <= alpha} == rejected
 
 
-def test_the_bootstrap_over_seeds_draws_seeds_with_replacement():
-    """Three seeds whose models are right on every pair, on none and on half: dev pairs then do not matter, and
-    the statistic is the mean of 3 seeds drawn with replacement. Its exact distribution (27 equally likely
-    draws) against the bootstrap's frequencies over 1,000 resamples."""
-    items = [[np.ones(20)], [np.zeros(20)], [np.full(20, 0.5)]]
-    values = study.bootstrap(lambda s, k, e: study.score_of("paraphrase", items, None, s, k, e), 3, 1, 20)
-    exact = Counter(round(float(np.mean(draw)), 6) for draw in itertools.product([1.0, 0.0, 0.5], repeat=3))
-    seen = Counter(round(float(v), 6) for v in values)
-    assert set(seen) <= set(exact)
-    for value, count in exact.items():
-        assert abs(seen[value] / len(values) - count / 27) < 0.04, value
-
-
-def test_bootstrap_p_is_the_level_at_which_the_interval_reaches_zero():
-    assert study.bootstrap_p(np.ones(999)) == pytest.approx(2 / 1000)
-    assert study.bootstrap_p(np.linspace(-1, 1, 1001)) == 1.0
-    d = np.linspace(-1, 9, 1000)  # 100 of 1000 at or below 0
-    assert study.bootstrap_p(d) == pytest.approx(2 * 101 / 1001)
-
-
-def test_a_clear_difference_is_told_apart_and_named():
-    """The paired comparisons' positive branch, on made-up outcomes: a model right on all 40 pairs where the
-    baseline is wrong on 12 (McNemar p from scipy), and sonnets copied from the references against nonsense
-    over two sampling seeds."""
+def test_one_seed_gives_an_interval_for_two_models_and_no_p_value():
+    """A model right on all 40 pairs where the baseline is wrong on 12: the difference and McNemar's p (scipy);
+    sonnets copied from the references against nonsense over two sampling seeds: a bootstrap interval above 0."""
     scipy_stats = pytest.importorskip("scipy.stats")
     mine, base = np.ones(40), np.array([0.0] * 12 + [1.0] * 28)
     para = study.versus_baseline("paraphrase", [[mine]], [[base]], None)
-    assert para["difference"] == pytest.approx(12 / 40) and para["ci95"][0] > 0
-    assert para["p_value"] == pytest.approx(scipy_stats.binomtest(12, 12).pvalue)
+    assert para["difference"] == pytest.approx(12 / 40) and para["ci95"][0] > 0 and para["p_value"] is None
+    assert para["mcnemar"]["p_value"] == pytest.approx(scipy_stats.binomtest(12, 12).pvalue)
     references = ["Shall I compare thee to a summer's day?", "When forty winters shall besiege thy brow",
                   "Look in thy glass and tell the face thou viewest", "Music to hear, why hear'st thou music sadly?"]
     sonnets = study.versus_baseline("sonnet", [[references, references]], [[["zzz qqq"] * 4, ["qqq"] * 4]], references)
-    assert sonnets["difference"] > 50 and sonnets["ci95"][0] > 0 and sonnets["p_value"] < 0.01
-    assert sonnets["test"] == "paired bootstrap over sampling seeds, dev examples"
-    rows = [{"task": "paraphrase", "regime": "dpo", "method": "lora", "vs_sft_fft": {**para, "told_apart": True}},
-            {"task": "sonnet", "regime": "sft", "method": "lora", "vs_sft_fft": {**sonnets, "told_apart": False}}]
-    plan = {"dev": {"paraphrase": [0] * 40, "sonnet": {"references": references}}, "seeds": [1], "sample_seeds": 2}
-    sentence = study.verdict(rows, plan)
-    assert "tell apart paraphrase DPO-only LoRA, but not sonnets SFT-only LoRA:" in sentence
-    assert "40 dev pairs and 4 dev sonnets x 2 sampling seed(s)" in sentence and "two trained models" in sentence
-    assert "Over 3 seeds" in study.verdict(rows, {**plan, "seeds": [1, 2, 3]})
+    assert sonnets["difference"] > 50 and sonnets["ci95"][0] > 0 and sonnets["p_value"] is None
+
+
+def made_up_runs(rng, shifts, n_pairs=400):
+    """items[(task, regime, method)] for the 6 paraphrase conditions, one run per shift: per-pair correctness
+    with accuracy 0.8 + that seed's shift."""
+    return {("paraphrase", r, m): [[(rng.random(n_pairs) < 0.8 + shift).astype(np.float64)] for shift in shifts[(r, m)]]
+            for r in study.REGIMES for m in study.METHODS}
+
+
+def test_several_seeds_answer_the_papers_questions_with_a_paired_t_test_and_holm():
+    """3 seeds: each question's per-seed differences, scipy's paired t-test on the per-seed accuracies, Holm over
+    the task's 7 questions, and for each one not told apart the smallest difference with 80% power at Holm's
+    first threshold (stats.smallest_detectable); the verdict says it in words."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    shifts = {(r, m): [0.0, 0.01, -0.01] for r in study.REGIMES for m in study.METHODS}
+    shifts[("sft", "lora")] = [0.15, 0.16, 0.14]  # LoRA far better than FFT after SFT
+    items = made_up_runs(np.random.default_rng(0), shifts)
+    plan = {"tasks": ["paraphrase"], "regimes": list(study.REGIMES), "methods": list(study.METHODS),
+            "seeds": [1, 2, 3], "dev": {"paraphrase": [0] * 400}}
+    contrasts = study.contrasts(plan, items)
+    pairs = [(("sft", "lora"), ("sft", "fft")), (("dpo", "lora"), ("dpo", "fft")),
+             (("sft_dpo", "lora"), ("sft_dpo", "fft")), (("sft_dpo", "fft"), ("sft", "fft")),
+             (("sft_dpo", "lora"), ("sft", "lora")),
+             (("dpo", "fft"), ("sft", "fft")), (("dpo", "lora"), ("sft", "lora"))]
+    assert len(contrasts) == 7 and all(c["comparisons"] == 7 for c in contrasts)
+    for c, (a, b) in zip(contrasts, pairs):
+        mine = [outcomes[0].mean() for outcomes in items[("paraphrase", *a)]]
+        theirs = [outcomes[0].mean() for outcomes in items[("paraphrase", *b)]]
+        assert c["per_seed"] == pytest.approx(np.subtract(mine, theirs))
+        assert c["p_value"] == pytest.approx(scipy_stats.ttest_rel(mine, theirs).pvalue)
+    assert [c["p_holm"] for c in contrasts] == pytest.approx(study.holm([c["p_value"] for c in contrasts]))
+    first = contrasts[0]
+    assert first["question"] == "LoRA vs FFT, SFT-only" and first["told_apart"] and first["difference"] > 0.1
+    quiet = [c for c in contrasts if not c["told_apart"]]
+    assert quiet and all(c["smallest_detectable"] == pytest.approx(
+        stats.smallest_detectable(np.std(c["per_seed"], ddof=1), 3, 0.05 / 7)) for c in quiet)
+    sentence = study.verdict(contrasts, plan)
+    assert sentence.startswith("Paraphrase, 3 seeds, paired t-tests with Holm's correction over 7 questions: "
+                               "LoRA vs FFT, SFT-only: told apart, +0.")
+    assert "LoRA vs FFT, DPO-only: not told apart (per seed " in sentence and "with 80% power" in sentence
+
+
+def simulated_study(rng, n_pairs, n_seeds, seed_sd, effect=0.0):
+    """Synthetic per-pair correctness for the 6 paraphrase conditions, with no true difference between methods
+    (or `effect` added to SFT-only LoRA): pair i is answered right with chance p_i (Beta, mean 0.89, the same for
+    every model: hard pairs are hard for all), which each run (condition, seed) shifts by u ~ N(0, seed_sd)."""
+    p = rng.beta(0.89 * 4, 0.11 * 4, size=n_pairs)
+    items = {}
+    for regime in study.REGIMES:
+        for method in study.METHODS:
+            shift = rng.normal(0, seed_sd, size=(n_seeds, 1)) + (effect if (regime, method) == ("sft", "lora") else 0)
+            correct = rng.random((n_seeds, n_pairs)) < np.clip(p + shift, 0, 1)
+            items[("paraphrase", regime, method)] = [[c.astype(np.float64)] for c in correct]
+    return items
+
+
+def calibration(n_pairs, seed_sd, tables, effect=0.0, n_seeds=3, seed=0):
+    """Simulated tables through the study's own contrasts() (paired t-tests, Holm over the 7 questions):
+    (share of tables naming any question told apart, share with "LoRA vs FFT, SFT-only" told apart, share with
+    its uncorrected p < 0.05)."""
+    rng = np.random.default_rng(seed)
+    plan = {"tasks": ["paraphrase"], "regimes": list(study.REGIMES), "methods": list(study.METHODS)}
+    any_apart = lora_apart = lora_p = 0
+    for _ in range(tables):
+        found = study.contrasts(plan, simulated_study(rng, n_pairs, n_seeds, seed_sd, effect))
+        any_apart += any(c["told_apart"] for c in found)
+        lora_apart += found[0]["told_apart"]
+        lora_p += found[0]["p_value"] < 0.05
+    return any_apart / tables, lora_apart / tables, lora_p / tables
+
+
+def test_calibration_no_difference_is_told_apart_at_most_5_percent_of_the_time():
+    """600 simulated null tables (2,000 dev pairs, 3 seeds, seed sd 0.0045): the share naming any condition told
+    apart stays within Monte-Carlo error (2.6 standard errors, one-sided) of 5% or below, and so does one
+    comparison's p < 0.05. A true +0.12 (LoRA after SFT; 3 seeds at Holm's 0.05 / 7 need about 9 standard
+    deviations of the per-seed differences) is found in most tables. Full size: docs/study.md."""
+    tables = 600
+    error = 2.6 * np.sqrt(0.05 * 0.95 / tables)
+    family, _, single = calibration(2000, 0.0045, tables)
+    assert family <= 0.05 + error and single <= 0.05 + error
+    _, power, _ = calibration(2000, 0.0045, 100, effect=0.12, seed=1)
+    print(f"family-wise false positives {family:.3f}, one comparison {single:.3f}, power for +0.12: {power:.2f}")
+    assert power > 0.5
+
+
+if __name__ == "__main__":  # the full-size calibration of docs/study.md: python -m tests.test_study (a few minutes)
+    print("dev pairs | seed sd | tables | any told apart (Holm over 7) | one comparison p < 0.05")
+    for n_pairs, seed_sd, tables in [(4000, 0.0, 4000), (4000, 0.0045, 4000), (4000, 0.009, 4000),
+                                     (40429, 0.0, 1000), (40429, 0.0043, 1000), (40429, 0.009, 1000)]:
+        family, _, single = calibration(n_pairs, seed_sd, tables)
+        se = np.sqrt(0.05 * 0.95 / tables)
+        print(f"{n_pairs} | {seed_sd} | {tables} | {family:.3f} | {single:.3f} (Monte-Carlo error at 5%: {se:.3f})")
+    for n_pairs, seed_sd in [(4000, 0.0045), (40429, 0.0043)]:
+        _, power, single = calibration(n_pairs, seed_sd, 1000, effect=0.01, seed=1)
+        print(f"true +0.01 for SFT-only LoRA, {n_pairs} pairs, seed sd {seed_sd}: told apart (Holm) {power:.3f}, "
+              f"p < 0.05 uncorrected {single:.3f}")
 
 
 # -----------------------------------------------------------------------------
@@ -359,7 +456,7 @@ def test_every_setting_is_a_flag_the_training_scripts_read_back(tmp_path):
     keep_checkpoints included)."""
     plan = {"preset": "smoke", "model": str(tmp_path / "tiny-gpt2"), "data_dir": tmp_path / "data", "device": "cpu",
             "out_dir": tmp_path, "keep_checkpoints": False}
-    for task, regime, method in study.CONDITIONS:  # the paper's 12 and --regimes all's 8 more
+    for task, regime, method in [c for c in study.CONDITIONS if c[1] != "simpo"]:  # simpo: the test below
         config = study.run_config(plan, task, regime, method, 11711)
         assert config["save_best"] is False and config["keep_checkpoints"] is False
         script = study.TRAINERS[regime]
@@ -369,6 +466,18 @@ def test_every_setting_is_a_flag_the_training_scripts_read_back(tmp_path):
         assert {k: parsed[k] for k in config} == config
     kept = study.run_config({**plan, "keep_checkpoints": True}, "sonnet", "sft", "fft", 11711)
     assert kept["save_best"] is True and kept["keep_checkpoints"] is True
+
+
+@UNTIL_SIMPO
+def test_simpo_runs_are_flags_train_dpo_reads_back(tmp_path):
+    plan = {"preset": "smoke", "model": str(tmp_path / "tiny-gpt2"), "data_dir": tmp_path / "data", "device": "cpu",
+            "out_dir": tmp_path, "keep_checkpoints": False}
+    for task in study.TASKS:
+        for method in study.METHODS:
+            config = study.run_config(plan, task, "simpo", method, 11711)
+            assert (config["loss_type"], config["beta"], config["simpo_gamma"]) == ("simpo", 2.0, 0.5)
+            parsed = trainer.parse_args(study.command(train_dpo, config)[2:], train_dpo.SETTINGS, "")
+            assert {k: parsed[k] for k in config} == config
 
 
 class FakeRun:
@@ -389,7 +498,7 @@ class FakeRun:
 
 
 def fake_processes(monkeypatch, failing=()):
-    """Replace study.start: returns the log of (run, what was running when it started, its environment)."""
+    """Replace study.launch: returns the log of (run, what was running when it started, its environment)."""
     started, running = [], []
 
     def start(trainer, config, env):
@@ -399,7 +508,7 @@ def fake_processes(monkeypatch, failing=()):
         running.append(FakeRun(config, Path(config["out_dir"]).name in failing))
         return running[-1]
 
-    monkeypatch.setattr(study, "start", start)
+    monkeypatch.setattr(study, "launch", start)
     monkeypatch.setattr(study.time, "sleep", lambda seconds: None)
     return started
 
@@ -523,8 +632,9 @@ def wait_for(condition, timeout):
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_stopping_the_study_stops_every_run_and_a_restart_resumes(sig, tmp_path):
-    """Ctrl-C (SIGINT), kill (SIGTERM) and even kill -9 of the study stop every training process it started;
-    started again, the study finishes the runs."""
+    """Ctrl-C (SIGINT), kill (SIGTERM) and even kill -9 of the study stop every training process it started
+    (the first two by passing the signal on, so each run checkpoints and exits); the study names the runs it
+    interrupted and exits 128 + the signal; started again, it finishes the runs."""
     out_dir = tmp_path / "study"
     flags = ["--smoke", "--device", "cpu", "--out_dir", str(out_dir), "--jobs", "2", "--tasks", "paraphrase",
              "--regimes", "sft", "--methods", "fft,lora"]
@@ -533,13 +643,15 @@ def test_stopping_the_study_stops_every_run_and_a_restart_resumes(sig, tmp_path)
     try:
         children = wait_for(lambda: len(training_processes(out_dir)) == 2 and training_processes(out_dir), 300)
         parent.send_signal(sig)
-        parent.wait(timeout=60)
+        parent.wait(timeout=90)
         wait_for(lambda: not set(children) & set(training_processes(out_dir)), 30)
     finally:
         parent.kill()
         parent.wait()
-    if sig == signal.SIGINT:
-        assert "interrupted: every run stopped" in parent.stderr.read()
+    if sig != signal.SIGKILL:
+        stderr = parent.stderr.read()
+        assert parent.returncode == 128 + sig and "interrupted: every run stopped; 2 run(s) interrupted" in stderr
+        assert "paraphrase-sft-fft-seed11711" in stderr and "paraphrase-sft-lora-seed11711" in stderr
     if sig == signal.SIGTERM:
         rows, _ = run_study(*flags[3:])
         assert [(r["regime"], r["method"]) for r in rows] == [("sft", "fft"), ("sft", "lora")]
@@ -628,15 +740,18 @@ def test_smoke_without_the_samples_names_the_missing_file(tmp_path, monkeypatch)
 # beyond the paper: --regimes all
 
 
-def test_regimes_all_plans_20_conditions_with_their_own_trainers(tmp_path):
-    plan = study.check_args(study.parse_args(["--smoke", "--device", "cpu", "--regimes", "all",
-                                              "--out_dir", str(tmp_path / "s")]))
-    assert plan["regimes"] == ["sft", "dpo", "sft_dpo", "rpo", "orpo"]
+def plan_of(*argv):
+    return study.check_args(flags.parse(list(argv), study.SETTINGS, study.__doc__))
+
+
+def test_regimes_all_plans_24_conditions_with_their_own_trainers(tmp_path):
+    plan = plan_of("--smoke", "--device", "cpu", "--regimes", "all", "--out_dir", str(tmp_path / "s"))
+    assert plan["regimes"] == ["sft", "dpo", "sft_dpo", "rpo", "orpo", "simpo"]
     conditions = {(t, r, m) for t in plan["tasks"] for r in plan["regimes"] for m in plan["methods"]}
-    assert len(conditions) == 20 and conditions <= set(study.CONDITIONS)
+    assert len(conditions) == 24 and conditions <= set(study.CONDITIONS)
     trainers = {Path(config["out_dir"]).name.split("-")[1]: trainer.__name__ for trainer, config in study.runs(plan)}
     assert trainers == {"sft": "train_sft", "dpo": "train_dpo", "sft_dpo": "train_dpo", "rpo": "train_dpo",
-                        "orpo": "train_orpo"}
+                        "orpo": "train_orpo", "simpo": "train_dpo"}
 
 
 def test_rpo_and_orpo_rows_say_what_reference_they_paid_for(tmp_path):
@@ -649,15 +764,28 @@ def test_rpo_and_orpo_rows_say_what_reference_they_paid_for(tmp_path):
     assert any("| orpo" in line and "| none" in line for line in printed.splitlines()), printed
 
 
+@UNTIL_SIMPO
+def test_simpo_rows_for_both_methods_pay_no_reference_pass(tmp_path):
+    """SimPO (train_dpo --loss_type simpo) is reference-free: results.json says "reference": "none", and so does
+    the row's reference pass column, for FFT and LoRA."""
+    rows, printed = run_study("--tasks", "paraphrase", "--regimes", "simpo", "--out_dir", tmp_path / "s")
+    assert [(r["method"], r["reference"]) for r in rows] == [("fft", "none"), ("lora", "none")]
+    for method in study.METHODS:
+        run = results_of(tmp_path / "s", "paraphrase", "simpo", method)
+        assert run["reference"] == "none"
+        assert (run["config"]["loss_type"], run["config"]["simpo_gamma"]) == ("simpo", 0.5)
+    assert sum("| simpo" in line and "| none" in line for line in printed.splitlines()) == 2, printed
+
+
 def test_a_fairer_lora_reaches_every_lora_condition_and_nothing_else(tmp_path):
-    plan = study.check_args(study.parse_args(["--smoke", "--device", "cpu", "--lora_rslora", "--lora_plus_ratio", "16",
-                                              "--out_dir", str(tmp_path / "s")]))
+    plan = plan_of("--smoke", "--device", "cpu", "--lora_rslora", "--lora_plus_ratio", "16",
+                   "--out_dir", str(tmp_path / "s"))
     for task, regime, method in ALL:
         config = study.run_config(plan, task, regime, method, 11711)
         fair = {k: config.get(k) for k in ("lora_rslora", "lora_plus_ratio")}
         assert fair == ({"lora_rslora": True, "lora_plus_ratio": 16.0} if method == "lora" else
                         {"lora_rslora": None, "lora_plus_ratio": None})
-    plain = study.check_args(study.parse_args(["--smoke", "--device", "cpu", "--out_dir", str(tmp_path / "p")]))
+    plain = plan_of("--smoke", "--device", "cpu", "--out_dir", str(tmp_path / "p"))
     assert "lora_rslora" not in study.run_config(plain, "sonnet", "sft", "lora", 11711)  # older runs still match
     with pytest.raises(SystemExit, match=r"error: --lora_plus_ratio 0.0: must be a positive number"):
         study.main(["--smoke", "--lora_plus_ratio", "0", "--out_dir", str(tmp_path / "z")])
