@@ -14,16 +14,11 @@ resumes, so several machines can share out_dir and `--report_only` writes the ta
 hold a row per condition, the paper's questions answered from the seeds (paired t-tests, Holm), and a legend.
 """
 
-import ctypes
 import hashlib
 import json
-import os
 import signal
 import statistics
-import subprocess
 import sys
-import time
-from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -32,23 +27,22 @@ import torch
 import checkpoint
 import fileio
 import flags
+import plot
 import train_dpo
 import train_orpo
 import train_sft
 from data.quora import read_quora
+from jobs import Interrupted, finished, interrupt, run_here, run_in_processes
+from runlog import read_log
 from data.sonnets import read_sonnets
 from data.tasks import QUORA, SONNETS
 from data.tokenizer import get_tokenizer
 from eval import chrf, evaluate_sonnets
-from fileio import InputError, atomic_open, read_text, writable_dir, write_json
+from fileio import InputError, atomic_open, read_json, writable_dir, write_json
 from flags import POSITIVE, at_least, one_of
 from model import GPT, PRETRAINED, GPTConfig
 from stats import bootstrap_ci, holm, paired_difference, smallest_detectable, t_test
 
-try:  # MERGE (issue 21): plot.py comes from the plot helper; once merged this is a plain `import plot`
-    import plot
-except ImportError:
-    plot = None
 
 # -----------------------------------------------------------------------------
 # The conditions, in the training scripts' SETTINGS names; the rest is their defaults (batches of 8, AdamW, 5%
@@ -64,7 +58,7 @@ TRAINING = {
     # SimPO have no reference model (Hong et al. 2024's lambda; Meng et al. 2024's recommended beta and gamma)
     "rpo": dict(beta=0.1, rpo_alpha=1.0),
     "orpo": dict(orpo_lambda=0.1),
-    "simpo": dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5),
+    "simpo": dict(loss_type="simpo", beta=2.0, simpo_gamma=1.0),
 }
 TASKS, REGIMES, METHODS = ("paraphrase", "sonnet"), ("sft", "dpo", "sft_dpo"), ("fft", "lora")  # the paper's 12
 ALL_REGIMES = tuple(TRAINING)  # --regimes all: 24 conditions
@@ -221,19 +215,6 @@ def runs(plan):
     return list(unique.values())
 
 
-def finished(config):
-    """The run's results.json as a dict if it has finished, else None."""
-    path = Path(config["out_dir"]) / "results.json"
-    return read_json(path) if path.exists() else None
-
-
-def read_json(path):
-    try:
-        return json.loads(read_text(path))
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({e}); delete its folder to run it again") from None
-
-
 # settings that do not change what a run trains: a finished run is reused whatever they were
 NOT_COMPARED = ("data_dir", "out_dir", "device", "resume", "cache_dir", "save_best", "keep_checkpoints")
 
@@ -281,167 +262,22 @@ def check_runs(plan):
 # training: one run after the other in this process (--jobs 1), or up to N processes at once
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM reached the study: the signal, and the runs it stopped (each saved a checkpoint)."""
-
-    def __init__(self, signum, stopped=()):
-        super().__init__(signum)
-        self.signum, self.stopped = signum, list(stopped)
-
-
-def interrupt(signum, frame):
-    raise Interrupted(signum)
-
-
 def train_all(plan):
     """Train every run that has not finished, holding the study folder; SIGINT and SIGTERM raise Interrupted.
     Returns {out_dir: results}."""
     plan["out_dir"].mkdir(parents=True, exist_ok=True)
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:  # MERGE (issue 22): fileio.lock_dir, one writer per folder, is being added to fileio.py by the io helper
-        with fileio.lock_dir(plan["out_dir"]) if hasattr(fileio, "lock_dir") else nullcontext():
+    try:
+        with fileio.lock_dir(plan["out_dir"]):
             if plan["preset"] == "smoke" and not (Path(plan["model"]) / "model.safetensors").exists():
                 torch.manual_seed(0)  # --smoke: the tiny random GPT-2 every run starts from, inside out_dir
                 checkpoint.save_pretrained(GPT(GPTConfig(**SMOKE_MODEL)), plan["model"])
             if plan["jobs"] > 1:
-                return run_in_processes(plan, runs(plan), plan["jobs"])
+                return run_in_processes(runs(plan), plan["jobs"], plan["device"])
             return run_here(runs(plan))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def run_here(planned):
-    """--jobs 1: each run a call of its trainer's train(config) in this process."""
-    results = {}
-    for i, (trainer, config) in enumerate(planned, 1):
-        what, done = f"[{i}/{len(planned)}] {Path(config['out_dir']).name}", finished(config)
-        if done is not None:
-            print(f"{what}: done already ({config['out_dir']}/results.json)")
-            results[config["out_dir"]] = done
-            continue
-        print(f"{what}: {trainer.__name__}.train from {config['init_from']}", flush=True)
-        try:
-            results[config["out_dir"]] = trainer.train(dict(config))
-        except (Interrupted, KeyboardInterrupt) as e:
-            raise Interrupted(getattr(e, "signum", signal.SIGINT), [config["out_dir"]]) from None
-        except SystemExit as e:  # a run stopped by a signal saves a checkpoint and exits with 128 + its number
-            if e.code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-                raise
-            raise Interrupted(e.code - 128, [config["out_dir"]]) from None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # hand the finished run's cached blocks back
-    return results
-
-
-def command(trainer, config):
-    """The run as a command line: every setting a flag (--name value; booleans true/false; None left out)."""
-    argv = []
-    for name, value in config.items():
-        if value is not None:
-            argv += [f"--{name}", ("true" if value else "false") if isinstance(value, bool) else str(value)]
-    return [sys.executable, str(ROOT / f"{trainer.__name__}.py"), *argv]
-
-
-def child_environment(jobs, gpu):
-    """Each process's share of the machine: one GPU (round-robin), and max(1, cores // jobs) CPU threads."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = str(max(1, cores // jobs))
-    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-            **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
-
-
-def launch(trainer, config, env):
-    """The run as a process in its own process group, its output appended to <run>/train.log. On Linux the child
-    gets SIGTERM if the study dies, even by SIGKILL (prctl 1 = PR_SET_PDEATHSIG)."""
-    Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
-    die_with_parent = (lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM)) if sys.platform == "linux" else None
-    with open(Path(config["out_dir"]) / "train.log", "a") as log:
-        return subprocess.Popen(command(trainer, config), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=die_with_parent)
-
-
-def stop(running, sig, grace=60):
-    """`sig` to every live run's process group (a run saves a checkpoint and exits 128 + sig), then SIGKILL to
-    any still running after `grace` seconds. Returns the out_dirs of the runs that were live."""
-    live = [proc for proc in running if proc.poll() is None]
-    deadline = time.time() + grace
-    for proc in live:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-    for proc in live:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return [running[proc][1]["out_dir"] for proc in live]
-
-
-def ready(waiting, running, failed, free):
-    """Up to `free` waiting runs that can start now: an SFT->DPO run only once its SFT run has finished. A run
-    whose SFT run failed moves to `failed`."""
-    busy = {config["out_dir"] for _, config in waiting} | {config["out_dir"] for _, config in running.values()}
-    chosen = []
-    for trainer, config in list(waiting):
-        needs = str(Path(config["init_from"]).parent)
-        if needs in failed:
-            waiting.remove((trainer, config))
-            failed.append(config["out_dir"])
-        elif needs not in busy - {config["out_dir"]} and len(chosen) < free:
-            waiting.remove((trainer, config))
-            chosen.append((trainer, config))
-    return chosen
-
-
-def run_in_processes(plan, planned, jobs):
-    """--jobs N: up to N runs at once, each `python train_sft.py ...` etc. with the same settings as in-process;
-    one line per finished run. SIGINT/SIGTERM (Interrupted) is passed on to the runs, which checkpoint and exit;
-    on any other way out every run is stopped with SIGTERM. Returns {out_dir: results}."""
-    results = {c["out_dir"]: done for _, c in planned if (done := finished(c)) is not None}
-    waiting = [(t, c) for t, c in planned if c["out_dir"] not in results]
-    devices, visible = [], os.environ.get("CUDA_VISIBLE_DEVICES")  # GPUs to spread runs over: with --device cuda
-    if plan["device"] == "cuda":  # every visible one; else none (the CPU, MPS or one named GPU, which all share)
-        devices = [g.strip() for g in (visible or "").split(",") if g.strip()]
-        devices = devices or [str(i) for i in range(torch.cuda.device_count())]
-    running, failed, total, count = {}, [], len(waiting), 0
-    print(f"{len(results)} run(s) done already; training {total}, up to {jobs} at a time "
-          f"({'GPUs ' + ','.join(devices) if devices else plan['device']}); each logs to <run>/train.log", flush=True)
-    try:
-        while waiting or running:
-            for trainer, config in ready(waiting, running, failed, jobs - len(running)):
-                load = {gpu: sum(g == gpu for g, _ in running.values()) for gpu in devices}
-                gpu = min(devices, key=load.get) if devices else None  # the least busy GPU
-                running[launch(trainer, config, child_environment(jobs, gpu))] = (gpu, config)
-            proc = next(iter(p for p in running if p.poll() is not None), None)
-            if proc is None:
-                time.sleep(0.2)
-                continue
-            _, config = running.pop(proc)
-            done, count = finished(config) if proc.returncode == 0 else None, count + 1
-            if done is None:
-                failed.append(config["out_dir"])
-            else:
-                results[config["out_dir"]] = done
-            print(finished_line(config, done, proc.returncode, count, total), flush=True)
-    except Interrupted as e:
-        raise Interrupted(e.signum, stop(running, e.signum)) from None
-    finally:
-        stop(running, signal.SIGTERM)
-    if failed:
-        raise InputError(f"{len(failed)} run(s) failed or could not start: {', '.join(Path(f).name for f in failed)}; "
-                         f"see each one's train.log, then run the same command again")
-    return results
-
-
-def finished_line(config, results, returncode, count, total):
-    name, log = Path(config["out_dir"]).name, Path(config["out_dir"]) / "train.log"
-    if results is None:
-        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-        return f"[{count}/{total}] {name}: FAILED (exit code {returncode}): {lines[-1] if lines else ''} ({log})"
-    return (f"[{count}/{total}] {name}: {results['score_name']} {results['score']:.4f} (final epoch), "
-            f"{results['train_seconds']:.1f} s training ({log})")
 
 
 # -----------------------------------------------------------------------------
@@ -722,8 +558,7 @@ def figures(plan, rows):
         train, offset = [], 0
         for regime in stages_of(row["regime"]):
             log = run_dir(plan, row["task"], regime, row["method"], plan["seeds"][0]) / "log.jsonl"
-            lines = [json.loads(line) for line in read_text(log).splitlines() if line.strip()] if log.exists() else []
-            train += [[offset + line["step"], line["loss"]] for line in lines if "loss" in line]
+            train += [[offset + line["step"], line["loss"]] for line in read_log(log) if "loss" in line]
             offset = train[-1][0] if train else 0
         data.append({"label": f"{NAMES[row['task']]} {NAMES[row['regime']]} {NAMES[row['method']]}",
                      "task": row["task"], "regime": row["regime"], "method": row["method"], "score": row["score"],
@@ -762,7 +597,7 @@ def study(plan):
     results = {c["out_dir"]: finished(c) for _, c in runs(plan)} if plan["report_only"] else train_all(plan)
     rows, contrasts = table_rows(plan, results)
     data = figures(plan, rows)
-    plots = plot.study_figures(data, plan["out_dir"]) if plot else None  # MERGE (issue 21): see `import plot`
+    plots = plot.study_figures(data, plan["out_dir"])
     markdown = write_study(plan, rows, contrasts, data, plots and [Path(p).name for p in plots])
     print("\n" + markdown.split("\n\n" + LEGEND)[0])
     print(f"\nwritten: {plan['out_dir'] / 'study.md'} and {plan['out_dir'] / 'study.json'}")

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 # The reading order, which is also the only direction imports may run: a module imports only those before it.
 ORDER = ["fileio", "stats", "flags", "data", "model", "chunked_logprobs", "lora", "checkpoint", "eval", "runlog",
-         "trainer", "train_sft", "preferences", "train_dpo", "train_orpo", "plot", "study", "bench"]
+         "trainer", "train_sft", "preferences", "train_dpo", "train_orpo", "jobs", "plot", "study", "bench"]
 SOURCES = sorted([*ROOT.glob("*.py"), *ROOT.glob("data/*.py")])
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import flags
+import jobs
 import stats
 import study
 import train_dpo
@@ -30,9 +31,6 @@ import trainer
 from data.sonnets import read_sonnets
 
 ALL = [(t, r, m) for t in study.TASKS for r in study.REGIMES for m in study.METHODS]
-SIMPO_MERGED = "simpo_gamma" in train_dpo.SETTINGS  # train_dpo --loss_type simpo is the lead's change (issue 20)
-UNTIL_SIMPO = pytest.mark.xfail(not SIMPO_MERGED, strict=True,
-                                reason="needs train_dpo.py --loss_type simpo --simpo_gamma (the lead's change)")
 SMOKE_DEV_PAIRS = 30  # data/samples/quora-dev.csv
 
 
@@ -460,15 +458,14 @@ def test_every_setting_is_a_flag_the_training_scripts_read_back(tmp_path):
         config = study.run_config(plan, task, regime, method, 11711)
         assert config["save_best"] is False and config["keep_checkpoints"] is False
         script = study.TRAINERS[regime]
-        argv = study.command(script, config)
-        assert argv[:2] == [sys.executable, str(study.ROOT / f"{script.__name__}.py")]
+        argv = jobs.command(script, config)
+        assert argv[:2] == [sys.executable, str(jobs.ROOT / f"{script.__name__}.py")]
         parsed = trainer.parse_args(argv[2:], script.SETTINGS, "")
         assert {k: parsed[k] for k in config} == config
     kept = study.run_config({**plan, "keep_checkpoints": True}, "sonnet", "sft", "fft", 11711)
     assert kept["save_best"] is True and kept["keep_checkpoints"] is True
 
 
-@UNTIL_SIMPO
 def test_simpo_runs_are_flags_train_dpo_reads_back(tmp_path):
     plan = {"preset": "smoke", "model": str(tmp_path / "tiny-gpt2"), "data_dir": tmp_path / "data", "device": "cpu",
             "out_dir": tmp_path, "keep_checkpoints": False}
@@ -476,7 +473,7 @@ def test_simpo_runs_are_flags_train_dpo_reads_back(tmp_path):
         for method in study.METHODS:
             config = study.run_config(plan, task, "simpo", method, 11711)
             assert (config["loss_type"], config["beta"], config["simpo_gamma"]) == ("simpo", 2.0, 0.5)
-            parsed = trainer.parse_args(study.command(train_dpo, config)[2:], train_dpo.SETTINGS, "")
+            parsed = flags.parse(jobs.command(train_dpo, config)[2:], train_dpo.SETTINGS, "")
             assert {k: parsed[k] for k in config} == config
 
 
@@ -498,7 +495,7 @@ class FakeRun:
 
 
 def fake_processes(monkeypatch, failing=()):
-    """Replace study.launch: returns the log of (run, what was running when it started, its environment)."""
+    """Replace jobs.launch: returns the log of (run, what was running when it started, its environment)."""
     started, running = [], []
 
     def start(trainer, config, env):
@@ -508,8 +505,8 @@ def fake_processes(monkeypatch, failing=()):
         running.append(FakeRun(config, Path(config["out_dir"]).name in failing))
         return running[-1]
 
-    monkeypatch.setattr(study, "launch", start)
-    monkeypatch.setattr(study.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(jobs, "launch", start)
+    monkeypatch.setattr(jobs.time, "sleep", lambda seconds: None)
     return started
 
 
@@ -523,7 +520,7 @@ def test_jobs_start_sft_dpo_only_after_its_sft_run_and_never_more_than_n(tmp_pat
     started = fake_processes(monkeypatch)
     plan = scheduling_plan(tmp_path)
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        results = study.run_in_processes(plan, study.runs(plan), 3)
+        results = jobs.run_in_processes(study.runs(plan), 3, plan['device'])
     assert len(results) == 6 and len(started) == 6
     for name, running, env in started:
         assert len(running) < 3
@@ -538,7 +535,7 @@ def test_jobs_spread_runs_over_the_visible_gpus(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     plan = scheduling_plan(tmp_path, device="cuda")
     with contextlib.redirect_stdout(io.StringIO()):
-        study.run_in_processes(plan, study.runs(plan), 2)
+        jobs.run_in_processes(study.runs(plan), 2, plan['device'])
     gpu = {name: env["CUDA_VISIBLE_DEVICES"] for name, _, env in started}
     assert sorted(gpu[name] for name, _, _ in started[:2]) == ["3", "5"]
     for name, running, _ in started:  # a run goes to the GPU that the run still going does not hold
@@ -549,7 +546,7 @@ def test_a_failed_run_skips_what_starts_from_it_and_says_so(tmp_path, monkeypatc
     started = fake_processes(monkeypatch, failing={"paraphrase-sft-lora-seed11711"})
     plan = scheduling_plan(tmp_path)
     with pytest.raises(study.InputError) as e, contextlib.redirect_stdout(io.StringIO()):
-        study.run_in_processes(plan, study.runs(plan), 2)
+        jobs.run_in_processes(study.runs(plan), 2, plan['device'])
     assert "paraphrase-sft_dpo-lora-seed11711" not in [name for name, _, _ in started]
     message = str(e.value)
     assert "\n" not in message and "2 run(s) failed" in message and "paraphrase-sft_dpo-lora-seed11711" in message
@@ -764,7 +761,6 @@ def test_rpo_and_orpo_rows_say_what_reference_they_paid_for(tmp_path):
     assert any("| orpo" in line and "| none" in line for line in printed.splitlines()), printed
 
 
-@UNTIL_SIMPO
 def test_simpo_rows_for_both_methods_pay_no_reference_pass(tmp_path):
     """SimPO (train_dpo --loss_type simpo) is reference-free: results.json says "reference": "none", and so does
     the row's reference pass column, for FFT and LoRA."""
