@@ -4,14 +4,13 @@ The study in one command: 2 tasks x 3 regimes x 2 methods = 12 conditions, each 
     python study.py                     # the full study (3 seeds) on a CUDA GPU, the reduced preset elsewhere
     python study.py --tasks paraphrase --regimes sft,sft_dpo --methods lora --seeds 3
     python study.py --regimes all       # also RPO, ORPO and SimPO: 24 conditions
-    python study.py --jobs 4            # up to 4 runs at once, each a train_*.py process
+    python study.py --jobs 4            # up to 4 runs at once, each a train_*.py process (jobs.py)
     python study.py --smoke             # a tiny random GPT-2 on data/samples: minutes on a CPU
 
-Regimes: sft = SFT only, dpo = DPO only (each from GPT-2), sft_dpo = DPO from the SFT-only run's last/ (same
-task, method and seed). Methods: fft = full fine-tuning, lora = LoRA adapters on a frozen GPT-2. Each run has
-its own folder out_dir/<task>-<regime>-<method>-seed<S>/; a finished run is not run again and an interrupted one
-resumes, so several machines can share out_dir and `--report_only` writes the table. study.md and study.json
-hold a row per condition, the paper's questions answered from the seeds (paired t-tests, Holm), and a legend.
+Regimes: sft = SFT only, dpo = DPO only (from GPT-2), sft_dpo = DPO from the SFT-only run's last/ (same task,
+method, seed). Methods: fft, or lora on a frozen GPT-2. Each run has its folder out_dir/<task>-<regime>-<method>-
+seed<S>/; a finished run is not run again and an interrupted one resumes, so machines can share out_dir and
+`--report_only` writes the table: a row per condition, and the paper's questions answered from the seeds.
 """
 
 import hashlib
@@ -31,11 +30,9 @@ import plot
 import train_dpo
 import train_orpo
 import train_sft
-from data.quora import read_quora
 from jobs import Interrupted, finished, interrupt, run_here, run_in_processes
 from runlog import read_log
-from data.sonnets import read_sonnets
-from data.tasks import QUORA, SONNETS
+from data.tasks import SONNETS, load_task_data
 from data.tokenizer import get_tokenizer
 from eval import chrf, evaluate_sonnets
 from fileio import InputError, atomic_open, read_json, writable_dir, write_json
@@ -156,22 +153,15 @@ def check_args(config):
 
 
 def read_dev(plan, task):
-    """What every run of `task` is scored against: the Quora dev labels, or the held-out sonnets (prompts) and
-    their true sonnets. Reads (and so checks) all of the task's files, with the preset's limits, before anything
-    is trained."""
-    limits, data_dir = PRESETS[plan["preset"]][task], plan["data_dir"]
+    """What every run of `task` is scored against, read (and so checked) with the preset's limits before anything
+    is trained: the Quora dev labels, or the held-out sonnets (prompts) and their true sonnets."""
+    _, dev = load_task_data({"task": task, "data_dir": plan["data_dir"], **PRESETS[plan["preset"]][task]})
     if task == "paraphrase":
-        read_quora(data_dir / QUORA["train"], limit=limits.get("train_limit"))
-        dev = read_quora(data_dir / QUORA["dev"], limit=limits.get("dev_limit"))
-        if any(p.label is None for p in dev):
-            raise InputError(f"{data_dir / QUORA['dev']}: the Quora dev file needs the is_duplicate column")
         return [p.label for p in dev]
-    read_sonnets(data_dir / SONNETS["train"], limit=limits.get("train_limit"))
-    held_out = read_sonnets(data_dir / SONNETS["dev"])
-    references = {s.number: s for s in read_sonnets(data_dir / SONNETS["dev_true"])}
+    held_out, references = dev[0], {s.number: s for s in dev[1]}
     missing = [s.number for s in held_out if s.number not in references]
     if missing:
-        raise InputError(f"{data_dir / SONNETS['dev_true']}: no true sonnet for held-out sonnet(s) {missing}")
+        raise InputError(f"{plan['data_dir'] / SONNETS['dev_true']}: no true sonnet for held-out sonnet(s) {missing}")
     return {"held_out": held_out, "references": [references[s.number] for s in held_out]}
 
 
@@ -265,7 +255,6 @@ def check_runs(plan):
 def train_all(plan):
     """Train every run that has not finished, holding the study folder; SIGINT and SIGTERM raise Interrupted.
     Returns {out_dir: results}."""
-    plan["out_dir"].mkdir(parents=True, exist_ok=True)
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with fileio.lock_dir(plan["out_dir"]):
@@ -296,7 +285,8 @@ def sampled_sonnets(plan, out_dir):
     out_dir = Path(out_dir)
     finished_bytes = (out_dir / "results.json").read_bytes()
     config = json.loads(finished_bytes)["config"]
-    settings = {k: config[k] for k in ("temperature", "top_p", "max_new_tokens", "eval_batch_size")}
+    settings = {k: config[k] for k in ("temperature", "top_p", "max_new_tokens")}
+    settings["batch_size"] = config["eval_batch_size"]
     made_for = hashlib.sha256(finished_bytes).hexdigest()[:16]
     path = out_dir / "study_sonnets.json"
     cached = read_json(path) if path.exists() else {}
@@ -315,13 +305,10 @@ def sampled_sonnets(plan, out_dir):
 def sample(plan, weights, settings, seeds):
     """{str(seed): [(number, text), ...]}: the held-out sonnets continued by the model in `weights`."""
     dev = plan["dev"]["sonnet"]
-    print(f"{weights.parent.name}: sampling the {len(dev['held_out'])} dev sonnets from {weights.name}/ with seed(s) "
-          f"{', '.join(map(str, seeds))}", flush=True)
+    print(f"{weights.parent.name}: sampling the dev sonnets from {weights.name}/, seed(s) {seeds}", flush=True)
     model = checkpoint.load_model(weights).to(plan["device"])
     return {str(seed): evaluate_sonnets(model, dev["held_out"], dev["references"], device=plan["device"], seed=seed,
-                                        temperature=settings["temperature"], top_p=settings["top_p"],
-                                        max_new_tokens=settings["max_new_tokens"],
-                                        batch_size=settings["eval_batch_size"])["sonnets"] for seed in seeds}
+                                        **settings)["sonnets"] for seed in seeds}
 
 
 # -----------------------------------------------------------------------------
@@ -365,10 +352,10 @@ def one_seed_interval(task, outcomes, references, other=None):
 
 
 def versus_baseline(task, items, baseline, references):
-    """The condition's score minus another's (`baseline`) on the same dev examples, seed by seed (items[seed][sample]
-    [example]): the per-seed differences, their mean, and with S >= 2 seeds the paired t-test's 95% interval and
-    p-value (S - 1 degrees of freedom). One seed is two trained models: the interval is a paired bootstrap over
-    dev examples, p_value is None (no verdict about methods), and paraphrase adds McNemar's test of the two models."""
+    """The condition's score minus `baseline`'s on the same dev examples, seed by seed (items[seed][sample][example]):
+    the per-seed differences, their mean, and with S >= 2 seeds the paired t-test's 95% interval and p-value (S - 1
+    degrees of freedom). One seed is two trained models: a paired bootstrap interval over dev examples, p_value None
+    (no verdict about methods), and for paraphrase McNemar's test of the two models."""
     differences = [run_score(task, mine, references) - run_score(task, theirs, references)
                    for mine, theirs in zip(items, baseline)]
     result = {**t_test(differences), "per_seed": differences,
@@ -383,10 +370,9 @@ def versus_baseline(task, items, baseline, references):
 
 
 def contrasts(plan, items):
-    """The paper's questions for each task, as a - b paired by seed, (regime, method) each: is LoRA as good as FFT
-    within each regime; does SFT->DPO add to SFT-only, and does DPO-only match it, within each method. Holm's
-    correction over the task's family (those with a p-value: none with one seed), and for each the smallest
-    difference the design detects with 80% power at Holm's first threshold 0.05 / m, from the observed spread."""
+    """The paper's questions per task, a - b paired by seed: LoRA vs FFT within each regime; SFT->DPO vs SFT-only
+    and DPO-only vs SFT-only within each method. Holm over the task's family (none with one seed), and for each the
+    smallest difference detected with 80% power at Holm's first threshold 0.05 / m, from the observed spread."""
     regimes, methods, found = plan["regimes"], plan["methods"], []
     asked = [(f"LoRA vs FFT, {NAMES[r]}", (r, "lora"), (r, "fft")) for r in regimes if {"fft", "lora"} <= set(methods)]
     for regime in ("sft_dpo", "dpo"):
@@ -419,9 +405,8 @@ def stages_of(regime):
 
 
 def condition_row(plan, results, task, regime, method):
-    """One row of the table from the condition's runs over seeds, read back from their folders, and the runs'
-    dev outcomes (items[seed][sample][example]). Costs are means over seeds of each seed's cost (SFT->DPO: both
-    stages; peak memory the largest); reference is what the run paid for a reference model."""
+    """(a row of the table from the condition's runs over seeds, their dev outcomes items[seed][sample][example]).
+    Costs: means over seeds (SFT->DPO: both stages; peak memory the largest); reference: what a run paid for one."""
     seeds, references = plan["seeds"], references_of(plan, task)
     stages = [[results[str(run_dir(plan, task, r, method, s))] for r in stages_of(regime)] for s in seeds]
     own = [runs_of_seed[-1] for runs_of_seed in stages]  # the condition's own run (SFT->DPO: its DPO stage)
@@ -459,8 +444,7 @@ def condition_row(plan, results, task, regime, method):
 
 
 def table_rows(plan, results):
-    """Every selected condition's row, each with its paired difference from its task's SFT-only FFT when those
-    runs are among the results (a description: the verdicts are contrasts(), the paper's questions)."""
+    """Every selected condition's row, with its difference from SFT-only FFT (a description; verdicts: contrasts)."""
     rows, items = [], {}
     for task in plan["tasks"]:
         for regime in plan["regimes"]:
@@ -523,8 +507,8 @@ examples, which describes one trained model. best dev epoch: chosen on the dev s
 optimistic. yes/no accuracy, share: the restricted answer logit("yes") > logit("no") against the label, and the
 share of argmax answers that are "yes" or "no" at all; the course's accuracy needs both. The verdict: each
 question a − b paired by seed, a paired t-test, Holm's correction over the task's questions, and for each one
-not told apart the smallest difference found with 80% power. Costs: means over seeds; SFT→DPO's include its SFT
-stage."""
+not told apart the smallest difference found with 80% power. Costs: means over seeds (peak memory: the largest);
+SFT→DPO's include its SFT stage."""
 
 
 def table_cells(row):
@@ -549,8 +533,7 @@ def markdown_table(rows):
 
 def figures(plan, rows):
     """What plot.study_figures draws, per condition: score, interval, train_seconds, the dev score per evaluation
-    (mean over seeds; SFT->DPO: its SFT stage, then its DPO stage) and the training loss per logged step (the
-    first seed's log.jsonl lines that have a loss; SFT->DPO's DPO steps continue after its SFT steps)."""
+    (mean over seeds) and the first seed's loss per logged step (SFT->DPO: its SFT stage, then its DPO stage)."""
     data = []
     for row in rows:
         history = row["history"]
@@ -569,8 +552,7 @@ def figures(plan, rows):
 def write_study(plan, rows, contrasts, data, plots):
     preset = {"full": "FULL study: every training pair and sonnet, every dev pair, the epochs of CONDITIONS",
               "reduced": "REDUCED preset (the default without a CUDA GPU; --preset full runs the whole study)",
-              "smoke": "SMOKE test: a tiny random 2-layer GPT-2 on data/samples, so the scores mean nothing",
-              }[plan["preset"]]
+              "smoke": "SMOKE test: a tiny random GPT-2 on data/samples; the scores mean nothing"}[plan["preset"]]
     settings = {task: PRESETS[plan["preset"]][task] for task in plan["tasks"]}
     model = Path(plan["model"]).name if plan["preset"] == "smoke" else plan["model"]
     title = f"# The study: {model}, {len(rows)} conditions x {len(plan['seeds'])} seed(s) on {plan['device']}"

@@ -472,7 +472,7 @@ def test_simpo_runs_are_flags_train_dpo_reads_back(tmp_path):
     for task in study.TASKS:
         for method in study.METHODS:
             config = study.run_config(plan, task, "simpo", method, 11711)
-            assert (config["loss_type"], config["beta"], config["simpo_gamma"]) == ("simpo", 2.0, 0.5)
+            assert (config["loss_type"], config["beta"], config["simpo_gamma"]) == ("simpo", 2.0, 1.0)
             parsed = flags.parse(jobs.command(train_dpo, config)[2:], train_dpo.SETTINGS, "")
             assert {k: parsed[k] for k in config} == config
 
