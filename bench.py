@@ -39,19 +39,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from checkpoint import PRETRAINED, from_pretrained, save_pretrained
 from data.batching import collate, left_pad
 from data.quora import read_quora
 from data.sonnets import read_sonnets, sonnet_example, split_prompt
 from data.tasks import QUORA, SONNETS
-from data.tokenizer import encode
-from eval import answers_yes, check_device
+from data.tokenizer import END_OF_TEXT, encode
+from eval import answers_yes
 from fileio import InputError, writable_dir, write_json
+from flags import check_device, default_device
 from lora import DEFAULT_TARGETS, apply_lora
-from model import END_OF_TEXT, GPT, PRETRAINED, GPTConfig, default_device
+from model import GPT, GPTConfig
 # the training scripts' own losses, data and settings, so that a step here is the step training takes
 from preferences import paraphrase_pairs, sonnet_pairs
-from train_dpo import SETTINGS as DPO_SETTINGS, concatenated_logps, dpo_loss, reference_logps
-from train_sft import SETTINGS as SFT_SETTINGS, sft_loss
+from train_dpo import SETTINGS as DPO_SETTINGS, dpo_loss, reference_logps
+from train_sft import SETTINGS as SFT_SETTINGS, batch_logprobs, sft_loss, target_window
 # the training loop's helpers
 from trainer import (autocast_context, configure_optimizer, epoch_batches, peak_memory_bytes, reset_peak_memory,
                      wrap_model)
@@ -171,36 +173,22 @@ def hf_loss(batch):
     return lambda model: model(input_ids=batch.input_ids, labels=labels).loss
 
 
-def plain_logprobs(model, batch):
-    """What train_sft.batch_logprobs computes, the plain way: the output layer at every position, the whole
-    (B, T, V) logits kept, then log_softmax and a gather. Per row: log p(targets) = sum_t log p(x_t+1 | x_<=t)."""
-    logits = model(batch.input_ids)[:, :-1].float()  # (B, T-1, V)
-    token_logps = F.log_softmax(logits, dim=-1).gather(2, batch.input_ids[:, 1:, None]).squeeze(2)  # (B, T-1)
-    return (token_logps * batch.loss_mask[:, 1:]).sum(-1)
-
-
-def plain_concatenated_logps(model, chosen, rejected, device):
-    """train_dpo.concatenated_logps (one batch of chosen + rejected rows) with plain_logprobs."""
-    logps = plain_logprobs(model, collate(chosen + rejected).to(device))
-    return logps[:len(chosen)], logps[len(chosen):]
-
-
-def dpo_step_loss(pairs, reference, device, autocast, policy_logps=concatenated_logps):
-    """train_dpo.py's step on a batch of preference pairs: one forward of chosen + rejected (concatenated_logps)
-    and the DPO loss. reference: a frozen model, whose log-probabilities are computed every step as
-    --live_reference does (train_dpo.reference_logps), or (chosen, rejected) log-probabilities computed once.
-    policy_logps: plain_concatenated_logps for the same step with the plain log-probabilities."""
+def dpo_step_loss(pairs, reference, device, autocast, path="auto"):
+    """train_dpo.py's step on a batch of preference pairs: one forward of chosen + rejected (as
+    train_dpo.concatenated_logps) and the DPO loss. reference: a frozen model, whose log-probabilities are computed
+    every step as --live_reference does (train_dpo.reference_logps), or (chosen, rejected) log-probabilities
+    computed once. path: train_sft.batch_logprobs' ("auto" as training, or "plain" / "chunked" forced)."""
     chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
 
     def loss_fn(model):
-        policy_chosen, policy_rejected = policy_logps(model, chosen, rejected, device)
+        logps = batch_logprobs(model, collate(chosen + rejected), device, path=path)
         if isinstance(reference, tuple):
             ref_chosen, ref_rejected = reference
         else:
             ref_chosen, ref_rejected = reference_logps(reference, pairs, {"eval_batch_size": len(pairs),
                                                                           "device": device}, autocast())
-        losses, _, _ = dpo_loss(policy_chosen, policy_rejected, ref_chosen.to(device), ref_rejected.to(device),
-                                DPO_BETA)
+        losses, _, _ = dpo_loss(logps[:len(pairs)], logps[len(pairs):], ref_chosen.to(device),
+                                ref_rejected.to(device), DPO_BETA)
         return losses.mean()
     return loss_fn
 
@@ -306,21 +294,20 @@ def peak_memory_of_method(config, rows, lora_targets, device, dtype, lora_r, lor
     return peak_memory_bytes(device_type) - before
 
 
-def peak_memory_of_logprobs(config, pairs, device, dtype, plain):
+def peak_memory_of_logprobs(config, pairs, device, dtype, path):
     """Peak memory growth of one policy log-probability and its backward on a DPO batch (chosen + rejected
     rows), from just after the model is built: activations, the output layer's temporaries and the gradients.
-    plain: the full logits (plain_concatenated_logps), else the training's train_dpo.concatenated_logps."""
+    path: train_sft.batch_logprobs' "plain" (the window's whole logits) or "chunked"."""
     device_type = device.split(":")[0]
     torch.manual_seed(0)
     model = GPT(config).to(device).train()
-    chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
-    logps = plain_concatenated_logps if plain else concatenated_logps
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
     synchronize(device)
     before = current_bytes(device_type)
     reset_peak_memory(device_type)
     with autocast_context({"dtype": dtype}, device_type):
-        policy_chosen, policy_rejected = logps(model, chosen, rejected, device)
-    (policy_chosen.sum() + policy_rejected.sum()).backward()
+        logps = batch_logprobs(model, batch, device, path=path)
+    logps.sum().backward()
     synchronize(device)
     return peak_memory_bytes(device_type) - before
 
@@ -552,15 +539,15 @@ def load_models(config, transformers, device, table):
     """(SFT's model, DPO's, transformers' GPT2LMHeadModel or None): the same random weights, saved and loaded
     back as a trained model is (the load is timed), each with its training's dropout."""
     with tempfile.TemporaryDirectory() as directory:
-        GPT(config).save_pretrained(directory)
-        model, load_s = timed(lambda: GPT.from_pretrained(directory, dropout=SFT_DROPOUT).to(device), device)
-        dpo_model = GPT.from_pretrained(directory, dropout=DPO_DROPOUT).to(device)  # DPO trains without dropout
+        save_pretrained(GPT(config), directory)
+        model, load_s = timed(lambda: from_pretrained(directory, dropout=SFT_DROPOUT).to(device), device)
+        dpo_model = from_pretrained(directory, dropout=DPO_DROPOUT).to(device)  # DPO trains without dropout
         hf_model = None
         if transformers is not None:  # the same weights, the same dropout
             p = SFT_DROPOUT
             hf_model = transformers.GPT2LMHeadModel.from_pretrained(directory, resid_pdrop=p, embd_pdrop=p,
                                                                     attn_pdrop=p).to(device)
-    table.row("load (GPT.from_pretrained)", f"{load_s:.2f} s", f"{model.num_parameters() / 1e6:.0f}M parameters")
+    table.row("load (checkpoint.from_pretrained)", f"{load_s:.2f} s", f"{model.num_parameters() / 1e6:.0f}M parameters")
     return model, dpo_model, hf_model
 
 
@@ -717,8 +704,9 @@ def sonnet_training_rows(sonnets, n):
 
 def sonnet_cases(config, examples, pairs, args):
     """The sonnet steps as train_sft.py and train_dpo.py take them, {SFT, DPO} x {FFT, LoRA on all block
-    Linears} (DPO: the reference's log-probabilities computed once, its default), and DPO FFT's step again
-    with the plain log-probabilities (plain_concatenated_logps): {name: (model, optimizer, loss_fn, autocast)}."""
+    Linears} (DPO: the reference's log-probabilities computed once, its default; DPO FFT with the chunked
+    log-probabilities, what a 16-sonnet batch takes), and DPO FFT's step again with the plain ones:
+    {name: (model, optimizer, loss_fn, autocast)}."""
     device, device_type, autocast = args.device, args.device.split(":")[0], autocast_of(args)
     wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731
     torch.manual_seed(args.seed)
@@ -733,44 +721,47 @@ def sonnet_cases(config, examples, pairs, args):
             cases[f"sonnet {kind}, {method}"] = (wrap(m), configure_optimizer(m, lr, 0.0, device_type), losses[kind],
                                                  autocast)
     fft_model, fft_optimizer = cases["sonnet DPO, FFT"][:2]
-    cases["sonnet DPO, FFT, plain log-probs"] = (
-        fft_model, fft_optimizer, dpo_step_loss(pairs, reference, device, autocast, plain_concatenated_logps), autocast)
+    for path in ("chunked", "plain"):
+        cases[f"sonnet DPO, FFT, {path} log-probs"] = (
+            fft_model, fft_optimizer, dpo_step_loss(pairs, reference, device, autocast, path), autocast)
+    del cases["sonnet DPO, FFT"]
     return cases
 
 
 def sonnet_step_figures(timings, table):
     """Each sonnet step's seconds, and DPO FFT's step with our log-probabilities over the plain ones."""
     step = {name: t["step"] for name, t in timings.items()}
+    step["sonnet DPO, FFT"] = step["sonnet DPO, FFT, chunked log-probs"]
     figures = {f"sonnet_{kind.lower()}_{method.lower()}_step_s": step[f"sonnet {kind}, {method}"]
                for kind in ("SFT", "DPO") for method in ("FFT", "LoRA")}
     figures["sonnet_step_time_ratio"] = step["sonnet DPO, FFT"] / step["sonnet DPO, FFT, plain log-probs"]
-    table.row("sonnet DPO FFT step, ours / plain log-probabilities", f"{figures['sonnet_step_time_ratio']:.2f}",
-              "the output layer at every position either way; plain keeps the (B, T, V) logits")
+    table.row("sonnet DPO FFT step, chunked / plain log-probs", f"{figures['sonnet_step_time_ratio']:.2f}",
+              "the output layer on the target window either way; plain keeps its (B, W, V) logits")
     return figures
 
 
 def sonnet_memory_figures(config, examples, pairs, dpo_batch, args, table):
-    """Peak memory of each sonnet step, and of one policy log-probability + backward on DPO's batch, ours
-    (train_dpo.concatenated_logps) over the plain one: each in a fresh process."""
+    """Peak memory of each sonnet step, and of one policy log-probability + backward on DPO's batch, chunked
+    over plain (train_sft.batch_logprobs' two paths): each in a fresh process."""
     dpo_config = replace(config, dropout=DPO_DROPOUT)
     jobs = {f"sonnet_{kind}_{method}_peak_memory_bytes": (
                 peak_memory_of_method, (kind_config, rows, targets, args.device, args.dtype, args.lora_r,
                                         args.lora_alpha, args.compile, 2, kind))
             for kind, kind_config, rows in (("sft", config, examples), ("dpo", dpo_config, pairs))
             for method, targets in (("fft", None), ("lora", DEFAULT_TARGETS))}
-    for name, plain in (("ours", False), ("plain", True)):
-        jobs[name] = (peak_memory_of_logprobs, (dpo_config, pairs, args.device, args.dtype, plain))
+    for path in ("chunked", "plain"):
+        jobs[path] = (peak_memory_of_logprobs, (dpo_config, pairs, args.device, args.dtype, path))
     memory = peak_memory_in_fresh_processes(jobs, args.device)
-    ours, plain = memory.pop("ours"), memory.pop("plain")
-    B, T = dpo_batch.input_ids.shape
-    table.row("sonnet log-probs + backward, ours / plain, peak memory", f"{ours / plain:.2f}",
-              f"{B} rows x {T} positions, FFT: ours {ours / 2 ** 20:.0f} MiB, plain {plain / 2 ** 20:.0f} MiB (its "
-              f"float32 logits alone {B * (T - 1) * config.vocab_size * 4 / 2 ** 20:.0f} MiB); growth after the "
-              f"model is built, {how_memory_is_measured(args.device.split(':')[0])}")
+    chunked, plain = memory.pop("chunked"), memory.pop("plain")
+    B, W = target_window(dpo_batch)[0].shape
+    table.row("sonnet log-probs + backward, chunked / plain, peak memory", f"{chunked / plain:.2f}",
+              f"target <= 0.30; {B} rows x {W} window positions, FFT: chunked {chunked / 2 ** 20:.0f} MiB, plain "
+              f"{plain / 2 ** 20:.0f} MiB (its float32 logits alone {B * W * config.vocab_size * 4 / 2 ** 20:.0f} "
+              f"MiB); growth after the model is built, {how_memory_is_measured(args.device.split(':')[0])}")
     for name, value in memory.items():
         table.row(f"  peak memory, {name.removesuffix('_peak_memory_bytes').replace('_', ' ')} step",
                   f"{value / 2 ** 20:.0f} MiB")
-    return {"sonnet_logprob_memory_ratio": ours / plain, **memory}
+    return {"sonnet_logprob_memory_ratio": chunked / plain, **memory}
 
 
 def sonnet_figures(config, sonnets, args, table):

@@ -17,7 +17,7 @@ from data.sonnets import read_sonnets, split_prompt
 from data.tokenizer import END_OF_TEXT, decode
 from lora import apply_lora
 from model import GPT
-from train_sft import batch_logprobs
+from train_sft import batch_logprobs, target_window
 from trainer import configure_optimizer
 
 SAMPLES = ROOT / "data" / "samples"  # the repository's own sample of the course's files
@@ -213,16 +213,17 @@ def test_sonnet_rows_are_whole_sonnets_and_prompt_plus_rest_pairs():
         assert pair.chosen.target[-1] == END_OF_TEXT  # the rejected rest ends where it was cut (no end-of-text)
 
 
-def test_plain_logprobs_equal_the_trainings_and_cross_entropy_values_and_gradients():
-    """Right-padded rows, every token a target (as a sonnet's) or only the last few (as DPO's answer)."""
+def test_plain_logprobs_equal_the_chunked_and_cross_entropy_values_and_gradients():
+    """The two paths bench compares (train_sft.batch_logprobs' plain and chunked): right-padded rows, every token
+    a target (as a sonnet's) or only the last few (as DPO's answer)."""
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     rows = [Example([], [5, 6, 7, 8, 9, 10]), Example([11, 12, 13], [14, 15]), Example([16], [17, 18, 19])]
     batch = collate(rows)
     grads = []
-    for logprobs in (lambda: bench.plain_logprobs(model, batch), lambda: batch_logprobs(model, batch)):
+    for path in ("plain", "chunked"):
         model.zero_grad()
-        value = logprobs()
+        value = batch_logprobs(model, batch, path=path)
         value.sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         for i, row in enumerate(rows):  # the oracle: cross-entropy of each target, predicted by what precedes it
@@ -236,22 +237,22 @@ def test_plain_logprobs_equal_the_trainings_and_cross_entropy_values_and_gradien
 
 
 def test_the_plain_log_probabilities_hold_the_whole_logits():
-    """What the plain computation costs, counted: autograd keeps its (B, T-1, V) float32 log-softmax."""
+    """What the plain computation costs, counted: autograd keeps its (B, W-1, V) float32 log-softmax."""
     torch.manual_seed(0)
     model = GPT(tiny_config()).train()
     batch = collate([Example([], list(range(1, 41)))] * 3)
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    saved = bench.saved_activation_bytes(model, lambda m: bench.plain_logprobs(m, batch).sum(), no_autocast)
+    saved = bench.saved_activation_bytes(model, lambda m: batch_logprobs(m, batch, path="plain").sum(), no_autocast)
     assert saved >= 3 * 39 * 50257 * 4
 
 
 def test_peak_memory_of_the_sonnet_log_probabilities_is_measured_for_both():
-    """Run here, not in a fresh process: the plain one's growth holds at least its float32 logits."""
+    """Run here, not in a fresh process: the plain one's growth holds at least its window's float32 logits."""
     pairs = bench.sonnet_training_rows(read_sonnets(SAMPLES / "sonnets.txt"), 2)[1]
-    rows = collate([p.chosen for p in pairs] + [p.rejected for p in pairs]).input_ids.shape
-    plain = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", True)
-    ours = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", False)
-    assert plain >= rows[0] * (rows[1] - 1) * 50257 * 4 and ours > 0
+    rows, width = target_window(collate([p.chosen for p in pairs] + [p.rejected for p in pairs]))[0].shape
+    plain = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", "plain")
+    chunked = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", "chunked")
+    assert plain >= rows * (width - 1) * 50257 * 4 and chunked > 0
 
 
 # -----------------------------------------------------------------------------
