@@ -23,7 +23,6 @@ d = width, V = vocabulary, L = layers, T = sequence length):
     generation, KV cache    2N per new token; without the cache every step recomputes the whole prefix
 """
 
-import argparse
 import copy
 import math
 import multiprocessing
@@ -47,7 +46,8 @@ from data.tasks import QUORA, SONNETS
 from data.tokenizer import END_OF_TEXT, encode
 from eval import answers_yes
 from fileio import InputError, writable_dir, write_json
-from flags import check_device, default_device
+import flags
+from flags import NON_NEGATIVE, POSITIVE, at_least, between, check_device, default_device, one_of
 from lora import DEFAULT_TARGETS, apply_lora
 from model import GPT, GPTConfig
 # the training scripts' own losses, data and settings, so that a step here is the step training takes
@@ -61,27 +61,36 @@ from trainer import (autocast_context, configure_optimizer, epoch_batches, peak_
 ROOT = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------
-# settings (each is also a flag: --name value; --quick swaps in QUICK for the ones not given)
-size = "gpt2"  # the model's shape: gpt2 (124M), gpt2-medium, ...; random weights
-device = default_device()
-dtype = "auto"  # as train_sft.py: auto = bfloat16 autocast on a GPU that has it, else float32
-batch_size = 8  # Quora pairs per training step: the course's batch
-big_batch_size = 64  # a throughput-sized batch, measured too on a GPU (FFT, LoRA, MFU, epoch time)
-warmup = 2  # untimed rounds first (allocations, AdamW's state, kernel selection)
-steps = 7  # timed rounds; each figure is the median
-lora_r, lora_alpha = 8, 16.0
-score_pairs = 256  # paraphrase prompts scored (eval.answers_yes)
-sonnet_rows = 12  # sonnets generated at once
-sonnet_batch = 16  # sonnets per sonnet training step: SFT reads 16 rows, DPO 32 (chosen + rejected)
-sonnet_layers = 0  # the sonnet steps' model: the size's layers (0) or fewer (--quick: a full-size step is slow)
-new_tokens = 128  # tokens generated per sonnet (the course's)
-generate_runs = 3  # timed generations with the cache (median); the slow uncached one runs once
-data_dir = ROOT / "data" / "samples"  # the course's quora-train.csv and sonnets.txt; here a sample of each
-quora = None  # labelled Quora pairs in the course's format; None: data_dir's quora-train.csv
-peak_tflops = 0.0  # the device's peak rate for MFU (GPU only); 0 = measure it with a large matmul
-compile = False  # torch.compile our model's steps, as train_sft.py --compile does (transformers' stay eager)
-threads = 0  # CPU threads for PyTorch; 0 = its default (one per core)
-seed = 0
+# settings: each row is a flag (flags.py); --quick swaps in QUICK's values for the flags not given
+SETTINGS = {
+    "quick": (False, bool, None, "fewer steps and rows: QUICK's values for the flags not given"),
+    "out": (None, Path, None, "write the figures as JSON to this file"),
+    "size": ("gpt2", str, one_of(*PRETRAINED), "the model's shape (random weights): gpt2 is 124M"),
+    "n_layer": (None, int, at_least(1), "change the size's number of layers"),
+    "n_head": (None, int, at_least(1), "change the size's number of heads"),
+    "n_embd": (None, int, at_least(1), "change the size's width"),
+    "device": (default_device(), str, None, "cpu, cuda, cuda:N or mps"),
+    "dtype": ("auto", str, one_of("auto", "float32", "bfloat16"), "auto: bfloat16 on a GPU with it, as training"),
+    "batch_size": (8, int, at_least(1), "Quora pairs per training step: the course's batch"),
+    "big_batch_size": (64, int, at_least(1), "a throughput-sized batch, measured on a GPU (FFT, LoRA, MFU, epoch)"),
+    "warmup": (2, int, NON_NEGATIVE, "untimed rounds first (allocations, AdamW's state, kernel selection)"),
+    "steps": (7, int, at_least(1), "timed rounds; each figure is the median"),
+    "lora_r": (8, int, at_least(1), "LoRA's rank"),
+    "lora_alpha": (16.0, float, POSITIVE, "LoRA's scale alpha (the update is alpha / r B A)"),
+    "score_pairs": (256, int, at_least(1), "paraphrase prompts scored (eval.answers_yes)"),
+    "sonnet_rows": (12, int, at_least(1), "sonnets generated at once"),
+    "sonnet_batch": (16, int, at_least(1), "sonnets per sonnet training step: DPO's batch has twice the rows"),
+    "sonnet_layers": (0, int, NON_NEGATIVE, "layers of the sonnet steps' model (0: the size's own)"),
+    "new_tokens": (128, int, between(1, 1024 - 37), "tokens generated per sonnet; a prompt (up to 37) + them fit 1024"),
+    "generate_runs": (3, int, at_least(1), "timed generations with the cache (median); the uncached one runs once"),
+    "data_dir": (ROOT / "data" / "samples", Path, None, "the course's quora-train.csv and sonnets.txt (a sample here)"),
+    "quora": (None, Path, None, "labelled Quora pairs in the course's format (default: --data_dir's)"),
+    "sonnets": (None, Path, None, "sonnets in the course's format (default: --data_dir's)"),
+    "peak_tflops": (0.0, float, NON_NEGATIVE, "the device's peak TFLOP/s for MFU (0: measure it with a matmul)"),
+    "compile": (False, bool, None, "torch.compile our model's steps, as train_sft.py --compile"),
+    "threads": (0, int, NON_NEGATIVE, "CPU threads for PyTorch (0: its default, one per core)"),
+    "seed": (0, int, None, "the random seed of weights, batches and prompts"),
+}
 QUICK = dict(warmup=1, steps=3, score_pairs=32, sonnet_rows=2, generate_runs=1, sonnet_batch=1, sonnet_layers=2)
 
 PARAPHRASE_TRAIN_PAIRS = 283_003  # the course's quora-train.csv: one epoch of FFT SFT is what we time on a GPU
@@ -406,28 +415,28 @@ def throughput(config, fft, lora, examples, args, autocast, table):
     peak memory; FFT SFT's model FLOPs utilisation (MFU) on real tokens; and the seconds one epoch of the
     course's 283,003 training pairs takes at that step time. Returns {mfu, paraphrase_epoch_s}.
     Meant for a GPU (run() calls it there); it runs anywhere, so tests run it on the CPU."""
-    device = args.device
-    pool = [examples[i % len(examples)] for i in range(max(len(examples), args.big_batch_size))]
+    device = args["device"]
+    pool = [examples[i % len(examples)] for i in range(max(len(examples), args["big_batch_size"]))]
     lengths = [len(e) for e in pool]
-    big = [pool[i] for i in median_length_batch(lengths, epoch_batches(lengths, {"batch_size": args.big_batch_size,
-                                                                                 "seed": args.seed}, 0))]
+    big = [pool[i] for i in median_length_batch(lengths, epoch_batches(lengths, {"batch_size": args["big_batch_size"],
+                                                                                 "seed": args["seed"]}, 0))]
     step = time_in_turns({"FFT": (*fft, sft_step_loss(big, device), autocast),
-                          "LoRA": (*lora, sft_step_loss(big, device), autocast)}, args.warmup, args.steps, device)
+                          "LoRA": (*lora, sft_step_loss(big, device), autocast)}, args["warmup"], args["steps"], device)
     memory = peak_memory_in_fresh_processes(
-        {name: (peak_memory_of_method, (config, big, targets, device, args.dtype, args.lora_r, args.lora_alpha,
-                                        args.compile))
+        {name: (peak_memory_of_method, (config, big, targets, device, args["dtype"], args["lora_r"], args["lora_alpha"],
+                                        args["compile"]))
          for name, targets in (("FFT", None), ("LoRA", DEFAULT_TARGETS))}, device)
     table.row(f"LoRA / FFT at a batch of {len(big)}, step", f"{step['LoRA']['step'] / step['FFT']['step']:.2f}",
               f"FFT {step['FFT']['step'] * 1e3:.1f} ms, LoRA {step['LoRA']['step'] * 1e3:.1f} ms")
     table.row(f"LoRA / FFT at a batch of {len(big)}, peak memory", f"{memory['LoRA'] / memory['FFT']:.2f}",
               f"FFT {memory['FFT'] / 2 ** 20:.0f} MiB, LoRA {memory['LoRA'] / 2 ** 20:.0f} MiB")
     bf16 = isinstance(autocast(), torch.autocast)
-    peak = args.peak_tflops * 1e12 or measure_peak_flops(device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    peak = args["peak_tflops"] * 1e12 or measure_peak_flops(device, dtype=torch.bfloat16 if bf16 else torch.float32)
     batch = collate(big)
     flops = train_flops(config, batch.lengths.tolist(), int(batch.loss_mask.sum()))
     figures = {"mfu": flops / step["FFT"]["step"] / peak,
                "paraphrase_epoch_s": math.ceil(PARAPHRASE_TRAIN_PAIRS / len(big)) * step["FFT"]["step"]}
-    source = "--peak_tflops" if args.peak_tflops else f"measured: {'bf16' if bf16 else 'fp32'} matmul"
+    source = "--peak_tflops" if args["peak_tflops"] else f"measured: {'bf16' if bf16 else 'fp32'} matmul"
     table.row("MFU, FFT SFT, on real tokens", f"{100 * figures['mfu']:.1f}%",
               f"batch of {len(big)}, peak {peak / 1e12:.1f} TFLOP/s ({source}); target >= 45% (H100)")
     table.row("one epoch of paraphrase FFT SFT", f"{figures['paraphrase_epoch_s']:.1f} s",
@@ -465,8 +474,8 @@ def median_length_batch(lengths, batches):
 
 
 def model_config(args):
-    shape = {**PRETRAINED[args.size], **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd")
-                                         if getattr(args, k) is not None}}
+    shape = {**PRETRAINED[args["size"]], **{k: args[k] for k in ("n_layer", "n_head", "n_embd")
+                                         if args[k] is not None}}
     return GPTConfig(**shape, dropout=SFT_DROPOUT)
 
 
@@ -479,7 +488,7 @@ class Table:
 
 def autocast_of(args):
     """A fresh autocast context at each call, as train_sft.py's --dtype makes it."""
-    return lambda: autocast_context({"dtype": args.dtype}, args.device.split(":")[0])
+    return lambda: autocast_context({"dtype": args["dtype"]}, args["device"].split(":")[0])
 
 
 def unwrapped(model):
@@ -498,7 +507,7 @@ def describe_batch(batch, rows):
 
 def print_steps(title, timings, args, batches):
     """The split of each step (forward, backward, optimizer) as a table."""
-    print(f"\n{title}, median of {args.steps} after {args.warmup} warm-up, in turns; {batches}")
+    print(f"\n{title}, median of {args['steps']} after {args['warmup']} warm-up, in turns; {batches}")
     print(f"  {'':<40} {'step':>8} {'forward':>8} {'backward':>8} {'optimizer':>9}")
     for name, t in timings.items():
         print(f"  {name:<40} {t['step']:>7.3f}s {t['forward']:>7.3f}s {t['backward']:>7.3f}s {t['optimizer']:>8.3f}s")
@@ -511,26 +520,26 @@ def print_steps(title, timings, args, batches):
 
 def read_data(args):
     """(labelled Quora pairs, sonnets), read before any model is built: a missing or malformed file fails first."""
-    pairs = read_quora(args.quora)
+    pairs = read_quora(args["quora"])
     if not pairs or any(p.label is None for p in pairs):
-        raise InputError(f"--quora {args.quora}: needs labelled pairs (the is_duplicate column)")
-    sonnets = read_sonnets(args.sonnets)
+        raise InputError(f"--quora {args['quora']}: needs labelled pairs (the is_duplicate column)")
+    sonnets = read_sonnets(args["sonnets"])
     for sonnet in sonnets:
         try:
             split_prompt(sonnet.text)  # DPO's prompt is the first 3 lines: a sonnet needs more
         except ValueError as e:
-            raise InputError(f"--sonnets {args.sonnets}: sonnet {sonnet.number}: {e}") from None
+            raise InputError(f"--sonnets {args['sonnets']}: sonnet {sonnet.number}: {e}") from None
     return pairs, sonnets
 
 
 def padding_figures(lengths, batches, args, table):
     """How much of a step's work is on real tokens, in the batches train_sft.py builds (batch_indices: shuffled
     pools, sorted by length), and in file order for comparison."""
-    in_file_order = [list(range(i, min(i + args.batch_size, len(lengths))))
-                     for i in range(0, len(lengths), args.batch_size)]
+    in_file_order = [list(range(i, min(i + args["batch_size"], len(lengths))))
+                     for i in range(0, len(lengths), args["batch_size"])]
     figures = {"padding_efficiency": padding_efficiency(lengths, batches)}
     table.row("padding efficiency (real / computed tokens)", f"{figures['padding_efficiency']:.3f}",
-              f"target >= 0.9; train_sft's batches of {args.batch_size} (unsorted, in file order: "
+              f"target >= 0.9; train_sft's batches of {args['batch_size']} (unsorted, in file order: "
               f"{padding_efficiency(lengths, in_file_order):.3f})")
     return figures
 
@@ -553,18 +562,18 @@ def load_models(config, transformers, device, table):
 
 def scoring_rate(model, examples, args, table):
     """What evaluation costs: paraphrase prompts scored per second (eval.answers_yes). Printed only."""
-    prompts = [examples[i % len(examples)].prompt for i in range(args.score_pairs)]
-    answers_yes(model, prompts[:8], 64, args.device)  # warm-up
-    _, score_s = timed(lambda: answers_yes(model, prompts, 64, args.device), args.device)
-    table.row("paraphrase scoring (eval.answers_yes, batches of 64)", f"{args.score_pairs / score_s:.0f} pairs/s",
-              f"the 40,429 dev pairs: {40429 / (args.score_pairs / score_s) / 60:.1f} min")
+    prompts = [examples[i % len(examples)].prompt for i in range(args["score_pairs"])]
+    answers_yes(model, prompts[:8], 64, args["device"])  # warm-up
+    _, score_s = timed(lambda: answers_yes(model, prompts, 64, args["device"]), args["device"])
+    table.row("paraphrase scoring (eval.answers_yes, batches of 64)", f"{args['score_pairs'] / score_s:.0f} pairs/s",
+              f"the 40,429 dev pairs: {40429 / (args['score_pairs'] / score_s) / 60:.1f} min")
 
 
 def step_cases(model, hf_model, examples, args):
     """SFT's steps on one batch: {name: (model, optimizer, loss_fn, autocast)} for time_in_turns. Ours, ours
     with the output layer everywhere, transformers', and LoRA on all block Linears and on attn.c_attn only."""
-    device, device_type, autocast = args.device, args.device.split(":")[0], autocast_of(args)
-    wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731 - torch.compile as train_sft's --compile
+    device, device_type, autocast = args["device"], args["device"].split(":")[0], autocast_of(args)
+    wrap = lambda m: wrap_model(m, {"compile": args["compile"]}, 1)  # noqa: E731
     batch = collate(examples).to(device)
     model.train()
     optimizer = configure_optimizer(model, 1e-5, 0.0, device_type)
@@ -576,7 +585,7 @@ def step_cases(model, hf_model, examples, args):
                                             hf_loss(batch), autocast)
     for name, targets in (("SFT, LoRA all block Linears", DEFAULT_TARGETS),
                           ("SFT, LoRA attn.c_attn", ("attn.c_attn",))):
-        lora_model = apply_lora(copy.deepcopy(model), args.lora_r, args.lora_alpha, targets=targets)
+        lora_model = apply_lora(copy.deepcopy(model), args["lora_r"], args["lora_alpha"], targets=targets)
         cases[name] = (wrap(lora_model), configure_optimizer(lora_model, 2e-4, 0.0, device_type),
                        sft_step_loss(examples, device), autocast)
     return cases
@@ -585,12 +594,12 @@ def step_cases(model, hf_model, examples, args):
 def dpo_cases(dpo_model, pairs, args):
     """DPO FFT's step on the same batch's preference pairs, with the reference's log-probabilities computed once
     (train_dpo.py's default) and computed every step by a frozen copy (its --live_reference)."""
-    device, autocast = args.device, autocast_of(args)
+    device, autocast = args["device"], autocast_of(args)
     dpo_model.train()
     optimizer = configure_optimizer(dpo_model, 1e-6, 0.0, device.split(":")[0])
     reference = copy.deepcopy(dpo_model).requires_grad_(False).eval()
     precomputed = reference_logps(reference, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
-    wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731
+    wrap = lambda m: wrap_model(m, {"compile": args["compile"]}, 1)  # noqa: E731
     return {"DPO, FFT, reference precomputed": (wrap(dpo_model), optimizer,
                                                 dpo_step_loss(pairs, precomputed, device, autocast), autocast),
             "DPO, FFT, reference live": (wrap(dpo_model), optimizer, dpo_step_loss(pairs, reference, device, autocast),
@@ -627,21 +636,21 @@ def step_figures(timings, config, batch, table):
 
 def memory_figures(config, cases, examples, args, table):
     """Peak memory of SFT with FFT and with LoRA, each in a fresh process, and what it is made of, counted."""
-    jobs = {name: (peak_memory_of_method, (config, examples, targets, args.device, args.dtype, args.lora_r,
-                                           args.lora_alpha, args.compile))
+    jobs = {name: (peak_memory_of_method, (config, examples, targets, args["device"], args["dtype"], args["lora_r"],
+                                           args["lora_alpha"], args["compile"]))
             for name, targets in (("FFT", None), ("LoRA, all block Linears", DEFAULT_TARGETS),
                                   ("LoRA, attn.c_attn", ("attn.c_attn",)))}
-    memory = peak_memory_in_fresh_processes(jobs, args.device)
+    memory = peak_memory_in_fresh_processes(jobs, args["device"])
     figures = {"lora_over_fft_peak_mem": memory["LoRA, all block Linears"] / memory["FFT"]}
     table.row("LoRA (all block Linears) / FFT, peak memory", f"{figures['lora_over_fft_peak_mem']:.2f}",
-              f"target <= 0.6; {how_memory_is_measured(args.device.split(':')[0])}")
+              f"target <= 0.6; {how_memory_is_measured(args['device'].split(':')[0])}")
     for name, value in memory.items():
         table.row(f"  peak memory, {name}", f"{value / 2 ** 20:.0f} MiB")
     for name, case in (("FFT", cases["SFT, FFT (ours)"]), ("LoRA, all block Linears",
                                                            cases["SFT, LoRA all block Linears"])):
         model, optimizer = unwrapped(case[0]), case[1]
         weights, grads, adam = state_bytes(model, optimizer)
-        activations = saved_activation_bytes(model, sft_step_loss(examples, args.device), autocast_of(args))
+        activations = saved_activation_bytes(model, sft_step_loss(examples, args["device"]), autocast_of(args))
         table.row(f"  counted, {name}", f"{(weights + grads + adam + activations) / 2 ** 20:.0f} MiB",
                   f"weights {weights / 2 ** 20:.0f} + gradients {grads / 2 ** 20:.0f} + AdamW {adam / 2 ** 20:.0f}"
                   f" + saved activations {activations / 2 ** 20:.0f} MiB")
@@ -651,10 +660,10 @@ def memory_figures(config, cases, examples, args, table):
 def generation_figures(model, hf_model, config, args, table):
     """Sonnet-length prompts (32-37 tokens), the course's sampling, new_tokens per row: ours with the KV cache
     and without it (the same tokens, or an error), and transformers' generate, in turns."""
-    device = args.device
+    device = args["device"]
     model.eval()
-    generator = torch.Generator().manual_seed(args.seed)
-    input_ids, attention_mask = left_pad(random_prompts(args.sonnet_rows, 32, 37, generator, config.vocab_size))
+    generator = torch.Generator().manual_seed(args["seed"])
+    input_ids, attention_mask = left_pad(random_prompts(args["sonnet_rows"], 32, 37, generator, config.vocab_size))
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     ours = lambda n, cache: generate_ours(model, input_ids, attention_mask, n, cache, device)  # noqa: E731
     ours(8, True)  # warm-up
@@ -662,16 +671,16 @@ def generation_figures(model, hf_model, config, args, table):
         hf_model.eval()
         generate_hf(hf_model, input_ids, attention_mask, 8)  # warm-up
     cache_runs, hf_runs = [], []
-    for _ in range(args.generate_runs):  # in turns
-        cached, seconds = timed(lambda: ours(args.new_tokens, True), device)
+    for _ in range(args["generate_runs"]):  # in turns
+        cached, seconds = timed(lambda: ours(args["new_tokens"], True), device)
         cache_runs.append(seconds)
         if hf_model is not None:
-            out, seconds = timed(lambda: generate_hf(hf_model, input_ids, attention_mask, args.new_tokens), device)
-            if out.size(1) != input_ids.size(1) + args.new_tokens:
+            out, seconds = timed(lambda: generate_hf(hf_model, input_ids, attention_mask, args["new_tokens"]), device)
+            if out.size(1) != input_ids.size(1) + args["new_tokens"]:
                 raise RuntimeError(f"transformers generated {out.size(1) - input_ids.size(1)} tokens, not "
-                                   f"{args.new_tokens}: the two generations would not be comparable")
+                                   f"{args['new_tokens']}: the two generations would not be comparable")
             hf_runs.append(seconds)
-    uncached, no_cache_s = timed(lambda: ours(args.new_tokens, False), device)
+    uncached, no_cache_s = timed(lambda: ours(args["new_tokens"], False), device)
     if not torch.equal(cached, uncached):
         raise RuntimeError("the KV cache changed the generated tokens")
     return generation_rows(statistics.median(cache_runs), no_cache_s, hf_runs, args, table)
@@ -679,8 +688,8 @@ def generation_figures(model, hf_model, config, args, table):
 
 def generation_rows(cache_s, no_cache_s, hf_runs, args, table):
     figures = {"kv_cache_speedup": no_cache_s / cache_s}
-    what = f"{args.sonnet_rows} sonnets x {args.new_tokens} new tokens"
-    table.row(f"generate {what}, KV cache", f"{cache_s:.2f} s", f"median of {args.generate_runs}")
+    what = f"{args['sonnet_rows']} sonnets x {args['new_tokens']} new tokens"
+    table.row(f"generate {what}, KV cache", f"{cache_s:.2f} s", f"median of {args['generate_runs']}")
     table.row(f"generate {what}, no cache", f"{no_cache_s:.2f} s", "the same tokens")
     table.row("KV cache speed-up", f"{figures['kv_cache_speedup']:.1f}x", "target >= 5")
     if hf_runs:
@@ -707,16 +716,16 @@ def sonnet_cases(config, examples, pairs, args):
     Linears} (DPO: the reference's log-probabilities computed once, its default; DPO FFT with the chunked
     log-probabilities, what a 16-sonnet batch takes), and DPO FFT's step again with the plain ones:
     {name: (model, optimizer, loss_fn, autocast)}."""
-    device, device_type, autocast = args.device, args.device.split(":")[0], autocast_of(args)
-    wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731
-    torch.manual_seed(args.seed)
+    device, device_type, autocast = args["device"], args["device"].split(":")[0], autocast_of(args)
+    wrap = lambda m: wrap_model(m, {"compile": args["compile"]}, 1)  # noqa: E731
+    torch.manual_seed(args["seed"])
     sft_model = GPT(config).to(device).train()
     dpo_model = GPT(replace(config, dropout=DPO_DROPOUT)).to(device).train()
     reference = reference_logps(dpo_model, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
     losses = {"SFT": sft_step_loss(examples, device), "DPO": dpo_step_loss(pairs, reference, device, autocast)}
     cases = {}
     for kind, model in (("SFT", sft_model), ("DPO", dpo_model)):
-        lora_model = apply_lora(copy.deepcopy(model), args.lora_r, args.lora_alpha, targets=DEFAULT_TARGETS)
+        lora_model = apply_lora(copy.deepcopy(model), args["lora_r"], args["lora_alpha"], targets=DEFAULT_TARGETS)
         for method, m, lr in (("FFT", model, 1e-5), ("LoRA", lora_model, 2e-4)):
             cases[f"sonnet {kind}, {method}"] = (wrap(m), configure_optimizer(m, lr, 0.0, device_type), losses[kind],
                                                  autocast)
@@ -745,19 +754,19 @@ def sonnet_memory_figures(config, examples, pairs, dpo_batch, args, table):
     over plain (train_sft.batch_logprobs' two paths): each in a fresh process."""
     dpo_config = replace(config, dropout=DPO_DROPOUT)
     jobs = {f"sonnet_{kind}_{method}_peak_memory_bytes": (
-                peak_memory_of_method, (kind_config, rows, targets, args.device, args.dtype, args.lora_r,
-                                        args.lora_alpha, args.compile, 2, kind))
+                peak_memory_of_method, (kind_config, rows, targets, args["device"], args["dtype"], args["lora_r"],
+                                        args["lora_alpha"], args["compile"], 2, kind))
             for kind, kind_config, rows in (("sft", config, examples), ("dpo", dpo_config, pairs))
             for method, targets in (("fft", None), ("lora", DEFAULT_TARGETS))}
     for path in ("chunked", "plain"):
-        jobs[path] = (peak_memory_of_logprobs, (dpo_config, pairs, args.device, args.dtype, path))
-    memory = peak_memory_in_fresh_processes(jobs, args.device)
+        jobs[path] = (peak_memory_of_logprobs, (dpo_config, pairs, args["device"], args["dtype"], path))
+    memory = peak_memory_in_fresh_processes(jobs, args["device"])
     chunked, plain = memory.pop("chunked"), memory.pop("plain")
     B, W = target_window(dpo_batch)[0].shape
     table.row("sonnet log-probs + backward, chunked / plain, peak memory", f"{chunked / plain:.2f}",
               f"target <= 0.30; {B} rows x {W} window positions, FFT: chunked {chunked / 2 ** 20:.0f} MiB, plain "
               f"{plain / 2 ** 20:.0f} MiB (its float32 logits alone {B * W * config.vocab_size * 4 / 2 ** 20:.0f} "
-              f"MiB); growth after the model is built, {how_memory_is_measured(args.device.split(':')[0])}")
+              f"MiB); growth after the model is built, {how_memory_is_measured(args['device'].split(':')[0])}")
     for name, value in memory.items():
         table.row(f"  peak memory, {name.removesuffix('_peak_memory_bytes').replace('_', ' ')} step",
                   f"{value / 2 ** 20:.0f} MiB")
@@ -767,9 +776,9 @@ def sonnet_memory_figures(config, examples, pairs, dpo_batch, args, table):
 def sonnet_figures(config, sonnets, args, table):
     """Sonnet steps, where every token is a target and so the output layer runs at every position: their
     seconds and peak memory for SFT and DPO, FFT and LoRA, and our log-probabilities against the plain ones."""
-    config = replace(config, n_layer=args.sonnet_layers or config.n_layer)
-    examples, pairs = sonnet_training_rows(sonnets, args.sonnet_batch)
-    timings = time_in_turns(sonnet_cases(config, examples, pairs, args), args.warmup, args.steps, args.device)
+    config = replace(config, n_layer=args["sonnet_layers"] or config.n_layer)
+    examples, pairs = sonnet_training_rows(sonnets, args["sonnet_batch"])
+    timings = time_in_turns(sonnet_cases(config, examples, pairs, args), args["warmup"], args["steps"], args["device"])
     dpo_batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
     print_steps(f"sonnet training steps, n_layer={config.n_layer}", timings, args,
                 f"SFT batch: {describe_batch(collate(examples), 'sonnets')}; "
@@ -781,43 +790,44 @@ def sonnet_figures(config, sonnets, args, table):
 
 def run(args):
     t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
     quora_pairs, sonnets = read_data(args)  # the data first: a missing or malformed file fails before any model
     transformers = import_transformers()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args["seed"])
     config, table, results = model_config(args), Table(), {}
-    print(f"bench.py: n_layer={config.n_layer}, n_embd={config.n_embd} ({args.size}'s shape unless changed), random "
-          f"weights, dtype {args.dtype}{', torch.compile' if args.compile else ''}, on {device_name(args.device)}, "
-          f"torch {torch.__version__}; {len(quora_pairs)} Quora pairs from {args.quora}, {len(sonnets)} sonnets from "
-          f"{args.sonnets}; {machine_load()}")
+    print(f"bench.py: n_layer={config.n_layer}, n_embd={config.n_embd} ({args['size']}'s shape unless changed), random "
+          f"weights, dtype {args['dtype']}{', torch.compile' if args['compile'] else ''}, "
+          f"on {device_name(args['device'])}, torch {torch.__version__}; "
+          f"{len(quora_pairs)} Quora pairs from {args['quora']}, {len(sonnets)} sonnets from "
+          f"{args['sonnets']}; {machine_load()}")
     dpo_pairs = paraphrase_pairs(quora_pairs)  # chosen: the right answer; rejected: the other one
     examples = [p.chosen for p in dpo_pairs]  # = paraphrase_example(pair): what SFT trains on
     lengths = [len(e) for e in examples]
-    batches = epoch_batches(lengths, {"batch_size": args.batch_size, "seed": args.seed}, 0)
+    batches = epoch_batches(lengths, {"batch_size": args["batch_size"], "seed": args["seed"]}, 0)
     results.update(padding_figures(lengths, batches, args, table))
-    model, dpo_model, hf_model = load_models(config, transformers, args.device, table)
+    model, dpo_model, hf_model = load_models(config, transformers, args["device"], table)
     scoring_rate(model, examples, args, table)
     typical = median_length_batch(lengths, batches)  # every step on this batch: a typical one of train_sft's
     batch_examples, batch = [examples[i] for i in typical], collate([examples[i] for i in typical])
     cases = {**step_cases(model, hf_model, batch_examples, args),
              **dpo_cases(dpo_model, [dpo_pairs[i] for i in typical], args)}
-    timings = time_in_turns(cases, args.warmup, args.steps, args.device)
+    timings = time_in_turns(cases, args["warmup"], args["steps"], args["device"])
     print_steps("training steps", timings, args, f"batch: {describe_batch(batch, 'pairs')}")
     results.update(step_figures(timings, config, batch, table))
     results.update(memory_figures(config, cases, batch_examples, args, table))
-    if args.device.startswith("cuda"):  # FFT and LoRA at a throughput-sized batch, MFU, one epoch's seconds
+    if args["device"].startswith("cuda"):  # FFT and LoRA at a throughput-sized batch, MFU, one epoch's seconds
         results.update(throughput(config, cases["SFT, FFT (ours)"][:2], cases["SFT, LoRA all block Linears"][:2],
                                   examples, args, autocast_of(args), table))
     del cases, dpo_model
     results.update(generation_figures(model, hf_model, config, args, table))
     del model, hf_model  # the sonnet steps build their own
     results.update(sonnet_figures(config, sonnets, args, table))
-    results["device"] = device_name(args.device)
+    results["device"] = device_name(args["device"])
     print(f"\nbench.py took {time.perf_counter() - t_start:.0f} s; {machine_load()}")
-    if args.out is not None:
-        write_json(args.out, results)
-        print(f"wrote {args.out}")
+    if args["out"] is not None:
+        write_json(args["out"], results)
+        print(f"wrote {args['out']}")
     return results
 
 
@@ -825,98 +835,48 @@ def run(args):
 # command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        sys.exit(f"error: {message}")
+def given(name, argv):
+    """Whether argv sets --name (either spelling, with or without =)."""
+    return any(arg.split("=")[0] in (f"--{name}", f"--{name.replace('_', '-')}") for arg in argv)
 
 
-def parse_args(argv=None):
-    parser = Parser(description=__doc__.strip().split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"fewer steps and rows: {QUICK}")
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON to this file")
-    parser.add_argument("--size", choices=list(PRETRAINED), default=size)
-    for name in ("n_layer", "n_head", "n_embd"):
-        parser.add_argument(f"--{name}", type=int, default=None, help=f"change the size's {name}")
-    parser.add_argument("--device", default=device)
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=dtype)
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=batch_size)
-    parser.add_argument("--big_batch_size", "--big-batch-size", type=int, default=big_batch_size)
-    parser.add_argument("--warmup", type=int, default=warmup)
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--lora_r", "--lora-r", type=int, default=lora_r)
-    parser.add_argument("--lora_alpha", "--lora-alpha", type=float, default=lora_alpha)
-    parser.add_argument("--score_pairs", "--score-pairs", type=int, default=score_pairs)
-    parser.add_argument("--sonnet_rows", "--sonnet-rows", type=int, default=sonnet_rows)
-    parser.add_argument("--sonnet_batch", "--sonnet-batch", type=int, default=sonnet_batch,
-                        help="sonnets per sonnet training step (DPO's batch has twice the rows)")
-    parser.add_argument("--sonnet_layers", "--sonnet-layers", type=int, default=sonnet_layers,
-                        help="layers of the sonnet steps' model (0: the size's own)")
-    parser.add_argument("--new_tokens", "--new-tokens", type=int, default=new_tokens)
-    parser.add_argument("--generate_runs", "--generate-runs", type=int, default=generate_runs)
-    parser.add_argument("--data_dir", "--data-dir", type=Path, default=data_dir,
-                        help=f"the course's {QUORA['train']} and {SONNETS['train']} (default: the repository's sample)")
-    parser.add_argument("--quora", type=Path, default=quora,
-                        help=f"labelled Quora pairs, the course's format (default: --data_dir's {QUORA['train']})")
-    parser.add_argument("--sonnets", type=Path, default=None,
-                        help=f"sonnets, the course's format (default: --data_dir's {SONNETS['train']})")
-    parser.add_argument("--peak_tflops", "--peak-tflops", type=float, default=peak_tflops)
-    parser.add_argument("--compile", action="store_true", default=compile,
-                        help="torch.compile our model, as train_sft.py --compile")
-    parser.add_argument("--threads", type=int, default=threads, help="CPU threads (0: PyTorch's default)")
-    parser.add_argument("--seed", type=int, default=seed)
-    args = parser.parse_args(argv)
-    if args.quick:  # QUICK's values, except for flags given explicitly
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
-    args.quora = args.quora or args.data_dir / QUORA["train"]
-    args.sonnets = args.sonnets or args.data_dir / SONNETS["train"]
-    return args
+def settled(config, argv):
+    """--quick's values for the flags argv does not give, and the data files from --data_dir unless given."""
+    if config["quick"]:
+        config.update({name: value for name, value in QUICK.items() if not given(name, argv)})
+    config["quora"] = config["quora"] or config["data_dir"] / QUORA["train"]
+    config["sonnets"] = config["sonnets"] or config["data_dir"] / SONNETS["train"]
+    return config
 
 
-def check_args(args):
-    """Every value, checked before any data is read or model built; the output path first of all."""
-    if args.out is not None:
-        if args.out.is_dir():
-            raise InputError(f"--out {args.out}: is a directory; give a file name such as bench.json")
-        writable_dir(args.out.parent, "--out")
-    for flag in ("batch_size", "big_batch_size", "steps", "lora_r", "score_pairs", "sonnet_rows", "sonnet_batch",
-                 "new_tokens", "generate_runs"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    for flag in ("warmup", "threads", "sonnet_layers"):
-        if getattr(args, flag) < 0:
-            raise InputError(f"--{flag} {getattr(args, flag)}: must be 0 or more")
-    if not (args.lora_alpha > 0 and math.isfinite(args.lora_alpha)):
-        raise InputError(f"--lora_alpha {args.lora_alpha}: must be a positive number")
-    if not (args.peak_tflops >= 0 and math.isfinite(args.peak_tflops)):
-        raise InputError(f"--peak_tflops {args.peak_tflops}: must be 0 (measure it) or the device's peak TFLOP/s")
-    if 37 + args.new_tokens > GPTConfig().block_size:
-        raise InputError(f"--new_tokens {args.new_tokens}: a sonnet prompt (up to 37 tokens) plus the new tokens "
-                         f"must fit GPT-2's 1024 positions")
-    for name in ("n_layer", "n_head", "n_embd"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise InputError(f"--{name} {getattr(args, name)}: must be at least 1")
+def parse_args(argv):
+    return settled(flags.parse(argv, SETTINGS, __doc__), argv)
+
+
+def check_files(config):
+    """The checks that span flags or read the disk, before any data is read or model built: --out first."""
+    out = config["out"]
+    if out is not None and out.is_dir():
+        raise InputError(f"--out {out}: is a directory; give a file name such as bench.json")
+    if out is not None:
+        writable_dir(out.parent, "--out")
     try:
-        model_config(args)
+        model_config(config)
     except ValueError as e:
         raise InputError(f"--n_head/--n_embd: {e}") from None
-    check_device(args.device)
-    if not args.data_dir.is_dir():
-        raise InputError(f"--data_dir {args.data_dir}: no such directory (it holds the course's {QUORA['train']} "
-                         f"and {SONNETS['train']}, as `python -m data.download` writes them to data/)")
+    check_device(config["device"])
+    if not config["data_dir"].is_dir():
+        raise InputError(f"--data_dir {config['data_dir']}: no such directory (it holds the course's "
+                         f"{QUORA['train']} and {SONNETS['train']}, as `python -m data.download` writes them)")
     for flag, name in (("quora", QUORA["train"]), ("sonnets", SONNETS["train"])):
-        if not getattr(args, flag).is_file():
-            raise InputError(f"--{flag} {getattr(args, flag)}: no such file (the course's {name}; by default "
-                             f"--data_dir's)")
+        if not config[flag].is_file():
+            raise InputError(f"--{flag} {config[flag]}: no such file (the course's {name}; by default --data_dir's)")
+    return config
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        return run(args)
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    argv = sys.argv[1:] if argv is None else argv
+    return flags.main(lambda config: run(check_files(settled(config, argv))), SETTINGS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -69,17 +69,17 @@ def test_without_transformers_it_says_so_in_one_line_and_skips_those_ratios(tmp_
 
 
 def test_data_files_come_from_data_dir_unless_given():
-    assert bench.parse_args([]).quora == SAMPLES / "quora-train.csv"
-    assert bench.parse_args([]).sonnets == SAMPLES / "sonnets.txt"
+    assert bench.parse_args([])["quora"] == SAMPLES / "quora-train.csv"
+    assert bench.parse_args([])["sonnets"] == SAMPLES / "sonnets.txt"
     args = bench.parse_args(["--data_dir", "d", "--quora", "q.csv"])
-    assert str(args.quora) == "q.csv" and str(args.sonnets) == "d/sonnets.txt"
+    assert str(args["quora"]) == "q.csv" and str(args["sonnets"]) == "d/sonnets.txt"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "error: --steps 0: must be at least 1"),
     (["--batch_size", "-1"], "error: --batch_size -1: must be at least 1"),
-    (["--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16'"),
-    (["--size", "gpt3"], "error: argument --size: invalid choice: 'gpt3'"),
+    (["--dtype", "float16"], "error: --dtype float16: must be auto, float32 or bfloat16"),
+    (["--size", "gpt3"], "error: --size gpt3: must be gpt2, gpt2-medium, gpt2-large or gpt2-xl"),
     (["--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
     (["--device", "tpu"], "error: --device 'tpu'"),
     (["--n_embd", "30", "--n_head", "4"], "error: --n_head/--n_embd: GPTConfig n_embd=30 is not divisible"),
@@ -129,8 +129,10 @@ def test_unusable_data_is_an_error_before_any_model(flag, text, message, tmp_pat
 
 def test_quick_fills_in_only_the_flags_not_given():
     args = bench.parse_args(["--quick", "--steps", "5"])
-    assert args.steps == 5 and args.warmup == bench.QUICK["warmup"] and args.sonnet_rows == bench.QUICK["sonnet_rows"]
-    assert bench.parse_args([]).steps == bench.steps
+    assert args["steps"] == 5 and args["warmup"] == bench.QUICK["warmup"]
+    assert args["sonnet_rows"] == bench.QUICK["sonnet_rows"]
+    assert bench.parse_args(["--quick", "--sonnet-rows=4"])["sonnet_rows"] == 4  # either spelling, with =
+    assert bench.parse_args([])["steps"] == bench.SETTINGS["steps"][0]
 
 
 # -----------------------------------------------------------------------------
