@@ -276,7 +276,7 @@ def test_the_gpu_figures_run_on_the_cpu(capsys):
     fft = (model, configure_optimizer(model, 1e-5, 0.0, "cpu"))
     lora = (lora_model, configure_optimizer(lora_model, 1e-4, 0.0, "cpu"))
     assert fft[1].defaults["fused"]  # the fused AdamW the GPU uses
-    figures = bench.throughput(config, fft, lora, examples, args, autocast, bench.Table())
+    figures = bench.throughput(config, fft, lora, examples, args, autocast)
     assert set(figures) == {"mfu", "paraphrase_epoch_s"}
     assert all(math.isfinite(v) and v > 0 for v in figures.values())
     assert "MFU" in capsys.readouterr().out
