@@ -97,22 +97,17 @@ MiB = 2 ** 20
 HOW_MEMORY = {"cuda": "torch.cuda.max_memory_allocated", "mps": "MPS driver memory after the steps (no peak counter)",
               "cpu": "growth of peak resident memory (VmHWM)"}
 RATIOS = [  # bench.json key (None: printed only), numerator, denominator, and the target or the count behind it
-    ("ours_over_hf_train_step", "SFT, FFT (ours)", "SFT, FFT (transformers)",
-     "<= 1.0 CPU, <= 0.8 GPU; ours runs the output layer only where the loss reads it"),
+    ("ours_over_hf_train_step", "SFT, FFT (ours)", "SFT, FFT (transformers)", "<= 1.0 CPU, <= 0.8 GPU"),
     (None, "SFT, FFT, output layer everywhere", "SFT, FFT (transformers)", "the same work: the model code alone"),
     ("lora_over_fft_step", "SFT, LoRA all block Linears", "SFT, FFT (ours)", "<= 0.75; FLOPs 4N vs 6N per token"),
-    (None, "SFT, LoRA attn.c_attn", "SFT, FFT (ours)", "FLOPs the same 4N: every frozen weight passes the gradient"),
-    ("dpo_precomputed_over_sft_step", "DPO, FFT, reference precomputed", "SFT, FFT (ours)",
-     "<= 2.1; FLOPs 2x: chosen + rejected, one forward"),
-    ("dpo_live_over_sft_step", "DPO, FFT, reference live", "SFT, FFT (ours)",
-     "<= 2.8; FLOPs 2.67x: + the reference's forward of both (2N per token)"),
-    ("lora_over_fft_peak_mem", "LoRA all block Linears, peak memory", "FFT, peak memory", "<= 0.6"),
+    (None, "SFT, LoRA attn.c_attn", "SFT, FFT (ours)", "the same 4N: every frozen weight passes the gradient"),
+    ("dpo_precomputed_over_sft_step", "DPO, FFT, reference precomputed", "SFT, FFT (ours)", "<= 2.1; FLOPs 2x"),
+    ("dpo_live_over_sft_step", "DPO, FFT, reference live", "SFT, FFT (ours)", "<= 2.8; FLOPs 2.67x"),
+    ("lora_over_fft_peak_mem", "LoRA all block Linears, memory", "FFT, memory", "<= 0.6"),
     ("kv_cache_speedup", "generate, no cache", "generate, KV cache", ">= 5; the same tokens"),
     ("ours_over_hf_generate", "generate, KV cache", "generate, transformers", "<= 1.0; each with its KV cache"),
-    ("sonnet_step_time_ratio", "sonnet DPO, FFT", "sonnet DPO, FFT, plain log-probs",
-     "chunked / plain log-probs, the output layer on the target window either way"),
-    ("sonnet_logprob_memory_ratio", "sonnet log-probs, chunked, peak memory", "sonnet log-probs, plain, peak memory",
-     "<= 0.30; one log-probability + backward on DPO's batch"),
+    ("sonnet_step_time_ratio", "sonnet DPO, FFT", "sonnet DPO, FFT, plain log-probs", "chunked / plain"),
+    ("sonnet_logprob_memory_ratio", "sonnet log-probs chunked, memory", "sonnet log-probs plain, memory", "<= 0.30"),
 ]
 
 
@@ -289,14 +284,14 @@ def peak_memory_of_logprobs(config, pairs, device, dtype, path):
 
 
 def peak_memory(jobs, args):
-    """{name + ", peak memory": function(*arguments)} for jobs {name: (function, arguments)}, each in a fresh
+    """{name + ", memory": function(*arguments)} for jobs {name: (function, arguments)}, each in a fresh
     process: on a CPU one per core at a time (each has its own peak), on a GPU one at a time. Printed too."""
     workers = 1 if args["device"].startswith("cuda") else os.cpu_count() or 1
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(torch.get_num_threads(),), max_tasks_per_child=1) as pool:
         futures = {name: pool.submit(function, *arguments) for name, (function, arguments) in jobs.items()}
-        memory = {f"{name}, peak memory": future.result() for name, future in futures.items()}
-    print(f"\npeak memory: {HOW_MEMORY.get(args['device'].split(':')[0])}, a fresh process per method")
+        memory = {f"{name}, memory": future.result() for name, future in futures.items()}
+    print(f"\npeak memory ({HOW_MEMORY.get(args['device'].split(':')[0])}, a fresh process per method)")
     for name, value in memory.items():
         row(name, f"{value / MiB:.0f} MiB")
     return memory
@@ -412,14 +407,13 @@ def throughput(config, fft, lora, examples, args, autocast):
     memory = peak_memory({name: (peak_memory_of_method, (config, big, targets, args))
                           for name, targets in (("FFT", None), ("LoRA", DEFAULT_TARGETS))}, args)
     row("LoRA / FFT at a throughput-sized batch, step", f"{step['LoRA'] / step['FFT']:.2f}",
-        f"peak memory {memory['LoRA, peak memory'] / memory['FFT, peak memory']:.2f}")
-    bf16 = isinstance(autocast(), torch.autocast)
-    matmul_dtype = torch.bfloat16 if bf16 else torch.float32
+        f"peak memory {memory['LoRA, memory'] / memory['FFT, memory']:.2f}")
+    matmul_dtype = torch.bfloat16 if isinstance(autocast(), torch.autocast) else torch.float32
     peak = args["peak_tflops"] * 1e12 or measure_peak_flops(args["device"], dtype=matmul_dtype)
     flops = train_flops(config, batch.lengths.tolist(), int(batch.loss_mask.sum()))
     epoch_steps = math.ceil(PARAPHRASE_TRAIN_PAIRS / len(big))
     figures = {"mfu": flops / step["FFT"] / peak, "paraphrase_epoch_s": epoch_steps * step["FFT"]}
-    source = "--peak_tflops" if args["peak_tflops"] else f"measured: {'bf16' if bf16 else 'fp32'} matmul"
+    source = "--peak_tflops" if args["peak_tflops"] else f"measured: a {str(matmul_dtype)[6:]} matmul"
     row("MFU, FFT SFT, on real tokens", f"{100 * figures['mfu']:.1f}%",
         f"peak {peak / 1e12:.1f} TFLOP/s ({source}); target >= 45% (H100)")
     row("one epoch of paraphrase FFT SFT", f"{figures['paraphrase_epoch_s']:.1f} s",
@@ -436,10 +430,12 @@ def generation(model, hf_model, config, args):
     prompts = [torch.randint(0, config.vocab_size, (k,), generator=generator).tolist() for k in lengths]
     ids, mask = (t.to(device) for t in left_pad(prompts))
     sampling = dict(temperature=1.2, top_p=0.9, attention_mask=mask, eos_token_id=None)
-    ours = {cache: lambda k, cache=cache: model.eval().generate(
-        ids, k, use_cache=cache, generator=torch.Generator(device=device).manual_seed(0), **sampling)
-        for cache in (True, False)}
-    generate = {"generate, KV cache": ours[True]}
+
+    def ours(k, use_cache=True):
+        rng = torch.Generator(device=device).manual_seed(0)
+        return model.eval().generate(ids, k, use_cache=use_cache, generator=rng, **sampling)
+
+    generate = {"generate, KV cache": ours}
     if hf_model is not None:  # every row writing exactly k tokens (no end-of-text stop)
         generate["generate, transformers"] = lambda k: hf_model.eval().generate(
             ids, do_sample=True, top_k=0, max_new_tokens=k, pad_token_id=END_OF_TEXT, **sampling)
@@ -452,7 +448,7 @@ def generation(model, hf_model, config, args):
             seconds[name].append(s)
     if len({t.shape for t in tokens.values()}) > 1:
         raise RuntimeError("transformers generated another number of tokens: the generations are not comparable")
-    uncached, no_cache_s = timed(lambda: ours[False](n), device)
+    uncached, no_cache_s = timed(lambda: ours(n, use_cache=False), device)
     if not torch.equal(tokens["generate, KV cache"], uncached):
         raise RuntimeError("the KV cache changed the generated tokens")
     measured = {"generate, no cache": no_cache_s, **{name: statistics.median(s) for name, s in seconds.items()}}
@@ -503,7 +499,7 @@ def sonnet_steps(config, sonnets, args):
             for kind, kind_config, rows in (("SFT", config, examples), ("DPO", dpo_config, pairs))
             for method, targets in (("FFT", None), ("LoRA", DEFAULT_TARGETS))}
     for path in ("chunked", "plain"):
-        jobs[f"sonnet log-probs, {path}"] = (peak_memory_of_logprobs, (dpo_config, pairs, args["device"],
+        jobs[f"sonnet log-probs {path}"] = (peak_memory_of_logprobs, (dpo_config, pairs, args["device"],
                                                                         args["dtype"], path))
     measured.update(peak_memory(jobs, args))
     B, W = target_window(dpo_batch)[0].shape
@@ -530,7 +526,7 @@ def figures_of(measured):
         for method in ("FFT", "LoRA"):
             name = f"sonnet {kind}, {method}"
             figures[f"sonnet_{kind.lower()}_{method.lower()}_step_s"] = measured[name]
-            figures[f"sonnet_{kind.lower()}_{method.lower()}_peak_memory_bytes"] = measured[f"{name}, peak memory"]
+            figures[f"sonnet_{kind.lower()}_{method.lower()}_peak_memory_bytes"] = measured[f"{name}, memory"]
     return figures
 
 
