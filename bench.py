@@ -56,8 +56,9 @@ from train_sft import SETTINGS as SFT_SETTINGS, batch_logprobs, sequence_logprob
 from trainer import (autocast_context, configure_optimizer, epoch_batches, peak_memory_bytes, reset_peak_memory,
                      wrap_model)
 
-SETTINGS = {  # each row is a flag (flags.py); --quick swaps in QUICK's values for the flags not given
-    "quick": (False, bool, None, "fewer steps and rows: QUICK's values for the flags not given"),
+QUICK = dict(warmup=1, steps=3, score_pairs=32, sonnet_rows=2, generate_runs=1, sonnet_batch=1, sonnet_layers=2)
+SETTINGS = {  # each row is a flag (flags.py)
+    "quick": (False, bool, None, f"fewer steps and rows, for the flags not given: {QUICK}"),
     "out": (None, Path, None, "write the figures as JSON to this file"),
     "size": ("gpt2", str, one_of(*PRETRAINED), "the model's shape (random weights): gpt2 is 124M"),
     "n_layer": (None, int, at_least(1), "change the size's number of layers"),
@@ -86,7 +87,6 @@ SETTINGS = {  # each row is a flag (flags.py); --quick swaps in QUICK's values f
     "threads": (0, int, NON_NEGATIVE, "CPU threads for PyTorch (0: its default, one per core)"),
     "seed": (0, int, None, "the random seed of weights, batches and prompts"),
 }
-QUICK = dict(warmup=1, steps=3, score_pairs=32, sonnet_rows=2, generate_runs=1, sonnet_batch=1, sonnet_layers=2)
 
 PARAPHRASE_TRAIN_PAIRS = 283_003  # the course's quora-train.csv: one epoch of FFT SFT is what we time on a GPU
 SFT_DROPOUT = SFT_SETTINGS["dropout"][0]  # train_sft.py's default, so steps cost what the training's cost
