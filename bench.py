@@ -6,12 +6,12 @@ What each method costs, measured side by side on this machine (after nanoGPT's b
     python bench.py --device cuda --batch_size 64
     python bench.py --data_dir data              # the course's files (python -m data.download), not the sample
 
-GPT-2 124M's shape with random weights (nothing to download: a step costs the same whatever the values),
-trained on real Quora pairs and sonnets (their lengths, hence their padding, are what training sees): the
-course's quora-train.csv and sonnets.txt in --data_dir, by default the small sample in data/samples.
-Every ratio compares two things measured in the same run on the same batch and dtype, after warm-up:
-the median of several steps, taken in turns (A, B, C, A, B, C, ...) so that a machine busy with something
-else slows all of them alike, with the device synchronised around every timed phase.
+GPT-2 124M's shape with random weights (a step costs the same whatever the values), trained on real Quora pairs
+and sonnets (their lengths, hence their padding, are what training sees): the course's quora-train.csv and
+sonnets.txt in --data_dir, by default the small sample in data/samples. Every ratio compares two things measured
+in the same run on the same batch and dtype, after warm-up: the median of several steps, taken in turns
+(A, B, C, A, B, C, ...) so that a machine busy with something else slows all of them alike, with the device
+synchronised around every timed phase. Peak memory is measured with each method in a fresh process.
 
 Where the time goes, in FLOPs per token (N = the weights of the blocks' matrices, 85M at 124M's shape;
 d = width, V = vocabulary, L = layers, T = sequence length):
@@ -23,91 +23,113 @@ d = width, V = vocabulary, L = layers, T = sequence length):
     generation, KV cache    2N per new token; without the cache every step recomputes the whole prefix
 """
 
-import argparse
 import copy
 import math
 import multiprocessing
 import os
-import queue as queue_module
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+import flags
+from checkpoint import PRETRAINED, from_pretrained, save_pretrained
 from data.batching import collate, left_pad
 from data.quora import read_quora
 from data.sonnets import read_sonnets, sonnet_example, split_prompt
 from data.tasks import QUORA, SONNETS
-from data.tokenizer import encode
-from eval import answers_yes, check_device
+from data.tokenizer import END_OF_TEXT, encode
+from eval import answers_yes
 from fileio import InputError, writable_dir, write_json
+from flags import NON_NEGATIVE, POSITIVE, at_least, between, one_of
 from lora import DEFAULT_TARGETS, apply_lora
-from model import END_OF_TEXT, GPT, PRETRAINED, GPTConfig, default_device
+from model import GPT, GPTConfig
 # the training scripts' own losses, data and settings, so that a step here is the step training takes
 from preferences import paraphrase_pairs, sonnet_pairs
-from train_dpo import SETTINGS as DPO_SETTINGS, concatenated_logps, dpo_loss, reference_logps
-from train_sft import SETTINGS as SFT_SETTINGS, sft_loss
-# the training loop's helpers
+from train_dpo import SETTINGS as DPO_SETTINGS, dpo_loss, reference_logps
+from train_sft import SETTINGS as SFT_SETTINGS, batch_logprobs, sequence_logprobs, sft_loss, target_window
 from trainer import (autocast_context, configure_optimizer, epoch_batches, peak_memory_bytes, reset_peak_memory,
                      wrap_model)
 
-ROOT = Path(__file__).resolve().parent
-
-# -----------------------------------------------------------------------------
-# settings (each is also a flag: --name value; --quick swaps in QUICK for the ones not given)
-size = "gpt2"  # the model's shape: gpt2 (124M), gpt2-medium, ...; random weights
-device = default_device()
-dtype = "auto"  # as train_sft.py: auto = bfloat16 autocast on a GPU that has it, else float32
-batch_size = 8  # Quora pairs per training step: the course's batch
-big_batch_size = 64  # a throughput-sized batch, measured too on a GPU (FFT, LoRA, MFU, epoch time)
-warmup = 2  # untimed rounds first (allocations, AdamW's state, kernel selection)
-steps = 7  # timed rounds; each figure is the median
-lora_r, lora_alpha = 8, 16.0
-score_pairs = 256  # paraphrase prompts scored (eval.answers_yes)
-sonnet_rows = 12  # sonnets generated at once
-sonnet_batch = 16  # sonnets per sonnet training step: SFT reads 16 rows, DPO 32 (chosen + rejected)
-sonnet_layers = 0  # the sonnet steps' model: the size's layers (0) or fewer (--quick: a full-size step is slow)
-new_tokens = 128  # tokens generated per sonnet (the course's)
-generate_runs = 3  # timed generations with the cache (median); the slow uncached one runs once
-data_dir = ROOT / "data" / "samples"  # the course's quora-train.csv and sonnets.txt; here a sample of each
-quora = None  # labelled Quora pairs in the course's format; None: data_dir's quora-train.csv
-peak_tflops = 0.0  # the device's peak rate for MFU (GPU only); 0 = measure it with a large matmul
-compile = False  # torch.compile our model's steps, as train_sft.py --compile does (transformers' stay eager)
-threads = 0  # CPU threads for PyTorch; 0 = its default (one per core)
-seed = 0
 QUICK = dict(warmup=1, steps=3, score_pairs=32, sonnet_rows=2, generate_runs=1, sonnet_batch=1, sonnet_layers=2)
+SETTINGS = {  # each row is a flag (flags.py)
+    "quick": (False, bool, None, f"fewer steps and rows, for the flags not given: {QUICK}"),
+    "out": (None, Path, None, "write the figures as JSON to this file"),
+    "size": ("gpt2", str, one_of(*PRETRAINED), "the model's shape (random weights): gpt2 is 124M"),
+    "n_layer": (None, int, at_least(1), "change the size's number of layers"),
+    "n_head": (None, int, at_least(1), "change the size's number of heads"),
+    "n_embd": (None, int, at_least(1), "change the size's width"),
+    "device": (flags.default_device(), str, None, "cpu, cuda, cuda:N or mps"),
+    "dtype": ("auto", str, one_of("auto", "float32", "bfloat16"), "auto: bfloat16 on a GPU with it, as training"),
+    "batch_size": (8, int, at_least(1), "Quora pairs per training step: the course's batch"),
+    "big_batch_size": (64, int, at_least(1), "a throughput-sized batch, measured on a GPU (FFT, LoRA, MFU, epoch)"),
+    "warmup": (2, int, NON_NEGATIVE, "untimed rounds first (allocations, AdamW's state, kernel selection)"),
+    "steps": (7, int, at_least(1), "timed rounds; each figure is the median"),
+    "lora_r": (8, int, at_least(1), "LoRA's rank"),
+    "lora_alpha": (16.0, float, POSITIVE, "LoRA's scale alpha (the update is alpha / r B A)"),
+    "score_pairs": (256, int, at_least(1), "paraphrase prompts scored (eval.answers_yes)"),
+    "sonnet_rows": (12, int, at_least(1), "sonnets generated at once"),
+    "sonnet_batch": (16, int, at_least(1), "sonnets per sonnet training step: DPO's batch has twice the rows"),
+    "sonnet_layers": (0, int, NON_NEGATIVE, "layers of the sonnet steps' model (0: the size's own)"),
+    "new_tokens": (128, int, between(1, 1024 - 37), "tokens generated per sonnet; a prompt (up to 37) + them fit 1024"),
+    "generate_runs": (3, int, at_least(1), "timed generations with the cache (median); the uncached one runs once"),
+    "data_dir": (Path(__file__).resolve().parent / "data" / "samples", Path, None,
+                 "the course's quora-train.csv and sonnets.txt (by default a sample of each)"),
+    "quora": (None, Path, None, "labelled Quora pairs in the course's format (default: --data_dir's)"),
+    "sonnets": (None, Path, None, "sonnets in the course's format (default: --data_dir's)"),
+    "peak_tflops": (0.0, float, NON_NEGATIVE, "the device's peak TFLOP/s for MFU (0: measure it with a matmul)"),
+    "compile": (False, bool, None, "torch.compile our model's steps, as train_sft.py --compile"),
+    "threads": (0, int, NON_NEGATIVE, "CPU threads for PyTorch (0: its default, one per core)"),
+    "seed": (0, int, None, "the random seed of weights, batches and prompts"),
+}
 
 PARAPHRASE_TRAIN_PAIRS = 283_003  # the course's quora-train.csv: one epoch of FFT SFT is what we time on a GPU
 SFT_DROPOUT = SFT_SETTINGS["dropout"][0]  # train_sft.py's default, so steps cost what the training's cost
 SFT_GRAD_CLIP = SFT_SETTINGS["grad_clip"][0]
 DPO_DROPOUT = DPO_SETTINGS["dropout"][0]  # train_dpo.py's: off
 DPO_BETA = DPO_SETTINGS["beta"][0]
+MiB = 2 ** 20
+HOW_MEMORY = {"cuda": "torch.cuda.max_memory_allocated", "mps": "MPS driver memory after the steps (no peak counter)",
+              "cpu": "growth of peak resident memory (VmHWM)"}
+RATIOS = [  # bench.json key (None: printed only), numerator, denominator, and the target or the count behind it
+    ("ours_over_hf_train_step", "SFT, FFT (ours)", "SFT, FFT (transformers)", "<= 1.0 CPU, <= 0.8 GPU"),
+    (None, "SFT, FFT, output layer everywhere", "SFT, FFT (transformers)", "the same work: the model code alone"),
+    ("lora_over_fft_step", "SFT, LoRA all block Linears", "SFT, FFT (ours)", "<= 0.75; FLOPs 4N vs 6N per token"),
+    (None, "SFT, LoRA attn.c_attn", "SFT, FFT (ours)", "the same 4N: every frozen weight passes the gradient"),
+    ("dpo_precomputed_over_sft_step", "DPO, FFT, reference precomputed", "SFT, FFT (ours)", "<= 2.1; FLOPs 2x"),
+    ("dpo_live_over_sft_step", "DPO, FFT, reference live", "SFT, FFT (ours)", "<= 2.8; FLOPs 2.67x"),
+    ("lora_over_fft_peak_mem", "LoRA all block Linears, memory", "FFT, memory", "<= 0.6"),
+    ("kv_cache_speedup", "generate, no cache", "generate, KV cache", ">= 5; the same tokens"),
+    ("ours_over_hf_generate", "generate, KV cache", "generate, transformers", "<= 1.0; each with its KV cache"),
+    ("sonnet_step_time_ratio", "sonnet DPO, FFT", "sonnet DPO, FFT, plain log-probs", "chunked / plain"),
+    ("sonnet_logprob_memory_ratio", "sonnet log-probs chunked, memory", "sonnet log-probs plain, memory", "<= 0.30"),
+]
 
 
 # -----------------------------------------------------------------------------
-# timing
-
-
-def synchronize(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+# timing a step, and what a step computes: the training scripts' own losses, and Hugging Face's
 
 
 def clock(device):
-    synchronize(device)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
+def timed(fn, device):
+    t0 = clock(device)
+    result = fn()
+    return result, clock(device) - t0
+
+
 def train_step(model, optimizer, loss_fn, autocast, device, split=True):
-    """One optimizer step as train_sft.py takes it. Returns seconds (forward, backward, optimizer) with split,
-    else the whole step's seconds. Timing the phases needs a device synchronisation between them, which on a
-    GPU stops the CPU from queueing the next phase's kernels while the GPU works: so a GPU's step time is
-    measured without it, on steps of its own (on a CPU there is nothing to synchronise)."""
+    """One optimizer step as train_sft.py takes it -> seconds (forward, backward, optimizer), or split=False the
+    step's: a GPU's, as timing phases stops its CPU side from queueing ahead."""
     t0 = clock(device)
     with autocast():
         loss = loss_fn(model)
@@ -122,91 +144,46 @@ def train_step(model, optimizer, loss_fn, autocast, device, split=True):
     return (t1 - t0, t2 - t1, t3 - t2) if split else t3 - t0
 
 
-def time_in_turns(cases, warmup, steps, device):
-    """cases: {name: (model, optimizer, loss_fn, autocast)}. One step of each in turn, warmup + steps rounds.
-    Returns {name: {"step", "forward", "backward", "optimizer"}}: medians of the timed rounds, in seconds."""
-    on_gpu = str(device).startswith("cuda")
-    phases, whole = {name: [] for name in cases}, {name: [] for name in cases}
-    for round_ in range(warmup + steps):
+def time_in_turns(cases, args, title, batches):
+    """{name: (model, optimizer, loss_fn, autocast)}, a step of each in turn, warmup + steps rounds: each phase's
+    median printed as a table; returns {name: median step seconds}."""
+    device, rounds = args["device"], {name: [] for name in cases}
+    for round_ in range(args["warmup"] + args["steps"]):
         for name, case in cases.items():
-            times = train_step(*case, device)
-            step_s = train_step(*case, device, split=False) if on_gpu else sum(times)
-            if round_ >= warmup:
-                phases[name].append(times)
-                whole[name].append(step_s)
-    return {name: {"step": statistics.median(whole[name]),
-                   **{phase: statistics.median(t[i] for t in times)
-                      for i, phase in enumerate(("forward", "backward", "optimizer"))}}
-            for name, times in phases.items()}
-
-
-def timed(fn, device):
-    t0 = clock(device)
-    result = fn()
-    return result, clock(device) - t0
-
-
-# -----------------------------------------------------------------------------
-# what a step computes: the losses the training scripts use, and Hugging Face's for comparison
+            phases = train_step(*case, device)
+            step_s = train_step(*case, device, split=False) if device.startswith("cuda") else sum(phases)
+            if round_ >= args["warmup"]:
+                rounds[name].append((step_s, *phases))
+    print(f"\n{title}, median of {args['steps']} after {args['warmup']} warm-up, in turns; {batches}")
+    print(f"  {'':<40}" + "".join(f"{phase:>10}" for phase in ("step", "forward", "backward", "optimizer")))
+    medians = {name: [statistics.median(t) for t in zip(*times)] for name, times in rounds.items()}
+    for name, seconds in medians.items():
+        print(f"  {name:<40}" + "".join(f" {s:>8.3f}s" for s in seconds))
+    return {name: seconds[0] for name, seconds in medians.items()}
 
 
 def sft_step_loss(examples, device):
-    """train_sft.py's step: collate, then its loss (the output layer only where a loss reads it)."""
+    """train_sft.py's step: collate, then its loss (the output layer only on the target window)."""
     return lambda model: sft_loss(model, collate(examples).to(device))[0]
 
 
-def full_logits_loss(batch):
-    """The same loss with the output layer at every position, as Hugging Face computes it: same work as HF."""
-    def loss_fn(model):
-        logits = model(batch.input_ids)[:, :-1]
-        labels = batch.input_ids[:, 1:].masked_fill(batch.loss_mask[:, 1:] == 0, -100)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-    return loss_fn
-
-
-def hf_loss(batch):
-    """GPT2LMHeadModel's own loss (labels -100 outside the targets). No attention mask: right padding needs
-    none (causal attention never looks right), and without one HF takes its fastest attention path."""
-    labels = batch.input_ids.masked_fill(batch.loss_mask == 0, -100)
-    return lambda model: model(input_ids=batch.input_ids, labels=labels).loss
-
-
-def plain_logprobs(model, batch):
-    """What train_sft.batch_logprobs computes, the plain way: the output layer at every position, the whole
-    (B, T, V) logits kept, then log_softmax and a gather. Per row: log p(targets) = sum_t log p(x_t+1 | x_<=t)."""
-    logits = model(batch.input_ids)[:, :-1].float()  # (B, T-1, V)
-    token_logps = F.log_softmax(logits, dim=-1).gather(2, batch.input_ids[:, 1:, None]).squeeze(2)  # (B, T-1)
-    return (token_logps * batch.loss_mask[:, 1:]).sum(-1)
-
-
-def plain_concatenated_logps(model, chosen, rejected, device):
-    """train_dpo.concatenated_logps (one batch of chosen + rejected rows) with plain_logprobs."""
-    logps = plain_logprobs(model, collate(chosen + rejected).to(device))
-    return logps[:len(chosen)], logps[len(chosen):]
-
-
-def dpo_step_loss(pairs, reference, device, autocast, policy_logps=concatenated_logps):
-    """train_dpo.py's step on a batch of preference pairs: one forward of chosen + rejected (concatenated_logps)
-    and the DPO loss. reference: a frozen model, whose log-probabilities are computed every step as
-    --live_reference does (train_dpo.reference_logps), or (chosen, rejected) log-probabilities computed once.
-    policy_logps: plain_concatenated_logps for the same step with the plain log-probabilities."""
-    chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
+def dpo_step_loss(pairs, reference, device, autocast, path="auto"):
+    """train_dpo.py's step: one forward of chosen + rejected, the DPO loss. reference: log-probabilities computed
+    once, or a frozen model run every step (--live_reference). path: train_sft.batch_logprobs'."""
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
 
     def loss_fn(model):
-        policy_chosen, policy_rejected = policy_logps(model, chosen, rejected, device)
-        if isinstance(reference, tuple):
-            ref_chosen, ref_rejected = reference
-        else:
-            ref_chosen, ref_rejected = reference_logps(reference, pairs, {"eval_batch_size": len(pairs),
-                                                                          "device": device}, autocast())
-        losses, _, _ = dpo_loss(policy_chosen, policy_rejected, ref_chosen.to(device), ref_rejected.to(device),
-                                DPO_BETA)
+        logps = batch_logprobs(model, collate(rows), device, path=path)
+        ref_chosen, ref_rejected = reference if isinstance(reference, tuple) else reference_logps(
+            reference, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
+        losses, _, _ = dpo_loss(logps[:len(pairs)], logps[len(pairs):], ref_chosen.to(device),
+                                ref_rejected.to(device), DPO_BETA)
         return losses.mean()
     return loss_fn
 
 
 # -----------------------------------------------------------------------------
-# FLOPs and bytes: the counts that explain the times
+# FLOPs and bytes: the counts that explain the figures; peak memory, each method in a fresh process
 
 
 def block_weights(config):
@@ -215,18 +192,16 @@ def block_weights(config):
 
 
 def train_flops(config, lengths, n_targets, lora=False):
-    """Model FLOPs of one training step on real tokens: (6N or LoRA's 4N) per token, attention's 12 L d T per
-    token, and the output layer's 6 d V once per target token. Padding is not counted: these are useful FLOPs."""
-    per_token = (4 if lora else 6) * block_weights(config)
+    """A step's FLOPs on real tokens: (6N, LoRA 4N) + 12 L d T per token, and 6 d V per target token."""
     attention = 12 * config.n_layer * config.n_embd * sum(n * n for n in lengths)
-    return per_token * sum(lengths) + attention + 6 * config.n_embd * config.vocab_size * n_targets
+    head = 6 * config.n_embd * config.vocab_size * n_targets
+    return (4 if lora else 6) * block_weights(config) * sum(lengths) + attention + head
 
 
 def padding_efficiency(lengths, batches):
     """Real tokens over computed tokens: each batch computes rows x its longest row."""
-    real = sum(lengths[i] for b in batches for i in b)
     computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return real / computed
+    return sum(lengths[i] for b in batches for i in b) / computed
 
 
 def saved_activation_bytes(model, loss_fn, autocast):
@@ -249,227 +224,320 @@ def state_bytes(model, optimizer):
     """(weights, gradients, AdamW state) in bytes; gradients and state exist for trainable weights only."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    adam = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-               if torch.is_tensor(t) and t.dim() > 0)
-    return weights, grads, adam
+    states = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    return weights, grads, sum(t.numel() * t.element_size() for t in states)
 
 
 def measure_peak_flops(device, n=8192, repeats=10, dtype=torch.bfloat16):
     """The device's matmul rate (FLOP/s) on n x n matrices: the best a model's matmuls can hope for."""
     a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    _, seconds = timed(lambda: [a @ b for _ in range(repeats)], device)
+    a @ a  # warm-up
+    _, seconds = timed(lambda: [a @ a for _ in range(repeats)], device)
     return 2 * n ** 3 * repeats / seconds
 
 
-# -----------------------------------------------------------------------------
-# peak memory: each method trains in a fresh process, so nothing another method allocated is counted
-
-
-def resident_bytes():
-    """This process's resident memory now (Linux); 0 where /proc is not there (the peak then includes all)."""
+def current_bytes(device_type):
+    """What peak_memory_bytes counts, now. CPU: resident memory (0 without /proc: the peak then includes all)."""
+    if device_type in ("cuda", "mps"):
+        return torch.cuda.memory_allocated() if device_type == "cuda" else torch.mps.driver_allocated_memory()
     status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    lines = status.read_text().splitlines() if status.exists() else []
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:")), 0)
 
 
-def peak_memory_of_method(config, rows, lora_targets, device, dtype, lora_r, lora_alpha, compile=False,
-                          n_steps=2, kind="sft"):
-    """Peak memory of training steps. GPU: the most PyTorch allocated (torch.cuda.max_memory_allocated).
-    CPU: the process's peak resident memory (Linux VmHWM, reset after the model is built, so building's
-    transients are not counted) minus its resident memory before the model existed. Either way weights,
-    gradients, AdamW state, activations and every phase's temporaries are in it.
-    kind: "sft" (rows are Examples) or "dpo" (rows are Pairs; the reference log-probabilities are computed
-    once before the steps, from the starting model, as train_dpo.py does)."""
-    device_type = device.split(":")[0]
+def peak_memory_of_method(config, rows, lora_targets, args, kind="sft"):
+    """Peak memory of two training steps over the process's before the model (CPU: VmHWM, reset once it is
+    built). kind "sft": rows are Examples; "dpo": Pairs, the reference computed once first, as train_dpo.py."""
+    device, device_type, autocast = args["device"], args["device"].split(":")[0], autocast_of(args)
     torch.manual_seed(0)
     before = current_bytes(device_type)
     model = GPT(config).to(device).train()
     if lora_targets:
-        apply_lora(model, lora_r, lora_alpha, targets=lora_targets)
+        apply_lora(model, args["lora_r"], args["lora_alpha"], targets=lora_targets)
     optimizer = configure_optimizer(model, 1e-5, 0.0, device_type)
-    autocast = lambda: autocast_context({"dtype": dtype}, device_type)  # noqa: E731
-    step_model = wrap_model(model, {"compile": compile}, 1)
+    loss_fn = sft_step_loss(rows, device)
     if kind == "dpo":
         reference = reference_logps(model, rows, {"eval_batch_size": len(rows), "device": device}, autocast())
         loss_fn = dpo_step_loss(rows, reference, device, autocast)
-    else:
-        loss_fn = sft_step_loss(rows, device)
+    step_model = wrap_model(model, args, 1)
     reset_peak_memory(device_type)
-    for _ in range(n_steps):
+    for _ in range(2):
         train_step(step_model, optimizer, loss_fn, autocast, device)
-    synchronize(device)
+    clock(device)
     return peak_memory_bytes(device_type) - before
 
 
-def peak_memory_of_logprobs(config, pairs, device, dtype, plain):
-    """Peak memory growth of one policy log-probability and its backward on a DPO batch (chosen + rejected
-    rows), from just after the model is built: activations, the output layer's temporaries and the gradients.
-    plain: the full logits (plain_concatenated_logps), else the training's train_dpo.concatenated_logps."""
+def peak_memory_of_logprobs(config, pairs, device, dtype, path):
+    """Peak memory growth of train_sft.batch_logprobs (path "plain" or "chunked") and its backward on a DPO batch
+    of chosen + rejected, from just after the model is built."""
     device_type = device.split(":")[0]
     torch.manual_seed(0)
     model = GPT(config).to(device).train()
-    chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
-    logps = plain_concatenated_logps if plain else concatenated_logps
-    synchronize(device)
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
     before = current_bytes(device_type)
     reset_peak_memory(device_type)
     with autocast_context({"dtype": dtype}, device_type):
-        policy_chosen, policy_rejected = logps(model, chosen, rejected, device)
-    (policy_chosen.sum() + policy_rejected.sum()).backward()
-    synchronize(device)
+        logps = batch_logprobs(model, batch, device, path=path)
+    logps.sum().backward()
+    clock(device)
     return peak_memory_bytes(device_type) - before
 
 
-def current_bytes(device_type):
-    """What peak_memory_bytes counts, now: allocated (GPU), driver memory (MPS) or resident memory (CPU)."""
-    return {"cuda": torch.cuda.memory_allocated, "mps": torch.mps.driver_allocated_memory}.get(
-        device_type, resident_bytes)()
+def peak_memory(jobs, args):
+    """{name + ", memory": function(*arguments)} for jobs {name: (function, arguments)}, each in a fresh
+    process: on a CPU one per core at a time (each has its own peak), on a GPU one at a time. Printed too."""
+    workers = 1 if args["device"].startswith("cuda") else os.cpu_count() or 1
+    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(torch.get_num_threads(),), max_tasks_per_child=1) as pool:
+        futures = {name: pool.submit(function, *arguments) for name, (function, arguments) in jobs.items()}
+        memory = {f"{name}, memory": future.result() for name, future in futures.items()}
+    print(f"\npeak memory ({HOW_MEMORY.get(args['device'].split(':')[0])}, a fresh process per method)")
+    for name, value in memory.items():
+        row(name, f"{value / MiB:.0f} MiB")
+    return memory
 
 
-def _memory_child(queue, measure, args, threads):
-    torch.set_num_threads(threads)  # the parent's (--threads)
-    try:
-        queue.put(measure(*args))
-    except BaseException as e:  # noqa: BLE001 - the parent raises it
-        queue.put(e)
+# -----------------------------------------------------------------------------
+# the measurements, in the order run() takes them; each prints what it measures
 
 
-def peak_memory_in_fresh_processes(jobs, device):
-    """{name: measure(*args)} for jobs {name: (measure, args)}, each in a fresh (spawned) process, so no
-    method's memory counts another's. On a CPU one process per core at a time (each has its own peak); on a
-    GPU one at a time (they would share its memory)."""
-    context = multiprocessing.get_context("spawn")
-    at_once = 1 if device.startswith("cuda") else os.cpu_count() or 1
-    results, running = {}, []
-    for name, (measure, args) in jobs.items():
-        if len(running) == at_once:  # wait for the oldest
-            oldest = running.pop(0)
-            results[oldest[0]] = child_result(*oldest)
-        queue = context.Queue()
-        process = context.Process(target=_memory_child, args=(queue, measure, args, torch.get_num_threads()))
-        process.start()
-        running.append((name, queue, process))
-    for name, queue, process in running:
-        results[name] = child_result(name, queue, process)
-    return {name: results[name] for name in jobs}
-
-
-def child_result(name, queue, process):
-    while True:
+def read_data(args):
+    """(labelled Quora pairs, sonnets), read before any model is built: a missing or malformed file fails first."""
+    pairs = read_quora(args["quora"])
+    if not pairs or any(p.label is None for p in pairs):
+        raise InputError(f"--quora {args['quora']}: needs labelled pairs (the is_duplicate column)")
+    sonnets = read_sonnets(args["sonnets"])
+    for sonnet in sonnets:
         try:
-            result = queue.get(timeout=1)
-            break
-        except queue_module.Empty:
-            if not process.is_alive():  # killed (out of memory?) before it could answer
-                raise RuntimeError(f"the process measuring {name}'s peak memory died (exit code "
-                                   f"{process.exitcode})") from None
-    process.join()
-    if isinstance(result, BaseException):
-        raise result
-    return result
+            split_prompt(sonnet.text)  # DPO's prompt is the first 3 lines: a sonnet needs more
+        except ValueError as e:
+            raise InputError(f"--sonnets {args['sonnets']}: sonnet {sonnet.number}: {e}") from None
+    return pairs, sonnets
 
 
-# -----------------------------------------------------------------------------
-# generation: ours with and without the KV cache, and Hugging Face's generate with the same settings
-
-
-def random_prompts(n, low, high, generator, vocab_size):
-    lengths = torch.randint(low, high + 1, (n,), generator=generator).tolist()
-    return [torch.randint(0, vocab_size, (length,), generator=generator).tolist() for length in lengths]
-
-
-def generate_ours(model, input_ids, attention_mask, n_tokens, use_cache, device):
-    return model.generate(input_ids, n_tokens, temperature=1.2, top_p=0.9, attention_mask=attention_mask,
-                          eos_token_id=None, use_cache=use_cache,
-                          generator=torch.Generator(device=device).manual_seed(0))
-
-
-def generate_hf(hf_model, input_ids, attention_mask, n_tokens):
-    """The course's sampling (temperature 1.2, top-p 0.9, nothing else: HF's default top_k=50 is off), every row
-    writing exactly n_tokens (no end-of-text stop), with HF's KV cache."""
-    return hf_model.generate(input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.2, top_p=0.9,
-                             top_k=0, max_new_tokens=n_tokens, eos_token_id=None, pad_token_id=END_OF_TEXT,
-                             use_cache=True)
-
-
-# -----------------------------------------------------------------------------
-# the run
-
-
-def import_transformers():
-    """transformers is a test-only package: without it, the comparisons with Hugging Face are skipped."""
+def load_models(config, device):
+    """(SFT's model, DPO's, transformers' or None): the same random weights, saved and loaded (timed) as a trained
+    model is, each with its training's dropout. transformers is for tests only: without it, no comparison."""
     try:
         import transformers
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     except ImportError:
-        print("transformers is not installed (pip install -r requirements-test.txt): the two comparisons with "
-              "Hugging Face's GPT-2 are skipped")
-        return None
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
+        print("transformers is not installed (pip install -r requirements-test.txt): no comparisons with it")
+        transformers = None
+    with tempfile.TemporaryDirectory() as directory:
+        save_pretrained(GPT(config), directory)
+        model, load_s = timed(lambda: from_pretrained(directory, dropout=SFT_DROPOUT).to(device), device)
+        dpo_model = from_pretrained(directory, dropout=DPO_DROPOUT).to(device)
+        hf_model = None if transformers is None else transformers.GPT2LMHeadModel.from_pretrained(
+            directory, resid_pdrop=SFT_DROPOUT, embd_pdrop=SFT_DROPOUT, attn_pdrop=SFT_DROPOUT).to(device)
+    row("load (checkpoint.from_pretrained)", f"{load_s:.2f} s", f"{model.num_parameters() / 1e6:.0f}M parameters")
+    return model, dpo_model, hf_model
 
 
-def throughput(config, fft, lora, examples, args, autocast, table):
-    """At a throughput-sized batch (a typical one of train_sft's at --big_batch_size): LoRA over FFT, step and
-    peak memory; FFT SFT's model FLOPs utilisation (MFU) on real tokens; and the seconds one epoch of the
-    course's 283,003 training pairs takes at that step time. Returns {mfu, paraphrase_epoch_s}.
-    Meant for a GPU (run() calls it there); it runs anywhere, so tests run it on the CPU."""
-    device = args.device
-    pool = [examples[i % len(examples)] for i in range(max(len(examples), args.big_batch_size))]
+def scoring_rate(model, examples, args):
+    """What evaluation costs: paraphrase prompts scored per second (eval.answers_yes)."""
+    prompts = [examples[i % len(examples)].prompt for i in range(args["score_pairs"])]
+    answers_yes(model, prompts[:8], 64, args["device"])  # warm-up
+    rate = args["score_pairs"] / timed(lambda: answers_yes(model, prompts, 64, args["device"]), args["device"])[1]
+    row("paraphrase scoring (eval.answers_yes, batches of 64)", f"{rate:.0f} pairs/s",
+        f"the 40,429 dev pairs: {40429 / rate / 60:.1f} min")
+
+
+def trainable(model, lr, args, lora_targets=None):
+    """(model, with LoRA on lora_targets if given, as training wraps it; its AdamW at learning rate lr)."""
+    if lora_targets:
+        model = apply_lora(copy.deepcopy(model), args["lora_r"], args["lora_alpha"], targets=lora_targets)
+    return wrap_model(model.train(), args, 1), configure_optimizer(model, lr, 0.0, args["device"].split(":")[0])
+
+
+def step_cases(model, dpo_model, hf_model, examples, pairs, args):
+    """SFT's and DPO's steps on one batch: ours, with the output layer everywhere, transformers', LoRA; DPO's
+    reference computed once (train_dpo.py's default) and every step by a frozen copy (--live_reference)."""
+    device, autocast, batch = args["device"], autocast_of(args), collate(examples).to(args["device"])
+    ids, mask = batch.input_ids, batch.loss_mask
+    sft, fft = sft_step_loss(examples, device), trainable(model, 1e-5, args)
+    # the same loss with the output layer at every position, as Hugging Face computes it: the same work as HF
+    everywhere = lambda model: -sequence_logprobs(model(ids), ids, mask).sum() / mask[:, 1:].sum()  # noqa: E731
+    cases = {"SFT, FFT (ours)": (*fft, sft, autocast),
+             "SFT, FFT, output layer everywhere": (model, fft[1], everywhere, autocast)}
+    if hf_model is not None:  # its own loss, eager; no attention mask: right padding needs none (HF's fastest)
+        hf_loss = lambda model: model(input_ids=ids, labels=ids.masked_fill(mask == 0, -100)).loss  # noqa: E731
+        cases["SFT, FFT (transformers)"] = (*trainable(hf_model, 1e-5, {**args, "compile": False}), hf_loss, autocast)
+    cases["SFT, LoRA all block Linears"] = (*trainable(model, 2e-4, args, DEFAULT_TARGETS), sft, autocast)
+    cases["SFT, LoRA attn.c_attn"] = (*trainable(model, 2e-4, args, ("attn.c_attn",)), sft, autocast)
+    dpo = trainable(dpo_model, 1e-6, args)
+    reference = copy.deepcopy(dpo_model).requires_grad_(False).eval()
+    precomputed = reference_logps(reference, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
+    cases["DPO, FFT, reference precomputed"] = (*dpo, dpo_step_loss(pairs, precomputed, device, autocast), autocast)
+    cases["DPO, FFT, reference live"] = (*dpo, dpo_step_loss(pairs, reference, device, autocast), autocast)
+    return cases
+
+
+def paraphrase_steps(cases, config, examples, args):
+    """The steps' seconds, in turns; SFT's peak memory by FFT and LoRA, and what it is made of, counted."""
+    batch = collate(examples)
+    measured = time_in_turns(cases, args, "training steps", f"batch: {describe_batch(batch, 'pairs')}")
+    flops = [train_flops(config, batch.lengths.tolist(), int(batch.loss_mask.sum()), lora) for lora in (0, 1)]
+    row("FLOPs, LoRA / FFT", f"{flops[1] / flops[0]:.2f}", "4N vs 6N per token, plus attention and the output layer")
+    methods = {"FFT": None, "LoRA all block Linears": DEFAULT_TARGETS, "LoRA attn.c_attn": ("attn.c_attn",)}
+    measured.update(peak_memory({name: (peak_memory_of_method, (config, examples, targets, args))
+                                 for name, targets in methods.items()}, args))
+    for name in ("FFT", "LoRA all block Linears"):
+        model, optimizer = cases[f"SFT, {name}" if "LoRA" in name else "SFT, FFT (ours)"][:2]
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the model
+        weights, grads, adam = state_bytes(model, optimizer)
+        activations = saved_activation_bytes(model, sft_step_loss(examples, args["device"]), autocast_of(args))
+        row(f"  counted, {name}", f"{(weights + grads + adam + activations) / MiB:.0f} MiB",
+            f"weights {weights / MiB:.0f} + gradients {grads / MiB:.0f} + AdamW {adam / MiB:.0f}"
+            f" + saved activations {activations / MiB:.0f} MiB")
+    return measured
+
+
+def throughput(config, fft, lora, examples, args, autocast):
+    """A GPU's figures at a typical batch of --big_batch_size: LoRA / FFT (step, peak memory), FFT SFT's model
+    FLOPs utilisation (MFU) on real tokens, and one epoch's seconds. Tests run it on the CPU."""
+    pool = [examples[i % len(examples)] for i in range(max(len(examples), args["big_batch_size"]))]
     lengths = [len(e) for e in pool]
-    big = [pool[i] for i in median_length_batch(lengths, epoch_batches(lengths, {"batch_size": args.big_batch_size,
-                                                                                 "seed": args.seed}, 0))]
-    step = time_in_turns({"FFT": (*fft, sft_step_loss(big, device), autocast),
-                          "LoRA": (*lora, sft_step_loss(big, device), autocast)}, args.warmup, args.steps, device)
-    memory = peak_memory_in_fresh_processes(
-        {name: (peak_memory_of_method, (config, big, targets, device, args.dtype, args.lora_r, args.lora_alpha,
-                                        args.compile))
-         for name, targets in (("FFT", None), ("LoRA", DEFAULT_TARGETS))}, device)
-    table.row(f"LoRA / FFT at a batch of {len(big)}, step", f"{step['LoRA']['step'] / step['FFT']['step']:.2f}",
-              f"FFT {step['FFT']['step'] * 1e3:.1f} ms, LoRA {step['LoRA']['step'] * 1e3:.1f} ms")
-    table.row(f"LoRA / FFT at a batch of {len(big)}, peak memory", f"{memory['LoRA'] / memory['FFT']:.2f}",
-              f"FFT {memory['FFT'] / 2 ** 20:.0f} MiB, LoRA {memory['LoRA'] / 2 ** 20:.0f} MiB")
-    bf16 = isinstance(autocast(), torch.autocast)
-    peak = args.peak_tflops * 1e12 or measure_peak_flops(device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    batch = collate(big)
+    batches = epoch_batches(lengths, {"batch_size": args["big_batch_size"], "seed": args["seed"]}, 0)
+    big = [pool[i] for i in median_length_batch(lengths, batches)]
+    batch, loss_fn = collate(big), sft_step_loss(big, args["device"])
+    step = time_in_turns({"FFT": (*fft, loss_fn, autocast), "LoRA": (*lora, loss_fn, autocast)}, args,
+                         "SFT steps at a throughput-sized batch", describe_batch(batch, "pairs"))
+    memory = peak_memory({name: (peak_memory_of_method, (config, big, targets, args))
+                          for name, targets in (("FFT", None), ("LoRA", DEFAULT_TARGETS))}, args)
+    row("LoRA / FFT at a throughput-sized batch, step", f"{step['LoRA'] / step['FFT']:.2f}",
+        f"peak memory {memory['LoRA, memory'] / memory['FFT, memory']:.2f}")
+    matmul_dtype = torch.bfloat16 if isinstance(autocast(), torch.autocast) else torch.float32
+    peak = args["peak_tflops"] * 1e12 or measure_peak_flops(args["device"], dtype=matmul_dtype)
     flops = train_flops(config, batch.lengths.tolist(), int(batch.loss_mask.sum()))
-    figures = {"mfu": flops / step["FFT"]["step"] / peak,
-               "paraphrase_epoch_s": math.ceil(PARAPHRASE_TRAIN_PAIRS / len(big)) * step["FFT"]["step"]}
-    source = "--peak_tflops" if args.peak_tflops else f"measured: {'bf16' if bf16 else 'fp32'} matmul"
-    table.row("MFU, FFT SFT, on real tokens", f"{100 * figures['mfu']:.1f}%",
-              f"batch of {len(big)}, peak {peak / 1e12:.1f} TFLOP/s ({source}); target >= 45% (H100)")
-    table.row("one epoch of paraphrase FFT SFT", f"{figures['paraphrase_epoch_s']:.1f} s",
-              f"{PARAPHRASE_TRAIN_PAIRS:,} pairs in batches of {len(big)} like this one; target <= 25 s (H100)")
+    epoch_steps = math.ceil(PARAPHRASE_TRAIN_PAIRS / len(big))
+    figures = {"mfu": flops / step["FFT"] / peak, "paraphrase_epoch_s": epoch_steps * step["FFT"]}
+    source = "--peak_tflops" if args["peak_tflops"] else f"measured: a {str(matmul_dtype)[6:]} matmul"
+    row("MFU, FFT SFT, on real tokens", f"{100 * figures['mfu']:.1f}%",
+        f"peak {peak / 1e12:.1f} TFLOP/s ({source}); target >= 45% (H100)")
+    row("one epoch of paraphrase FFT SFT", f"{figures['paraphrase_epoch_s']:.1f} s",
+        f"{PARAPHRASE_TRAIN_PAIRS:,} pairs in batches like this one; target <= 25 s (H100)")
     return figures
 
 
-def device_name(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    name = device
-    cpuinfo = Path("/proc/cpuinfo")
-    if device == "cpu" and cpuinfo.exists():
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")]
-        name = f"cpu ({models[0]})" if models else name
-    n = torch.get_num_threads()
-    return f"{name}, {n} thread{'s' if n > 1 else ''}" if device == "cpu" else name
+def generation(model, hf_model, config, args):
+    """new_tokens after sonnet-length prompts with the course's sampling (HF's default top_k=50 off): ours with the
+    KV cache and without (the same tokens, or an error), and transformers' generate, in turns -> median seconds."""
+    device, n = args["device"], args["new_tokens"]
+    generator = torch.Generator().manual_seed(args["seed"])
+    lengths = torch.randint(32, 38, (args["sonnet_rows"],), generator=generator).tolist()
+    prompts = [torch.randint(0, config.vocab_size, (k,), generator=generator).tolist() for k in lengths]
+    ids, mask = (t.to(device) for t in left_pad(prompts))
+    sampling = dict(temperature=1.2, top_p=0.9, attention_mask=mask, eos_token_id=None)
+
+    def ours(k, use_cache=True):
+        rng = torch.Generator(device=device).manual_seed(0)
+        return model.eval().generate(ids, k, use_cache=use_cache, generator=rng, **sampling)
+
+    generate = {"generate, KV cache": ours}
+    if hf_model is not None:  # every row writing exactly k tokens (no end-of-text stop)
+        generate["generate, transformers"] = lambda k: hf_model.eval().generate(
+            ids, do_sample=True, top_k=0, max_new_tokens=k, pad_token_id=END_OF_TEXT, **sampling)
+    seconds, tokens = {name: [] for name in generate}, {}
+    for fn in generate.values():
+        fn(8)  # warm-up
+    for _ in range(args["generate_runs"]):  # in turns
+        for name, fn in generate.items():
+            tokens[name], s = timed(lambda: fn(n), device)
+            seconds[name].append(s)
+    if len({t.shape for t in tokens.values()}) > 1:
+        raise RuntimeError("transformers generated another number of tokens: the generations are not comparable")
+    uncached, no_cache_s = timed(lambda: ours(n, use_cache=False), device)
+    if not torch.equal(tokens["generate, KV cache"], uncached):
+        raise RuntimeError("the KV cache changed the generated tokens")
+    measured = {"generate, no cache": no_cache_s, **{name: statistics.median(s) for name, s in seconds.items()}}
+    print(f"\n{args['sonnet_rows']} sonnets x {n} new tokens, median of {args['generate_runs']} (no cache: one)")
+    for name, value in measured.items():
+        row(name, f"{value:.2f} s")
+    return measured
 
 
-def machine_load():
-    """Other work on the machine slows everything down, and with one PyTorch thread per core very unevenly:
-    every parallel operation waits for its slowest thread, and a thread that shares its core waits long."""
-    if not hasattr(os, "getloadavg"):
-        return "load average unknown"
-    load, cores = os.getloadavg()[0], os.cpu_count()
-    busy = (f" (busy: other processes share the {cores} cores, so the figures are noisy"
-            f"{'; --threads 1 suffers least' if torch.get_num_threads() > 1 else ''})") if load > cores - 0.5 else ""
-    return f"load average {load:.1f} over the last minute, {cores} cores{busy}"
+def sonnet_training_rows(sonnets, n):
+    """n sonnets (the file's, cycled) as SFT's examples (sonnet_example) and DPO's pairs (sonnet_pairs: the first
+    3 lines, then the true rest, or, for rejected, the next sonnet's: a step's cost depends only on lengths)."""
+    chosen = [sonnets[i % len(sonnets)] for i in range(n)]
+    rejected = [encode(split_prompt(sonnets[(i + 1) % len(sonnets)].text)[1]) for i in range(n)]
+    return [sonnet_example(s) for s in chosen], sonnet_pairs(chosen, rejected)
+
+
+def sonnet_cases(config, examples, pairs, args):
+    """{SFT, DPO} x {FFT, LoRA} as training takes them; DPO FFT with the chunked log-probabilities (what a
+    16-sonnet batch takes) and again with the plain ones."""
+    device, autocast = args["device"], autocast_of(args)
+    torch.manual_seed(args["seed"])
+    sft_model = GPT(config).to(device)
+    dpo_model = GPT(replace(config, dropout=DPO_DROPOUT)).to(device)
+    reference = reference_logps(dpo_model, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
+    sft = sft_step_loss(examples, device)
+    dpo = {path: dpo_step_loss(pairs, reference, device, autocast, path) for path in ("auto", "chunked", "plain")}
+    dpo_fft = trainable(dpo_model, 1e-5, args)
+    return {"sonnet SFT, FFT": (*trainable(sft_model, 1e-5, args), sft, autocast),
+            "sonnet SFT, LoRA": (*trainable(sft_model, 2e-4, args, DEFAULT_TARGETS), sft, autocast),
+            "sonnet DPO, FFT": (*dpo_fft, dpo["chunked"], autocast),
+            "sonnet DPO, FFT, plain log-probs": (*dpo_fft, dpo["plain"], autocast),
+            "sonnet DPO, LoRA": (*trainable(dpo_model, 2e-4, args, DEFAULT_TARGETS), dpo["auto"], autocast)}
+
+
+def sonnet_steps(config, sonnets, args):
+    """Sonnet steps (every token a target): seconds and peak memory of SFT and DPO by FFT and LoRA, and of DPO's
+    log-probabilities + backward, chunked and plain."""
+    config = replace(config, n_layer=args["sonnet_layers"] or config.n_layer)
+    dpo_config = replace(config, dropout=DPO_DROPOUT)
+    examples, pairs = sonnet_training_rows(sonnets, args["sonnet_batch"])
+    dpo_batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
+    measured = time_in_turns(sonnet_cases(config, examples, pairs, args), args,
+                             f"sonnet training steps, n_layer={config.n_layer}",
+                             f"SFT batch: {describe_batch(collate(examples), 'sonnets')}; "
+                             f"DPO batch: {describe_batch(dpo_batch, 'rows (chosen + rejected)')}")
+    jobs = {f"sonnet {kind}, {method}": (peak_memory_of_method, (kind_config, rows, targets, args, kind.lower()))
+            for kind, kind_config, rows in (("SFT", config, examples), ("DPO", dpo_config, pairs))
+            for method, targets in (("FFT", None), ("LoRA", DEFAULT_TARGETS))}
+    for path in ("chunked", "plain"):
+        jobs[f"sonnet log-probs {path}"] = (peak_memory_of_logprobs, (dpo_config, pairs, args["device"],
+                                                                        args["dtype"], path))
+    measured.update(peak_memory(jobs, args))
+    B, W = target_window(dpo_batch)[0].shape
+    row("  the plain path's float32 logits alone", f"{B * W * config.vocab_size * 4 / MiB:.0f} MiB",
+        f"{B} rows x {W} window positions x {config.vocab_size}")
+    return measured
+
+
+# -----------------------------------------------------------------------------
+# the figures, the run, and the command line
+
+
+def figures_of(measured):
+    """bench.json's figures from the measurements: RATIOS (each printed, with its target or the count behind it;
+    those whose two measurements ran) and the sonnet steps' seconds and peak memory."""
+    print("\nratios: target, or the count that explains it")
+    figures = {}
+    for key, numerator, denominator, note in RATIOS:
+        if numerator in measured and denominator in measured:
+            figures[key] = measured[numerator] / measured[denominator]
+            row(f"{numerator} / {denominator}", f"{figures[key]:.2f}", note)
+    figures.pop(None, None)
+    for kind in ("SFT", "DPO"):
+        for method in ("FFT", "LoRA"):
+            name = f"sonnet {kind}, {method}"
+            figures[f"sonnet_{kind.lower()}_{method.lower()}_step_s"] = measured[name]
+            figures[f"sonnet_{kind.lower()}_{method.lower()}_peak_memory_bytes"] = measured[f"{name}, memory"]
+    return figures
+
+
+def model_config(args):
+    shape = {k: args[k] for k in ("n_layer", "n_head", "n_embd") if args[k] is not None}
+    return GPTConfig(**{**PRETRAINED[args["size"]], **shape}, dropout=SFT_DROPOUT)
+
+
+def autocast_of(args):
+    """A fresh autocast context at each call, as train_sft.py's --dtype makes it."""
+    return lambda: autocast_context(args, args["device"].split(":")[0])
 
 
 def median_length_batch(lengths, batches):
@@ -477,31 +545,23 @@ def median_length_batch(lengths, batches):
     return sorted(batches, key=lambda b: (max(lengths[i] for i in b), len(b)))[len(batches) // 2]
 
 
-def model_config(args):
-    shape = {**PRETRAINED[args.size], **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd")
-                                         if getattr(args, k) is not None}}
-    return GPTConfig(**shape, dropout=SFT_DROPOUT)
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((f" ({line.split(':', 1)[1].strip()})" for line in cpuinfo if line.startswith("model name")), "")
+    return f"{device}{model}, {torch.get_num_threads()} thread(s)"
 
 
-class Table:
-    """Rows printed as they are measured: what, value, a note (the target, or the count that explains it)."""
-
-    def row(self, what, value, note=""):
-        print(f"  {what:<52} {value:>12}  {note}", flush=True)
-
-
-def autocast_of(args):
-    """A fresh autocast context at each call, as train_sft.py's --dtype makes it."""
-    return lambda: autocast_context({"dtype": args.dtype}, args.device.split(":")[0])
+def machine_load():
+    """Other work slows everything, unevenly: each parallel operation waits for its slowest thread."""
+    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count()
+    busy = f" (busy: other processes share the {cores} cores, so the figures are noisy; --threads 1 suffers least)"
+    return f"load average {load:.1f} over the last minute, {cores} cores{busy if load > cores - 0.5 else ''}"
 
 
-def unwrapped(model):
-    return getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the model itself
-
-
-def how_memory_is_measured(device_type):
-    return {"cuda": "torch.cuda.max_memory_allocated", "mps": "MPS driver memory after the steps (no peak counter)"
-            }.get(device_type, "growth of peak resident memory (VmHWM)") + ", a fresh process per method"
+def row(what, value, note=""):
+    print(f"  {what:<66} {value:>10}  {note}", flush=True)
 
 
 def describe_batch(batch, rows):
@@ -509,423 +569,86 @@ def describe_batch(batch, rows):
             f"real tokens, {int(batch.loss_mask.sum())} targets")
 
 
-def print_steps(title, timings, args, batches):
-    """The split of each step (forward, backward, optimizer) as a table."""
-    print(f"\n{title}, median of {args.steps} after {args.warmup} warm-up, in turns; {batches}")
-    print(f"  {'':<40} {'step':>8} {'forward':>8} {'backward':>8} {'optimizer':>9}")
-    for name, t in timings.items():
-        print(f"  {name:<40} {t['step']:>7.3f}s {t['forward']:>7.3f}s {t['backward']:>7.3f}s {t['optimizer']:>8.3f}s")
-    print()
-
-
-# -----------------------------------------------------------------------------
-# the figures, in the order run() measures them; each prints its rows and returns its bench.json keys
-
-
-def read_data(args):
-    """(labelled Quora pairs, sonnets), read before any model is built: a missing or malformed file fails first."""
-    pairs = read_quora(args.quora)
-    if not pairs or any(p.label is None for p in pairs):
-        raise InputError(f"--quora {args.quora}: needs labelled pairs (the is_duplicate column)")
-    sonnets = read_sonnets(args.sonnets)
-    for sonnet in sonnets:
-        try:
-            split_prompt(sonnet.text)  # DPO's prompt is the first 3 lines: a sonnet needs more
-        except ValueError as e:
-            raise InputError(f"--sonnets {args.sonnets}: sonnet {sonnet.number}: {e}") from None
-    return pairs, sonnets
-
-
-def padding_figures(lengths, batches, args, table):
-    """How much of a step's work is on real tokens, in the batches train_sft.py builds (batch_indices: shuffled
-    pools, sorted by length), and in file order for comparison."""
-    in_file_order = [list(range(i, min(i + args.batch_size, len(lengths))))
-                     for i in range(0, len(lengths), args.batch_size)]
-    figures = {"padding_efficiency": padding_efficiency(lengths, batches)}
-    table.row("padding efficiency (real / computed tokens)", f"{figures['padding_efficiency']:.3f}",
-              f"target >= 0.9; train_sft's batches of {args.batch_size} (unsorted, in file order: "
-              f"{padding_efficiency(lengths, in_file_order):.3f})")
-    return figures
-
-
-def load_models(config, transformers, device, table):
-    """(SFT's model, DPO's, transformers' GPT2LMHeadModel or None): the same random weights, saved and loaded
-    back as a trained model is (the load is timed), each with its training's dropout."""
-    with tempfile.TemporaryDirectory() as directory:
-        GPT(config).save_pretrained(directory)
-        model, load_s = timed(lambda: GPT.from_pretrained(directory, dropout=SFT_DROPOUT).to(device), device)
-        dpo_model = GPT.from_pretrained(directory, dropout=DPO_DROPOUT).to(device)  # DPO trains without dropout
-        hf_model = None
-        if transformers is not None:  # the same weights, the same dropout
-            p = SFT_DROPOUT
-            hf_model = transformers.GPT2LMHeadModel.from_pretrained(directory, resid_pdrop=p, embd_pdrop=p,
-                                                                    attn_pdrop=p).to(device)
-    table.row("load (GPT.from_pretrained)", f"{load_s:.2f} s", f"{model.num_parameters() / 1e6:.0f}M parameters")
-    return model, dpo_model, hf_model
-
-
-def scoring_rate(model, examples, args, table):
-    """What evaluation costs: paraphrase prompts scored per second (eval.answers_yes). Printed only."""
-    prompts = [examples[i % len(examples)].prompt for i in range(args.score_pairs)]
-    answers_yes(model, prompts[:8], 64, args.device)  # warm-up
-    _, score_s = timed(lambda: answers_yes(model, prompts, 64, args.device), args.device)
-    table.row("paraphrase scoring (eval.answers_yes, batches of 64)", f"{args.score_pairs / score_s:.0f} pairs/s",
-              f"the 40,429 dev pairs: {40429 / (args.score_pairs / score_s) / 60:.1f} min")
-
-
-def step_cases(model, hf_model, examples, args):
-    """SFT's steps on one batch: {name: (model, optimizer, loss_fn, autocast)} for time_in_turns. Ours, ours
-    with the output layer everywhere, transformers', and LoRA on all block Linears and on attn.c_attn only."""
-    device, device_type, autocast = args.device, args.device.split(":")[0], autocast_of(args)
-    wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731 - torch.compile as train_sft's --compile
-    batch = collate(examples).to(device)
-    model.train()
-    optimizer = configure_optimizer(model, 1e-5, 0.0, device_type)
-    cases = {"SFT, FFT (ours)": (wrap(model), optimizer, sft_step_loss(examples, device), autocast),
-             "SFT, FFT, output layer everywhere": (model, optimizer, full_logits_loss(batch), autocast)}
-    if hf_model is not None:
-        hf_model.train()
-        cases["SFT, FFT (transformers)"] = (hf_model, configure_optimizer(hf_model, 1e-5, 0.0, device_type),
-                                            hf_loss(batch), autocast)
-    for name, targets in (("SFT, LoRA all block Linears", DEFAULT_TARGETS),
-                          ("SFT, LoRA attn.c_attn", ("attn.c_attn",))):
-        lora_model = apply_lora(copy.deepcopy(model), args.lora_r, args.lora_alpha, targets=targets)
-        cases[name] = (wrap(lora_model), configure_optimizer(lora_model, 2e-4, 0.0, device_type),
-                       sft_step_loss(examples, device), autocast)
-    return cases
-
-
-def dpo_cases(dpo_model, pairs, args):
-    """DPO FFT's step on the same batch's preference pairs, with the reference's log-probabilities computed once
-    (train_dpo.py's default) and computed every step by a frozen copy (its --live_reference)."""
-    device, autocast = args.device, autocast_of(args)
-    dpo_model.train()
-    optimizer = configure_optimizer(dpo_model, 1e-6, 0.0, device.split(":")[0])
-    reference = copy.deepcopy(dpo_model).requires_grad_(False).eval()
-    precomputed = reference_logps(reference, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
-    wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731
-    return {"DPO, FFT, reference precomputed": (wrap(dpo_model), optimizer,
-                                                dpo_step_loss(pairs, precomputed, device, autocast), autocast),
-            "DPO, FFT, reference live": (wrap(dpo_model), optimizer, dpo_step_loss(pairs, reference, device, autocast),
-                                         autocast)}
-
-
-def step_figures(timings, config, batch, table):
-    """The step-time ratios: ours / transformers, LoRA / FFT, DPO / SFT, beside the FLOPs that explain them."""
-    step = {name: t["step"] for name, t in timings.items()}
-    real_lengths, n_targets = batch.lengths.tolist(), int(batch.loss_mask.sum())
-    fft_flops = train_flops(config, real_lengths, n_targets)
-    lora_flops = train_flops(config, real_lengths, n_targets, lora=True)
-    figures = {}
-    if "SFT, FFT (transformers)" in step:
-        figures["ours_over_hf_train_step"] = step["SFT, FFT (ours)"] / step["SFT, FFT (transformers)"]
-        table.row("ours / transformers, training step", f"{figures['ours_over_hf_train_step']:.2f}",
-                  "target <= 1.0 (CPU), <= 0.8 (GPU); ours runs the output layer only where the loss reads it")
-        table.row("ours with the output layer everywhere / transformers",
-                  f"{step['SFT, FFT, output layer everywhere'] / step['SFT, FFT (transformers)']:.2f}",
-                  "the same work as transformers' loss: the model code alone")
-    figures["lora_over_fft_step"] = step["SFT, LoRA all block Linears"] / step["SFT, FFT (ours)"]
-    table.row("LoRA (all block Linears) / FFT, step", f"{figures['lora_over_fft_step']:.2f}",
-              f"target <= 0.75; FLOPs {lora_flops / fft_flops:.2f} (4N vs 6N per token)")
-    table.row("LoRA (attn.c_attn only) / FFT, step", f"{step['SFT, LoRA attn.c_attn'] / step['SFT, FFT (ours)']:.2f}",
-              "FLOPs the same 4N: every frozen weight still passes the gradient down")
-    figures["dpo_precomputed_over_sft_step"] = step["DPO, FFT, reference precomputed"] / step["SFT, FFT (ours)"]
-    figures["dpo_live_over_sft_step"] = step["DPO, FFT, reference live"] / step["SFT, FFT (ours)"]
-    table.row("DPO (reference precomputed) / SFT, step", f"{figures['dpo_precomputed_over_sft_step']:.2f}",
-              "target <= 2.1; FLOPs 2x: chosen + rejected, one forward")
-    table.row("DPO (reference live) / SFT, step", f"{figures['dpo_live_over_sft_step']:.2f}",
-              "target <= 2.8; FLOPs 2.67x: + the reference's forward of both (2N per token)")
-    return figures
-
-
-def memory_figures(config, cases, examples, args, table):
-    """Peak memory of SFT with FFT and with LoRA, each in a fresh process, and what it is made of, counted."""
-    jobs = {name: (peak_memory_of_method, (config, examples, targets, args.device, args.dtype, args.lora_r,
-                                           args.lora_alpha, args.compile))
-            for name, targets in (("FFT", None), ("LoRA, all block Linears", DEFAULT_TARGETS),
-                                  ("LoRA, attn.c_attn", ("attn.c_attn",)))}
-    memory = peak_memory_in_fresh_processes(jobs, args.device)
-    figures = {"lora_over_fft_peak_mem": memory["LoRA, all block Linears"] / memory["FFT"]}
-    table.row("LoRA (all block Linears) / FFT, peak memory", f"{figures['lora_over_fft_peak_mem']:.2f}",
-              f"target <= 0.6; {how_memory_is_measured(args.device.split(':')[0])}")
-    for name, value in memory.items():
-        table.row(f"  peak memory, {name}", f"{value / 2 ** 20:.0f} MiB")
-    for name, case in (("FFT", cases["SFT, FFT (ours)"]), ("LoRA, all block Linears",
-                                                           cases["SFT, LoRA all block Linears"])):
-        model, optimizer = unwrapped(case[0]), case[1]
-        weights, grads, adam = state_bytes(model, optimizer)
-        activations = saved_activation_bytes(model, sft_step_loss(examples, args.device), autocast_of(args))
-        table.row(f"  counted, {name}", f"{(weights + grads + adam + activations) / 2 ** 20:.0f} MiB",
-                  f"weights {weights / 2 ** 20:.0f} + gradients {grads / 2 ** 20:.0f} + AdamW {adam / 2 ** 20:.0f}"
-                  f" + saved activations {activations / 2 ** 20:.0f} MiB")
-    return figures
-
-
-def generation_figures(model, hf_model, config, args, table):
-    """Sonnet-length prompts (32-37 tokens), the course's sampling, new_tokens per row: ours with the KV cache
-    and without it (the same tokens, or an error), and transformers' generate, in turns."""
-    device = args.device
-    model.eval()
-    generator = torch.Generator().manual_seed(args.seed)
-    input_ids, attention_mask = left_pad(random_prompts(args.sonnet_rows, 32, 37, generator, config.vocab_size))
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    ours = lambda n, cache: generate_ours(model, input_ids, attention_mask, n, cache, device)  # noqa: E731
-    ours(8, True)  # warm-up
-    if hf_model is not None:
-        hf_model.eval()
-        generate_hf(hf_model, input_ids, attention_mask, 8)  # warm-up
-    cache_runs, hf_runs = [], []
-    for _ in range(args.generate_runs):  # in turns
-        cached, seconds = timed(lambda: ours(args.new_tokens, True), device)
-        cache_runs.append(seconds)
-        if hf_model is not None:
-            out, seconds = timed(lambda: generate_hf(hf_model, input_ids, attention_mask, args.new_tokens), device)
-            if out.size(1) != input_ids.size(1) + args.new_tokens:
-                raise RuntimeError(f"transformers generated {out.size(1) - input_ids.size(1)} tokens, not "
-                                   f"{args.new_tokens}: the two generations would not be comparable")
-            hf_runs.append(seconds)
-    uncached, no_cache_s = timed(lambda: ours(args.new_tokens, False), device)
-    if not torch.equal(cached, uncached):
-        raise RuntimeError("the KV cache changed the generated tokens")
-    return generation_rows(statistics.median(cache_runs), no_cache_s, hf_runs, args, table)
-
-
-def generation_rows(cache_s, no_cache_s, hf_runs, args, table):
-    figures = {"kv_cache_speedup": no_cache_s / cache_s}
-    what = f"{args.sonnet_rows} sonnets x {args.new_tokens} new tokens"
-    table.row(f"generate {what}, KV cache", f"{cache_s:.2f} s", f"median of {args.generate_runs}")
-    table.row(f"generate {what}, no cache", f"{no_cache_s:.2f} s", "the same tokens")
-    table.row("KV cache speed-up", f"{figures['kv_cache_speedup']:.1f}x", "target >= 5")
-    if hf_runs:
-        hf_s = statistics.median(hf_runs)
-        figures["ours_over_hf_generate"] = cache_s / hf_s
-        table.row(f"generate {what}, transformers", f"{hf_s:.2f} s", f"median of {len(hf_runs)}, its KV cache")
-        table.row("ours / transformers, generate", f"{figures['ours_over_hf_generate']:.2f}", "target <= 1.0")
-    return figures
-
-
-def sonnet_training_rows(sonnets, n):
-    """n sonnets (the file's in turn, again from the first if it has fewer) as SFT's examples (a whole sonnet,
-    every token a target: train_sft.py's sonnet_example) and as DPO's pairs (preferences.sonnet_pairs: prompt =
-    the first 3 lines, chosen = the true rest). Training's rejected rest is sampled from the model (up to the
-    longest true rest); here it is the next sonnet's true rest, a real one of a realistic length: a step's cost
-    depends only on its rows' lengths, never on which tokens they hold."""
-    chosen = [sonnets[i % len(sonnets)] for i in range(n)]
-    rejected = [encode(split_prompt(sonnets[(i + 1) % len(sonnets)].text)[1]) for i in range(n)]
-    return [sonnet_example(s) for s in chosen], sonnet_pairs(chosen, rejected)
-
-
-def sonnet_cases(config, examples, pairs, args):
-    """The sonnet steps as train_sft.py and train_dpo.py take them, {SFT, DPO} x {FFT, LoRA on all block
-    Linears} (DPO: the reference's log-probabilities computed once, its default), and DPO FFT's step again
-    with the plain log-probabilities (plain_concatenated_logps): {name: (model, optimizer, loss_fn, autocast)}."""
-    device, device_type, autocast = args.device, args.device.split(":")[0], autocast_of(args)
-    wrap = lambda m: wrap_model(m, {"compile": args.compile}, 1)  # noqa: E731
-    torch.manual_seed(args.seed)
-    sft_model = GPT(config).to(device).train()
-    dpo_model = GPT(replace(config, dropout=DPO_DROPOUT)).to(device).train()
-    reference = reference_logps(dpo_model, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
-    losses = {"SFT": sft_step_loss(examples, device), "DPO": dpo_step_loss(pairs, reference, device, autocast)}
-    cases = {}
-    for kind, model in (("SFT", sft_model), ("DPO", dpo_model)):
-        lora_model = apply_lora(copy.deepcopy(model), args.lora_r, args.lora_alpha, targets=DEFAULT_TARGETS)
-        for method, m, lr in (("FFT", model, 1e-5), ("LoRA", lora_model, 2e-4)):
-            cases[f"sonnet {kind}, {method}"] = (wrap(m), configure_optimizer(m, lr, 0.0, device_type), losses[kind],
-                                                 autocast)
-    fft_model, fft_optimizer = cases["sonnet DPO, FFT"][:2]
-    cases["sonnet DPO, FFT, plain log-probs"] = (
-        fft_model, fft_optimizer, dpo_step_loss(pairs, reference, device, autocast, plain_concatenated_logps), autocast)
-    return cases
-
-
-def sonnet_step_figures(timings, table):
-    """Each sonnet step's seconds, and DPO FFT's step with our log-probabilities over the plain ones."""
-    step = {name: t["step"] for name, t in timings.items()}
-    figures = {f"sonnet_{kind.lower()}_{method.lower()}_step_s": step[f"sonnet {kind}, {method}"]
-               for kind in ("SFT", "DPO") for method in ("FFT", "LoRA")}
-    figures["sonnet_step_time_ratio"] = step["sonnet DPO, FFT"] / step["sonnet DPO, FFT, plain log-probs"]
-    table.row("sonnet DPO FFT step, ours / plain log-probabilities", f"{figures['sonnet_step_time_ratio']:.2f}",
-              "the output layer at every position either way; plain keeps the (B, T, V) logits")
-    return figures
-
-
-def sonnet_memory_figures(config, examples, pairs, dpo_batch, args, table):
-    """Peak memory of each sonnet step, and of one policy log-probability + backward on DPO's batch, ours
-    (train_dpo.concatenated_logps) over the plain one: each in a fresh process."""
-    dpo_config = replace(config, dropout=DPO_DROPOUT)
-    jobs = {f"sonnet_{kind}_{method}_peak_memory_bytes": (
-                peak_memory_of_method, (kind_config, rows, targets, args.device, args.dtype, args.lora_r,
-                                        args.lora_alpha, args.compile, 2, kind))
-            for kind, kind_config, rows in (("sft", config, examples), ("dpo", dpo_config, pairs))
-            for method, targets in (("fft", None), ("lora", DEFAULT_TARGETS))}
-    for name, plain in (("ours", False), ("plain", True)):
-        jobs[name] = (peak_memory_of_logprobs, (dpo_config, pairs, args.device, args.dtype, plain))
-    memory = peak_memory_in_fresh_processes(jobs, args.device)
-    ours, plain = memory.pop("ours"), memory.pop("plain")
-    B, T = dpo_batch.input_ids.shape
-    table.row("sonnet log-probs + backward, ours / plain, peak memory", f"{ours / plain:.2f}",
-              f"{B} rows x {T} positions, FFT: ours {ours / 2 ** 20:.0f} MiB, plain {plain / 2 ** 20:.0f} MiB (its "
-              f"float32 logits alone {B * (T - 1) * config.vocab_size * 4 / 2 ** 20:.0f} MiB); growth after the "
-              f"model is built, {how_memory_is_measured(args.device.split(':')[0])}")
-    for name, value in memory.items():
-        table.row(f"  peak memory, {name.removesuffix('_peak_memory_bytes').replace('_', ' ')} step",
-                  f"{value / 2 ** 20:.0f} MiB")
-    return {"sonnet_logprob_memory_ratio": ours / plain, **memory}
-
-
-def sonnet_figures(config, sonnets, args, table):
-    """Sonnet steps, where every token is a target and so the output layer runs at every position: their
-    seconds and peak memory for SFT and DPO, FFT and LoRA, and our log-probabilities against the plain ones."""
-    config = replace(config, n_layer=args.sonnet_layers or config.n_layer)
-    examples, pairs = sonnet_training_rows(sonnets, args.sonnet_batch)
-    timings = time_in_turns(sonnet_cases(config, examples, pairs, args), args.warmup, args.steps, args.device)
-    dpo_batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
-    print_steps(f"sonnet training steps, n_layer={config.n_layer}", timings, args,
-                f"SFT batch: {describe_batch(collate(examples), 'sonnets')}; "
-                f"DPO batch: {describe_batch(dpo_batch, 'rows (chosen + rejected)')}")
-    figures = sonnet_step_figures(timings, table)
-    figures.update(sonnet_memory_figures(config, examples, pairs, dpo_batch, args, table))
-    return figures
-
-
 def run(args):
+    """Every measurement in turn, printed as measured; returns bench.json's figures and writes them to --out."""
     t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
     quora_pairs, sonnets = read_data(args)  # the data first: a missing or malformed file fails before any model
-    transformers = import_transformers()
-    torch.manual_seed(args.seed)
-    config, table, results = model_config(args), Table(), {}
-    print(f"bench.py: n_layer={config.n_layer}, n_embd={config.n_embd} ({args.size}'s shape unless changed), random "
-          f"weights, dtype {args.dtype}{', torch.compile' if args.compile else ''}, on {device_name(args.device)}, "
-          f"torch {torch.__version__}; {len(quora_pairs)} Quora pairs from {args.quora}, {len(sonnets)} sonnets from "
-          f"{args.sonnets}; {machine_load()}")
+    torch.manual_seed(args["seed"])
+    config = model_config(args)
+    print(f"bench.py: n_layer={config.n_layer}, n_embd={config.n_embd} ({args['size']}'s shape unless changed), "
+          f"random weights, dtype {args['dtype']}{', torch.compile' if args['compile'] else ''}, "
+          f"on {device_name(args['device'])}, torch {torch.__version__}; {len(quora_pairs)} Quora pairs from "
+          f"{args['quora']}, {len(sonnets)} sonnets from {args['sonnets']}; {machine_load()}")
     dpo_pairs = paraphrase_pairs(quora_pairs)  # chosen: the right answer; rejected: the other one
     examples = [p.chosen for p in dpo_pairs]  # = paraphrase_example(pair): what SFT trains on
     lengths = [len(e) for e in examples]
-    batches = epoch_batches(lengths, {"batch_size": args.batch_size, "seed": args.seed}, 0)
-    results.update(padding_figures(lengths, batches, args, table))
-    model, dpo_model, hf_model = load_models(config, transformers, args.device, table)
-    scoring_rate(model, examples, args, table)
+    batches = epoch_batches(lengths, {"batch_size": args["batch_size"], "seed": args["seed"]}, 0)
+    size = args["batch_size"]  # train_sft's batches (shuffled pools, sorted by length) against file order
+    in_file_order = [range(i, min(i + size, len(lengths))) for i in range(0, len(lengths), size)]
+    results = {"padding_efficiency": padding_efficiency(lengths, batches)}
+    row("padding efficiency (real / computed tokens)", f"{results['padding_efficiency']:.3f}",
+        f"target >= 0.9; in file order {padding_efficiency(lengths, in_file_order):.3f}")
+    model, dpo_model, hf_model = load_models(config, args["device"])
+    scoring_rate(model, examples, args)
     typical = median_length_batch(lengths, batches)  # every step on this batch: a typical one of train_sft's
-    batch_examples, batch = [examples[i] for i in typical], collate([examples[i] for i in typical])
-    cases = {**step_cases(model, hf_model, batch_examples, args),
-             **dpo_cases(dpo_model, [dpo_pairs[i] for i in typical], args)}
-    timings = time_in_turns(cases, args.warmup, args.steps, args.device)
-    print_steps("training steps", timings, args, f"batch: {describe_batch(batch, 'pairs')}")
-    results.update(step_figures(timings, config, batch, table))
-    results.update(memory_figures(config, cases, batch_examples, args, table))
-    if args.device.startswith("cuda"):  # FFT and LoRA at a throughput-sized batch, MFU, one epoch's seconds
+    batch_examples = [examples[i] for i in typical]
+    cases = step_cases(model, dpo_model, hf_model, batch_examples, [dpo_pairs[i] for i in typical], args)
+    measured = paraphrase_steps(cases, config, batch_examples, args)
+    if args["device"].startswith("cuda"):  # FFT and LoRA at a throughput-sized batch, MFU, one epoch's seconds
         results.update(throughput(config, cases["SFT, FFT (ours)"][:2], cases["SFT, LoRA all block Linears"][:2],
-                                  examples, args, autocast_of(args), table))
+                                  examples, args, autocast_of(args)))
     del cases, dpo_model
-    results.update(generation_figures(model, hf_model, config, args, table))
+    measured.update(generation(model, hf_model, config, args))
     del model, hf_model  # the sonnet steps build their own
-    results.update(sonnet_figures(config, sonnets, args, table))
-    results["device"] = device_name(args.device)
+    measured.update(sonnet_steps(config, sonnets, args))
+    results.update(figures_of(measured), device=device_name(args["device"]))
     print(f"\nbench.py took {time.perf_counter() - t_start:.0f} s; {machine_load()}")
-    if args.out is not None:
-        write_json(args.out, results)
-        print(f"wrote {args.out}")
+    if args["out"] is not None:
+        write_json(args["out"], results)
+        print(f"wrote {args['out']}")
     return results
 
 
-# -----------------------------------------------------------------------------
-# command line
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        sys.exit(f"error: {message}")
-
-
-def parse_args(argv=None):
-    parser = Parser(description=__doc__.strip().split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"fewer steps and rows: {QUICK}")
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON to this file")
-    parser.add_argument("--size", choices=list(PRETRAINED), default=size)
-    for name in ("n_layer", "n_head", "n_embd"):
-        parser.add_argument(f"--{name}", type=int, default=None, help=f"change the size's {name}")
-    parser.add_argument("--device", default=device)
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=dtype)
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=batch_size)
-    parser.add_argument("--big_batch_size", "--big-batch-size", type=int, default=big_batch_size)
-    parser.add_argument("--warmup", type=int, default=warmup)
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--lora_r", "--lora-r", type=int, default=lora_r)
-    parser.add_argument("--lora_alpha", "--lora-alpha", type=float, default=lora_alpha)
-    parser.add_argument("--score_pairs", "--score-pairs", type=int, default=score_pairs)
-    parser.add_argument("--sonnet_rows", "--sonnet-rows", type=int, default=sonnet_rows)
-    parser.add_argument("--sonnet_batch", "--sonnet-batch", type=int, default=sonnet_batch,
-                        help="sonnets per sonnet training step (DPO's batch has twice the rows)")
-    parser.add_argument("--sonnet_layers", "--sonnet-layers", type=int, default=sonnet_layers,
-                        help="layers of the sonnet steps' model (0: the size's own)")
-    parser.add_argument("--new_tokens", "--new-tokens", type=int, default=new_tokens)
-    parser.add_argument("--generate_runs", "--generate-runs", type=int, default=generate_runs)
-    parser.add_argument("--data_dir", "--data-dir", type=Path, default=data_dir,
-                        help=f"the course's {QUORA['train']} and {SONNETS['train']} (default: the repository's sample)")
-    parser.add_argument("--quora", type=Path, default=quora,
-                        help=f"labelled Quora pairs, the course's format (default: --data_dir's {QUORA['train']})")
-    parser.add_argument("--sonnets", type=Path, default=None,
-                        help=f"sonnets, the course's format (default: --data_dir's {SONNETS['train']})")
-    parser.add_argument("--peak_tflops", "--peak-tflops", type=float, default=peak_tflops)
-    parser.add_argument("--compile", action="store_true", default=compile,
-                        help="torch.compile our model, as train_sft.py --compile")
-    parser.add_argument("--threads", type=int, default=threads, help="CPU threads (0: PyTorch's default)")
-    parser.add_argument("--seed", type=int, default=seed)
-    args = parser.parse_args(argv)
-    if args.quick:  # QUICK's values, except for flags given explicitly
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
-    args.quora = args.quora or args.data_dir / QUORA["train"]
-    args.sonnets = args.sonnets or args.data_dir / SONNETS["train"]
+def settled(args, argv):
+    """--quick's values for the flags argv does not give (either spelling, with or without =), and the data files
+    from --data_dir unless given."""
+    given = {arg.split("=")[0][2:].replace("-", "_") for arg in argv if arg.startswith("--")}
+    if args["quick"]:
+        args.update({name: value for name, value in QUICK.items() if name not in given})
+    args["quora"] = args["quora"] or args["data_dir"] / QUORA["train"]
+    args["sonnets"] = args["sonnets"] or args["data_dir"] / SONNETS["train"]
     return args
 
 
-def check_args(args):
-    """Every value, checked before any data is read or model built; the output path first of all."""
-    if args.out is not None:
-        if args.out.is_dir():
-            raise InputError(f"--out {args.out}: is a directory; give a file name such as bench.json")
-        writable_dir(args.out.parent, "--out")
-    for flag in ("batch_size", "big_batch_size", "steps", "lora_r", "score_pairs", "sonnet_rows", "sonnet_batch",
-                 "new_tokens", "generate_runs"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    for flag in ("warmup", "threads", "sonnet_layers"):
-        if getattr(args, flag) < 0:
-            raise InputError(f"--{flag} {getattr(args, flag)}: must be 0 or more")
-    if not (args.lora_alpha > 0 and math.isfinite(args.lora_alpha)):
-        raise InputError(f"--lora_alpha {args.lora_alpha}: must be a positive number")
-    if not (args.peak_tflops >= 0 and math.isfinite(args.peak_tflops)):
-        raise InputError(f"--peak_tflops {args.peak_tflops}: must be 0 (measure it) or the device's peak TFLOP/s")
-    if 37 + args.new_tokens > GPTConfig().block_size:
-        raise InputError(f"--new_tokens {args.new_tokens}: a sonnet prompt (up to 37 tokens) plus the new tokens "
-                         f"must fit GPT-2's 1024 positions")
-    for name in ("n_layer", "n_head", "n_embd"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise InputError(f"--{name} {getattr(args, name)}: must be at least 1")
+def parse_args(argv):
+    return settled(flags.parse(argv, SETTINGS, __doc__), argv)
+
+
+def check_files(args):
+    """The checks that span flags or look at the disk, before any data is read or model built: --out first."""
+    if args["out"] is not None and args["out"].is_dir():
+        raise InputError(f"--out {args['out']}: is a directory; give a file name such as bench.json")
+    if args["out"] is not None:
+        writable_dir(args["out"].parent, "--out")
     try:
         model_config(args)
     except ValueError as e:
         raise InputError(f"--n_head/--n_embd: {e}") from None
-    check_device(args.device)
-    if not args.data_dir.is_dir():
-        raise InputError(f"--data_dir {args.data_dir}: no such directory (it holds the course's {QUORA['train']} "
-                         f"and {SONNETS['train']}, as `python -m data.download` writes them to data/)")
-    for flag, name in (("quora", QUORA["train"]), ("sonnets", SONNETS["train"])):
-        if not getattr(args, flag).is_file():
-            raise InputError(f"--{flag} {getattr(args, flag)}: no such file (the course's {name}; by default "
-                             f"--data_dir's)")
+    flags.check_device(args["device"])
+    for flag, exists, what in (("data_dir", Path.is_dir, "directory"), ("quora", Path.is_file, "file"),
+                               ("sonnets", Path.is_file, "file")):
+        if not exists(args[flag]):
+            raise InputError(f"--{flag} {args[flag]}: no such {what} (--data_dir holds the course's {QUORA['train']} "
+                             f"and {SONNETS['train']}, as `python -m data.download` writes them)")
+    return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        return run(args)
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    """Bad input, from flags.parse or check_files, is one line and exit status 1 (flags.main)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return flags.main(lambda args: run(check_files(settled(args, argv))), SETTINGS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from data.sonnets import read_sonnets, split_prompt
 from data.tokenizer import END_OF_TEXT, decode
 from lora import apply_lora
 from model import GPT
-from train_sft import batch_logprobs
+from train_sft import batch_logprobs, target_window
 from trainer import configure_optimizer
 
 SAMPLES = ROOT / "data" / "samples"  # the repository's own sample of the course's files
@@ -69,17 +69,17 @@ def test_without_transformers_it_says_so_in_one_line_and_skips_those_ratios(tmp_
 
 
 def test_data_files_come_from_data_dir_unless_given():
-    assert bench.parse_args([]).quora == SAMPLES / "quora-train.csv"
-    assert bench.parse_args([]).sonnets == SAMPLES / "sonnets.txt"
+    assert bench.parse_args([])["quora"] == SAMPLES / "quora-train.csv"
+    assert bench.parse_args([])["sonnets"] == SAMPLES / "sonnets.txt"
     args = bench.parse_args(["--data_dir", "d", "--quora", "q.csv"])
-    assert str(args.quora) == "q.csv" and str(args.sonnets) == "d/sonnets.txt"
+    assert str(args["quora"]) == "q.csv" and str(args["sonnets"]) == "d/sonnets.txt"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "error: --steps 0: must be at least 1"),
     (["--batch_size", "-1"], "error: --batch_size -1: must be at least 1"),
-    (["--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16'"),
-    (["--size", "gpt3"], "error: argument --size: invalid choice: 'gpt3'"),
+    (["--dtype", "float16"], "error: --dtype float16: must be auto, float32 or bfloat16"),
+    (["--size", "gpt3"], "error: --size gpt3: must be gpt2, gpt2-medium, gpt2-large or gpt2-xl"),
     (["--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
     (["--device", "tpu"], "error: --device 'tpu'"),
     (["--n_embd", "30", "--n_head", "4"], "error: --n_head/--n_embd: GPTConfig n_embd=30 is not divisible"),
@@ -129,8 +129,10 @@ def test_unusable_data_is_an_error_before_any_model(flag, text, message, tmp_pat
 
 def test_quick_fills_in_only_the_flags_not_given():
     args = bench.parse_args(["--quick", "--steps", "5"])
-    assert args.steps == 5 and args.warmup == bench.QUICK["warmup"] and args.sonnet_rows == bench.QUICK["sonnet_rows"]
-    assert bench.parse_args([]).steps == bench.steps
+    assert args["steps"] == 5 and args["warmup"] == bench.QUICK["warmup"]
+    assert args["sonnet_rows"] == bench.QUICK["sonnet_rows"]
+    assert bench.parse_args(["--quick", "--sonnet-rows=4"])["sonnet_rows"] == 4  # either spelling, with =
+    assert bench.parse_args([])["steps"] == bench.SETTINGS["steps"][0]
 
 
 # -----------------------------------------------------------------------------
@@ -213,16 +215,17 @@ def test_sonnet_rows_are_whole_sonnets_and_prompt_plus_rest_pairs():
         assert pair.chosen.target[-1] == END_OF_TEXT  # the rejected rest ends where it was cut (no end-of-text)
 
 
-def test_plain_logprobs_equal_the_trainings_and_cross_entropy_values_and_gradients():
-    """Right-padded rows, every token a target (as a sonnet's) or only the last few (as DPO's answer)."""
+def test_plain_logprobs_equal_the_chunked_and_cross_entropy_values_and_gradients():
+    """The two paths bench compares (train_sft.batch_logprobs' plain and chunked): right-padded rows, every token
+    a target (as a sonnet's) or only the last few (as DPO's answer)."""
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     rows = [Example([], [5, 6, 7, 8, 9, 10]), Example([11, 12, 13], [14, 15]), Example([16], [17, 18, 19])]
     batch = collate(rows)
     grads = []
-    for logprobs in (lambda: bench.plain_logprobs(model, batch), lambda: batch_logprobs(model, batch)):
+    for path in ("plain", "chunked"):
         model.zero_grad()
-        value = logprobs()
+        value = batch_logprobs(model, batch, path=path)
         value.sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         for i, row in enumerate(rows):  # the oracle: cross-entropy of each target, predicted by what precedes it
@@ -236,22 +239,22 @@ def test_plain_logprobs_equal_the_trainings_and_cross_entropy_values_and_gradien
 
 
 def test_the_plain_log_probabilities_hold_the_whole_logits():
-    """What the plain computation costs, counted: autograd keeps its (B, T-1, V) float32 log-softmax."""
+    """What the plain computation costs, counted: autograd keeps its (B, W-1, V) float32 log-softmax."""
     torch.manual_seed(0)
     model = GPT(tiny_config()).train()
     batch = collate([Example([], list(range(1, 41)))] * 3)
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    saved = bench.saved_activation_bytes(model, lambda m: bench.plain_logprobs(m, batch).sum(), no_autocast)
+    saved = bench.saved_activation_bytes(model, lambda m: batch_logprobs(m, batch, path="plain").sum(), no_autocast)
     assert saved >= 3 * 39 * 50257 * 4
 
 
 def test_peak_memory_of_the_sonnet_log_probabilities_is_measured_for_both():
-    """Run here, not in a fresh process: the plain one's growth holds at least its float32 logits."""
+    """Run here, not in a fresh process: the plain one's growth holds at least its window's float32 logits."""
     pairs = bench.sonnet_training_rows(read_sonnets(SAMPLES / "sonnets.txt"), 2)[1]
-    rows = collate([p.chosen for p in pairs] + [p.rejected for p in pairs]).input_ids.shape
-    plain = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", True)
-    ours = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", False)
-    assert plain >= rows[0] * (rows[1] - 1) * 50257 * 4 and ours > 0
+    rows, width = target_window(collate([p.chosen for p in pairs] + [p.rejected for p in pairs]))[0].shape
+    plain = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", "plain")
+    chunked = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", "chunked")
+    assert plain >= rows * (width - 1) * 50257 * 4 and chunked > 0
 
 
 # -----------------------------------------------------------------------------
@@ -273,7 +276,7 @@ def test_the_gpu_figures_run_on_the_cpu(capsys):
     fft = (model, configure_optimizer(model, 1e-5, 0.0, "cpu"))
     lora = (lora_model, configure_optimizer(lora_model, 1e-4, 0.0, "cpu"))
     assert fft[1].defaults["fused"]  # the fused AdamW the GPU uses
-    figures = bench.throughput(config, fft, lora, examples, args, autocast, bench.Table())
+    figures = bench.throughput(config, fft, lora, examples, args, autocast)
     assert set(figures) == {"mfu", "paraphrase_epoch_s"}
     assert all(math.isfinite(v) and v > 0 for v in figures.values())
     assert "MFU" in capsys.readouterr().out
