@@ -51,7 +51,7 @@ from lora import DEFAULT_TARGETS, apply_lora
 from model import GPT, GPTConfig
 # the training scripts' own losses, data and settings, so that a step here is the step training takes
 from preferences import paraphrase_pairs, sonnet_pairs
-from train_dpo import SETTINGS as DPO_SETTINGS, dpo_loss, reference_logps
+from train_dpo import SETTINGS as DPO_SETTINGS, concatenated_logps, dpo_loss, scored_logps
 from train_sft import SETTINGS as SFT_SETTINGS, batch_logprobs, sequence_logprobs, sft_loss, target_window
 from trainer import (autocast_context, configure_optimizer, epoch_batches, peak_memory_bytes, reset_peak_memory,
                      wrap_model)
@@ -92,7 +92,7 @@ PARAPHRASE_TRAIN_PAIRS = 283_003  # the course's quora-train.csv: one epoch of F
 SFT_DROPOUT = SFT_SETTINGS["dropout"][0]  # train_sft.py's default, so steps cost what the training's cost
 SFT_GRAD_CLIP = SFT_SETTINGS["grad_clip"][0]
 DPO_DROPOUT = DPO_SETTINGS["dropout"][0]  # train_dpo.py's: off
-DPO_BETA = DPO_SETTINGS["beta"][0]
+DPO_BETA = 0.1  # train_dpo.py's beta for DPO (--loss_type sigmoid)
 MiB = 2 ** 20
 HOW_MEMORY = {"cuda": "torch.cuda.max_memory_allocated", "mps": "MPS driver memory after the steps (no peak counter)",
               "cpu": "growth of peak resident memory (VmHWM)"}
@@ -170,14 +170,14 @@ def sft_step_loss(examples, device):
 def dpo_step_loss(pairs, reference, device, autocast, path="auto"):
     """train_dpo.py's step: one forward of chosen + rejected, the DPO loss. reference: log-probabilities computed
     once, or a frozen model run every step (--live_reference). path: train_sft.batch_logprobs'."""
-    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
 
     def loss_fn(model):
-        logps = batch_logprobs(model, collate(rows), device, path=path)
-        ref_chosen, ref_rejected = reference if isinstance(reference, tuple) else reference_logps(
-            reference, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
-        losses, _, _ = dpo_loss(logps[:len(pairs)], logps[len(pairs):], ref_chosen.to(device),
-                                ref_rejected.to(device), DPO_BETA)
+        policy_chosen, policy_rejected = concatenated_logps(model, chosen, rejected, device, path)
+        ref_chosen, ref_rejected = reference if isinstance(reference, tuple) else scored_logps(
+            reference, pairs, {"eval_batch_size": len(pairs), "device": device, "logprobs": path}, autocast())
+        losses, _, _ = dpo_loss(policy_chosen, policy_rejected, ref_chosen.to(device), ref_rejected.to(device),
+                                DPO_BETA)
         return losses.mean()
     return loss_fn
 
@@ -257,7 +257,8 @@ def peak_memory_of_method(config, rows, lora_targets, args, kind="sft"):
     optimizer = configure_optimizer(model, 1e-5, 0.0, device_type)
     loss_fn = sft_step_loss(rows, device)
     if kind == "dpo":
-        reference = reference_logps(model, rows, {"eval_batch_size": len(rows), "device": device}, autocast())
+        reference = scored_logps(model, rows, {"eval_batch_size": len(rows), "device": device, "logprobs": "auto"},
+                                 autocast())
         loss_fn = dpo_step_loss(rows, reference, device, autocast)
     step_model = wrap_model(model, args, 1)
     reset_peak_memory(device_type)
@@ -368,7 +369,8 @@ def step_cases(model, dpo_model, hf_model, examples, pairs, args):
     cases["SFT, LoRA attn.c_attn"] = (*trainable(model, 2e-4, args, ("attn.c_attn",)), sft, autocast)
     dpo = trainable(dpo_model, 1e-6, args)
     reference = copy.deepcopy(dpo_model).requires_grad_(False).eval()
-    precomputed = reference_logps(reference, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
+    precomputed = scored_logps(reference, pairs, {"eval_batch_size": len(pairs), "device": device, "logprobs": "auto"},
+                               autocast())
     cases["DPO, FFT, reference precomputed"] = (*dpo, dpo_step_loss(pairs, precomputed, device, autocast), autocast)
     cases["DPO, FFT, reference live"] = (*dpo, dpo_step_loss(pairs, reference, device, autocast), autocast)
     return cases
@@ -473,7 +475,8 @@ def sonnet_cases(config, examples, pairs, args):
     torch.manual_seed(args["seed"])
     sft_model = GPT(config).to(device)
     dpo_model = GPT(replace(config, dropout=DPO_DROPOUT)).to(device)
-    reference = reference_logps(dpo_model, pairs, {"eval_batch_size": len(pairs), "device": device}, autocast())
+    reference = scored_logps(dpo_model, pairs, {"eval_batch_size": len(pairs), "device": device, "logprobs": "auto"},
+                             autocast())
     sft = sft_step_loss(examples, device)
     dpo = {path: dpo_step_loss(pairs, reference, device, autocast, path) for path in ("auto", "chunked", "plain")}
     dpo_fft = trainable(dpo_model, 1e-5, args)

@@ -39,7 +39,7 @@ def forbid_training(monkeypatch):
         raise AssertionError(f"trained {args[-1]['out_dir'] if isinstance(args[-1], dict) else args} again")
     monkeypatch.setattr(train_sft, "train", refuse)
     monkeypatch.setattr(train_dpo, "train", refuse)
-    monkeypatch.setattr(study, "launch", lambda trainer, config, env: refuse(config))
+    monkeypatch.setattr(jobs, "launch", lambda trainer, config, env: refuse(config))
 
 
 def forbid_sampling(monkeypatch):
@@ -460,7 +460,7 @@ def test_every_setting_is_a_flag_the_training_scripts_read_back(tmp_path):
         script = study.TRAINERS[regime]
         argv = jobs.command(script, config)
         assert argv[:2] == [sys.executable, str(jobs.ROOT / f"{script.__name__}.py")]
-        parsed = trainer.parse_args(argv[2:], script.SETTINGS, "")
+        parsed = flags.parse(argv[2:], script.SETTINGS, "")
         assert {k: parsed[k] for k in config} == config
     kept = study.run_config({**plan, "keep_checkpoints": True}, "sonnet", "sft", "fft", 11711)
     assert kept["save_best"] is True and kept["keep_checkpoints"] is True
