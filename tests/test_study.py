@@ -769,7 +769,7 @@ def test_simpo_rows_for_both_methods_pay_no_reference_pass(tmp_path):
     for method in study.METHODS:
         run = results_of(tmp_path / "s", "paraphrase", "simpo", method)
         assert run["reference"] == "none"
-        assert (run["config"]["loss_type"], run["config"]["simpo_gamma"]) == ("simpo", 0.5)
+        assert (run["config"]["loss_type"], run["config"]["simpo_gamma"]) == ("simpo", 1.0)
     assert sum("| simpo" in line and "| none" in line for line in printed.splitlines()) == 2, printed
 
 
