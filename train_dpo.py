@@ -305,11 +305,11 @@ def train(config):
 
     regime = ("sft_dpo" if is_sft_run(config["init_from"]) else "simpo" if config["loss_type"] == "simpo"
               else "rpo" if config["rpo_alpha"] else "dpo")
-    extra = {"beta": config["beta"], "reference": reference}
-    title = (f"{config['task']} DPO ({trainer.describe(config)}, {config['loss_type']} loss, beta={config['beta']}, "
-             f"RPO alpha={config['rpo_alpha']}, {reference} reference) of {config['init_from']}")
-    return trainer.fit(run, policy, sizes, loss_fn, dev_metrics, regime, title,
-                       {**extra, **rejections_summary(run, pairs)})
+    rpo = f", RPO alpha={config['rpo_alpha']}" if config["rpo_alpha"] else ""
+    title = (f"{config['task']} DPO ({trainer.describe(config)}, {config['loss_type']} loss, beta={config['beta']}"
+             f"{rpo}, {reference} reference) of {config['init_from']}")
+    extra = {"beta": config["beta"], "reference": reference, **rejections_summary(run, pairs)}
+    return trainer.fit(run, policy, sizes, loss_fn, dev_metrics, regime, title, extra)
 
 
 def main(argv=None):

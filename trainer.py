@@ -103,8 +103,7 @@ SETTINGS = {
                                     "last/ is always kept"),
     "keep_checkpoints": (False, bool, None, "keep checkpoint.pt when the run has finished (it exists to resume "
                                             "an interrupted run, and holds AdamW's state: 3x the model)"),
-    "wandb_project": (None, str, None, "also log each log.jsonl line to this Weights & Biases project (pip install "
-                                       "wandb)"),
+    "wandb_project": (None, str, None, "send each log.jsonl line to this Weights & Biases project (pip install wandb)"),
 }
 
 
