@@ -649,9 +649,12 @@ def test_stopping_the_study_stops_every_run_and_a_restart_resumes(sig, tmp_path)
         stderr = parent.stderr.read()
         assert parent.returncode == 128 + sig and "interrupted: every run stopped; 2 run(s) interrupted" in stderr
         assert "paraphrase-sft-fft-seed11711" in stderr and "paraphrase-sft-lora-seed11711" in stderr
-    if sig == signal.SIGTERM:
+    if sig == signal.SIGTERM:  # resumed, the study's figures are an unbroken study's
         rows, _ = run_study(*flags[3:])
         assert [(r["regime"], r["method"]) for r in rows] == [("sft", "fft"), ("sft", "lora")]
+        unbroken, _ = run_study(flags[3], tmp_path / "unbroken", *flags[5:])
+        assert [r["scores"] for r in rows] == [r["scores"] for r in unbroken]
+        assert [r["metrics"] for r in rows] == [r["metrics"] for r in unbroken]
 
 
 # -----------------------------------------------------------------------------

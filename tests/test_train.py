@@ -417,6 +417,10 @@ def test_sonnet_rejections_are_the_sampled_tokens_with_end_of_text_only_when_sam
     assert [p.rejected.target for p in pairs] == rejected and all(p.chosen.target[-1] == END_OF_TEXT for p in pairs)
     stats = preferences.rejection_stats(pairs)
     assert stats["rejected_tokens"] == sum(map(len, rejected)) / 2 and 0 <= stats["chrf"] <= 100
+    cache, = tmp_path.glob("rejections-*.json")  # a truncated cache is sampled again, to the same tokens
+    cache.write_text(cache.read_text()[:-9])
+    assert preferences.sample_rejections(model, sonnets, config, tmp_path, "weights", 256) == rejected
+    assert json.loads(cache.read_text())["rejected"] == rejected
 
 
 def test_rejections_from_another_model_are_that_models_samples(sample_data, tmp_path, capsys):
