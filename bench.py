@@ -7,20 +7,11 @@ What each method costs, measured side by side on this machine (after nanoGPT's b
     python bench.py --data_dir data              # the course's files (python -m data.download), not the sample
 
 GPT-2 124M's shape with random weights (a step costs the same whatever the values), trained on real Quora pairs
-and sonnets (their lengths, hence their padding, are what training sees): the course's quora-train.csv and
-sonnets.txt in --data_dir, by default the small sample in data/samples. Every ratio compares two things measured
-in the same run on the same batch and dtype, after warm-up: the median of several steps, taken in turns
-(A, B, C, A, B, C, ...) so that a machine busy with something else slows all of them alike, with the device
+and sonnets (their lengths, hence their padding, are what training sees) from --data_dir, by default the sample in
+data/samples. Every ratio compares two things measured in the same run on the same batch and dtype: the median of
+several steps after warm-up, taken in turns (A, B, A, B, ...) so that a busy machine slows both alike, the device
 synchronised around every timed phase. Peak memory is measured with each method in a fresh process.
-
-Where the time goes, in FLOPs per token (N = the weights of the blocks' matrices, 85M at 124M's shape;
-d = width, V = vocabulary, L = layers, T = sequence length):
-    forward 2N, backward 4N (2N for the input gradient, 2N for the weight gradient)
-    full fine-tuning (FFT)  6N + 12 L d T                                    (Kaplan et al. 2020, PaLM app. B)
-    LoRA                    4N + 12 L d T: a frozen weight needs no weight gradient, and no AdamW state
-    output layer            6 d V per token where a loss reads it (once per Quora pair, every sonnet token)
-    DPO                     policy on chosen + rejected (2x the rows of SFT) + reference forward (2N each)
-    generation, KV cache    2N per new token; without the cache every step recomputes the whole prefix
+docs/costs.md gives the FLOP and byte counts that explain each figure (forward 2N per token, backward 4N, LoRA 4N).
 """
 
 import copy
@@ -38,7 +29,7 @@ from pathlib import Path
 import torch
 
 import flags
-from checkpoint import PRETRAINED, from_pretrained, save_pretrained
+from checkpoint import PRETRAINED, from_pretrained, peak_memory_bytes, reset_peak_memory, save_pretrained
 from data.batching import collate, left_pad
 from data.quora import read_quora
 from data.sonnets import read_sonnets, sonnet_example, split_prompt
@@ -49,12 +40,10 @@ from fileio import InputError, writable_dir, write_json
 from flags import NON_NEGATIVE, POSITIVE, at_least, between, one_of
 from lora import DEFAULT_TARGETS, apply_lora
 from model import GPT, GPTConfig
-# the training scripts' own losses, data and settings, so that a step here is the step training takes
 from preferences import paraphrase_pairs, sonnet_pairs
 from train_dpo import SETTINGS as DPO_SETTINGS, concatenated_logps, dpo_loss, scored_logps
-from train_sft import SETTINGS as SFT_SETTINGS, batch_logprobs, sequence_logprobs, sft_loss, target_window
-from trainer import (autocast_context, configure_optimizer, epoch_batches, peak_memory_bytes, reset_peak_memory,
-                     wrap_model)
+from train_sft import SETTINGS as SFT_SETTINGS, batch_logprobs, sft_loss
+from trainer import autocast_context, configure_optimizer, epoch_batches, wrap_model
 
 QUICK = dict(warmup=1, steps=3, score_pairs=32, sonnet_rows=2, generate_runs=1, sonnet_batch=1, sonnet_layers=2)
 SETTINGS = {  # each row is a flag (flags.py)
@@ -67,7 +56,7 @@ SETTINGS = {  # each row is a flag (flags.py)
     "device": (flags.default_device(), str, None, "cpu, cuda, cuda:N or mps"),
     "dtype": ("auto", str, one_of("auto", "float32", "bfloat16"), "auto: bfloat16 on a GPU with it, as training"),
     "batch_size": (8, int, at_least(1), "Quora pairs per training step: the course's batch"),
-    "big_batch_size": (64, int, at_least(1), "a throughput-sized batch, measured on a GPU (FFT, LoRA, MFU, epoch)"),
+    "big_batch_size": (64, int, at_least(1), "a throughput-sized batch, measured on a GPU (MFU, epoch)"),
     "warmup": (2, int, NON_NEGATIVE, "untimed rounds first (allocations, AdamW's state, kernel selection)"),
     "steps": (7, int, at_least(1), "timed rounds; each figure is the median"),
     "lora_r": (8, int, at_least(1), "LoRA's rank"),
@@ -96,11 +85,9 @@ DPO_BETA = 0.1  # train_dpo.py's beta for DPO (--loss_type sigmoid)
 MiB = 2 ** 20
 HOW_MEMORY = {"cuda": "torch.cuda.max_memory_allocated", "mps": "MPS driver memory after the steps (no peak counter)",
               "cpu": "growth of peak resident memory (VmHWM)"}
-RATIOS = [  # bench.json key (None: printed only), numerator, denominator, and the target or the count behind it
+RATIOS = [  # bench.json key, numerator, denominator, and the target or the count behind it
     ("ours_over_hf_train_step", "SFT, FFT (ours)", "SFT, FFT (transformers)", "<= 1.0 CPU, <= 0.8 GPU"),
-    (None, "SFT, FFT, output layer everywhere", "SFT, FFT (transformers)", "the same work: the model code alone"),
     ("lora_over_fft_step", "SFT, LoRA all block Linears", "SFT, FFT (ours)", "<= 0.75; FLOPs 4N vs 6N per token"),
-    (None, "SFT, LoRA attn.c_attn", "SFT, FFT (ours)", "the same 4N: every frozen weight passes the gradient"),
     ("dpo_precomputed_over_sft_step", "DPO, FFT, reference precomputed", "SFT, FFT (ours)", "<= 2.1; FLOPs 2x"),
     ("dpo_live_over_sft_step", "DPO, FFT, reference live", "SFT, FFT (ours)", "<= 2.8; FLOPs 2.67x"),
     ("lora_over_fft_peak_mem", "LoRA all block Linears, memory", "FFT, memory", "<= 0.6"),
@@ -109,10 +96,6 @@ RATIOS = [  # bench.json key (None: printed only), numerator, denominator, and t
     ("sonnet_step_time_ratio", "sonnet DPO, FFT", "sonnet DPO, FFT, plain log-probs", "chunked / plain"),
     ("sonnet_logprob_memory_ratio", "sonnet log-probs chunked, memory", "sonnet log-probs plain, memory", "<= 0.30"),
 ]
-
-
-# -----------------------------------------------------------------------------
-# timing a step, and what a step computes: the training scripts' own losses, and Hugging Face's
 
 
 def clock(device):
@@ -128,8 +111,7 @@ def timed(fn, device):
 
 
 def train_step(model, optimizer, loss_fn, autocast, device, split=True):
-    """One optimizer step as train_sft.py takes it -> seconds (forward, backward, optimizer), or split=False the
-    step's: a GPU's, as timing phases stops its CPU side from queueing ahead."""
+    """train_sft.py's optimizer step -> seconds (forward, backward, optimizer), or split=False the step's (a GPU's)."""
     t0 = clock(device)
     with autocast():
         loss = loss_fn(model)
@@ -145,8 +127,7 @@ def train_step(model, optimizer, loss_fn, autocast, device, split=True):
 
 
 def time_in_turns(cases, args, title, batches):
-    """{name: (model, optimizer, loss_fn, autocast)}, a step of each in turn, warmup + steps rounds: each phase's
-    median printed as a table; returns {name: median step seconds}."""
+    """A step of each case {name: (model, optimizer, loss_fn, autocast)} in turn -> {name: median step seconds}."""
     device, rounds = args["device"], {name: [] for name in cases}
     for round_ in range(args["warmup"] + args["steps"]):
         for name, case in cases.items():
@@ -168,22 +149,13 @@ def sft_step_loss(examples, device):
 
 
 def dpo_step_loss(pairs, reference, device, autocast, path="auto"):
-    """train_dpo.py's step: one forward of chosen + rejected, the DPO loss. reference: log-probabilities computed
-    once, or a frozen model run every step (--live_reference). path: train_sft.batch_logprobs'."""
-    chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
-
+    """train_dpo.py's step. reference: log-probabilities computed once, or a frozen model (--live_reference)."""
     def loss_fn(model):
-        policy_chosen, policy_rejected = concatenated_logps(model, chosen, rejected, device, path)
-        ref_chosen, ref_rejected = reference if isinstance(reference, tuple) else scored_logps(
+        policy = concatenated_logps(model, [p.chosen for p in pairs], [p.rejected for p in pairs], device, path)
+        ref = reference if isinstance(reference, tuple) else scored_logps(
             reference, pairs, {"eval_batch_size": len(pairs), "device": device, "logprobs": path}, autocast())
-        losses, _, _ = dpo_loss(policy_chosen, policy_rejected, ref_chosen.to(device), ref_rejected.to(device),
-                                DPO_BETA)
-        return losses.mean()
+        return dpo_loss(*policy, *(logps.to(device) for logps in ref), DPO_BETA)[0].mean()
     return loss_fn
-
-
-# -----------------------------------------------------------------------------
-# FLOPs and bytes: the counts that explain the figures; peak memory, each method in a fresh process
 
 
 def block_weights(config):
@@ -236,48 +208,34 @@ def measure_peak_flops(device, n=8192, repeats=10, dtype=torch.bfloat16):
     return 2 * n ** 3 * repeats / seconds
 
 
-def current_bytes(device_type):
-    """What peak_memory_bytes counts, now. CPU: resident memory (0 without /proc: the peak then includes all)."""
-    if device_type in ("cuda", "mps"):
-        return torch.cuda.memory_allocated() if device_type == "cuda" else torch.mps.driver_allocated_memory()
-    status = Path("/proc/self/status")
-    lines = status.read_text().splitlines() if status.exists() else []
-    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:")), 0)
-
-
 def peak_memory_of_method(config, rows, lora_targets, args, kind="sft"):
-    """Peak memory of two training steps over the process's before the model (CPU: VmHWM, reset once it is
-    built). kind "sft": rows are Examples; "dpo": Pairs, the reference computed once first, as train_dpo.py."""
+    """Peak memory growth of two training steps from before the model. kind "sft": Examples; "dpo": Pairs."""
     device, device_type, autocast = args["device"], args["device"].split(":")[0], autocast_of(args)
     torch.manual_seed(0)
-    before = current_bytes(device_type)
-    model = GPT(config).to(device).train()
-    if lora_targets:
-        apply_lora(model, args["lora_r"], args["lora_alpha"], targets=lora_targets)
-    optimizer = configure_optimizer(model, 1e-5, 0.0, device_type)
+    reset_peak_memory(device_type)  # from now, so that the peak so far is the memory in use now
+    before = peak_memory_bytes(device_type)
+    model, optimizer = trainable(GPT(config).to(device), 1e-5, args, lora_targets)
     loss_fn = sft_step_loss(rows, device)
     if kind == "dpo":
         reference = scored_logps(model, rows, {"eval_batch_size": len(rows), "device": device, "logprobs": "auto"},
                                  autocast())
         loss_fn = dpo_step_loss(rows, reference, device, autocast)
-    step_model = wrap_model(model, args, 1)
     reset_peak_memory(device_type)
     for _ in range(2):
-        train_step(step_model, optimizer, loss_fn, autocast, device)
+        train_step(model, optimizer, loss_fn, autocast, device)
     clock(device)
     return peak_memory_bytes(device_type) - before
 
 
-def peak_memory_of_logprobs(config, pairs, device, dtype, path):
-    """Peak memory growth of train_sft.batch_logprobs (path "plain" or "chunked") and its backward on a DPO batch
-    of chosen + rejected, from just after the model is built."""
-    device_type = device.split(":")[0]
+def peak_memory_of_logprobs(config, pairs, args, path):
+    """Peak memory growth of train_sft.batch_logprobs(path=path) + backward on a DPO batch (model excluded)."""
+    device, device_type = args["device"], args["device"].split(":")[0]
     torch.manual_seed(0)
     model = GPT(config).to(device).train()
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
-    before = current_bytes(device_type)
     reset_peak_memory(device_type)
-    with autocast_context({"dtype": dtype}, device_type):
+    before = peak_memory_bytes(device_type)
+    with autocast_of(args)():
         logps = batch_logprobs(model, batch, device, path=path)
     logps.sum().backward()
     clock(device)
@@ -285,8 +243,7 @@ def peak_memory_of_logprobs(config, pairs, device, dtype, path):
 
 
 def peak_memory(jobs, args):
-    """{name + ", memory": function(*arguments)} for jobs {name: (function, arguments)}, each in a fresh
-    process: on a CPU one per core at a time (each has its own peak), on a GPU one at a time. Printed too."""
+    """{name + ", memory": function(*arguments)} for jobs {name: (function, arguments)}, each in a fresh process."""
     workers = 1 if args["device"].startswith("cuda") else os.cpu_count() or 1
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(torch.get_num_threads(),), max_tasks_per_child=1) as pool:
@@ -296,10 +253,6 @@ def peak_memory(jobs, args):
     for name, value in memory.items():
         row(name, f"{value / MiB:.0f} MiB")
     return memory
-
-
-# -----------------------------------------------------------------------------
-# the measurements, in the order run() takes them; each prints what it measures
 
 
 def read_data(args):
@@ -317,22 +270,19 @@ def read_data(args):
 
 
 def load_models(config, device):
-    """(SFT's model, DPO's, transformers' or None): the same random weights, saved and loaded (timed) as a trained
-    model is, each with its training's dropout. transformers is for tests only: without it, no comparison."""
+    """(SFT's model, DPO's, transformers' or None, a test-only package): the same weights, their dropouts."""
     try:
         import transformers
         transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
     except ImportError:
         print("transformers is not installed (pip install -r requirements-test.txt): no comparisons with it")
         transformers = None
     with tempfile.TemporaryDirectory() as directory:
         save_pretrained(GPT(config), directory)
-        model, load_s = timed(lambda: from_pretrained(directory, dropout=SFT_DROPOUT).to(device), device)
+        model = from_pretrained(directory, dropout=SFT_DROPOUT).to(device)
         dpo_model = from_pretrained(directory, dropout=DPO_DROPOUT).to(device)
         hf_model = None if transformers is None else transformers.GPT2LMHeadModel.from_pretrained(
             directory, resid_pdrop=SFT_DROPOUT, embd_pdrop=SFT_DROPOUT, attn_pdrop=SFT_DROPOUT).to(device)
-    row("load (checkpoint.from_pretrained)", f"{load_s:.2f} s", f"{model.num_parameters() / 1e6:.0f}M parameters")
     return model, dpo_model, hf_model
 
 
@@ -341,8 +291,7 @@ def scoring_rate(model, examples, args):
     prompts = [examples[i % len(examples)].prompt for i in range(args["score_pairs"])]
     answers_yes(model, prompts[:8], 64, args["device"])  # warm-up
     rate = args["score_pairs"] / timed(lambda: answers_yes(model, prompts, 64, args["device"]), args["device"])[1]
-    row("paraphrase scoring (eval.answers_yes, batches of 64)", f"{rate:.0f} pairs/s",
-        f"the 40,429 dev pairs: {40429 / rate / 60:.1f} min")
+    row("paraphrase scoring (answers_yes, batches of 64)", f"{rate:.0f} pairs/s", f"dev: {40429 / rate / 60:.1f} min")
 
 
 def trainable(model, lr, args, lora_targets=None):
@@ -352,64 +301,47 @@ def trainable(model, lr, args, lora_targets=None):
     return wrap_model(model.train(), args, 1), configure_optimizer(model, lr, 0.0, args["device"].split(":")[0])
 
 
-def step_cases(model, dpo_model, hf_model, examples, pairs, args):
-    """SFT's and DPO's steps on one batch: ours, with the output layer everywhere, transformers', LoRA; DPO's
-    reference computed once (train_dpo.py's default) and every step by a frozen copy (--live_reference)."""
+def paraphrase_steps(model, dpo_model, hf_model, config, pairs, args):
+    """SFT's steps (ours, transformers', LoRA) and DPO's (reference precomputed or live) on one batch, in turns;
+    SFT's peak memory by FFT and LoRA, and what it is made of, counted -> (measured, the cases)."""
+    examples = [p.chosen for p in pairs]  # = paraphrase_example(pair): what SFT trains on
     device, autocast, batch = args["device"], autocast_of(args), collate(examples).to(args["device"])
     ids, mask = batch.input_ids, batch.loss_mask
     sft, fft = sft_step_loss(examples, device), trainable(model, 1e-5, args)
-    # the same loss with the output layer at every position, as Hugging Face computes it: the same work as HF
-    everywhere = lambda model: -sequence_logprobs(model(ids), ids, mask).sum() / mask[:, 1:].sum()  # noqa: E731
-    cases = {"SFT, FFT (ours)": (*fft, sft, autocast),
-             "SFT, FFT, output layer everywhere": (model, fft[1], everywhere, autocast)}
+    cases = {"SFT, FFT (ours)": (*fft, sft, autocast)}
     if hf_model is not None:  # its own loss, eager; no attention mask: right padding needs none (HF's fastest)
         hf_loss = lambda model: model(input_ids=ids, labels=ids.masked_fill(mask == 0, -100)).loss  # noqa: E731
         cases["SFT, FFT (transformers)"] = (*trainable(hf_model, 1e-5, {**args, "compile": False}), hf_loss, autocast)
     cases["SFT, LoRA all block Linears"] = (*trainable(model, 2e-4, args, DEFAULT_TARGETS), sft, autocast)
-    cases["SFT, LoRA attn.c_attn"] = (*trainable(model, 2e-4, args, ("attn.c_attn",)), sft, autocast)
     dpo = trainable(dpo_model, 1e-6, args)
     reference = copy.deepcopy(dpo_model).requires_grad_(False).eval()
     precomputed = scored_logps(reference, pairs, {"eval_batch_size": len(pairs), "device": device, "logprobs": "auto"},
                                autocast())
     cases["DPO, FFT, reference precomputed"] = (*dpo, dpo_step_loss(pairs, precomputed, device, autocast), autocast)
     cases["DPO, FFT, reference live"] = (*dpo, dpo_step_loss(pairs, reference, device, autocast), autocast)
-    return cases
-
-
-def paraphrase_steps(cases, config, examples, args):
-    """The steps' seconds, in turns; SFT's peak memory by FFT and LoRA, and what it is made of, counted."""
-    batch = collate(examples)
     measured = time_in_turns(cases, args, "training steps", f"batch: {describe_batch(batch, 'pairs')}")
-    flops = [train_flops(config, batch.lengths.tolist(), int(batch.loss_mask.sum()), lora) for lora in (0, 1)]
-    row("FLOPs, LoRA / FFT", f"{flops[1] / flops[0]:.2f}", "4N vs 6N per token, plus attention and the output layer")
-    methods = {"FFT": None, "LoRA all block Linears": DEFAULT_TARGETS, "LoRA attn.c_attn": ("attn.c_attn",)}
+    methods = {"FFT": None, "LoRA all block Linears": DEFAULT_TARGETS}
     measured.update(peak_memory({name: (peak_memory_of_method, (config, examples, targets, args))
                                  for name, targets in methods.items()}, args))
-    for name in ("FFT", "LoRA all block Linears"):
-        model, optimizer = cases[f"SFT, {name}" if "LoRA" in name else "SFT, FFT (ours)"][:2]
+    for name in ("SFT, FFT (ours)", "SFT, LoRA all block Linears"):
+        model, optimizer = cases[name][:2]
         model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the model
-        weights, grads, adam = state_bytes(model, optimizer)
-        activations = saved_activation_bytes(model, sft_step_loss(examples, args["device"]), autocast_of(args))
-        row(f"  counted, {name}", f"{(weights + grads + adam + activations) / MiB:.0f} MiB",
-            f"weights {weights / MiB:.0f} + gradients {grads / MiB:.0f} + AdamW {adam / MiB:.0f}"
-            f" + saved activations {activations / MiB:.0f} MiB")
-    return measured
+        counted = dict(zip(("weights", "gradients", "AdamW"), state_bytes(model, optimizer)))
+        counted["saved activations"] = saved_activation_bytes(model, sft_step_loss(examples, device), autocast)
+        row(f"  counted, {name}", f"{sum(counted.values()) / MiB:.0f} MiB",
+            " + ".join(f"{part} {n / MiB:.0f}" for part, n in counted.items()) + " MiB")
+    return measured, cases
 
 
-def throughput(config, fft, lora, examples, args, autocast):
-    """A GPU's figures at a typical batch of --big_batch_size: LoRA / FFT (step, peak memory), FFT SFT's model
-    FLOPs utilisation (MFU) on real tokens, and one epoch's seconds. Tests run it on the CPU."""
+def throughput(config, fft, examples, args, autocast):
+    """A GPU's figures at a typical --big_batch_size batch: FFT SFT's MFU on real tokens, one epoch's seconds."""
     pool = [examples[i % len(examples)] for i in range(max(len(examples), args["big_batch_size"]))]
     lengths = [len(e) for e in pool]
     batches = epoch_batches(lengths, {"batch_size": args["big_batch_size"], "seed": args["seed"]}, 0)
     big = [pool[i] for i in median_length_batch(lengths, batches)]
     batch, loss_fn = collate(big), sft_step_loss(big, args["device"])
-    step = time_in_turns({"FFT": (*fft, loss_fn, autocast), "LoRA": (*lora, loss_fn, autocast)}, args,
-                         "SFT steps at a throughput-sized batch", describe_batch(batch, "pairs"))
-    memory = peak_memory({name: (peak_memory_of_method, (config, big, targets, args))
-                          for name, targets in (("FFT", None), ("LoRA", DEFAULT_TARGETS))}, args)
-    row("LoRA / FFT at a throughput-sized batch, step", f"{step['LoRA'] / step['FFT']:.2f}",
-        f"peak memory {memory['LoRA, memory'] / memory['FFT, memory']:.2f}")
+    step = time_in_turns({"FFT": (*fft, loss_fn, autocast)}, args, "SFT steps at a throughput-sized batch",
+                         describe_batch(batch, "pairs"))
     matmul_dtype = torch.bfloat16 if isinstance(autocast(), torch.autocast) else torch.float32
     peak = args["peak_tflops"] * 1e12 or measure_peak_flops(args["device"], dtype=matmul_dtype)
     flops = train_flops(config, batch.lengths.tolist(), int(batch.loss_mask.sum()))
@@ -424,8 +356,7 @@ def throughput(config, fft, lora, examples, args, autocast):
 
 
 def generation(model, hf_model, config, args):
-    """new_tokens after sonnet-length prompts with the course's sampling (HF's default top_k=50 off): ours with the
-    KV cache and without (the same tokens, or an error), and transformers' generate, in turns -> median seconds."""
+    """Seconds to sample new_tokens after sonnet-length prompts (top_k off), ours with and without the cache, HF's."""
     device, n = args["device"], args["new_tokens"]
     generator = torch.Generator().manual_seed(args["seed"])
     lengths = torch.randint(32, 38, (args["sonnet_rows"],), generator=generator).tolist()
@@ -461,40 +392,34 @@ def generation(model, hf_model, config, args):
 
 
 def sonnet_training_rows(sonnets, n):
-    """n sonnets (the file's, cycled) as SFT's examples (sonnet_example) and DPO's pairs (sonnet_pairs: the first
-    3 lines, then the true rest, or, for rejected, the next sonnet's: a step's cost depends only on lengths)."""
+    """n sonnets (cycled) as SFT's examples and DPO's pairs (rejected: the next sonnet's rest, of a like length)."""
     chosen = [sonnets[i % len(sonnets)] for i in range(n)]
     rejected = [encode(split_prompt(sonnets[(i + 1) % len(sonnets)].text)[1]) for i in range(n)]
     return [sonnet_example(s) for s in chosen], sonnet_pairs(chosen, rejected)
 
 
-def sonnet_cases(config, examples, pairs, args):
-    """{SFT, DPO} x {FFT, LoRA} as training takes them; DPO FFT with the chunked log-probabilities (what a
-    16-sonnet batch takes) and again with the plain ones."""
+def sonnet_steps(config, sonnets, args):
+    """Sonnet steps' seconds and peak memory, {SFT, DPO} x {FFT, LoRA} as training takes them, and DPO FFT with
+    plain log-probabilities; the peak memory of DPO's log-probabilities + backward, chunked and plain."""
+    config = replace(config, n_layer=args["sonnet_layers"] or config.n_layer)
+    dpo_config = replace(config, dropout=DPO_DROPOUT)
+    examples, pairs = sonnet_training_rows(sonnets, args["sonnet_batch"])
     device, autocast = args["device"], autocast_of(args)
     torch.manual_seed(args["seed"])
     sft_model = GPT(config).to(device)
-    dpo_model = GPT(replace(config, dropout=DPO_DROPOUT)).to(device)
+    dpo_model = GPT(dpo_config).to(device)
     reference = scored_logps(dpo_model, pairs, {"eval_batch_size": len(pairs), "device": device, "logprobs": "auto"},
                              autocast())
     sft = sft_step_loss(examples, device)
     dpo = {path: dpo_step_loss(pairs, reference, device, autocast, path) for path in ("auto", "chunked", "plain")}
     dpo_fft = trainable(dpo_model, 1e-5, args)
-    return {"sonnet SFT, FFT": (*trainable(sft_model, 1e-5, args), sft, autocast),
-            "sonnet SFT, LoRA": (*trainable(sft_model, 2e-4, args, DEFAULT_TARGETS), sft, autocast),
-            "sonnet DPO, FFT": (*dpo_fft, dpo["chunked"], autocast),
-            "sonnet DPO, FFT, plain log-probs": (*dpo_fft, dpo["plain"], autocast),
-            "sonnet DPO, LoRA": (*trainable(dpo_model, 2e-4, args, DEFAULT_TARGETS), dpo["auto"], autocast)}
-
-
-def sonnet_steps(config, sonnets, args):
-    """Sonnet steps (every token a target): seconds and peak memory of SFT and DPO by FFT and LoRA, and of DPO's
-    log-probabilities + backward, chunked and plain."""
-    config = replace(config, n_layer=args["sonnet_layers"] or config.n_layer)
-    dpo_config = replace(config, dropout=DPO_DROPOUT)
-    examples, pairs = sonnet_training_rows(sonnets, args["sonnet_batch"])
+    cases = {"sonnet SFT, FFT": (*trainable(sft_model, 1e-5, args), sft, autocast),
+             "sonnet SFT, LoRA": (*trainable(sft_model, 2e-4, args, DEFAULT_TARGETS), sft, autocast),
+             "sonnet DPO, FFT": (*dpo_fft, dpo["chunked"], autocast),
+             "sonnet DPO, FFT, plain log-probs": (*dpo_fft, dpo["plain"], autocast),
+             "sonnet DPO, LoRA": (*trainable(dpo_model, 2e-4, args, DEFAULT_TARGETS), dpo["auto"], autocast)}
     dpo_batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
-    measured = time_in_turns(sonnet_cases(config, examples, pairs, args), args,
+    measured = time_in_turns(cases, args,
                              f"sonnet training steps, n_layer={config.n_layer}",
                              f"SFT batch: {describe_batch(collate(examples), 'sonnets')}; "
                              f"DPO batch: {describe_batch(dpo_batch, 'rows (chosen + rejected)')}")
@@ -502,34 +427,22 @@ def sonnet_steps(config, sonnets, args):
             for kind, kind_config, rows in (("SFT", config, examples), ("DPO", dpo_config, pairs))
             for method, targets in (("FFT", None), ("LoRA", DEFAULT_TARGETS))}
     for path in ("chunked", "plain"):
-        jobs[f"sonnet log-probs {path}"] = (peak_memory_of_logprobs, (dpo_config, pairs, args["device"],
-                                                                        args["dtype"], path))
+        jobs[f"sonnet log-probs {path}"] = (peak_memory_of_logprobs, (dpo_config, pairs, args, path))
     measured.update(peak_memory(jobs, args))
-    B, W = target_window(dpo_batch)[0].shape
-    row("  the plain path's float32 logits alone", f"{B * W * config.vocab_size * 4 / MiB:.0f} MiB",
-        f"{B} rows x {W} window positions x {config.vocab_size}")
     return measured
 
 
-# -----------------------------------------------------------------------------
-# the figures, the run, and the command line
-
-
 def figures_of(measured):
-    """bench.json's figures from the measurements: RATIOS (each printed, with its target or the count behind it;
-    those whose two measurements ran) and the sonnet steps' seconds and peak memory."""
+    """bench.json's figures: RATIOS whose two measurements ran (printed), the sonnet steps' seconds and memory."""
     print("\nratios: target, or the count that explains it")
     figures = {}
     for key, numerator, denominator, note in RATIOS:
         if numerator in measured and denominator in measured:
             figures[key] = measured[numerator] / measured[denominator]
             row(f"{numerator} / {denominator}", f"{figures[key]:.2f}", note)
-    figures.pop(None, None)
-    for kind in ("SFT", "DPO"):
-        for method in ("FFT", "LoRA"):
-            name = f"sonnet {kind}, {method}"
-            figures[f"sonnet_{kind.lower()}_{method.lower()}_step_s"] = measured[name]
-            figures[f"sonnet_{kind.lower()}_{method.lower()}_peak_memory_bytes"] = measured[f"{name}, memory"]
+    for name in (f"sonnet {kind}, {method}" for kind in ("SFT", "DPO") for method in ("FFT", "LoRA")):
+        key = name.lower().replace(",", "").replace(" ", "_")  # sonnet_sft_fft for "sonnet SFT, FFT"
+        figures[f"{key}_step_s"], figures[f"{key}_peak_memory_bytes"] = measured[name], measured[f"{name}, memory"]
     return figures
 
 
@@ -556,13 +469,6 @@ def device_name(device):
     return f"{device}{model}, {torch.get_num_threads()} thread(s)"
 
 
-def machine_load():
-    """Other work slows everything, unevenly: each parallel operation waits for its slowest thread."""
-    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count()
-    busy = f" (busy: other processes share the {cores} cores, so the figures are noisy; --threads 1 suffers least)"
-    return f"load average {load:.1f} over the last minute, {cores} cores{busy if load > cores - 0.5 else ''}"
-
-
 def row(what, value, note=""):
     print(f"  {what:<66} {value:>10}  {note}", flush=True)
 
@@ -574,59 +480,45 @@ def describe_batch(batch, rows):
 
 def run(args):
     """Every measurement in turn, printed as measured; returns bench.json's figures and writes them to --out."""
-    t_start = time.perf_counter()
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     quora_pairs, sonnets = read_data(args)  # the data first: a missing or malformed file fails before any model
     torch.manual_seed(args["seed"])
     config = model_config(args)
-    print(f"bench.py: n_layer={config.n_layer}, n_embd={config.n_embd} ({args['size']}'s shape unless changed), "
-          f"random weights, dtype {args['dtype']}{', torch.compile' if args['compile'] else ''}, "
-          f"on {device_name(args['device'])}, torch {torch.__version__}; {len(quora_pairs)} Quora pairs from "
-          f"{args['quora']}, {len(sonnets)} sonnets from {args['sonnets']}; {machine_load()}")
+    compiled = ", torch.compile" if args["compile"] else ""
+    print(f"bench.py: n_layer={config.n_layer}, n_embd={config.n_embd}, random weights, dtype {args['dtype']}{compiled}"
+          f", on {device_name(args['device'])}, torch {torch.__version__}; {len(quora_pairs)} Quora pairs from "
+          f"{args['quora']}, {len(sonnets)} sonnets from {args['sonnets']}")
     dpo_pairs = paraphrase_pairs(quora_pairs)  # chosen: the right answer; rejected: the other one
     examples = [p.chosen for p in dpo_pairs]  # = paraphrase_example(pair): what SFT trains on
     lengths = [len(e) for e in examples]
     batches = epoch_batches(lengths, {"batch_size": args["batch_size"], "seed": args["seed"]}, 0)
-    size = args["batch_size"]  # train_sft's batches (shuffled pools, sorted by length) against file order
-    in_file_order = [range(i, min(i + size, len(lengths))) for i in range(0, len(lengths), size)]
-    results = {"padding_efficiency": padding_efficiency(lengths, batches)}
-    row("padding efficiency (real / computed tokens)", f"{results['padding_efficiency']:.3f}",
-        f"target >= 0.9; in file order {padding_efficiency(lengths, in_file_order):.3f}")
+    results = {"padding_efficiency": padding_efficiency(lengths, batches)}  # train_sft's length-sorted batches
+    row("padding efficiency (real / computed tokens)", f"{results['padding_efficiency']:.3f}", "target >= 0.9")
     model, dpo_model, hf_model = load_models(config, args["device"])
     scoring_rate(model, examples, args)
     typical = median_length_batch(lengths, batches)  # every step on this batch: a typical one of train_sft's
-    batch_examples = [examples[i] for i in typical]
-    cases = step_cases(model, dpo_model, hf_model, batch_examples, [dpo_pairs[i] for i in typical], args)
-    measured = paraphrase_steps(cases, config, batch_examples, args)
-    if args["device"].startswith("cuda"):  # FFT and LoRA at a throughput-sized batch, MFU, one epoch's seconds
-        results.update(throughput(config, cases["SFT, FFT (ours)"][:2], cases["SFT, LoRA all block Linears"][:2],
-                                  examples, args, autocast_of(args)))
+    measured, cases = paraphrase_steps(model, dpo_model, hf_model, config, [dpo_pairs[i] for i in typical], args)
+    if args["device"].startswith("cuda"):  # a throughput-sized batch: MFU, one epoch's seconds
+        results.update(throughput(config, cases["SFT, FFT (ours)"][:2], examples, args, autocast_of(args)))
     del cases, dpo_model
     measured.update(generation(model, hf_model, config, args))
     del model, hf_model  # the sonnet steps build their own
     measured.update(sonnet_steps(config, sonnets, args))
     results.update(figures_of(measured), device=device_name(args["device"]))
-    print(f"\nbench.py took {time.perf_counter() - t_start:.0f} s; {machine_load()}")
     if args["out"] is not None:
         write_json(args["out"], results)
-        print(f"wrote {args['out']}")
     return results
 
 
 def settled(args, argv):
-    """--quick's values for the flags argv does not give (either spelling, with or without =), and the data files
-    from --data_dir unless given."""
+    """--quick's values for the flags argv does not give, and the data files from --data_dir unless given."""
     given = {arg.split("=")[0][2:].replace("-", "_") for arg in argv if arg.startswith("--")}
     if args["quick"]:
         args.update({name: value for name, value in QUICK.items() if name not in given})
     args["quora"] = args["quora"] or args["data_dir"] / QUORA["train"]
     args["sonnets"] = args["sonnets"] or args["data_dir"] / SONNETS["train"]
     return args
-
-
-def parse_args(argv):
-    return settled(flags.parse(argv, SETTINGS, __doc__), argv)
 
 
 def check_files(args):

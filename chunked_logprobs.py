@@ -15,17 +15,16 @@ The derivation. With z = W h the logits of one position and p = softmax(z),
 so for an incoming gradient g per position, dL/dh = g (w_t - sum_v p_v w_v) and dL/dW = sum g (onehot(t) - p) h^T.
 The logits are computed CHUNK positions at a time; the forward pass, which has each chunk's p at hand, already
 computes d log p / d h. dL/dW needs every position's p again, so when W trains (not under LoRA) the backward pass
-recomputes each chunk's logits, except the last chunk's, which the forward pass keeps.
+recomputes each chunk's logits and adds its g (onehot(t) - p) h^T into one float32 dL/dW: four matmuls with W
+where the plain path has three, and never more than one chunk's (n, vocab) numbers.
 """
 
 import torch
 
-# Positions whose logits are computed at once. Their float32 logits take 1024 x 50257 x 4 bytes
-# = 206 MB, and about two such buffers live at a time, whatever the batch; a 16-sonnet batch's full logits take
-# 16 x 181 x 50257 x 4 = 582 MB per copy, and the plain path holds several. Smaller chunks save memory but
-# recompute more: the backward pass recomputes all chunks but the last, so a batch of up to 1024 target
-# positions (any paraphrase batch, an SFT batch of 5 sonnets) costs no more matmuls than the plain path.
-CHUNK = 1024
+# Positions whose logits are computed at once: their float32 logits take 512 x 50257 x 4 bytes = 98 MiB, whatever
+# the batch, where a 16-sonnet DPO batch's window logits take 32 x 132 x 50257 x 4 = 810 MiB per copy and the plain
+# path holds several. bench.py's sonnet_logprob_memory_ratio: 0.28 at 512 (0.31 at 1024; 256 saves no more).
+CHUNK = 512
 
 
 def chunked_token_logprobs(hidden, weight, targets, chunk_size=None):
@@ -35,33 +34,31 @@ def chunked_token_logprobs(hidden, weight, targets, chunk_size=None):
 
     hidden (..., n_embd), weight (vocab, n_embd), targets (...) long -> (...) float32. The same numbers as
     log_softmax(hidden @ weight.T).gather(targets), and under autocast the same precision as that plain path:
-    the matmul in the autocast dtype (bfloat16), the logsumexp in float32. At most one chunk's (n, vocab) numbers
-    are kept for the backward pass, so memory does not grow with the batch.
+    the matmul in the autocast dtype (bfloat16), the logsumexp in float32. Only one chunk's (n, vocab) numbers
+    exist at a time, forward or backward, so that memory does not grow with the batch.
     """
     assert hidden.shape[:-1] == targets.shape, (hidden.shape, targets.shape)
     return ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size or CHUNK, torch.is_grad_enabled())
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):
-    """chunked_token_logprobs' forward and backward passes (the derivation is the module's docstring). A batch
-    that fits in one chunk (any paraphrase batch) costs exactly the plain path's three matmuls."""
+    """chunked_token_logprobs' forward and backward passes (the derivation is the module's docstring)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, grad_enabled):
         dtype = matmul_dtype(hidden)
-        want_hidden, want_weight = (grad_enabled and need for need in ctx.needs_input_grad[:2])
+        want_hidden = grad_enabled and ctx.needs_input_grad[0]
         h, w, t = hidden.reshape(-1, hidden.size(-1)).to(dtype), weight.to(dtype), targets.reshape(-1)
         logps = torch.empty(t.shape, dtype=torch.float32, device=hidden.device)
         logsumexp = torch.empty_like(logps)
         dlogp_dh = torch.empty_like(h) if want_hidden else None
         for rows in chunks(len(t), chunk_size):
-            dlogp_dz = None  # free the previous chunk's before computing the next
-            logps[rows], logsumexp[rows], dlogp_dz = chunk_logprobs(h[rows], w, t[rows], want_hidden or want_weight)
+            logps[rows], logsumexp[rows], dlogp_dz = chunk_logprobs(h[rows], w, t[rows], want_hidden)
             if want_hidden:
                 dlogp_dh[rows] = dlogp_dz.to(dtype) @ w
+            del dlogp_dz  # free this chunk's (n, vocab) numbers before computing the next
         ctx.save_for_backward(hidden, weight, targets, logsumexp, dlogp_dh)
         ctx.chunk_size, ctx.dtype = chunk_size, dtype
-        ctx.last_dlogp_dz = dlogp_dz if want_weight and len(t) else None  # the last chunk's, kept for backward
         return logps.view(targets.shape)
 
     @staticmethod
@@ -73,16 +70,16 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             grad_h = (g * dlogp_dh.float()).to(hidden.dtype).view(hidden.shape)
         if ctx.needs_input_grad[1]:
             h, w, t = hidden.reshape(-1, hidden.size(-1)).to(ctx.dtype), weight.to(ctx.dtype), targets.reshape(-1)
-            for rows in reversed(chunks(len(t), ctx.chunk_size)):  # the last chunk first: the forward kept it
-                dlogp_dz, ctx.last_dlogp_dz = ctx.last_dlogp_dz, None  # used once, then freed
-                if dlogp_dz is None:  # the chunk's logits again, instead of having kept them all
-                    softmax = (h[rows] @ w.t()).float().sub_(logsumexp[rows, None]).exp_()  # exp(z - logsumexp(z))
-                    dlogp_dz = onehot_minus_(softmax, t[rows])
-                    del softmax
-                part = dlogp_dz.mul_(g[rows]).to(ctx.dtype).t() @ h[rows]  # (vocab, n_embd)
-                grad_w = part.float() if grad_w is None else grad_w.add_(part)  # summed in float32
-                del dlogp_dz, part  # free this chunk's before computing the next
-            grad_w = grad_w.to(weight.dtype) if grad_w is not None else None  # None: no positions, no gradient
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # summed in float32
+            for rows in chunks(len(t), ctx.chunk_size):  # the chunk's logits again, instead of having kept them all
+                softmax = (h[rows] @ w.t()).float().sub_(logsumexp[rows, None]).exp_()  # exp(z - logsumexp(z))
+                scaled = onehot_minus_(softmax, t[rows]).mul_(g[rows]).to(ctx.dtype)  # g (onehot(t) - p)
+                if scaled.dtype == torch.float32:
+                    grad_w.addmm_(scaled.t(), h[rows])  # in place: no second (vocab, n_embd) tensor
+                else:
+                    grad_w.add_(scaled.t() @ h[rows])  # the product in the autocast dtype, as on the plain path
+                del softmax, scaled  # free this chunk's before computing the next
+            grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None
 
 
@@ -116,10 +113,8 @@ def matmul_dtype(x):
 
 
 def chunks(n, size):
-    """Slices that cut range(n) into pieces of `size`, the first one shorter when size does not divide n (so the
-    last chunk, which ChunkedTokenLogprobs keeps instead of recomputing, is a whole one)."""
-    ends = list(range(n % size or size, n + 1, size))
-    return [slice(start, end) for start, end in zip([0] + ends, ends)]
+    """Slices that cut range(n) into pieces of `size` (the last one shorter when size does not divide n)."""
+    return [slice(start, start + size) for start in range(0, n, size)]
 
 
 def chunked_head(targets):

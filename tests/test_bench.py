@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import flags
 from conftest import ROOT, tiny_config
 from data.batching import Example, collate
 from data.sonnets import read_sonnets, split_prompt
@@ -30,6 +31,11 @@ KEYS = {"ours_over_hf_train_step", "lora_over_fft_step", "lora_over_fft_peak_mem
         "dpo_precomputed_over_sft_step", "kv_cache_speedup", "ours_over_hf_generate", "padding_efficiency", "device",
         *SONNET_KEYS}
 HF_KEYS = {"ours_over_hf_train_step", "ours_over_hf_generate"}
+
+
+def parse_args(argv):
+    """bench.py's flags as its main() settles them (--quick's values, --data_dir's files)."""
+    return bench.settled(flags.parse(argv, bench.SETTINGS, bench.__doc__), argv)
 
 
 def test_quick_run_writes_every_key_with_a_finite_value(tmp_path, capsys):
@@ -69,9 +75,9 @@ def test_without_transformers_it_says_so_in_one_line_and_skips_those_ratios(tmp_
 
 
 def test_data_files_come_from_data_dir_unless_given():
-    assert bench.parse_args([])["quora"] == SAMPLES / "quora-train.csv"
-    assert bench.parse_args([])["sonnets"] == SAMPLES / "sonnets.txt"
-    args = bench.parse_args(["--data_dir", "d", "--quora", "q.csv"])
+    assert parse_args([])["quora"] == SAMPLES / "quora-train.csv"
+    assert parse_args([])["sonnets"] == SAMPLES / "sonnets.txt"
+    args = parse_args(["--data_dir", "d", "--quora", "q.csv"])
     assert str(args["quora"]) == "q.csv" and str(args["sonnets"]) == "d/sonnets.txt"
 
 
@@ -128,11 +134,11 @@ def test_unusable_data_is_an_error_before_any_model(flag, text, message, tmp_pat
 
 
 def test_quick_fills_in_only_the_flags_not_given():
-    args = bench.parse_args(["--quick", "--steps", "5"])
+    args = parse_args(["--quick", "--steps", "5"])
     assert args["steps"] == 5 and args["warmup"] == bench.QUICK["warmup"]
     assert args["sonnet_rows"] == bench.QUICK["sonnet_rows"]
-    assert bench.parse_args(["--quick", "--sonnet-rows=4"])["sonnet_rows"] == 4  # either spelling, with =
-    assert bench.parse_args([])["steps"] == bench.SETTINGS["steps"][0]
+    assert parse_args(["--quick", "--sonnet-rows=4"])["sonnet_rows"] == 4  # either spelling, with =
+    assert parse_args([])["steps"] == bench.SETTINGS["steps"][0]
 
 
 # -----------------------------------------------------------------------------
@@ -251,9 +257,10 @@ def test_the_plain_log_probabilities_hold_the_whole_logits():
 def test_peak_memory_of_the_sonnet_log_probabilities_is_measured_for_both():
     """Run here, not in a fresh process: the plain one's growth holds at least its window's float32 logits."""
     pairs = bench.sonnet_training_rows(read_sonnets(SAMPLES / "sonnets.txt"), 2)[1]
+    args = parse_args(["--device", "cpu", "--dtype", "float32"])
     rows, width = target_window(collate([p.chosen for p in pairs] + [p.rejected for p in pairs]))[0].shape
-    plain = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", "plain")
-    chunked = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, "cpu", "float32", "chunked")
+    plain = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, args, "plain")
+    chunked = bench.peak_memory_of_logprobs(tiny_config(block_size=256), pairs, args, "chunked")
     assert plain >= rows * (width - 1) * 50257 * 4 and chunked > 0
 
 
@@ -262,21 +269,19 @@ def test_peak_memory_of_the_sonnet_log_probabilities_is_measured_for_both():
 
 
 def test_the_gpu_figures_run_on_the_cpu(capsys):
-    """throughput() is what a GPU run adds (LoRA/FFT at a large batch, MFU, epoch seconds), with bf16 autocast
-    and fused AdamW, here on the CPU; measure_peak_flops too."""
+    """throughput() is what a GPU run adds (MFU and epoch seconds at a large batch), with bf16 autocast and fused
+    AdamW, here on the CPU; measure_peak_flops too."""
     from data.quora import paraphrase_example, read_quora
 
-    args = bench.parse_args([*TINY, "--big_batch_size", "4", "--dtype", "bfloat16", "--peak_tflops", "1"])
+    args = parse_args([*TINY, "--big_batch_size", "4", "--dtype", "bfloat16", "--peak_tflops", "1"])
     examples = [paraphrase_example(p) for p in read_quora(SAMPLES / "quora-train.csv")]
     config = bench.model_config(args)
     autocast = lambda: bench.autocast_context({"dtype": "bfloat16"}, "cpu")  # noqa: E731
     torch.manual_seed(0)
     model = GPT(config).train()
-    lora_model = apply_lora(GPT(config).train(), 2, 4.0)
     fft = (model, configure_optimizer(model, 1e-5, 0.0, "cpu"))
-    lora = (lora_model, configure_optimizer(lora_model, 1e-4, 0.0, "cpu"))
     assert fft[1].defaults["fused"]  # the fused AdamW the GPU uses
-    figures = bench.throughput(config, fft, lora, examples, args, autocast)
+    figures = bench.throughput(config, fft, examples, args, autocast)
     assert set(figures) == {"mfu", "paraphrase_epoch_s"}
     assert all(math.isfinite(v) and v > 0 for v in figures.values())
     assert "MFU" in capsys.readouterr().out
