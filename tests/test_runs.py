@@ -206,12 +206,14 @@ def test_an_interrupted_run_resumes_to_the_weights_and_log_of_an_unbroken_one(si
 def test_a_second_writer_stops_at_once_and_the_first_run_is_as_if_alone(tiny_dir, data, tmp_path):
     args = command(tiny_dir, data, tmp_path / "shared", "--epochs", "3")
     first = run_script(args)
-    deadline = time.time() + 60
-    while not (tmp_path / "shared" / "log.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.01)
+    lock, deadline = tmp_path / "shared" / ".lock", time.time() + 60
+    while not (lock.exists() and lock.read_text().strip() == str(first.pid)) and time.time() < deadline:
+        time.sleep(0.001)
+    first.send_signal(signal.SIGSTOP)  # held while the second starts, however fast the machine
     t0 = time.time()
     second = run_script(args[:-2] + ["--lr", "3e-4"])
     output = second.communicate(timeout=60)[0]
+    first.send_signal(signal.SIGCONT)
     assert second.returncode == 1 and time.time() - t0 < 30
     assert output.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'shared'}: in use by process {first.pid}")
     assert first.wait(timeout=300) == 0
@@ -225,7 +227,7 @@ def test_a_second_writer_stops_at_once_and_the_first_run_is_as_if_alone(tiny_dir
 def test_a_killed_writer_leaves_no_lock(tiny_dir, data, tmp_path):
     args = ["--task", "paraphrase", "--init_from", str(tiny_dir), "--data_dir", str(data), "--device", "cpu"]
     killed = interrupted(args + ["--epochs", "3"], tmp_path / "run", signal.SIGKILL,
-                         lambda out: (out / "log.jsonl").exists())
+                         lambda out: (out / ".lock").exists() and (out / ".lock").read_text().strip())
     assert killed.returncode == -signal.SIGKILL
     again = run_script(args + ["--epochs", "1", "--out_dir", str(tmp_path / "run")])
     assert again.wait(timeout=300) == 0, again.stdout.read()
