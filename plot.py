@@ -86,7 +86,7 @@ def curves_figure(rows, task):
     train_axis, dev_axis = fig.subplots(1, 2)
     for c in rows:
         style = dict(linestyle="--" if c["method"] == "lora" else "-", label=c["label"])
-        train_axis.plot(*zip(*c["train_curve"]), **style)
+        train_axis.plot(*zip(*c["train_curve"]), marker=".", **style)  # a one-step run is a dot
         dev_axis.plot(*zip(*c["dev_curve"]), marker="o", **style)
     train_axis.set(xlabel="step", ylabel="training loss", title=f"{task}: training loss per logged step")
     dev_axis.set(xlabel="epoch", ylabel=SCORE.get(task, "dev score"), title=f"{task}: dev score per epoch")
