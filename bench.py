@@ -2,16 +2,11 @@
 What each method costs, measured side by side on this machine (after nanoGPT's bench.py).
 
     python bench.py --quick --out bench.json     # a few minutes on a 2-core CPU
-    python bench.py                              # more steps, 12 sonnets generated at once, 16 trained on
-    python bench.py --device cuda --batch_size 64
-    python bench.py --data_dir data              # the course's files (python -m data.download), not the sample
+    python bench.py --device cuda --data_dir data   # the course's files (python -m data.download), not the sample
 
-GPT-2 124M's shape with random weights (a step costs the same whatever the values), trained on real Quora pairs
-and sonnets (their lengths, hence their padding, are what training sees) from --data_dir, by default the sample in
-data/samples. Every ratio compares two things measured in the same run on the same batch and dtype: the median of
-several steps after warm-up, taken in turns (A, B, A, B, ...) so that a busy machine slows both alike, the device
-synchronised around every timed phase. Peak memory is measured with each method in a fresh process.
-docs/costs.md gives the FLOP and byte counts that explain each figure (forward 2N per token, backward 4N, LoRA 4N).
+GPT-2's shape with random weights, trained on real Quora pairs and sonnets (their padding is training's). Each
+ratio compares two things measured in one run on one batch: medians of steps taken in turns (A, B, A, B, ...), so
+a busy machine slows both alike; peak memory in a fresh process per method. docs/costs.md explains each figure.
 """
 
 import copy
@@ -127,12 +122,12 @@ def train_step(model, optimizer, loss_fn, autocast, device, split=True):
 
 
 def time_in_turns(cases, args, title, batches):
-    """A step of each case {name: (model, optimizer, loss_fn, autocast)} in turn -> {name: median step seconds}."""
-    device, rounds = args["device"], {name: [] for name in cases}
+    """A step of each case {name: (model, optimizer, loss_fn)} in turn -> {name: median step seconds}."""
+    device, autocast, rounds = args["device"], autocast_of(args), {name: [] for name in cases}
     for round_ in range(args["warmup"] + args["steps"]):
         for name, case in cases.items():
-            phases = train_step(*case, device)
-            step_s = train_step(*case, device, split=False) if device.startswith("cuda") else sum(phases)
+            phases = train_step(*case, autocast, device)
+            step_s = train_step(*case, autocast, device, split=False) if device.startswith("cuda") else sum(phases)
             if round_ >= args["warmup"]:
                 rounds[name].append((step_s, *phases))
     print(f"\n{title}, median of {args['steps']} after {args['warmup']} warm-up, in turns; {batches}")
@@ -143,19 +138,49 @@ def time_in_turns(cases, args, title, batches):
     return {name: seconds[0] for name, seconds in medians.items()}
 
 
-def sft_step_loss(examples, device):
-    """train_sft.py's step: collate, then its loss (the output layer only on the target window)."""
-    return lambda model: sft_loss(model, collate(examples).to(device))[0]
+def peak_memory_of_method(config, rows, lora_targets, args, kind="sft"):
+    """Peak memory growth of two training steps from before the model. kind "sft": Examples; "dpo": Pairs."""
+    device, device_type = args["device"], args["device"].split(":")[0]
+    torch.manual_seed(0)
+    reset_peak_memory(device_type)  # from now, so that the peak so far is the memory in use now
+    before = peak_memory_bytes(device_type)
+    model, optimizer = trainable(GPT(config).to(device), args, lora_targets)
+    loss_fn = sft_step_loss(rows, device)
+    if kind == "dpo":
+        loss_fn = dpo_step_loss(rows, reference_logps(model, rows, args), args)
+    reset_peak_memory(device_type)  # the reference pass's peak is not the method's
+    for _ in range(2):
+        train_step(model, optimizer, loss_fn, autocast_of(args), device)
+    clock(device)
+    return peak_memory_bytes(device_type) - before
 
 
-def dpo_step_loss(pairs, reference, device, autocast, path="auto"):
-    """train_dpo.py's step. reference: log-probabilities computed once, or a frozen model (--live_reference)."""
-    def loss_fn(model):
-        policy = concatenated_logps(model, [p.chosen for p in pairs], [p.rejected for p in pairs], device, path)
-        ref = reference if isinstance(reference, tuple) else scored_logps(
-            reference, pairs, {"eval_batch_size": len(pairs), "device": device, "logprobs": path}, autocast())
-        return dpo_loss(*policy, *(logps.to(device) for logps in ref), DPO_BETA)[0].mean()
-    return loss_fn
+def peak_memory_of_logprobs(config, pairs, args, path):
+    """Peak memory growth of train_sft.batch_logprobs(path=path) + backward on a DPO batch (model excluded)."""
+    device, device_type = args["device"], args["device"].split(":")[0]
+    torch.manual_seed(0)
+    model = GPT(config).to(device).train()
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
+    reset_peak_memory(device_type)
+    before = peak_memory_bytes(device_type)
+    with autocast_of(args)():
+        logps = batch_logprobs(model, batch, device, path=path)
+    logps.sum().backward()
+    clock(device)
+    return peak_memory_bytes(device_type) - before
+
+
+def peak_memory(jobs, args):
+    """{name + ", memory": function(*arguments)} for jobs {name: (function, arguments)}, each in a fresh process."""
+    workers = 1 if args["device"].startswith("cuda") else os.cpu_count() or 1
+    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(torch.get_num_threads(),), max_tasks_per_child=1) as pool:
+        futures = {name: pool.submit(function, *arguments) for name, (function, arguments) in jobs.items()}
+        memory = {f"{name}, memory": future.result() for name, future in futures.items()}
+    print(f"\npeak memory ({HOW_MEMORY.get(args['device'].split(':')[0])}, a fresh process per method)")
+    for name, value in memory.items():
+        row(name, f"{value / MiB:.0f} MiB")
+    return memory
 
 
 def block_weights(config):
@@ -208,65 +233,32 @@ def measure_peak_flops(device, n=8192, repeats=10, dtype=torch.bfloat16):
     return 2 * n ** 3 * repeats / seconds
 
 
-def peak_memory_of_method(config, rows, lora_targets, args, kind="sft"):
-    """Peak memory growth of two training steps from before the model. kind "sft": Examples; "dpo": Pairs."""
-    device, device_type, autocast = args["device"], args["device"].split(":")[0], autocast_of(args)
-    torch.manual_seed(0)
-    reset_peak_memory(device_type)  # from now, so that the peak so far is the memory in use now
-    before = peak_memory_bytes(device_type)
-    model, optimizer = trainable(GPT(config).to(device), 1e-5, args, lora_targets)
-    loss_fn = sft_step_loss(rows, device)
-    if kind == "dpo":
-        reference = scored_logps(model, rows, {"eval_batch_size": len(rows), "device": device, "logprobs": "auto"},
-                                 autocast())
-        loss_fn = dpo_step_loss(rows, reference, device, autocast)
-    reset_peak_memory(device_type)
-    for _ in range(2):
-        train_step(model, optimizer, loss_fn, autocast, device)
-    clock(device)
-    return peak_memory_bytes(device_type) - before
+def sft_step_loss(examples, device):
+    """train_sft.py's step: collate, then its loss (the output layer only on the target window)."""
+    return lambda model: sft_loss(model, collate(examples).to(device))[0]
 
 
-def peak_memory_of_logprobs(config, pairs, args, path):
-    """Peak memory growth of train_sft.batch_logprobs(path=path) + backward on a DPO batch (model excluded)."""
-    device, device_type = args["device"], args["device"].split(":")[0]
-    torch.manual_seed(0)
-    model = GPT(config).to(device).train()
-    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
-    reset_peak_memory(device_type)
-    before = peak_memory_bytes(device_type)
-    with autocast_of(args)():
-        logps = batch_logprobs(model, batch, device, path=path)
-    logps.sum().backward()
-    clock(device)
-    return peak_memory_bytes(device_type) - before
+def reference_logps(model, pairs, args, path="auto"):
+    """train_dpo.py's reference pass over the pairs, in one batch: (chosen, rejected) log-probabilities."""
+    config = {"eval_batch_size": len(pairs), "device": args["device"], "logprobs": path}
+    return scored_logps(model, pairs, config, autocast_of(args)())
 
 
-def peak_memory(jobs, args):
-    """{name + ", memory": function(*arguments)} for jobs {name: (function, arguments)}, each in a fresh process."""
-    workers = 1 if args["device"].startswith("cuda") else os.cpu_count() or 1
-    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                             initargs=(torch.get_num_threads(),), max_tasks_per_child=1) as pool:
-        futures = {name: pool.submit(function, *arguments) for name, (function, arguments) in jobs.items()}
-        memory = {f"{name}, memory": future.result() for name, future in futures.items()}
-    print(f"\npeak memory ({HOW_MEMORY.get(args['device'].split(':')[0])}, a fresh process per method)")
-    for name, value in memory.items():
-        row(name, f"{value / MiB:.0f} MiB")
-    return memory
+def dpo_step_loss(pairs, reference, args, path="auto"):
+    """train_dpo.py's step. reference: log-probabilities computed once, or a frozen model (--live_reference)."""
+    def loss_fn(model):
+        chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
+        policy = concatenated_logps(model, chosen, rejected, args["device"], path)
+        ref = reference if isinstance(reference, tuple) else reference_logps(reference, pairs, args, path)
+        return dpo_loss(*policy, *(logps.to(args["device"]) for logps in ref), DPO_BETA)[0].mean()
+    return loss_fn
 
 
-def read_data(args):
-    """(labelled Quora pairs, sonnets), read before any model is built: a missing or malformed file fails first."""
-    pairs = read_quora(args["quora"])
-    if not pairs or any(p.label is None for p in pairs):
-        raise InputError(f"--quora {args['quora']}: needs labelled pairs (the is_duplicate column)")
-    sonnets = read_sonnets(args["sonnets"])
-    for sonnet in sonnets:
-        try:
-            split_prompt(sonnet.text)  # DPO's prompt is the first 3 lines: a sonnet needs more
-        except ValueError as e:
-            raise InputError(f"--sonnets {args['sonnets']}: sonnet {sonnet.number}: {e}") from None
-    return pairs, sonnets
+def trainable(model, args, lora_targets=None):
+    """(model, with LoRA on lora_targets if given, as training wraps it; its AdamW: the rate costs nothing)."""
+    if lora_targets:
+        model = apply_lora(copy.deepcopy(model), args["lora_r"], args["lora_alpha"], targets=lora_targets)
+    return wrap_model(model.train(), args, 1), configure_optimizer(model, 1e-5, 0.0, args["device"].split(":")[0])
 
 
 def load_models(config, device):
@@ -286,67 +278,61 @@ def load_models(config, device):
     return model, dpo_model, hf_model
 
 
-def scoring_rate(model, examples, args):
-    """What evaluation costs: paraphrase prompts scored per second (eval.answers_yes)."""
-    prompts = [examples[i % len(examples)].prompt for i in range(args["score_pairs"])]
-    answers_yes(model, prompts[:8], 64, args["device"])  # warm-up
-    rate = args["score_pairs"] / timed(lambda: answers_yes(model, prompts, 64, args["device"]), args["device"])[1]
-    row("paraphrase scoring (answers_yes, batches of 64)", f"{rate:.0f} pairs/s", f"dev: {40429 / rate / 60:.1f} min")
-
-
-def trainable(model, lr, args, lora_targets=None):
-    """(model, with LoRA on lora_targets if given, as training wraps it; its AdamW at learning rate lr)."""
-    if lora_targets:
-        model = apply_lora(copy.deepcopy(model), args["lora_r"], args["lora_alpha"], targets=lora_targets)
-    return wrap_model(model.train(), args, 1), configure_optimizer(model, lr, 0.0, args["device"].split(":")[0])
-
-
-def paraphrase_steps(model, dpo_model, hf_model, config, pairs, args):
-    """SFT's steps (ours, transformers', LoRA) and DPO's (reference precomputed or live) on one batch, in turns;
-    SFT's peak memory by FFT and LoRA, and what it is made of, counted -> (measured, the cases)."""
+def paraphrase_steps(model, dpo_model, hf_model, quora_pairs, args):
+    """Padding efficiency and scoring rate; on a typical batch, SFT's steps (ours, transformers', LoRA) and DPO's
+    (reference precomputed or live) in turns; SFT's peak memory, measured and counted; on a GPU, throughput().
+    -> (bench.json's figures, measured)"""
+    pairs = paraphrase_pairs(quora_pairs)  # chosen: the right answer; rejected: the other one
     examples = [p.chosen for p in pairs]  # = paraphrase_example(pair): what SFT trains on
-    device, autocast, batch = args["device"], autocast_of(args), collate(examples).to(args["device"])
-    ids, mask = batch.input_ids, batch.loss_mask
-    sft, fft = sft_step_loss(examples, device), trainable(model, 1e-5, args)
-    cases = {"SFT, FFT (ours)": (*fft, sft, autocast)}
+    lengths, device = [len(e) for e in examples], args["device"]
+    batches, typical = training_batches(lengths, args["batch_size"], args)
+    figures = {"padding_efficiency": padding_efficiency(lengths, batches)}
+    row("padding efficiency (real / computed tokens)", f"{figures['padding_efficiency']:.3f}", "target >= 0.9")
+    prompts = [examples[i % len(examples)].prompt for i in range(args["score_pairs"])]
+    answers_yes(model, prompts[:8], 64, device)  # warm-up
+    rate = args["score_pairs"] / timed(lambda: answers_yes(model, prompts, 64, device), device)[1]
+    row("paraphrase scoring (answers_yes, batches of 64)", f"{rate:.0f} pairs/s", f"dev: {40429 / rate / 60:.1f} min")
+    pairs = [pairs[i] for i in typical]  # every step on this batch: a typical one of train_sft's
+    rows = [p.chosen for p in pairs]
+    batch = collate(rows).to(device)
+    sft, fft = sft_step_loss(rows, device), trainable(model, args)
+    cases = {"SFT, FFT (ours)": (*fft, sft)}
     if hf_model is not None:  # its own loss, eager; no attention mask: right padding needs none (HF's fastest)
+        ids, mask = batch.input_ids, batch.loss_mask
         hf_loss = lambda model: model(input_ids=ids, labels=ids.masked_fill(mask == 0, -100)).loss  # noqa: E731
-        cases["SFT, FFT (transformers)"] = (*trainable(hf_model, 1e-5, {**args, "compile": False}), hf_loss, autocast)
-    cases["SFT, LoRA all block Linears"] = (*trainable(model, 2e-4, args, DEFAULT_TARGETS), sft, autocast)
-    dpo = trainable(dpo_model, 1e-6, args)
-    reference = copy.deepcopy(dpo_model).requires_grad_(False).eval()
-    precomputed = scored_logps(reference, pairs, {"eval_batch_size": len(pairs), "device": device, "logprobs": "auto"},
-                               autocast())
-    cases["DPO, FFT, reference precomputed"] = (*dpo, dpo_step_loss(pairs, precomputed, device, autocast), autocast)
-    cases["DPO, FFT, reference live"] = (*dpo, dpo_step_loss(pairs, reference, device, autocast), autocast)
+        cases["SFT, FFT (transformers)"] = (*trainable(hf_model, {**args, "compile": False}), hf_loss)
+    cases["SFT, LoRA all block Linears"] = (*trainable(model, args, DEFAULT_TARGETS), sft)
+    dpo, reference = trainable(dpo_model, args), copy.deepcopy(dpo_model).requires_grad_(False).eval()
+    precomputed = reference_logps(reference, pairs, args)
+    cases["DPO, FFT, reference precomputed"] = (*dpo, dpo_step_loss(pairs, precomputed, args))
+    cases["DPO, FFT, reference live"] = (*dpo, dpo_step_loss(pairs, reference, args))
     measured = time_in_turns(cases, args, "training steps", f"batch: {describe_batch(batch, 'pairs')}")
     methods = {"FFT": None, "LoRA all block Linears": DEFAULT_TARGETS}
-    measured.update(peak_memory({name: (peak_memory_of_method, (config, examples, targets, args))
+    measured.update(peak_memory({name: (peak_memory_of_method, (model.config, rows, targets, args))
                                  for name, targets in methods.items()}, args))
     for name in ("SFT, FFT (ours)", "SFT, LoRA all block Linears"):
-        model, optimizer = cases[name][:2]
-        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the model
-        counted = dict(zip(("weights", "gradients", "AdamW"), state_bytes(model, optimizer)))
-        counted["saved activations"] = saved_activation_bytes(model, sft_step_loss(examples, device), autocast)
+        trained, optimizer, _ = cases[name]
+        trained = getattr(trained, "_orig_mod", trained)  # torch.compile's wrapper holds the model
+        counted = dict(zip(("weights", "gradients", "AdamW"), state_bytes(trained, optimizer)))
+        counted["saved activations"] = saved_activation_bytes(trained, sft, autocast_of(args))
         row(f"  counted, {name}", f"{sum(counted.values()) / MiB:.0f} MiB",
             " + ".join(f"{part} {n / MiB:.0f}" for part, n in counted.items()) + " MiB")
-    return measured, cases
+    if device.startswith("cuda"):  # a throughput-sized batch: MFU, one epoch's seconds
+        figures.update(throughput(model.config, fft, examples, args))
+    return figures, measured
 
 
-def throughput(config, fft, examples, args, autocast):
+def throughput(config, fft, examples, args):
     """A GPU's figures at a typical --big_batch_size batch: FFT SFT's MFU on real tokens, one epoch's seconds."""
     pool = [examples[i % len(examples)] for i in range(max(len(examples), args["big_batch_size"]))]
-    lengths = [len(e) for e in pool]
-    batches = epoch_batches(lengths, {"batch_size": args["big_batch_size"], "seed": args["seed"]}, 0)
-    big = [pool[i] for i in median_length_batch(lengths, batches)]
-    batch, loss_fn = collate(big), sft_step_loss(big, args["device"])
-    step = time_in_turns({"FFT": (*fft, loss_fn, autocast)}, args, "SFT steps at a throughput-sized batch",
-                         describe_batch(batch, "pairs"))
-    matmul_dtype = torch.bfloat16 if isinstance(autocast(), torch.autocast) else torch.float32
+    big = [pool[i] for i in training_batches([len(e) for e in pool], args["big_batch_size"], args)[1]]
+    batch = collate(big)
+    step = time_in_turns({"FFT": (*fft, sft_step_loss(big, args["device"]))}, args,
+                         "SFT steps at a throughput-sized batch", describe_batch(batch, "pairs"))["FFT"]
+    matmul_dtype = torch.bfloat16 if isinstance(autocast_of(args)(), torch.autocast) else torch.float32
     peak = args["peak_tflops"] * 1e12 or measure_peak_flops(args["device"], dtype=matmul_dtype)
     flops = train_flops(config, batch.lengths.tolist(), int(batch.loss_mask.sum()))
-    epoch_steps = math.ceil(PARAPHRASE_TRAIN_PAIRS / len(big))
-    figures = {"mfu": flops / step["FFT"] / peak, "paraphrase_epoch_s": epoch_steps * step["FFT"]}
+    figures = {"mfu": flops / step / peak, "paraphrase_epoch_s": math.ceil(PARAPHRASE_TRAIN_PAIRS / len(big)) * step}
     source = "--peak_tflops" if args["peak_tflops"] else f"measured: a {str(matmul_dtype)[6:]} matmul"
     row("MFU, FFT SFT, on real tokens", f"{100 * figures['mfu']:.1f}%",
         f"peak {peak / 1e12:.1f} TFLOP/s ({source}); target >= 45% (H100)")
@@ -355,12 +341,12 @@ def throughput(config, fft, examples, args, autocast):
     return figures
 
 
-def generation(model, hf_model, config, args):
+def generation(model, hf_model, args):
     """Seconds to sample new_tokens after sonnet-length prompts (top_k off), ours with and without the cache, HF's."""
     device, n = args["device"], args["new_tokens"]
     generator = torch.Generator().manual_seed(args["seed"])
     lengths = torch.randint(32, 38, (args["sonnet_rows"],), generator=generator).tolist()
-    prompts = [torch.randint(0, config.vocab_size, (k,), generator=generator).tolist() for k in lengths]
+    prompts = [torch.randint(0, model.config.vocab_size, (k,), generator=generator).tolist() for k in lengths]
     ids, mask = (t.to(device) for t in left_pad(prompts))
     sampling = dict(temperature=1.2, top_p=0.9, attention_mask=mask, eos_token_id=None)
 
@@ -404,23 +390,18 @@ def sonnet_steps(config, sonnets, args):
     config = replace(config, n_layer=args["sonnet_layers"] or config.n_layer)
     dpo_config = replace(config, dropout=DPO_DROPOUT)
     examples, pairs = sonnet_training_rows(sonnets, args["sonnet_batch"])
-    device, autocast = args["device"], autocast_of(args)
     torch.manual_seed(args["seed"])
-    sft_model = GPT(config).to(device)
-    dpo_model = GPT(dpo_config).to(device)
-    reference = scored_logps(dpo_model, pairs, {"eval_batch_size": len(pairs), "device": device, "logprobs": "auto"},
-                             autocast())
-    sft = sft_step_loss(examples, device)
-    dpo = {path: dpo_step_loss(pairs, reference, device, autocast, path) for path in ("auto", "chunked", "plain")}
-    dpo_fft = trainable(dpo_model, 1e-5, args)
-    cases = {"sonnet SFT, FFT": (*trainable(sft_model, 1e-5, args), sft, autocast),
-             "sonnet SFT, LoRA": (*trainable(sft_model, 2e-4, args, DEFAULT_TARGETS), sft, autocast),
-             "sonnet DPO, FFT": (*dpo_fft, dpo["chunked"], autocast),
-             "sonnet DPO, FFT, plain log-probs": (*dpo_fft, dpo["plain"], autocast),
-             "sonnet DPO, LoRA": (*trainable(dpo_model, 2e-4, args, DEFAULT_TARGETS), dpo["auto"], autocast)}
+    sft_model, dpo_model = GPT(config).to(args["device"]), GPT(dpo_config).to(args["device"])
+    sft, reference = sft_step_loss(examples, args["device"]), reference_logps(dpo_model, pairs, args)
+    dpo = {path: dpo_step_loss(pairs, reference, args, path) for path in ("auto", "chunked", "plain")}
+    dpo_fft = trainable(dpo_model, args)
+    cases = {"sonnet SFT, FFT": (*trainable(sft_model, args), sft),
+             "sonnet SFT, LoRA": (*trainable(sft_model, args, DEFAULT_TARGETS), sft),
+             "sonnet DPO, FFT": (*dpo_fft, dpo["chunked"]),
+             "sonnet DPO, FFT, plain log-probs": (*dpo_fft, dpo["plain"]),
+             "sonnet DPO, LoRA": (*trainable(dpo_model, args, DEFAULT_TARGETS), dpo["auto"])}
     dpo_batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
-    measured = time_in_turns(cases, args,
-                             f"sonnet training steps, n_layer={config.n_layer}",
+    measured = time_in_turns(cases, args, f"sonnet training steps, n_layer={config.n_layer}",
                              f"SFT batch: {describe_batch(collate(examples), 'sonnets')}; "
                              f"DPO batch: {describe_batch(dpo_batch, 'rows (chosen + rejected)')}")
     jobs = {f"sonnet {kind}, {method}": (peak_memory_of_method, (kind_config, rows, targets, args, kind.lower()))
@@ -430,20 +411,6 @@ def sonnet_steps(config, sonnets, args):
         jobs[f"sonnet log-probs {path}"] = (peak_memory_of_logprobs, (dpo_config, pairs, args, path))
     measured.update(peak_memory(jobs, args))
     return measured
-
-
-def figures_of(measured):
-    """bench.json's figures: RATIOS whose two measurements ran (printed), the sonnet steps' seconds and memory."""
-    print("\nratios: target, or the count that explains it")
-    figures = {}
-    for key, numerator, denominator, note in RATIOS:
-        if numerator in measured and denominator in measured:
-            figures[key] = measured[numerator] / measured[denominator]
-            row(f"{numerator} / {denominator}", f"{figures[key]:.2f}", note)
-    for name in (f"sonnet {kind}, {method}" for kind in ("SFT", "DPO") for method in ("FFT", "LoRA")):
-        key = name.lower().replace(",", "").replace(" ", "_")  # sonnet_sft_fft for "sonnet SFT, FFT"
-        figures[f"{key}_step_s"], figures[f"{key}_peak_memory_bytes"] = measured[name], measured[f"{name}, memory"]
-    return figures
 
 
 def model_config(args):
@@ -456,9 +423,10 @@ def autocast_of(args):
     return lambda: autocast_context(args, args["device"].split(":")[0])
 
 
-def median_length_batch(lengths, batches):
-    """The batch of median padded length among the training's own batches: a typical step."""
-    return sorted(batches, key=lambda b: (max(lengths[i] for i in b), len(b)))[len(batches) // 2]
+def training_batches(lengths, batch_size, args):
+    """train_sft's batches of one epoch (similar lengths together), and the one of median padded length."""
+    batches = epoch_batches(lengths, {"batch_size": batch_size, "seed": args["seed"]}, 0)
+    return batches, sorted(batches, key=lambda b: (max(lengths[i] for i in b), len(b)))[len(batches) // 2]
 
 
 def device_name(device):
@@ -478,34 +446,46 @@ def describe_batch(batch, rows):
             f"real tokens, {int(batch.loss_mask.sum())} targets")
 
 
+def read_data(args):
+    """(labelled Quora pairs, sonnets), read before any model is built: a missing or malformed file fails first."""
+    pairs = read_quora(args["quora"])
+    if not pairs or any(p.label is None for p in pairs):
+        raise InputError(f"--quora {args['quora']}: needs labelled pairs (the is_duplicate column)")
+    sonnets = read_sonnets(args["sonnets"])
+    for sonnet in sonnets:
+        try:
+            split_prompt(sonnet.text)  # DPO's prompt is the first 3 lines: a sonnet needs more
+        except ValueError as e:
+            raise InputError(f"--sonnets {args['sonnets']}: sonnet {sonnet.number}: {e}") from None
+    return pairs, sonnets
+
+
 def run(args):
     """Every measurement in turn, printed as measured; returns bench.json's figures and writes them to --out."""
     if args["threads"]:
         torch.set_num_threads(args["threads"])
-    quora_pairs, sonnets = read_data(args)  # the data first: a missing or malformed file fails before any model
+    quora_pairs, sonnets = read_data(args)
     torch.manual_seed(args["seed"])
-    config = model_config(args)
+    config, device = model_config(args), args["device"]
     compiled = ", torch.compile" if args["compile"] else ""
     print(f"bench.py: n_layer={config.n_layer}, n_embd={config.n_embd}, random weights, dtype {args['dtype']}{compiled}"
-          f", on {device_name(args['device'])}, torch {torch.__version__}; {len(quora_pairs)} Quora pairs from "
+          f", on {device_name(device)}, torch {torch.__version__}; {len(quora_pairs)} Quora pairs from "
           f"{args['quora']}, {len(sonnets)} sonnets from {args['sonnets']}")
-    dpo_pairs = paraphrase_pairs(quora_pairs)  # chosen: the right answer; rejected: the other one
-    examples = [p.chosen for p in dpo_pairs]  # = paraphrase_example(pair): what SFT trains on
-    lengths = [len(e) for e in examples]
-    batches = epoch_batches(lengths, {"batch_size": args["batch_size"], "seed": args["seed"]}, 0)
-    results = {"padding_efficiency": padding_efficiency(lengths, batches)}  # train_sft's length-sorted batches
-    row("padding efficiency (real / computed tokens)", f"{results['padding_efficiency']:.3f}", "target >= 0.9")
-    model, dpo_model, hf_model = load_models(config, args["device"])
-    scoring_rate(model, examples, args)
-    typical = median_length_batch(lengths, batches)  # every step on this batch: a typical one of train_sft's
-    measured, cases = paraphrase_steps(model, dpo_model, hf_model, config, [dpo_pairs[i] for i in typical], args)
-    if args["device"].startswith("cuda"):  # a throughput-sized batch: MFU, one epoch's seconds
-        results.update(throughput(config, cases["SFT, FFT (ours)"][:2], examples, args, autocast_of(args)))
-    del cases, dpo_model
-    measured.update(generation(model, hf_model, config, args))
+    model, dpo_model, hf_model = load_models(config, device)
+    results, measured = paraphrase_steps(model, dpo_model, hf_model, quora_pairs, args)
+    del dpo_model
+    measured.update(generation(model, hf_model, args))
     del model, hf_model  # the sonnet steps build their own
     measured.update(sonnet_steps(config, sonnets, args))
-    results.update(figures_of(measured), device=device_name(args["device"]))
+    print("\nratios: target, or the count that explains it")
+    for key, numerator, denominator, note in RATIOS:
+        if numerator in measured and denominator in measured:
+            results[key] = measured[numerator] / measured[denominator]
+            row(f"{numerator} / {denominator}", f"{results[key]:.2f}", note)
+    for name in (f"sonnet {kind}, {method}" for kind in ("SFT", "DPO") for method in ("FFT", "LoRA")):
+        key = name.lower().replace(",", "").replace(" ", "_")  # sonnet_sft_fft for "sonnet SFT, FFT"
+        results[f"{key}_step_s"], results[f"{key}_peak_memory_bytes"] = measured[name], measured[f"{name}, memory"]
+    results["device"] = device_name(device)
     if args["out"] is not None:
         write_json(args["out"], results)
     return results
@@ -532,16 +512,15 @@ def check_files(args):
     except ValueError as e:
         raise InputError(f"--n_head/--n_embd: {e}") from None
     flags.check_device(args["device"])
-    for flag, exists, what in (("data_dir", Path.is_dir, "directory"), ("quora", Path.is_file, "file"),
-                               ("sonnets", Path.is_file, "file")):
-        if not exists(args[flag]):
-            raise InputError(f"--{flag} {args[flag]}: no such {what} (--data_dir holds the course's {QUORA['train']} "
-                             f"and {SONNETS['train']}, as `python -m data.download` writes them)")
+    for flag in ("data_dir", "quora", "sonnets"):
+        if not (args[flag].is_dir() if flag == "data_dir" else args[flag].is_file()):
+            raise InputError(f"--{flag} {args[flag]}: no such {'directory' if flag == 'data_dir' else 'file'} "
+                             f"(--data_dir holds the course's {QUORA['train']} and {SONNETS['train']}, as "
+                             "`python -m data.download` writes them)")
     return args
 
 
 def main(argv=None):
-    """Bad input, from flags.parse or check_files, is one line and exit status 1 (flags.main)."""
     argv = sys.argv[1:] if argv is None else argv
     return flags.main(lambda args: run(check_files(settled(args, argv))), SETTINGS, __doc__, argv)
 

@@ -276,12 +276,11 @@ def test_the_gpu_figures_run_on_the_cpu(capsys):
     args = parse_args([*TINY, "--big_batch_size", "4", "--dtype", "bfloat16", "--peak_tflops", "1"])
     examples = [paraphrase_example(p) for p in read_quora(SAMPLES / "quora-train.csv")]
     config = bench.model_config(args)
-    autocast = lambda: bench.autocast_context({"dtype": "bfloat16"}, "cpu")  # noqa: E731
     torch.manual_seed(0)
     model = GPT(config).train()
     fft = (model, configure_optimizer(model, 1e-5, 0.0, "cpu"))
     assert fft[1].defaults["fused"]  # the fused AdamW the GPU uses
-    figures = bench.throughput(config, fft, examples, args, autocast)
+    figures = bench.throughput(config, fft, examples, args)  # bf16 autocast: --dtype bfloat16
     assert set(figures) == {"mfu", "paraphrase_epoch_s"}
     assert all(math.isfinite(v) and v > 0 for v in figures.values())
     assert "MFU" in capsys.readouterr().out
