@@ -279,9 +279,8 @@ def load_models(config, device):
 
 
 def paraphrase_steps(model, dpo_model, hf_model, quora_pairs, args):
-    """Padding efficiency and scoring rate; on a typical batch, SFT's steps (ours, transformers', LoRA) and DPO's
-    (reference precomputed or live) in turns; SFT's peak memory, measured and counted; on a GPU, throughput().
-    -> (bench.json's figures, measured)"""
+    """Padding and scoring; SFT's and DPO's steps on a typical batch, in turns; SFT's peak memory, measured and
+    counted; on a GPU, throughput() -> (bench.json's figures, measured)."""
     pairs = paraphrase_pairs(quora_pairs)  # chosen: the right answer; rejected: the other one
     examples = [p.chosen for p in pairs]  # = paraphrase_example(pair): what SFT trains on
     lengths, device = [len(e) for e in examples], args["device"]
@@ -358,19 +357,17 @@ def generation(model, hf_model, args):
     if hf_model is not None:  # every row writing exactly k tokens (no end-of-text stop)
         generate["generate, transformers"] = lambda k: hf_model.eval().generate(
             ids, do_sample=True, top_k=0, max_new_tokens=k, pad_token_id=END_OF_TEXT, **sampling)
-    seconds, tokens = {name: [] for name in generate}, {}
     for fn in generate.values():
         fn(8)  # warm-up
-    for _ in range(args["generate_runs"]):  # in turns
-        for name, fn in generate.items():
-            tokens[name], s = timed(lambda: fn(n), device)
-            seconds[name].append(s)
-    if len({t.shape for t in tokens.values()}) > 1:
+    runs = [{name: timed(lambda: fn(n), device) for name, fn in generate.items()}  # in turns
+            for _ in range(args["generate_runs"])]
+    if len({tokens.shape for tokens, _ in runs[-1].values()}) > 1:
         raise RuntimeError("transformers generated another number of tokens: the generations are not comparable")
     uncached, no_cache_s = timed(lambda: ours(n, use_cache=False), device)
-    if not torch.equal(tokens["generate, KV cache"], uncached):
+    if not torch.equal(runs[-1]["generate, KV cache"][0], uncached):
         raise RuntimeError("the KV cache changed the generated tokens")
-    measured = {"generate, no cache": no_cache_s, **{name: statistics.median(s) for name, s in seconds.items()}}
+    measured = {"generate, no cache": no_cache_s,
+                **{name: statistics.median(run[name][1] for run in runs) for name in generate}}
     print(f"\n{args['sonnet_rows']} sonnets x {n} new tokens, median of {args['generate_runs']} (no cache: one)")
     for name, value in measured.items():
         row(name, f"{value:.2f} s")
@@ -385,8 +382,7 @@ def sonnet_training_rows(sonnets, n):
 
 
 def sonnet_steps(config, sonnets, args):
-    """Sonnet steps' seconds and peak memory, {SFT, DPO} x {FFT, LoRA} as training takes them, and DPO FFT with
-    plain log-probabilities; the peak memory of DPO's log-probabilities + backward, chunked and plain."""
+    """{SFT, DPO} x {FFT, LoRA} sonnet steps and DPO FFT's plain log-probabilities: seconds and peak memory."""
     config = replace(config, n_layer=args["sonnet_layers"] or config.n_layer)
     dpo_config = replace(config, dropout=DPO_DROPOUT)
     examples, pairs = sonnet_training_rows(sonnets, args["sonnet_batch"])
@@ -512,11 +508,10 @@ def check_files(args):
     except ValueError as e:
         raise InputError(f"--n_head/--n_embd: {e}") from None
     flags.check_device(args["device"])
-    for flag in ("data_dir", "quora", "sonnets"):
-        if not (args[flag].is_dir() if flag == "data_dir" else args[flag].is_file()):
-            raise InputError(f"--{flag} {args[flag]}: no such {'directory' if flag == 'data_dir' else 'file'} "
-                             f"(--data_dir holds the course's {QUORA['train']} and {SONNETS['train']}, as "
-                             "`python -m data.download` writes them)")
+    for flag, exists, what in (("data_dir", Path.is_dir, "directory"), ("quora", Path.is_file, "file"),
+                               ("sonnets", Path.is_file, "file")):
+        if not exists(args[flag]):
+            raise InputError(f"--{flag} {args[flag]}: no such {what} (python -m data.download writes them)")
     return args
 
 
