@@ -12,7 +12,6 @@ a busy machine slows both alike; peak memory in a fresh process per method. docs
 import copy
 import math
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
@@ -172,7 +171,7 @@ def peak_memory_of_logprobs(config, pairs, args, path):
 
 def peak_memory(jobs, args):
     """{name + ", memory": function(*arguments)} for jobs {name: (function, arguments)}, each in a fresh process."""
-    workers = 1 if args["device"].startswith("cuda") else os.cpu_count() or 1
+    workers = 1 if args["device"].startswith("cuda") else multiprocessing.cpu_count()
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(torch.get_num_threads(),), max_tasks_per_child=1) as pool:
         futures = {name: pool.submit(function, *arguments) for name, (function, arguments) in jobs.items()}
@@ -183,16 +182,13 @@ def peak_memory(jobs, args):
     return memory
 
 
-def block_weights(config):
-    """N: the weights of the blocks' matrices (attention 4 d^2, MLP 8 d^2 per layer), which every token meets."""
-    return 12 * config.n_layer * config.n_embd ** 2
-
-
 def train_flops(config, lengths, n_targets, lora=False):
-    """A step's FLOPs on real tokens: (6N, LoRA 4N) + 12 L d T per token, and 6 d V per target token."""
+    """A step's FLOPs on real tokens: (6N, LoRA 4N) + 12 L d T per token, and 6 d V per target token. N: the weights
+    of the blocks' matrices (attention 4 d^2, MLP 8 d^2 per layer), which every token meets."""
+    block_weights = 12 * config.n_layer * config.n_embd ** 2
     attention = 12 * config.n_layer * config.n_embd * sum(n * n for n in lengths)
     head = 6 * config.n_embd * config.vocab_size * n_targets
-    return (4 if lora else 6) * block_weights(config) * sum(lengths) + attention + head
+    return (4 if lora else 6) * block_weights * sum(lengths) + attention + head
 
 
 def padding_efficiency(lengths, batches):
@@ -348,11 +344,8 @@ def generation(model, hf_model, args):
     prompts = [torch.randint(0, model.config.vocab_size, (k,), generator=generator).tolist() for k in lengths]
     ids, mask = (t.to(device) for t in left_pad(prompts))
     sampling = dict(temperature=1.2, top_p=0.9, attention_mask=mask, eos_token_id=None)
-
-    def ours(k, use_cache=True):
-        rng = torch.Generator(device=device).manual_seed(0)
-        return model.eval().generate(ids, k, use_cache=use_cache, generator=rng, **sampling)
-
+    ours = lambda k, use_cache=True: model.eval().generate(  # noqa: E731
+        ids, k, use_cache=use_cache, generator=torch.Generator(device=device).manual_seed(0), **sampling)
     generate = {"generate, KV cache": ours}
     if hf_model is not None:  # every row writing exactly k tokens (no end-of-text stop)
         generate["generate, transformers"] = lambda k: hf_model.eval().generate(
@@ -442,10 +435,12 @@ def describe_batch(batch, rows):
             f"real tokens, {int(batch.loss_mask.sum())} targets")
 
 
-def read_data(args):
-    """(labelled Quora pairs, sonnets), read before any model is built: a missing or malformed file fails first."""
-    pairs = read_quora(args["quora"])
-    if not pairs or any(p.label is None for p in pairs):
+def run(args):
+    """Every measurement in turn, printed as measured; returns bench.json's figures and writes them to --out."""
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    quora_pairs = read_quora(args["quora"])  # the data first: a malformed file fails before any model is built
+    if not quora_pairs or any(p.label is None for p in quora_pairs):
         raise InputError(f"--quora {args['quora']}: needs labelled pairs (the is_duplicate column)")
     sonnets = read_sonnets(args["sonnets"])
     for sonnet in sonnets:
@@ -453,14 +448,6 @@ def read_data(args):
             split_prompt(sonnet.text)  # DPO's prompt is the first 3 lines: a sonnet needs more
         except ValueError as e:
             raise InputError(f"--sonnets {args['sonnets']}: sonnet {sonnet.number}: {e}") from None
-    return pairs, sonnets
-
-
-def run(args):
-    """Every measurement in turn, printed as measured; returns bench.json's figures and writes them to --out."""
-    if args["threads"]:
-        torch.set_num_threads(args["threads"])
-    quora_pairs, sonnets = read_data(args)
     torch.manual_seed(args["seed"])
     config, device = model_config(args), args["device"]
     compiled = ", torch.compile" if args["compile"] else ""

@@ -152,11 +152,12 @@ def test_padding_efficiency_by_hand():
     assert bench.padding_efficiency(lengths, [[2, 3], [0], [1]]) == 1.0
 
 
-def test_block_weights_are_the_blocks_linear_weights():
+def test_the_flops_count_n_as_the_blocks_linear_weights():
     model = GPT(tiny_config())
     linear_weights = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer.h.")
                          and n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")))
-    assert bench.block_weights(model.config) == linear_weights == 12 * 2 * 64 ** 2
+    assert linear_weights == 12 * 2 * 64 ** 2
+    assert bench.train_flops(model.config, [1], 0) == 6 * linear_weights + 12 * 2 * 64  # one token, no target
 
 
 def test_train_flops_by_hand():
