@@ -110,16 +110,14 @@ SETTINGS = {
     "smoke": (False, bool, None, "the smoke preset: a tiny random GPT-2 on data/samples/, no download"),
     "jobs": (1, int, at_least(1), "train up to N runs at once, each a train_*.py process (1: in this process)"),
     "lora_rslora": (False, bool, None, "every LoRA condition scales by alpha/sqrt(r) (rsLoRA); use its own --out_dir"),
-    "lora_plus_ratio": (1.0, float, POSITIVE, "every LoRA condition trains B at this times A's lr (LoRA+, Hayou et "
-                                              "al. 2024 suggest 16); use its own --out_dir"),
+    "lora_plus_ratio": (1.0, float, POSITIVE, "LoRA: B's lr = this x A's (LoRA+, Hayou et al.: 16); own --out_dir"),
     "keep_checkpoints": (False, bool, None, "keep each run's best/ and checkpoint.pt too (default: only last/)"),
     "report_only": (False, bool, None, "train nothing: read the finished runs of the selection and write the table"),
 }
 
 
 def check_args(config):
-    """The checks that span several flags, the output folder, then the data and the finished runs, before
-    anything is written or trained. Returns the study's plan."""
+    """The study's plan, checked (several flags, the output folder, the data, the finished runs) before any work."""
     device = flags.check_device(config["device"])
     if config["smoke"] and config["preset"] not in ("auto", "smoke"):
         raise InputError(f"--smoke with --preset {config['preset']}: --smoke is --preset smoke; give one of them")
@@ -151,8 +149,7 @@ def check_args(config):
 
 
 def read_dev(plan, task):
-    """What every run of `task` is scored against, read (and so checked) with the preset's limits before anything
-    is trained: the Quora dev labels, or the held-out sonnets (prompts) and their true sonnets."""
+    """What `task`'s runs are scored against: the Quora dev labels, or the held-out sonnets and their true ones."""
     _, dev = load_task_data({"task": task, "data_dir": plan["data_dir"], **PRESETS[plan["preset"]][task]})
     if task == "paraphrase":
         return [p.label for p in dev]
@@ -172,8 +169,7 @@ def run_dir(plan, task, regime, method, seed):
 
 
 def run_config(plan, task, regime, method, seed):
-    """What train_*.train get for one run: the condition, the preset, and the study's flags. One copy of the
-    weights per run (last/, the final epoch's: what the study reports and SFT->DPO starts from)."""
+    """What train_*.train gets for one run: the condition, the preset, and the study's flags."""
     config = {**CONDITIONS[(task, regime, method)], **PRESETS[plan["preset"]][task], "task": task, "seed": seed,
               "init_from": plan["model"], "data_dir": str(plan["data_dir"]), "device": plan["device"],
               "out_dir": str(run_dir(plan, task, regime, method, seed)), "resume": True,
@@ -197,9 +193,8 @@ def stages_of(regime):
 
 
 def runs(plan):
-    """(trainer, config) of every run the selected conditions need, in order: seed by seed (so an interrupted
-    study has whole seeds done), and an SFT->DPO run after the SFT run it starts from, even if sft is not
-    selected."""
+    """(trainer, config) of every run the selection needs, seed by seed (an interrupted study has whole seeds done),
+    an SFT->DPO run after the SFT run it starts from (selected or not)."""
     planned = {}
     for seed, (task, regime, method) in itertools.product(plan["seeds"], selection(plan)):
         for stage in stages_of(regime):
@@ -232,8 +227,8 @@ def check_same_settings(results, config):
 
 
 def check_runs(plan):
-    """Finished runs trained with other settings are an error now, not in an hour; with --report_only, so is a
-    run that has not finished."""
+    """A finished run trained with other settings is an error now, not in an hour; with --report_only, so is one
+    that has not finished."""
     missing = []
     for _, config in runs(plan):
         done = finished(config)
@@ -248,8 +243,7 @@ def check_runs(plan):
 
 
 def train_all(plan):
-    """Train every run that has not finished, holding the study folder; SIGINT and SIGTERM raise Interrupted.
-    Returns {out_dir: results}."""
+    """{out_dir: results} of every run, training those not finished; SIGINT and SIGTERM raise Interrupted."""
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with fileio.lock_dir(plan["out_dir"]):
@@ -275,9 +269,8 @@ def sample_seeds(plan, seed):
 
 
 def sampled_sonnets(plan, out_dir):
-    """[[text of each held-out dev sonnet] per sampling seed], written by the run's final weights (last/) with the
-    run's own generation settings. Cached in <run>/study_sonnets.json under a hash of its results.json, so a run
-    trained again is sampled again; only missing seeds are sampled."""
+    """[[text of each held-out dev sonnet] per sampling seed] from the run's last/ with its own generation settings,
+    cached in <run>/study_sonnets.json under a hash of its results.json (a run trained again is sampled again)."""
     out_dir = Path(out_dir)
     finished_bytes = (out_dir / "results.json").read_bytes()
     config = json.loads(finished_bytes)["config"]
@@ -308,8 +301,7 @@ def sample(plan, weights, settings, seeds):
 
 
 def run_items(plan, task, out_dir):
-    """A run's final-epoch dev outcomes [per sampling seed][per dev example]: paraphrase one row of per-pair
-    correctness under the course's metric (dev_predictions.json); sonnets the texts sampled from last/."""
+    """A run's final dev outcomes [per sampling seed][per dev example]: per-pair correctness, or sampled sonnets."""
     if task == "sonnet":
         return sampled_sonnets(plan, out_dir)
     path = Path(out_dir) / "dev_predictions.json"
@@ -323,8 +315,7 @@ def run_items(plan, task, out_dir):
 
 
 def run_score(task, outcomes, references):
-    """A run's dev score, the mean over its sampling seeds: outcomes[sample][example] is per-pair correctness
-    (accuracy: its mean) or the sampled sonnets (corpus chrF against the references)."""
+    """A run's dev score from outcomes[sample][example]: accuracy, or corpus chrF averaged over sampling seeds."""
     if task == "paraphrase":
         return float(np.mean(outcomes))
     return statistics.fmean(chrf(list(texts), references) for texts in outcomes)
@@ -344,10 +335,8 @@ def one_seed_interval(task, outcomes, references, other=()):
 
 
 def versus_baseline(task, items, baseline, references):
-    """The condition's score minus `baseline`'s on the same dev examples, seed by seed (items[seed][sample][example]):
-    the per-seed differences, their mean, and with S >= 2 seeds the paired t-test's 95% interval and p-value (S - 1
-    degrees of freedom). One seed is two trained models: a paired bootstrap interval over dev examples, p_value None
-    (no verdict about methods), and for paraphrase McNemar's test of the two models."""
+    """items[seed][sample][example] against `baseline`'s, seed by seed: the paired t-test on the per-seed differences.
+    One seed is two trained models: a paired bootstrap interval, no p_value, and for paraphrase McNemar's test."""
     differences = [run_score(task, mine, references) - run_score(task, theirs, references)
                    for mine, theirs in zip(items, baseline)]
     result = {**t_test(differences), "per_seed": differences,
@@ -393,8 +382,8 @@ def references_of(plan, task):
 
 
 def condition_row(plan, results, task, regime, method):
-    """(a row of the table from the condition's runs over seeds, their dev outcomes items[seed][sample][example]).
-    Costs: means over seeds (SFT->DPO: both stages; peak memory the largest); reference: what a run paid for one."""
+    """(the condition's row over seeds, its dev outcomes items[seed][sample][example]). Costs: means over seeds
+    (SFT->DPO: both stages; peak memory the largest); reference: what a run paid for one."""
     seeds, references = plan["seeds"], references_of(plan, task)
     stages = [[results[str(run_dir(plan, task, r, method, s))] for r in stages_of(regime)] for s in seeds]
     own = [runs_of_seed[-1] for runs_of_seed in stages]  # the condition's own run (SFT->DPO: its DPO stage)
@@ -515,8 +504,8 @@ def markdown_table(rows):
 
 
 def figures(plan, rows):
-    """What plot.study_figures draws, per condition: score, interval, train_seconds, the dev score per evaluation
-    (mean over seeds) and the first seed's loss per logged step (SFT->DPO: its SFT stage, then its DPO stage)."""
+    """plot.study_figures' data per condition: the dev score per evaluation (mean over seeds), the first seed's loss
+    per logged step (SFT->DPO: its SFT stage, then its DPO stage), score, interval and cost."""
     data = []
     for row in rows:
         history = row["history"]
