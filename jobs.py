@@ -121,10 +121,9 @@ def run_in_processes(planned, jobs, device):
     stopped: with the signal that interrupted the study (Interrupted), else SIGTERM. Returns {out_dir: results}."""
     results = {c["out_dir"]: done for _, c in planned if (done := finished(c)) is not None}
     waiting = [(t, c) for t, c in planned if c["out_dir"] not in results]
-    gpus = []  # with --device cuda every visible GPU; else none (the CPU, MPS or one named GPU, which all share)
-    if device == "cuda":
-        gpus = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
-        gpus = gpus or [str(i) for i in range(torch.cuda.device_count())]
+    visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    # with --device cuda every visible GPU; else none (the CPU, MPS or one named GPU, which all share)
+    gpus = (visible or [str(i) for i in range(torch.cuda.device_count())]) if device == "cuda" else []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = str(max(1, cores // jobs))
     running, failed, total, count = {}, [], len(waiting), 0
