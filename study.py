@@ -133,7 +133,7 @@ def check_args(config):
     out_dir = Path(config["out_dir"] or "out/study" + ("" if name == "gpt2" else f"-{name}")
                    + ("" if preset == "full" else f"-{preset}"))
     writable_dir(out_dir, "--out_dir")  # every output path is checked before any data is read
-    chosen = {flag: [name for name in valid if config[flag].strip() == "all" or name in names(config[flag])]
+    chosen = {flag: [choice for choice in valid if config[flag].strip() == "all" or choice in names(config[flag])]
               for flag, valid in (("tasks", TASKS), ("regimes", ALL_REGIMES), ("methods", METHODS))}
     n_seeds = config["seeds"] or (GPU_SEEDS if device.startswith("cuda") and preset != "smoke" else 1)
     plan = dict(chosen, seeds=[config["first_seed"] + k for k in range(n_seeds)], device=device, preset=preset,
@@ -169,7 +169,8 @@ def run_dir(plan, task, regime, method, seed):
 
 
 def run_config(plan, task, regime, method, seed):
-    """What train_*.train gets for one run: the condition, the preset, and the study's flags."""
+    """What train_*.train gets for one run: the condition, the preset, and the study's flags. Only last/ is kept
+    (the final epoch's weights: what the study reports and SFT->DPO starts from) unless --keep_checkpoints."""
     config = {**CONDITIONS[(task, regime, method)], **PRESETS[plan["preset"]][task], "task": task, "seed": seed,
               "init_from": plan["model"], "data_dir": str(plan["data_dir"]), "device": plan["device"],
               "out_dir": str(run_dir(plan, task, regime, method, seed)), "resume": True,
@@ -250,9 +251,8 @@ def train_all(plan):
             if plan["preset"] == "smoke" and not (Path(plan["model"]) / "model.safetensors").exists():
                 torch.manual_seed(0)  # --smoke: the tiny random GPT-2 every run starts from, inside out_dir
                 checkpoint.save_pretrained(GPT(GPTConfig(**SMOKE_MODEL)), plan["model"])
-            if plan["jobs"] > 1:
-                return run_in_processes(runs(plan), plan["jobs"], plan["device"])
-            return run_here(runs(plan))
+            planned = runs(plan)
+            return run_in_processes(planned, plan["jobs"], plan["device"]) if plan["jobs"] > 1 else run_here(planned)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
