@@ -1,13 +1,8 @@
 """
-Training runs, one after another in this process or several at once as processes: what study.py --jobs does.
-
-    results = run_here(planned)                        # --jobs 1: trainer.train(config) for each (trainer, config)
-    results = run_in_processes(planned, jobs, device)  # --jobs N: `python train_sft.py --task ...` processes
-
-Both return {out_dir: results.json's dict} and skip a run whose results.json exists. Each process gets its share
-of the machine (a GPU round-robin, cores / N threads) and logs to <run>/train.log; an SFT->DPO run starts only
-once its SFT run has finished. SIGINT or SIGTERM to the study (Interrupted) is passed on: every live run saves a
-checkpoint and exits 128 + the signal, and the study names them; run again, each resumes.
+Training runs, one after another in this process (run_here) or up to N at once as train_*.py processes
+(run_in_processes): what study.py --jobs does. Both return {out_dir: results.json's dict} and skip a run whose
+results.json exists. SIGINT or SIGTERM to the study (Interrupted) is passed on: every live run saves a checkpoint
+and exits 128 + the signal, and the study names them; run again, each resumes.
 """
 
 import ctypes
@@ -76,17 +71,9 @@ def command(trainer, config):
     return [sys.executable, str(ROOT / f"{trainer.__name__}.py"), *argv]
 
 
-def child_environment(jobs, gpu):
-    """Each process's share of the machine: one GPU (round-robin), and max(1, cores // jobs) CPU threads."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = str(max(1, cores // jobs))
-    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-            **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
-
-
 def launch(trainer, config, env):
-    """The run as a process in its own process group, its output appended to <run>/train.log. On Linux the child
-    gets SIGTERM if the study dies, even by SIGKILL (prctl 1 = PR_SET_PDEATHSIG)."""
+    """The run as a process in its own process group, appending to <run>/train.log. On Linux it gets SIGTERM if
+    the study dies, even by SIGKILL (prctl 1 = PR_SET_PDEATHSIG)."""
     Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
     die_with_parent = (lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM)) if sys.platform == "linux" else None
     with open(Path(config["out_dir"]) / "train.log", "a") as log:
@@ -95,8 +82,8 @@ def launch(trainer, config, env):
 
 
 def stop(running, sig, grace=60):
-    """`sig` to every live run's process group (a run saves a checkpoint and exits 128 + sig), then SIGKILL to
-    any still running after `grace` seconds. Returns the out_dirs of the runs that were live."""
+    """`sig` to every live run's process group, then SIGKILL to any still running after `grace` seconds. Returns
+    the out_dirs of the runs that were live."""
     live = [proc for proc in running if proc.poll() is None]
     deadline = time.time() + grace
     for proc in live:
@@ -129,35 +116,41 @@ def ready(waiting, running, failed, free):
 
 
 def run_in_processes(planned, jobs, device):
-    """--jobs N: up to N runs at once, each `python train_sft.py ...` etc. with the same settings as in-process;
-    one line per finished run. SIGINT/SIGTERM (Interrupted) is passed on to the runs, which checkpoint and exit;
-    on any other way out every run is stopped with SIGTERM. Returns {out_dir: results}."""
+    """--jobs N: up to N runs at once, each `python train_sft.py ...` etc. with its share of the machine (the least
+    busy GPU with --device cuda, cores / N threads), one line per finished run. On the way out every live run is
+    stopped: with the signal that interrupted the study (Interrupted), else SIGTERM. Returns {out_dir: results}."""
     results = {c["out_dir"]: done for _, c in planned if (done := finished(c)) is not None}
     waiting = [(t, c) for t, c in planned if c["out_dir"] not in results]
-    devices, visible = [], os.environ.get("CUDA_VISIBLE_DEVICES")  # GPUs to spread runs over: with --device cuda
-    if device == "cuda":  # every visible one; else none (the CPU, MPS or one named GPU, which all share)
-        devices = [g.strip() for g in (visible or "").split(",") if g.strip()]
-        devices = devices or [str(i) for i in range(torch.cuda.device_count())]
+    visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    # with --device cuda every visible GPU; else none (the CPU, MPS or one named GPU, which all share)
+    gpus = (visible or [str(i) for i in range(torch.cuda.device_count())]) if device == "cuda" else []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = str(max(1, cores // jobs))
     running, failed, total, count = {}, [], len(waiting), 0
     print(f"{len(results)} run(s) done already; training {total}, up to {jobs} at a time "
-          f"({'GPUs ' + ','.join(devices) if devices else device}); each logs to <run>/train.log", flush=True)
+          f"({'GPUs ' + ','.join(gpus) if gpus else device}); each logs to <run>/train.log", flush=True)
     try:
         while waiting or running:
             for trainer, config in ready(waiting, running, failed, jobs - len(running)):
-                load = {gpu: sum(g == gpu for g, _ in running.values()) for gpu in devices}
-                gpu = min(devices, key=load.get) if devices else None  # the least busy GPU
-                running[launch(trainer, config, child_environment(jobs, gpu))] = (gpu, config)
+                gpu = min(gpus, key=lambda g: [held for held, _ in running.values()].count(g)) if gpus else None
+                env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                       **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+                running[launch(trainer, config, env)] = (gpu, config)
             proc = next(iter(p for p in running if p.poll() is not None), None)
             if proc is None:
                 time.sleep(0.2)
                 continue
             _, config = running.pop(proc)
             done, count = finished(config) if proc.returncode == 0 else None, count + 1
+            what, log = f"[{count}/{total}] {Path(config['out_dir']).name}", Path(config["out_dir"]) / "train.log"
             if done is None:
                 failed.append(config["out_dir"])
+                last = log.read_text(errors="replace").strip().split("\n")[-1] if log.exists() else ""
+                print(f"{what}: FAILED (exit code {proc.returncode}): {last} ({log})", flush=True)
             else:
                 results[config["out_dir"]] = done
-            print(finished_line(config, done, proc.returncode, count, total), flush=True)
+                print(f"{what}: {done['score_name']} {done['score']:.4f} (final epoch), "
+                      f"{done['train_seconds']:.1f} s training ({log})", flush=True)
     except Interrupted as e:
         raise Interrupted(e.signum, stop(running, e.signum)) from None
     finally:
@@ -166,12 +159,3 @@ def run_in_processes(planned, jobs, device):
         raise InputError(f"{len(failed)} run(s) failed or could not start: {', '.join(Path(f).name for f in failed)}; "
                          f"see each one's train.log, then run the same command again")
     return results
-
-
-def finished_line(config, results, returncode, count, total):
-    name, log = Path(config["out_dir"]).name, Path(config["out_dir"]) / "train.log"
-    if results is None:
-        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-        return f"[{count}/{total}] {name}: FAILED (exit code {returncode}): {lines[-1] if lines else ''} ({log})"
-    return (f"[{count}/{total}] {name}: {results['score_name']} {results['score']:.4f} (final epoch), "
-            f"{results['train_seconds']:.1f} s training ({log})")

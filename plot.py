@@ -1,11 +1,8 @@
 """
-Pictures of a run's log.jsonl and of the study's conditions, drawn with matplotlib (an optional extra).
-Without matplotlib each function says how to get it; the numbers stay in log.jsonl and study.json.
+Pictures of a run's log.jsonl and of the study's conditions, drawn with matplotlib (an optional extra). Without
+matplotlib each function says how to get it; the numbers stay in log.jsonl and study.json.
 
     python -m plot --run RUN_DIR      # or python -m plot RUN_DIR: RUN_DIR/curves.png from RUN_DIR/log.jsonl
-
-The study's cost-quality scatter (score and interval against training seconds, FFT and LoRA marked) answers
-"is LoRA, or DPO, worth what it costs?" by looking.
 """
 
 import sys
@@ -45,8 +42,8 @@ def save(fig, path):
 
 
 def plot_run(run_dir):
-    """<run_dir>/curves.png: loss and learning rate per logged step (left, lr on the right axis), dev score per
-    evaluation (right). Returns its path, or None (after one line saying how to get matplotlib)."""
+    """<run_dir>/curves.png: loss and learning rate (right axis) per logged step, beside the dev score per
+    evaluation. Returns its path, or None (after one line saying how to get matplotlib)."""
     train, evals = read_log(run_dir)
     if Figure is None:
         print(HINT)
@@ -62,13 +59,14 @@ def plot_run(run_dir):
     dev_axis.set(xlabel="step", ylabel="dev score", title="dev score per evaluation")
     for axis in (loss_axis, dev_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return save(fig, Path(run_dir) / "curves.png")
+    path = save(fig, Path(run_dir) / "curves.png")
+    print(f"wrote {path}")
+    return path
 
 
 def study_figures(conditions, out_dir):
-    """Per task, <out_dir>/curves-<task>.png and <out_dir>/cost-quality-<task>.png from the study's conditions
-    ({label, task, regime, method, score, ci, train_seconds, dev_curve, train_curve}). Returns the paths; []
-    without matplotlib."""
+    """Per task, <out_dir>/curves-<task>.png and cost-quality-<task>.png from the study's conditions ({label, task,
+    regime, method, score, ci, train_seconds, dev_curve, train_curve}). Returns the paths; [] without matplotlib."""
     if Figure is None:
         print(HINT)
         return []
@@ -81,7 +79,7 @@ def study_figures(conditions, out_dir):
 
 
 def curves_figure(rows, task):
-    """Training loss per logged step (left) beside dev score per epoch (right): a line per condition, LoRA dashed."""
+    """Training loss per logged step beside dev score per epoch: a line per condition, LoRA dashed."""
     fig = Figure(figsize=(11, 4))
     train_axis, dev_axis = fig.subplots(1, 2)
     for c in rows:
@@ -97,17 +95,16 @@ def curves_figure(rows, task):
 
 
 def cost_quality_figure(rows, task):
-    """Dev score with its interval [lo, hi] as an error bar against train_seconds (log axis): a point per
-    condition, FFT and LoRA marked apart, each labelled by its regime."""
+    """Is LoRA, or DPO, worth what it costs? Dev score with its interval against train_seconds (log axis): a point
+    per condition, FFT and LoRA marked apart, each labelled by its regime."""
     fig = Figure(figsize=(6, 4.5))
     axis = fig.subplots()
     for method, (marker, name) in MARKER.items():
         points = [c for c in rows if c["method"] == method]
-        below = [c["score"] - c["ci"][0] for c in points]
-        above = [c["ci"][1] - c["score"] for c in points]
         if points:
-            axis.errorbar([c["train_seconds"] for c in points], [c["score"] for c in points],
-                          yerr=[below, above], fmt=marker, capsize=3, label=name)
+            axis.errorbar([c["train_seconds"] for c in points], [c["score"] for c in points], fmt=marker, capsize=3,
+                          yerr=[[c["score"] - c["ci"][0] for c in points], [c["ci"][1] - c["score"] for c in points]],
+                          label=name)
     for c in rows:
         axis.annotate(c["regime"], (c["train_seconds"], c["score"]), xytext=(5, 5), textcoords="offset points")
     axis.set_xscale("log")
@@ -117,17 +114,10 @@ def cost_quality_figure(rows, task):
     return fig
 
 
-def draw(config):
-    path = plot_run(config["run"])
-    if path:
-        print(f"wrote {path}")
-    return path
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = ["--run", *argv] if len(argv) == 1 and not argv[0].startswith("-") else argv  # python -m plot DIR
-    return flags.main(draw, SETTINGS, __doc__, argv)
+    return flags.main(lambda config: plot_run(config["run"]), SETTINGS, __doc__, argv)
 
 
 if __name__ == "__main__":

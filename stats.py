@@ -1,7 +1,7 @@
 """
 The statistics behind eval.py's intervals and study.py's verdicts, in numpy and the standard library: the
-percentile bootstrap, McNemar's exact test of two trained models, Student's t (the paired t-test on per-seed
-differences, the study's test of one method against another), Holm's correction, and the paired t-test's power.
+percentile bootstrap, McNemar's exact test of two trained models, the paired t-test on per-seed differences (the
+study's test of one method against another), Holm's correction, and the paired t-test's power.
 """
 
 import math
@@ -11,12 +11,9 @@ import numpy as np
 
 
 def bootstrap_ci(metric, hypotheses, references, n_resamples=1000, confidence=0.95, seed=0):
-    """Percentile bootstrap interval (Efron) for a corpus-level metric(hypotheses, references) -> float.
-
-    Draw n_resamples sets of n example indices with replacement, keeping each hypothesis with its reference,
-    recompute the metric on each set: s_1..s_B. With a = 1 - confidence, the interval is
+    """Percentile bootstrap interval (Efron) of a corpus-level metric(hypotheses, references) -> float: the metric
+    on n_resamples draws of n (hypothesis, reference) pairs with replacement, s_1..s_B; with a = 1 - confidence,
         (a/2 quantile of s, 1 - a/2 quantile of s)       (numpy's linear interpolation, as scipy's "percentile")
-    Paraphrase: metric = accuracy or macro_f1 on (predictions, labels); sonnets: chrf on the 12 sonnets.
     """
     n = len(hypotheses)
     if n != len(references) or n == 0:
@@ -31,37 +28,21 @@ def bootstrap_ci(metric, hypotheses, references, n_resamples=1000, confidence=0.
     return float(low), float(high)
 
 
-def discordant_pairs(correct_a, correct_b):
-    """(b, c): how many examples only A gets right, and how many only B gets right (same examples, in order)."""
+def paired_difference(correct_a, correct_b):
+    """Accuracy of A minus accuracy of B on the same N examples, (b - c) / N, where only A gets b of them right and
+    only B c, with McNemar's two-sided exact test of "equally accurate": under it b ~ Binomial(n = b + c, 1/2), so
+        p = min(1, 2 * sum_{k=0}^{min(b, c)} C(n, k) / 2^n)       (p = 1.0 when n = 0: no evidence either way)
+    """
     if len(correct_a) != len(correct_b) or len(correct_a) == 0:
         raise ValueError(f"need two equally long, non-empty lists, got {len(correct_a)} and {len(correct_b)}")
     b = sum(bool(x) and not y for x, y in zip(correct_a, correct_b))
     c = sum(bool(y) and not x for x, y in zip(correct_a, correct_b))
-    return b, c
-
-
-def mcnemar_exact(correct_a, correct_b):
-    """Two-sided exact McNemar test of "A and B are equally accurate" on paired examples.
-
-    Only discordant pairs say anything: under the null each of the n = b + c is equally likely to favour A or B,
-    so b ~ Binomial(n, 1/2) and
-        p = min(1, 2 * sum_{k=0}^{min(b, c)} C(n, k) / 2^n)       (p = 1.0 when n = 0: no evidence either way)
-    """
-    b, c = discordant_pairs(correct_a, correct_b)
     n = b + c
     term = tail = 1  # C(n, 0), in exact integers: no rounding however large n is
     for k in range(min(b, c)):
         term = term * (n - k) // (k + 1)  # C(n, k + 1) = C(n, k) (n - k) / (k + 1)
         tail += term
-    return min(1.0, 2 * tail / 2 ** n)  # n = 0: 2 * 1 / 1, capped at 1.0
-
-
-def paired_difference(correct_a, correct_b):
-    """Accuracy of A minus accuracy of B on the same examples, = (b - c) / N, with McNemar's exact p-value.
-
-    Returns {"difference", "p_value", "only_a_correct" (b), "only_b_correct" (c), "n" (examples)}."""
-    b, c = discordant_pairs(correct_a, correct_b)
-    return {"difference": (b - c) / len(correct_a), "p_value": mcnemar_exact(correct_a, correct_b),
+    return {"difference": (b - c) / len(correct_a), "p_value": min(1.0, 2 * tail / 2 ** n),
             "only_a_correct": b, "only_b_correct": c, "n": len(correct_a)}
 
 
@@ -112,10 +93,9 @@ def t_test(values, confidence=0.95):
 
 
 def holm(p_values):
-    """Holm's (1979) step-down correction for m comparisons. With the p-values sorted, p_(1) <= ... <= p_(m),
+    """Holm's (1979) step-down correction for m comparisons, in the order given. With p_(1) <= ... <= p_(m),
         adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j))
-    and "adjusted p < 0.05" keeps the chance of any false "told apart" among the m at 5% or less. Returns the
-    adjusted p-values in the order given."""
+    so "adjusted p < 0.05" keeps the chance of any false "told apart" among the m at 5% or less."""
     m = len(p_values)
     adjusted, largest = [0.0] * m, 0.0
     for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
@@ -124,25 +104,20 @@ def holm(p_values):
     return adjusted
 
 
-def t_power(shift, df, alpha):
-    """Power of the two-sided t-test at level alpha when the true mean is `shift` standard errors from 0: with
-    c = t_quantile(1 - alpha/2, df) and X ~ chi(df) (the sd's randomness),
-        power = E_X[ Phi(shift - c X / sqrt(df)) + Phi(-shift - c X / sqrt(df)) ]      (the noncentral t's tails)
-    integrated over chi's density x^(df-1) e^(-x^2/2) / (2^(df/2-1) Gamma(df/2)) by the trapezoid rule."""
-    c = t_quantile(1 - alpha / 2, df)
+@lru_cache(maxsize=None)
+def detectable_shift(n, alpha, power):
+    """The true mean, in standard errors, that the two-sided t-test on n values (df = n - 1) rejects at level alpha
+    with probability `power`. With c = t_quantile(1 - alpha/2, df) and X ~ chi(df) (the sd's randomness),
+        power(shift) = E_X[ Phi(shift - c X / sqrt(df)) + Phi(-shift - c X / sqrt(df)) ]   (the noncentral t's tails)
+    integrated over chi's density x^(df-1) e^(-x^2/2) / (2^(df/2-1) Gamma(df/2)) by the trapezoid rule, solved."""
+    df = n - 1
     x = np.linspace(0.0, math.sqrt(df) + 12, 2001)
     density = np.exp((df - 1) * np.log(np.maximum(x, 1e-300)) - x ** 2 / 2 - (df / 2 - 1) * math.log(2)
                      - math.lgamma(df / 2))
-    edge = c * x / math.sqrt(df)
+    edge = t_quantile(1 - alpha / 2, df) * x / math.sqrt(df)
     phi = np.vectorize(lambda z: 0.5 * math.erfc(-z / math.sqrt(2)))
-    return float(np.trapezoid((phi(shift - edge) + phi(-shift - edge)) * density, x))
-
-
-@lru_cache(maxsize=None)
-def detectable_shift(n, alpha, power):
-    """The true mean, in standard errors, that the two-sided t-test on n values rejects with probability `power`
-    at level alpha: t_power(shift, n - 1, alpha) = power, solved."""
-    return solve(lambda shift: t_power(shift, n - 1, alpha), power, steps=40)
+    return solve(lambda shift: float(np.trapezoid((phi(shift - edge) + phi(-shift - edge)) * density, x)), power,
+                 steps=40)
 
 
 def smallest_detectable(sd, n, alpha=0.05, power=0.8):

@@ -7,13 +7,12 @@ The study in one command: 2 tasks x 3 regimes x 2 methods = 12 conditions, each 
     python study.py --jobs 4            # up to 4 runs at once, each a train_*.py process (jobs.py)
     python study.py --smoke             # a tiny random GPT-2 on data/samples: minutes on a CPU
 
-Regimes: sft = SFT only, dpo = DPO only (from GPT-2), sft_dpo = DPO from the SFT-only run's last/ (same task,
-method, seed). Methods: fft, or lora on a frozen GPT-2. Each run has its folder out_dir/<task>-<regime>-<method>-
-seed<S>/; a finished run is not run again and an interrupted one resumes, so machines can share out_dir and
-`--report_only` writes the table: a row per condition, and the paper's questions answered from the seeds.
+Each run has its folder out_dir/<task>-<regime>-<method>-seed<S>/; a finished run is not run again and an
+interrupted one resumes, so machines can share out_dir and `--report_only` writes the table.
 """
 
 import hashlib
+import itertools
 import json
 import signal
 import statistics
@@ -37,7 +36,7 @@ from data.tokenizer import get_tokenizer
 from eval import chrf, evaluate_sonnets
 from fileio import InputError, atomic_open, read_json, writable_dir, write_json
 from flags import POSITIVE, at_least, one_of
-from model import GPT, PRETRAINED, GPTConfig
+from model import GPT, GPTConfig
 from stats import bootstrap_ci, holm, paired_difference, smallest_detectable, t_test
 
 
@@ -45,6 +44,7 @@ from stats import bootstrap_ci, holm, paired_difference, smallest_detectable, t_
 # The conditions, in the training scripts' SETTINGS names; the rest is their defaults (batches of 8, AdamW, 5%
 # warm-up then cosine decay). LoRA: rank 8, alpha 16, every Linear of the blocks, Hu et al. (2021)'s GPT-2 lr.
 # Every stage trains equally long: paraphrase 3 passes over the ~283k pairs (the course's 10 / 3), sonnets 10.
+# Regimes: SFT only, DPO only (from GPT-2), SFT->DPO (DPO from the SFT-only run's last/, same task, method, seed).
 FFT, LORA = dict(lr=1e-5), dict(lr=2e-4, lora_r=8, lora_alpha=16.0)
 EPOCHS = {"paraphrase": 3, "sonnet": 10}
 TRAINING = {
@@ -75,7 +75,6 @@ PRESETS = {
     "smoke": {"paraphrase": dict(epochs=2, lr=1e-3), "sonnet": dict(epochs=1, lr=1e-3, max_new_tokens=24)},
 }
 BOOTSTRAP_RESAMPLES = 1000
-SAMPLE_SEED_STRIDE = 1000  # a run's sampling seeds: its own seed (the one training scored with), +1000, +2000, ...
 ROOT = Path(__file__).resolve().parent
 SMOKE_DATA = ROOT / "data" / "samples"  # the course-format samples --smoke trains on
 SMOKE_MODEL = dict(n_layer=2, n_head=4, n_embd=64, block_size=256)  # 256 positions: a whole sonnet fits
@@ -111,16 +110,14 @@ SETTINGS = {
     "smoke": (False, bool, None, "the smoke preset: a tiny random GPT-2 on data/samples/, no download"),
     "jobs": (1, int, at_least(1), "train up to N runs at once, each a train_*.py process (1: in this process)"),
     "lora_rslora": (False, bool, None, "every LoRA condition scales by alpha/sqrt(r) (rsLoRA); use its own --out_dir"),
-    "lora_plus_ratio": (1.0, float, POSITIVE, "every LoRA condition trains B at this times A's lr (LoRA+, Hayou et "
-                                              "al. 2024 suggest 16); use its own --out_dir"),
+    "lora_plus_ratio": (1.0, float, POSITIVE, "LoRA: B's lr = this x A's (LoRA+, Hayou et al.: 16); own --out_dir"),
     "keep_checkpoints": (False, bool, None, "keep each run's best/ and checkpoint.pt too (default: only last/)"),
     "report_only": (False, bool, None, "train nothing: read the finished runs of the selection and write the table"),
 }
 
 
 def check_args(config):
-    """The checks that span several flags, the output folder, then the data and the finished runs, before
-    anything is written or trained. Returns the study's plan."""
+    """The study's plan, checked (several flags, the output folder, the data, the finished runs) before any work."""
     device = flags.check_device(config["device"])
     if config["smoke"] and config["preset"] not in ("auto", "smoke"):
         raise InputError(f"--smoke with --preset {config['preset']}: --smoke is --preset smoke; give one of them")
@@ -130,20 +127,19 @@ def check_args(config):
     if preset == "smoke" and config["model"] is not None:
         raise InputError(f"--model {config['model']}: --smoke trains its own tiny random GPT-2; leave --model out")
     model = config["model"] or "gpt2"
-    if preset != "smoke" and model.removeprefix("openai-community/") not in PRETRAINED and not Path(model).is_dir():
-        raise InputError(f"--model {model!r}: neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
+    if preset != "smoke":
+        checkpoint.check_source(model, "--model")
     name = Path(model).name if Path(model).is_dir() else model.removeprefix("openai-community/")
     out_dir = Path(config["out_dir"] or "out/study" + ("" if name == "gpt2" else f"-{name}")
                    + ("" if preset == "full" else f"-{preset}"))
     writable_dir(out_dir, "--out_dir")  # every output path is checked before any data is read
+    chosen = {flag: [choice for choice in valid if config[flag].strip() == "all" or choice in names(config[flag])]
+              for flag, valid in (("tasks", TASKS), ("regimes", ALL_REGIMES), ("methods", METHODS))}
     n_seeds = config["seeds"] or (GPU_SEEDS if device.startswith("cuda") and preset != "smoke" else 1)
-    regimes = ALL_REGIMES if config["regimes"].strip() == "all" else names(config["regimes"])
-    plan = dict(tasks=[t for t in TASKS if t in names(config["tasks"])], device=device, preset=preset,
-                regimes=[r for r in ALL_REGIMES if r in regimes],
-                methods=[m for m in METHODS if m in names(config["methods"])],
-                out_dir=out_dir, seeds=[config["first_seed"] + k for k in range(n_seeds)],
-                sample_seeds=config["sample_seeds"], model=str(out_dir / "tiny-gpt2") if preset == "smoke" else model,
-                jobs=config["jobs"], keep_checkpoints=config["keep_checkpoints"], report_only=config["report_only"],
+    plan = dict(chosen, seeds=[config["first_seed"] + k for k in range(n_seeds)], device=device, preset=preset,
+                out_dir=out_dir, model=str(out_dir / "tiny-gpt2") if preset == "smoke" else model, jobs=config["jobs"],
+                sample_seeds=config["sample_seeds"], keep_checkpoints=config["keep_checkpoints"],
+                report_only=config["report_only"],
                 data_dir=Path(config["data_dir"] or (SMOKE_DATA if preset == "smoke" else "data")),
                 lora={k: config[k] for k in ("lora_rslora", "lora_plus_ratio") if config[k] != SETTINGS[k][0]})
     get_tokenizer()  # its BPE files: a one-line error now if tiktoken can neither find nor download them
@@ -153,8 +149,7 @@ def check_args(config):
 
 
 def read_dev(plan, task):
-    """What every run of `task` is scored against, read (and so checked) with the preset's limits before anything
-    is trained: the Quora dev labels, or the held-out sonnets (prompts) and their true sonnets."""
+    """What `task`'s runs are scored against: the Quora dev labels, or the held-out sonnets and their true ones."""
     _, dev = load_task_data({"task": task, "data_dir": plan["data_dir"], **PRESETS[plan["preset"]][task]})
     if task == "paraphrase":
         return [p.label for p in dev]
@@ -174,8 +169,8 @@ def run_dir(plan, task, regime, method, seed):
 
 
 def run_config(plan, task, regime, method, seed):
-    """What train_*.train get for one run: the condition, the preset, and the study's flags. One copy of the
-    weights per run (last/, the final epoch's: what the study reports and SFT->DPO starts from)."""
+    """What train_*.train gets for one run: the condition, the preset, and the study's flags. Only last/ is kept
+    (the final epoch's weights: what the study reports and SFT->DPO starts from) unless --keep_checkpoints."""
     config = {**CONDITIONS[(task, regime, method)], **PRESETS[plan["preset"]][task], "task": task, "seed": seed,
               "init_from": plan["model"], "data_dir": str(plan["data_dir"]), "device": plan["device"],
               "out_dir": str(run_dir(plan, task, regime, method, seed)), "resume": True,
@@ -189,24 +184,24 @@ def run_config(plan, task, regime, method, seed):
     return config
 
 
+def selection(plan):
+    """The selected conditions, (task, regime, method), in the table's order."""
+    return list(itertools.product(plan["tasks"], plan["regimes"], plan["methods"]))
+
+
+def stages_of(regime):
+    return ["sft", "sft_dpo"] if regime == "sft_dpo" else [regime]  # SFT->DPO: its SFT run, then its DPO run
+
+
 def runs(plan):
-    """(trainer, config) of every run the selected conditions need, in order: seed by seed (so an interrupted
-    study has whole seeds done), and an SFT->DPO run after the SFT run it starts from, even if sft is not
-    selected."""
-    planned = []
-    for seed in plan["seeds"]:
-        for task in plan["tasks"]:
-            for regime in plan["regimes"]:
-                for method in plan["methods"]:
-                    if regime == "sft_dpo":
-                        planned.append((train_sft, run_config(plan, task, "sft", method, seed)))
-                    planned.append((TRAINERS[regime], run_config(plan, task, regime, method, seed)))
-    unique = {config["out_dir"]: (trainer, config) for trainer, config in planned}
-    return list(unique.values())
-
-
-# settings that do not change what a run trains: a finished run is reused whatever they were
-NOT_COMPARED = ("data_dir", "out_dir", "device", "resume", "cache_dir", "save_best", "keep_checkpoints")
+    """(trainer, config) of every run the selection needs, seed by seed (an interrupted study has whole seeds done),
+    an SFT->DPO run after the SFT run it starts from (selected or not)."""
+    planned = {}
+    for seed, (task, regime, method) in itertools.product(plan["seeds"], selection(plan)):
+        for stage in stages_of(regime):
+            config = run_config(plan, task, stage, method, seed)
+            planned.setdefault(config["out_dir"], (TRAINERS[stage], config))
+    return list(planned.values())
 
 
 def start_name(path):
@@ -215,14 +210,14 @@ def start_name(path):
 
 
 def check_same_settings(results, config):
-    """A finished run is reused only if it was trained as this study would train it (the settings the study sets;
-    init_from by name, an SFT run's weights as <run>/last: a study folder may have moved), under the results.json
-    contract the table reads (score = the final epoch's, best_score = the best epoch's)."""
+    """A finished run is reused only if it was trained as this study would train it (what checkpoint.trained_with
+    compares; init_from by name, an SFT run's weights as <run>/last: a study folder may have moved), under the
+    results.json contract the table reads (score = the final epoch's, best_score = the best epoch's)."""
     if "best_score" not in results:
         raise InputError(f"{config['out_dir']}/results.json: written by an older train_sft/train_dpo, whose score is "
                          f"the best epoch's, not the final one's; delete {config['out_dir']} to train it again")
     saved = results.get("config", {})
-    for key in [k for k in config if k not in NOT_COMPARED]:
+    for key in checkpoint.trained_with(config):
         mine, theirs = config[key], saved.get(key)
         if key == "init_from":
             mine, theirs = start_name(mine), start_name(theirs)
@@ -233,8 +228,8 @@ def check_same_settings(results, config):
 
 
 def check_runs(plan):
-    """Finished runs trained with other settings are an error now, not in an hour; with --report_only, so is a
-    run that has not finished."""
+    """A finished run trained with other settings is an error now, not in an hour; with --report_only, so is one
+    that has not finished."""
     missing = []
     for _, config in runs(plan):
         done = finished(config)
@@ -248,45 +243,39 @@ def check_runs(plan):
                          f"--report_only) or narrow --tasks/--regimes/--methods/--seeds")
 
 
-# -----------------------------------------------------------------------------
-# training: one run after the other in this process (--jobs 1), or up to N processes at once
-
-
 def train_all(plan):
-    """Train every run that has not finished, holding the study folder; SIGINT and SIGTERM raise Interrupted.
-    Returns {out_dir: results}."""
+    """{out_dir: results} of every run, training those not finished; SIGINT and SIGTERM raise Interrupted."""
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with fileio.lock_dir(plan["out_dir"]):
             if plan["preset"] == "smoke" and not (Path(plan["model"]) / "model.safetensors").exists():
                 torch.manual_seed(0)  # --smoke: the tiny random GPT-2 every run starts from, inside out_dir
                 checkpoint.save_pretrained(GPT(GPTConfig(**SMOKE_MODEL)), plan["model"])
-            if plan["jobs"] > 1:
-                return run_in_processes(runs(plan), plan["jobs"], plan["device"])
-            return run_here(runs(plan))
+            planned = runs(plan)
+            return run_in_processes(planned, plan["jobs"], plan["device"]) if plan["jobs"] > 1 else run_here(planned)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 # -----------------------------------------------------------------------------
-# sonnets: each run's final weights, sampled with several seeds
+# each run's dev outcomes (sonnets: its final weights sampled with several seeds), and the statistics on them; the
+# seed is the unit of replication (stats.py), and one seed compares two trained models, not methods
 
 
 def sample_seeds(plan, seed):
     """A run's sampling seeds: its own seed first (the one training scored with), then +1000, +2000, ..."""
-    return [seed + SAMPLE_SEED_STRIDE * k for k in range(plan["sample_seeds"])]
+    return [seed + 1000 * k for k in range(plan["sample_seeds"])]
 
 
 def sampled_sonnets(plan, out_dir):
-    """[[text of each held-out dev sonnet] per sampling seed], written by the run's final weights (last/) with the
-    run's own generation settings. Cached in <run>/study_sonnets.json under a hash of its results.json, so a run
-    trained again is sampled again; only missing seeds are sampled."""
+    """[[text of each held-out dev sonnet] per sampling seed] from the run's last/ with its own generation settings,
+    cached in <run>/study_sonnets.json under a hash of its results.json (a run trained again is sampled again)."""
     out_dir = Path(out_dir)
     finished_bytes = (out_dir / "results.json").read_bytes()
     config = json.loads(finished_bytes)["config"]
-    settings = {k: config[k] for k in ("temperature", "top_p", "max_new_tokens")}
-    settings["batch_size"] = config["eval_batch_size"]
+    settings = {"temperature": config["temperature"], "top_p": config["top_p"],
+                "max_new_tokens": config["max_new_tokens"], "batch_size": config["eval_batch_size"]}
     made_for = hashlib.sha256(finished_bytes).hexdigest()[:16]
     path = out_dir / "study_sonnets.json"
     cached = read_json(path) if path.exists() else {}
@@ -311,13 +300,8 @@ def sample(plan, weights, settings, seeds):
                                         **settings)["sonnets"] for seed in seeds}
 
 
-# -----------------------------------------------------------------------------
-# statistics: the seed is the unit of replication (stats.py); one seed compares two trained models, not methods
-
-
 def run_items(plan, task, out_dir):
-    """A run's final-epoch dev outcomes [per sampling seed][per dev example]: paraphrase one row of per-pair
-    correctness under the course's metric (dev_predictions.json); sonnets the texts sampled from last/."""
+    """A run's final dev outcomes [per sampling seed][per dev example]: per-pair correctness, or sampled sonnets."""
     if task == "sonnet":
         return sampled_sonnets(plan, out_dir)
     path = Path(out_dir) / "dev_predictions.json"
@@ -331,17 +315,16 @@ def run_items(plan, task, out_dir):
 
 
 def run_score(task, outcomes, references):
-    """A run's dev score, the mean over its sampling seeds: outcomes[sample][example] is per-pair correctness
-    (accuracy: its mean) or the sampled sonnets (corpus chrF against the references)."""
+    """A run's dev score from outcomes[sample][example]: accuracy, or corpus chrF averaged over sampling seeds."""
     if task == "paraphrase":
         return float(np.mean(outcomes))
     return statistics.fmean(chrf(list(texts), references) for texts in outcomes)
 
 
-def one_seed_interval(task, outcomes, references, other=None):
+def one_seed_interval(task, outcomes, references, other=()):
     """One seed: stats.bootstrap_ci's 95% interval of a run's score over its dev examples, or of its difference
     from the `other` run's on the same examples (paired: each draw keeps an example's outcomes together)."""
-    examples, k = list(zip(*outcomes, *(other or []))), len(outcomes)
+    examples, k = list(zip(*outcomes, *other)), len(outcomes)
 
     def statistic(chosen, chosen_references):
         columns = list(zip(*chosen))
@@ -352,10 +335,8 @@ def one_seed_interval(task, outcomes, references, other=None):
 
 
 def versus_baseline(task, items, baseline, references):
-    """The condition's score minus `baseline`'s on the same dev examples, seed by seed (items[seed][sample][example]):
-    the per-seed differences, their mean, and with S >= 2 seeds the paired t-test's 95% interval and p-value (S - 1
-    degrees of freedom). One seed is two trained models: a paired bootstrap interval over dev examples, p_value None
-    (no verdict about methods), and for paraphrase McNemar's test of the two models."""
+    """items[seed][sample][example] against `baseline`'s, seed by seed: the paired t-test on the per-seed differences.
+    One seed is two trained models: a paired bootstrap interval, no p_value, and for paraphrase McNemar's test."""
     differences = [run_score(task, mine, references) - run_score(task, theirs, references)
                    for mine, theirs in zip(items, baseline)]
     result = {**t_test(differences), "per_seed": differences,
@@ -400,13 +381,9 @@ def references_of(plan, task):
     return [s.text for s in plan["dev"]["sonnet"]["references"]] if task == "sonnet" else None
 
 
-def stages_of(regime):
-    return ["sft", "sft_dpo"] if regime == "sft_dpo" else [regime]  # SFT->DPO: its SFT run, then its DPO run
-
-
 def condition_row(plan, results, task, regime, method):
-    """(a row of the table from the condition's runs over seeds, their dev outcomes items[seed][sample][example]).
-    Costs: means over seeds (SFT->DPO: both stages; peak memory the largest); reference: what a run paid for one."""
+    """(the condition's row over seeds, its dev outcomes items[seed][sample][example]). Costs: means over seeds
+    (SFT->DPO: both stages; peak memory the largest); reference: what a run paid for one."""
     seeds, references = plan["seeds"], references_of(plan, task)
     stages = [[results[str(run_dir(plan, task, r, method, s))] for r in stages_of(regime)] for s in seeds]
     own = [runs_of_seed[-1] for runs_of_seed in stages]  # the condition's own run (SFT->DPO: its DPO stage)
@@ -446,11 +423,9 @@ def condition_row(plan, results, task, regime, method):
 def table_rows(plan, results):
     """Every selected condition's row, with its difference from SFT-only FFT (a description; verdicts: contrasts)."""
     rows, items = [], {}
-    for task in plan["tasks"]:
-        for regime in plan["regimes"]:
-            for method in plan["methods"]:
-                row, items[(task, regime, method)] = condition_row(plan, results, task, regime, method)
-                rows.append(row)
+    for condition in selection(plan):
+        row, items[condition] = condition_row(plan, results, *condition)
+        rows.append(row)
     for row in rows:
         task, baseline = row["task"], (row["task"], "sft", "fft")
         if (row["regime"], row["method"]) == ("sft", "fft") or not all(
@@ -480,12 +455,11 @@ def answer(c):
 def verdict(contrasts, plan):
     """The paper's questions answered in words, task by task; with one seed, why there is no answer."""
     if not contrasts:
-        return ("No paired differences: the paper's questions compare LoRA with FFT in a regime, or SFT->DPO and "
-                "DPO-only with SFT-only in a method, and no such pair of conditions is among the selected ones.")
+        return ("No paired differences: no pair the paper's questions compare (LoRA and FFT in a regime; SFT->DPO or "
+                "DPO-only and SFT-only in a method) is among the selected conditions.")
     if len(plan["seeds"]) == 1:
-        return (f"One seed per condition: each row is one trained model, so no method is told apart from another; "
-                f"comparing methods needs --seeds 2 or more ({GPU_SEEDS} by default on a GPU). The differences and "
-                f"McNemar's exact test of each pair of trained models are in study.json (contrasts).")
+        return ("One seed per condition: each row is one trained model, so no method is told apart from another; "
+                "that needs --seeds 2 or more. study.json (contrasts) has McNemar's test of each pair of models.")
     sentences = []
     for task in dict.fromkeys(c["task"] for c in contrasts):
         family = [c for c in contrasts if c["task"] == task]
@@ -500,15 +474,13 @@ def verdict(contrasts, plan):
 HEADER = ["task", "regime", "method", "score, final epoch (mean ± std)", "95% CI",
           "best dev epoch (as the course reports it; sonnets: 1 sampling seed)", "yes/no accuracy, share",
           "train_seconds", "reference pass", "tokens_per_second", "peak_memory", "trainable_parameters", "seeds"]
-LEGEND = """How to read the table. score: the FINAL epoch's dev score (paraphrase: the course's accuracy; sonnets: chrF,
-the mean over sampling seeds), mean ± std over seeds. 95% CI: with 2 or more seeds the t interval of the per-seed
-scores (S − 1 degrees of freedom: the seed is the unit of replication); with one seed a bootstrap over the dev
-examples, which describes one trained model. best dev epoch: chosen on the dev set, as the course reports it, so
-optimistic. yes/no accuracy, share: the restricted answer logit("yes") > logit("no") against the label, and the
-share of argmax answers that are "yes" or "no" at all; the course's accuracy needs both. The verdict: each
-question a − b paired by seed, a paired t-test, Holm's correction over the task's questions, and for each one
-not told apart the smallest difference found with 80% power. Costs: means over seeds (peak memory: the largest);
-SFT→DPO's include its SFT stage."""
+LEGEND = """score: the FINAL epoch's dev score (paraphrase: the course's accuracy; sonnets: chrF, the mean over sampling
+seeds), mean ± std over seeds. 95% CI: the t interval of the per-seed scores (S − 1 degrees of freedom); with one
+seed a bootstrap over dev examples, of one trained model. best dev epoch: chosen on dev, so optimistic. yes/no:
+the accuracy of logit("yes") > logit("no"), and the share of argmax answers that are "yes" or "no" (the course's
+accuracy needs both). Verdict: each question a − b paired by seed, a paired t-test, Holm over the task's questions,
+and for one not told apart the smallest difference found with 80% power. Costs: means over seeds (peak memory: the
+largest); SFT→DPO's include its SFT stage."""
 
 
 def table_cells(row):
@@ -532,8 +504,8 @@ def markdown_table(rows):
 
 
 def figures(plan, rows):
-    """What plot.study_figures draws, per condition: score, interval, train_seconds, the dev score per evaluation
-    (mean over seeds) and the first seed's loss per logged step (SFT->DPO: its SFT stage, then its DPO stage)."""
+    """plot.study_figures' data per condition: the dev score per evaluation (mean over seeds), the first seed's loss
+    per logged step (SFT->DPO: its SFT stage, then its DPO stage), score, interval and cost."""
     data = []
     for row in rows:
         history = row["history"]
@@ -549,7 +521,12 @@ def figures(plan, rows):
     return data
 
 
-def write_study(plan, rows, contrasts, data, plots):
+def study(plan):
+    """Train (or, with --report_only, read) the runs; write study.md and study.json and print the table."""
+    results = {c["out_dir"]: finished(c) for _, c in runs(plan)} if plan["report_only"] else train_all(plan)
+    rows, contrasts = table_rows(plan, results)
+    data = figures(plan, rows)
+    plots = [Path(p).name for p in plot.study_figures(data, plan["out_dir"])]
     preset = {"full": "FULL study: every training pair and sonnet, every dev pair, the epochs of CONDITIONS",
               "reduced": "REDUCED preset (the default without a CUDA GPU; --preset full runs the whole study)",
               "smoke": "SMOKE test: a tiny random GPT-2 on data/samples; the scores mean nothing"}[plan["preset"]]
@@ -560,28 +537,17 @@ def write_study(plan, rows, contrasts, data, plots):
     pictures = "\n".join(f"![{name}]({name})" for name in plots) if plots else (
         "Plots (dev curves, loss per step, cost against quality): `pip install matplotlib`, then run the same "
         "command again; nothing is retrained. Their data is in study.json (figures_data).")
-    markdown = "\n\n".join([title, f"{preset}; on top of CONDITIONS: {json.dumps(settings)}", markdown_table(rows),
-                             sentence, LEGEND, pictures]) + "\n"
+    printed = [title, f"{preset}; on top of CONDITIONS: {json.dumps(settings)}", markdown_table(rows), sentence]
     with atomic_open(plan["out_dir"] / "study.md") as f:
-        f.write(markdown)
+        f.write("\n\n".join(printed + [LEGEND, pictures]) + "\n")
     write_json(plan["out_dir"] / "study.json", {
         "model": plan["model"], "preset": plan["preset"], "preset_description": preset, "preset_settings": settings,
-        "conditions": {f"{t}-{r}-{m}": CONDITIONS[(t, r, m)] for t, r, m in CONDITIONS if t in plan["tasks"]
-                       and r in plan["regimes"] and m in plan["methods"]},
+        "conditions": {"-".join(condition): CONDITIONS[condition] for condition in selection(plan)},
         "seeds": plan["seeds"], "sample_seeds": plan["sample_seeds"], "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
         "multiple_comparisons": "Holm", "verdict": sentence, "legend": LEGEND, "plots": plots,
         "rows": [{k: v for k, v in row.items() if k != "history"} for row in rows], "contrasts": contrasts,
         "figures_data": data})
-    return markdown
-
-
-def study(plan):
-    results = {c["out_dir"]: finished(c) for _, c in runs(plan)} if plan["report_only"] else train_all(plan)
-    rows, contrasts = table_rows(plan, results)
-    data = figures(plan, rows)
-    plots = plot.study_figures(data, plan["out_dir"])
-    markdown = write_study(plan, rows, contrasts, data, plots and [Path(p).name for p in plots])
-    print("\n" + markdown.split("\n\n" + LEGEND)[0])
+    print("\n" + "\n\n".join(printed))
     print(f"\nwritten: {plan['out_dir'] / 'study.md'} and {plan['out_dir'] / 'study.json'}")
     return rows
 
