@@ -46,61 +46,53 @@ def accuracy(predictions, labels):
 
 
 def macro_f1(predictions, labels):
-    """F1 = 2 TP / (2 TP + FP + FN) of each class that occurs in labels or predictions (0/1, or token ids),
-    averaged: sklearn's f1_score(labels, predictions, average="macro"). A class only predicted (a third token) or
-    never predicted has F1 = 0 and counts in the average; none has 2 TP + FP + FN = 0, so no 0/0 arises."""
+    """The mean over every class c in labels or predictions (0/1, or token ids) of
+        F1_c = 2 TP / (2 TP + FP + FN) = 2 TP / (times c is predicted + times c is the label)
+    as sklearn's f1_score(labels, predictions, average="macro"): a class never predicted, or only predicted (a
+    third token), has F1 = 0 and counts in the mean."""
     check_predictions(predictions, labels)
     scores = []
     for c in sorted(set(labels) | set(predictions)):
-        tp = sum(p == c and y == c for p, y in zip(predictions, labels))
-        fp = sum(p == c and y != c for p, y in zip(predictions, labels))
-        fn = sum(p != c and y == c for p, y in zip(predictions, labels))
-        scores.append(2 * tp / (2 * tp + fp + fn))
+        tp = sum(p == c == y for p, y in zip(predictions, labels))
+        scores.append(2 * tp / (predictions.count(c) + labels.count(c)))
     return sum(scores) / len(scores)
-
-
-def char_ngrams(text, n):
-    text = "".join(text.split())  # chrF ignores whitespace
-    return Counter(text[i:i + n] for i in range(len(text) - n + 1))
 
 
 @lru_cache(maxsize=4096)  # a bootstrap (stats.py) rescores the same few sonnets thousands of times
 def chrf_counts(hypothesis, reference, max_order=6):
-    """Per order n = 1..max_order: (hypothesis n-grams, reference n-grams, matches clipped to the reference
-    count). A corpus's counts are the sums of these."""
+    """Per order n = 1..max_order: (hypothesis n-grams, reference n-grams, matches clipped to the reference)."""
+    texts = ["".join(text.split()) for text in (hypothesis, reference)]  # chrF ignores whitespace
     counts = []
     for n in range(1, max_order + 1):
-        hyp, ref = char_ngrams(hypothesis, n), char_ngrams(reference, n)
+        hyp, ref = (Counter(text[i:i + n] for i in range(len(text) - n + 1)) for text in texts)
         n_hyp = sum(hyp.values()) if ref else 0  # sacrebleu: no reference n-grams, no hypothesis count
         counts.append((n_hyp, sum(ref.values()), sum((hyp & ref).values())))
     return tuple(counts)
 
 
 def chrf(hypotheses, references, max_order=6, beta=2.0):
-    """Corpus chrF (Popović 2015), as sacrebleu's CHRF().corpus_score. Character n-grams (whitespace removed) of
-    each order n = 1..6, counted over the whole corpus: in the hypotheses, in the references, and matched. Then
+    """Corpus chrF (Popović 2015), as sacrebleu's CHRF().corpus_score: character n-grams (whitespace removed) of
+    each order n = 1..6 counted over the whole corpus, then
         P = mean over orders of matches / hypothesis n-grams,   R = mean over orders of matches / reference n-grams
         chrF = 100 * (1 + beta^2) * P * R / (beta^2 * P + R)            (beta = 2: recall counts 4x)
     Orders with no hypothesis or no reference n-grams are left out of the means (sacrebleu's "effective order").
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"chrF needs one reference per hypothesis, got {len(hypotheses)} and {len(references)}")
-    n_hyp, n_ref, n_match = [0] * max_order, [0] * max_order, [0] * max_order
-    for hypothesis, reference in zip(hypotheses, references):
-        for n, (h, r, m) in enumerate(chrf_counts(hypothesis, reference, max_order)):
-            n_hyp[n], n_ref[n], n_match[n] = n_hyp[n] + h, n_ref[n] + r, n_match[n] + m
-    orders = [n for n in range(max_order) if n_hyp[n] > 0 and n_ref[n] > 0]
+    counts = [chrf_counts(h, r, max_order) for h, r in zip(hypotheses, references)]
+    totals = [[sum(column) for column in zip(*order)] for order in zip(*counts)]  # per order: hyp, ref, matches
+    orders = [(h, r, m) for h, r, m in totals if h > 0 and r > 0]
     if not orders:
         return 0.0
-    precision = sum(n_match[n] / n_hyp[n] for n in orders) / len(orders)
-    recall = sum(n_match[n] / n_ref[n] for n in orders) / len(orders)
+    precision = sum(m / h for h, _, m in orders) / len(orders)
+    recall = sum(m / r for _, r, m in orders) / len(orders)
     if precision + recall == 0:
         return 0.0
     return 100 * (1 + beta ** 2) * precision * recall / (beta ** 2 * precision + recall)
 
 
 # -----------------------------------------------------------------------------
-# the model in eval mode; paraphrase detection
+# the model in eval mode: paraphrase answers, sonnets
 
 
 @contextmanager
@@ -115,24 +107,9 @@ def eval_mode(model):
             module.training = training
 
 
-def predict_paraphrase(model, pairs, batch_size=64, device="cpu", max_len=None):
-    """1 (paraphrase) where logit("yes") > logit("no") after the pair's prompt, else 0: the restricted answer.
-    A prompt longer than max_len keeps its last max_len tokens, so that every pair gets a prediction: the end is
-    what the answer rests on (the second question, and "Are these questions asking the same thing?")."""
-    prompts = [paraphrase_example(p).prompt for p in pairs]
-    if max_len is not None:
-        prompts = [prompt[-max_len:] for prompt in prompts]
-    return answers_yes(model, prompts, batch_size, device)
-
-
-def answers_yes(model, prompts, batch_size=64, device="cpu"):
-    """For each prompt (token ids): 1 if logit("yes") > logit("no") at its last position, else 0."""
-    return paraphrase_answers(model, prompts, batch_size, device)[1]
-
-
 @torch.no_grad()
 def paraphrase_answers(model, prompts, batch_size=64, device="cpu"):
-    """One forward pass per batch; from each prompt's logits at its last position, two answers:
+    """One forward pass per batch of prompts (token ids); from the logits at each one's last position:
         tokens: argmax over the whole vocabulary     (the course's prediction; may be neither "yes" nor "no")
         yes:    1 if logit("yes") > logit("no") else 0           (the restricted prediction)
     Returns (tokens, yes), two lists in the order of the prompts."""
@@ -145,11 +122,15 @@ def paraphrase_answers(model, prompts, batch_size=64, device="cpu"):
             hidden = model.hidden_states(batch.input_ids)
             last = hidden[torch.arange(len(idx), device=device), batch.lengths - 1]  # (B, n_embd)
             logits = model.lm_head(last)  # (B, vocab), computed once for both answers
-            top = logits.argmax(dim=-1).tolist()
             says_yes = (logits[:, YES_TOKEN] > logits[:, NO_TOKEN]).tolist()
-            for i, token, answer in zip(idx, top, says_yes):
+            for i, token, answer in zip(idx, logits.argmax(dim=-1).tolist(), says_yes):
                 tokens[i], yes[i] = token, int(answer)
     return tokens, yes
+
+
+def answers_yes(model, prompts, batch_size=64, device="cpu"):
+    """paraphrase_answers' restricted 0/1 answers alone."""
+    return paraphrase_answers(model, prompts, batch_size, device)[1]
 
 
 def answer_tokens(labels):
@@ -158,8 +139,8 @@ def answer_tokens(labels):
 
 
 def evaluate_paraphrase(model, pairs, batch_size=64, device="cpu"):
-    """Score labelled pairs as the course does (public_cs224n_gpt's model_eval_paraphrase: sklearn's accuracy and
-    macro-F1 of the argmax token over the vocabulary against the answer token), and by the restricted answers:
+    """Labelled pairs scored as the course does (its model_eval_paraphrase: sklearn's accuracy and macro-F1 of
+    the argmax token against the answer token), and by the restricted answers:
         accuracy, f1                    the course's: argmax token vs answer token (a third token is wrong)
         yes_no_accuracy, yes_no_f1      the restricted 0/1 answers vs the labels
         yes_no_share                    the fraction of argmax tokens that are "yes" or "no"
@@ -167,9 +148,9 @@ def evaluate_paraphrase(model, pairs, batch_size=64, device="cpu"):
     """
     labels = [p.label for p in pairs]
     if None in labels:
-        raise ValueError("evaluate_paraphrase needs labelled pairs; use predict_paraphrase for test-student data")
+        raise ValueError("evaluate_paraphrase needs labelled pairs; use answers_yes for test-student data")
     tokens, predictions = paraphrase_answers(model, [paraphrase_example(p).prompt for p in pairs], batch_size, device)
-    answers = answer_tokens(labels)  # the course's y_true
+    answers = answer_tokens(labels)
     return {"accuracy": accuracy(tokens, answers), "f1": macro_f1(tokens, answers),
             "yes_no_accuracy": accuracy(predictions, labels), "yes_no_f1": macro_f1(predictions, labels),
             "yes_no_share": sum(t in (YES_TOKEN, NO_TOKEN) for t in tokens) / len(tokens),
@@ -181,10 +162,6 @@ def paraphrase_score(result):
     return (f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's: argmax over the "
             f"vocabulary)  yes/no accuracy {result['yes_no_accuracy']:.4f}  macro-F1 {result['yes_no_f1']:.4f}  "
             f"yes/no share {result['yes_no_share']:.4f}")
-
-
-# -----------------------------------------------------------------------------
-# sonnet generation
 
 
 @torch.no_grad()
@@ -204,23 +181,20 @@ def sample_continuations(model, prompts, temperature=1.2, top_p=0.9, max_new_tok
     return continuations
 
 
-def generate_sonnets(model, prompts, device="cpu", **generation):
-    """Each prompt followed by the model's continuation (up to its end-of-text token), as text; `generation` is
-    sample_continuations' settings."""
-    prompt_ids = [encode(p) for p in prompts]
-    new = sample_continuations(model, prompt_ids, device=device, **generation)
-    return [decode(ids + [t for t in tokens if t != END_OF_TEXT]).strip() for ids, tokens in zip(prompt_ids, new)]
-
-
 def evaluate_sonnets(model, held_out, references, device="cpu", **generation):
-    """Generate from each held-out sonnet's first lines; chrF against the true sonnets of the same numbers."""
-    by_number = {s.number: s.text for s in references}
-    missing = [s.number for s in held_out if s.number not in by_number]
-    if missing:
+    """The model continues each held-out sonnet's first lines (`generation`: sample_continuations' settings):
+    "sonnets", (number, the whole text); with references (None for the test split), "chrf" against the true
+    sonnets of the same numbers."""
+    true = None if references is None else {s.number: s.text for s in references}
+    if true is not None and (missing := [s.number for s in held_out if s.number not in true]):
         raise InputError(f"no reference sonnet for held-out sonnet(s) {missing}")
-    sonnets = generate_sonnets(model, [s.text for s in held_out], device=device, **generation)
-    return {"chrf": chrf(sonnets, [by_number[s.number] for s in held_out]),
-            "sonnets": list(zip([s.number for s in held_out], sonnets))}
+    prompts = [encode(s.text) for s in held_out]
+    new = sample_continuations(model, prompts, device=device, **generation)
+    texts = [decode(ids + [t for t in tokens if t != END_OF_TEXT]).strip() for ids, tokens in zip(prompts, new)]
+    result = {"sonnets": list(zip([s.number for s in held_out], texts))}
+    if true is None:
+        return result
+    return {"chrf": chrf(texts, [true[s.number] for s in held_out]), **result}
 
 
 # -----------------------------------------------------------------------------
@@ -228,8 +202,8 @@ def evaluate_sonnets(model, held_out, references, device="cpu", **generation):
 
 
 def write_paraphrase_predictions(path, pairs, predictions):
-    """The course's format: a header, then "id, prediction" per line. The predictions are the restricted 0/1
-    answers: right wherever the course's argmax is (an argmax "yes" also beats "no"), and more."""
+    """A header, then "id, prediction" per line: the restricted 0/1 answers, right wherever the course's argmax
+    is (an argmax "yes" also beats "no"), and more."""
     with atomic_open(path) as f:
         f.write("id \t Predicted_Is_Paraphrase \n")
         for pair, prediction in zip(pairs, predictions):
@@ -237,7 +211,7 @@ def write_paraphrase_predictions(path, pairs, predictions):
 
 
 def write_sonnets(path, numbered_sonnets):
-    """The course's format: a title line, then each sonnet's number on its own line and its text."""
+    """A title line, then each sonnet's number on its own line and its text."""
     with atomic_open(path) as f:
         f.write("--Generated Sonnets-- \n\n")
         for number, text in numbered_sonnets:
@@ -245,10 +219,10 @@ def write_sonnets(path, numbered_sonnets):
 
 
 def score_paraphrase_file(path, reference):
-    """Accuracy and macro-F1 of a predictions file against the labelled pairs in `reference`, the course's
-    definitions: each prediction as a token against the answer token. This project writes 0/1 answers (read as
-    "no"/"yes"), the course's starter its argmax token ids: a file whose every prediction is 0 or 1 is the former.
-    Ids match in lower case, as the course reads them; the pairs the file answers are scored (a --limit run's)."""
+    """Accuracy and macro-F1 of a predictions file against the labelled pairs in `reference`, as the course
+    scores it: tokens against answer tokens. A file of 0/1 answers only (this project's) is read as "no"/"yes",
+    else as token ids (the course's starter's). Ids match in lower case, as the course reads them; only the pairs
+    the file answers are scored (a --limit run's)."""
     labels = {pair.id.lower(): pair.label for pair in read_quora(reference)}
     if None in labels.values():
         raise InputError(f"{reference}: has no is_duplicate column to score --predictions against")
@@ -275,15 +249,6 @@ def score_paraphrase_file(path, reference):
         predictions = answer_tokens(predictions)
     answers = answer_tokens([labels[pair_id] for pair_id in found])
     return {"accuracy": accuracy(predictions, answers), "f1": macro_f1(predictions, answers), "n": len(found)}
-
-
-def score_sonnet_file(path, reference):
-    """chrF of a file's sonnets against the true ones in `reference` as the course's test_sonnet(test_path,
-    gold_path) scores them: the i-th sonnet against the i-th, as many as the shorter file holds (the course's
-    starter numbers its sonnets 0, 1, ...; this project by their own numbers, in the references' order)."""
-    sonnets, references = read_sonnets(path), read_sonnets(reference)
-    n = min(len(sonnets), len(references))
-    return {"chrf": chrf([s.text for s in sonnets[:n]], [s.text for s in references[:n]]), "n": n}
 
 
 # -----------------------------------------------------------------------------
@@ -346,11 +311,26 @@ def prediction_file(config):
     return config["out_dir"] / ("-".join([name, "sonnets", config["split"], *tags]) + ".txt")
 
 
-def check_paraphrase_prompts(pairs, path, context):
-    """Every pair's prompt must fit the model's `context` positions. In labelled data (train, dev) a longer one is
-    an InputError naming the pair; in the test file, whose every pair needs a prediction, it will keep its end
-    (predict_paraphrase's max_len), with one warning."""
-    too_long = [(row, pair, n) for row, pair in enumerate(pairs, start=1)
+def check_lengths(examples, block_size, what="training example"):
+    longest = max(range(len(examples)), key=lambda i: len(examples[i]))
+    if len(examples[longest]) > block_size:
+        raise InputError(f"{what} {longest + 1} is {len(examples[longest])} tokens long, more than the "
+                         f"model's block_size of {block_size} positions")
+
+
+def check_prompts(task, prompts, path, context, max_new_tokens):
+    """Every prompt must fit the model's `context` positions: a sonnet's with the max_new_tokens written after
+    it, a labelled pair's (train, dev) alone. The test file's pairs, which all need a prediction, keep their
+    last `context` tokens instead, with one warning."""
+    if task == "sonnet":
+        for sonnet in prompts:
+            n = len(encode(sonnet.text))
+            if n + max_new_tokens > context:
+                raise InputError(f"{path}: sonnet {sonnet.number}'s prompt is {n} tokens; with --max_new_tokens "
+                                 f"{max_new_tokens} that makes {n + max_new_tokens}, more than the model's {context} "
+                                 f"positions; give --max_new_tokens at most {context - n}")
+        return
+    too_long = [(row, pair, n) for row, pair in enumerate(prompts, start=1)
                 if (n := len(paraphrase_example(pair).prompt)) > context]
     if not too_long:
         return
@@ -359,38 +339,19 @@ def check_paraphrase_prompts(pairs, path, context):
         more = f" (and {len(too_long) - 1} more)" if len(too_long) > 1 else ""
         raise InputError(f"{path}: pair {row} (id {pair.id}) makes a prompt of {n} tokens, more than the model's "
                          f"{context} positions{more}; shorten its questions or remove it")
-    print(f"warning: {path}: {len(too_long)} of {len(pairs)} prompts are longer than the model's {context} "
+    print(f"warning: {path}: {len(too_long)} of {len(prompts)} prompts are longer than the model's {context} "
           f"positions (the first: pair {row}, id {pair.id}, {n} tokens); each keeps its last {context} tokens, "
           f"the start of question 1 is cut", file=sys.stderr)
 
 
-def check_sonnet_prompts(held_out, path, max_new_tokens, context):
-    """Each sonnet's prompt and the max_new_tokens to write after it must fit the model's `context` positions."""
-    for sonnet in held_out:
-        n = len(encode(sonnet.text))
-        if n + max_new_tokens > context:
-            raise InputError(f"{path}: sonnet {sonnet.number}'s prompt is {n} tokens; with --max_new_tokens "
-                             f"{max_new_tokens} that makes {n + max_new_tokens}, more than the model's {context} "
-                             f"positions; give --max_new_tokens at most {context - n}")
-
-
-def check_lengths(examples, block_size, what="training example"):
-    longest = max(range(len(examples)), key=lambda i: len(examples[i]))
-    if len(examples[longest]) > block_size:
-        raise InputError(f"{what} {longest + 1} is {len(examples[longest])} tokens long, more than the "
-                         f"model's block_size of {block_size} positions")
-
-
 def check_task_lengths(config, examples, dev):
-    """Everything the run will give the model must fit its positions: the training examples, and the dev
-    prompts (sonnets: with the --max_new_tokens written after them). Read from the model's config alone, so
+    """The training examples and the dev prompts must fit the model's positions: read from its config alone, so
     that this fails before any weights are loaded."""
     context = model_context(config["init_from"])
     check_lengths(examples, context)
-    if config["task"] == "paraphrase":
-        check_paraphrase_prompts(dev, Path(config["data_dir"]) / QUORA["dev"], context)
-    else:
-        check_sonnet_prompts(dev[0], Path(config["data_dir"]) / SONNETS["dev"], config["max_new_tokens"], context)
+    paraphrase = config["task"] == "paraphrase"
+    path = Path(config["data_dir"]) / (QUORA["dev"] if paraphrase else SONNETS["dev"])
+    check_prompts(config["task"], dev if paraphrase else dev[0], path, context, config["max_new_tokens"])
 
 
 def main(argv=None):
@@ -398,60 +359,48 @@ def main(argv=None):
 
 
 def run(config):
-    """Score a model on --task's --split and write its predictions, or score a --predictions file. The data, and
-    its prompts against the model's positions (from its config alone), are checked before a model is loaded."""
+    """Score a --predictions file against --split's references; or read --split, check its prompts against the
+    model's positions (from its config alone), then load the model, score it and write its predictions."""
     check_config(config)
+    t0, task, split, data_dir = time.time(), config["task"], config["split"], config["data_dir"]
+    paraphrase, unit = task == "paraphrase", "pairs" if task == "paraphrase" else "sonnets"
     if config["predictions"] is not None:
-        return score_predictions(config)
-    t0, device = time.time(), config["device"]
+        path = config["predictions"]
+        reference = data_dir / (QUORA[split] if paraphrase else SONNET_SPLITS[split][1])
+        if paraphrase:
+            result = score_paraphrase_file(path, reference)
+            score = f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's)"
+        else:  # the i-th sonnet against the i-th, as many as the shorter file holds: the course's test_sonnet
+            sonnets, references = read_sonnets(path), read_sonnets(reference)
+            n = min(len(sonnets), len(references))
+            result = {"chrf": chrf([s.text for s in sonnets[:n]], [s.text for s in references[:n]]), "n": n}
+            score = f"chrF {result['chrf']:.2f}"
+        print(f"{task} {split}: {score}  ({result['n']} {unit} of {path}, against {reference})")
+        return result
+    data_file = data_dir / (QUORA[split] if paraphrase else SONNET_SPLITS[split][0])
+    data = (read_quora if paraphrase else read_sonnets)(data_file, limit=config["limit"])
+    references = None if paraphrase or split == "test" else read_sonnets(data_dir / SONNET_SPLITS[split][1])
     context = model_context(config["checkpoint"])
-    if config["task"] == "paraphrase":
-        data_file = config["data_dir"] / QUORA[config["split"]]
-        pairs = read_quora(data_file, limit=config["limit"])
-        check_paraphrase_prompts(pairs, data_file, context)
-    else:
-        prompts_file, references_file = SONNET_SPLITS[config["split"]]
-        data_file = config["data_dir"] / prompts_file
-        held_out = read_sonnets(data_file, limit=config["limit"])
-        references = read_sonnets(config["data_dir"] / references_file) if references_file else None
-        check_sonnet_prompts(held_out, data_file, config["max_new_tokens"], context)
-    model = load_model(config["checkpoint"], config["adapter"]).to(device).eval()
-    print(f"{config['checkpoint']}: {model.num_parameters() / 1e6:.1f}M parameters on {device}")
+    check_prompts(task, data, data_file, context, config["max_new_tokens"])
+    model = load_model(config["checkpoint"], config["adapter"]).to(config["device"])
+    print(f"{config['checkpoint']}: {model.num_parameters() / 1e6:.1f}M parameters on {config['device']}")
     out = prediction_file(config)
-    if config["task"] == "paraphrase":
-        if pairs[0].label is None:
-            result = {"predictions": predict_paraphrase(model, pairs, config["batch_size"], device, context)}
-        else:
-            result = evaluate_paraphrase(model, pairs, config["batch_size"], device)
-        write_paraphrase_predictions(out, pairs, result["predictions"])
-        score = f"{paraphrase_score(result) if 'f1' in result else '(no labels)'}  ({len(pairs)} pairs"
+    if paraphrase and data[0].label is None:  # the test file: a prompt too long keeps its end
+        prompts = [paraphrase_example(p).prompt[-context:] for p in data]
+        result = {"predictions": answers_yes(model, prompts, config["batch_size"], config["device"])}
+    elif paraphrase:
+        result = evaluate_paraphrase(model, data, config["batch_size"], config["device"])
     else:
         generation = {name: config[name] for name in ("temperature", "top_p", "max_new_tokens", "seed", "batch_size")}
-        if references is None:
-            texts = generate_sonnets(model, [s.text for s in held_out], device, **generation)
-            result = {"sonnets": list(zip([s.number for s in held_out], texts))}
-        else:
-            result = evaluate_sonnets(model, held_out, references, device, **generation)
+        result = evaluate_sonnets(model, data, references, config["device"], **generation)
         write_sonnets(out, result["sonnets"])
-        chrf_text = f"chrF {result['chrf']:.2f}" if references else "(no references)"
-        score = f"{chrf_text}  ({len(held_out)} sonnets"
-    print(f"{config['task']} {config['split']}: {score}, {time.time() - t0:.1f}s)")
-    print(f"predictions: {out}")
-    return result
-
-
-def score_predictions(config):
-    """--predictions: the file scored against --split's references."""
-    path = config["predictions"]
-    if config["task"] == "paraphrase":
-        reference = config["data_dir"] / QUORA[config["split"]]
-        result = score_paraphrase_file(path, reference)
-        score = f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's)  ({result['n']} pairs"
+    if paraphrase:
+        write_paraphrase_predictions(out, data, result["predictions"])
+        score = paraphrase_score(result) if "f1" in result else "(no labels)"
     else:
-        reference = config["data_dir"] / SONNET_SPLITS[config["split"]][1]
-        result = score_sonnet_file(path, reference)
-        score = f"chrF {result['chrf']:.2f}  ({result['n']} sonnets"
-    print(f"{config['task']} {config['split']}: {score} of {path}, against {reference})")
+        score = f"chrF {result['chrf']:.2f}" if references else "(no references)"
+    print(f"{task} {split}: {score}  ({len(data)} {unit}, {time.time() - t0:.1f}s)")
+    print(f"predictions: {out}")
     return result
 
 

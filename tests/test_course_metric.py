@@ -131,7 +131,8 @@ def test_evaluation_equals_one_pair_at_a_time_and_sklearn(sample_data, tiny_mode
     assert result["yes_no_f1"] == pytest.approx(metrics.f1_score(labels, yes, average="macro"))
     assert result["yes_no_share"] == pytest.approx((counts[YES_TOKEN] + counts[NO_TOKEN]) / len(pairs))
     assert result["accuracy"] < result["yes_no_accuracy"]  # the third tokens cost the course's figure
-    assert evaluation.predict_paraphrase(tiny_model, pairs, batch_size=5) == yes  # the predictions file's answers
+    prompts = [encode(paraphrase_prompt(p.sentence1, p.sentence2)) for p in pairs]
+    assert evaluation.answers_yes(tiny_model, prompts, batch_size=5) == yes  # the predictions file's answers
 
 
 def test_one_forward_pass_per_batch_gives_both_answers(sample_data, tiny_model):

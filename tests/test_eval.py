@@ -7,7 +7,7 @@ import torch
 
 import eval as evaluation
 from conftest import always_predict, tiny_config
-from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_prompt, read_quora
+from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example, paraphrase_prompt, read_quora
 from data.sonnets import read_sonnets
 from data.tokenizer import encode
 from model import GPT
@@ -72,9 +72,13 @@ def test_chrf_edge_cases_equal_sacrebleu():
 # paraphrase scoring
 
 
+def answers_yes(model, pairs, **kwargs):
+    return evaluation.answers_yes(model, [paraphrase_example(p).prompt for p in pairs], **kwargs)
+
+
 def test_batched_scoring_equals_scoring_one_pair_at_a_time(sample_data, tiny_model):
     pairs = read_quora(sample_data / "quora-dev.csv")
-    predictions = evaluation.predict_paraphrase(tiny_model, pairs, batch_size=7)
+    predictions = answers_yes(tiny_model, pairs, batch_size=7)
     for pair, prediction in zip(pairs, predictions):
         ids = torch.tensor([encode(paraphrase_prompt(pair.sentence1, pair.sentence2))])
         with torch.no_grad():
@@ -138,20 +142,21 @@ def test_scoring_and_generation_restore_the_callers_mode(sample_data):
     torch.manual_seed(0)
     model = GPT(tiny_config(dropout=0.5))
     pairs = read_quora(sample_data / "quora-dev.csv")
-    prompts = [s.text for s in read_sonnets(sample_data / "sonnets_held_out_dev.txt")[:2]]
-    expected = evaluation.predict_paraphrase(model.eval(), pairs)
-    expected_sonnets = evaluation.generate_sonnets(model, prompts, max_new_tokens=6)
+    held_out = read_sonnets(sample_data / "sonnets_held_out_dev.txt")[:2]
+    generate_sonnets = lambda **kw: evaluation.evaluate_sonnets(model, held_out, None, **kw)["sonnets"]  # noqa: E731
+    expected = answers_yes(model.eval(), pairs)
+    expected_sonnets = generate_sonnets(max_new_tokens=6)
 
     model.train()
     model.transformer.h[0].eval()  # a mixed state, e.g. a frozen part of the model
     before = modes(model)
-    assert evaluation.predict_paraphrase(model, pairs) == expected  # dropout (p=0.5) was off while scoring
+    assert answers_yes(model, pairs) == expected  # dropout (p=0.5) was off while scoring
     assert modes(model) == before
-    assert evaluation.generate_sonnets(model, prompts, max_new_tokens=6) == expected_sonnets
+    assert generate_sonnets(max_new_tokens=6) == expected_sonnets
     assert modes(model) == before
     with pytest.raises(ValueError, match="exceeds block_size"):  # a failed call restores the mode too
-        evaluation.generate_sonnets(model, prompts, max_new_tokens=500)
+        generate_sonnets(max_new_tokens=500)
     assert modes(model) == before
     model.eval()
-    evaluation.predict_paraphrase(model, pairs[:2])
+    answers_yes(model, pairs[:2])
     assert not any(modes(model))  # a model in eval mode stays in eval mode
