@@ -1,8 +1,5 @@
-"""The two tasks' data: readers for the course's files, prompts, batches with loss masks, and downloads.
-
-Data files live here, beside this code, under the course's names (data/quora-train.csv, data/sonnets.txt, ...);
-`python -m data.download` fetches them and git ignores them.
-"""
+"""The two tasks' data: readers for the course's files, prompts, batches with loss masks, and downloads
+(`python -m data.download` puts the files here, under the course's names; git ignores them)."""
 
 from pathlib import Path
 
@@ -10,13 +7,13 @@ from fileio import InputError, read_text
 
 
 def check_count(name, value, what=""):
-    """A count (batch_size, a reader's limit, ...) must be a positive whole number: else a ValueError naming it."""
+    """A positive whole number (batch_size, a reader's limit, ...), else a ValueError naming it."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive whole number{what}, got {value!r}")
 
 
 def read_course_file(path, limit):
-    """The text of one of the course's data files, for a reader whose `limit` keeps its first N records."""
+    """The text of one of the course's files, for a reader whose `limit` (None for all) keeps its first N records."""
     if limit is not None:
         check_count("limit", limit, " of examples (or None for all)")
     if not Path(path).is_file():

@@ -1,16 +1,13 @@
 """
 Fetch the two tasks' data into data/, under the Stanford CS224N project's file names (python -m data.download).
 
-- The sonnet files come from a copy of the course's handout, pinned by commit and checked by sha256.
-- Quora: if you have the course's files, copy them into data/ (quora-train.csv, quora-dev.csv,
-  quora-test-student.csv) and nothing is downloaded. Otherwise this builds files in the same format
-  from GLUE's QQP: the labelled pairs of its train and dev sets, shuffled with a fixed seed and split into
-  the course's sizes (dev 40,429 pairs, test 80,858, the rest train). quora-test.csv keeps the test
-  labels, for a labelled held-out score; quora-test-student.csv drops them, as the course's does.
+- The sonnet files: from a copy of the course's handout, pinned by commit and checked by sha256.
+- Quora: the course's three files, if you copy them into data/; otherwise files in the same format built from
+  GLUE's QQP: its labelled train and dev pairs, shuffled with a fixed seed and cut into the course's sizes (dev
+  40,429 pairs, test 80,858, the rest train). quora-test.csv keeps the test labels, quora-test-student.csv not.
 
-Files that already exist are never touched; sonnet files already there are checked against their sha256
-first. Offline, the error names every missing file and where to put it. Downloads resume after an
-interruption and land atomically.
+Files already there are never touched (sonnet files are checked against their sha256 first). Offline, the error
+names every missing file and where to put it. Downloads resume after an interruption and land atomically.
 """
 
 import csv
@@ -42,9 +39,8 @@ SETTINGS = {
 
 
 def check_present_files(data_dir, quora=True):
-    """Before anything is downloaded: no file's name is taken by a folder, sonnet files already there have the
-    right sha256, and Quora files come from one source (the course's three, or none of them, to be built from
-    QQP), never a mix of both."""
+    """Before any download: no file's place is taken by a folder, sonnet files already there have their sha256,
+    and the Quora files are the course's three or none (to be built from QQP), never a mix."""
     names = [*SONNET_FILES, *(name + ".part" for name in SONNET_FILES)]
     if quora:
         names += [*COURSE_QUORA_FILES, "quora-test.csv", "QQP-clean.zip", "QQP-clean.zip.part"]
@@ -64,7 +60,7 @@ def check_present_files(data_dir, quora=True):
 
 
 def offline_hint(data_dir, quora=True):
-    """Every data file still missing, by name, and where to put it: the whole list, not only the next one."""
+    """Every data file still missing, by name, and where to put it."""
     sonnets = [name for name in SONNET_FILES if not (data_dir / name).exists()]
     quora_files = [name for name in COURSE_QUORA_FILES if quora and not (data_dir / name).exists()]
     where = [f"{', '.join(sonnets)} (the course handout's data/ folder)"] if sonnets else []
@@ -75,9 +71,8 @@ def offline_hint(data_dir, quora=True):
 
 def read_qqp_pairs(zip_path):
     """The labelled pairs of GLUE QQP's train.tsv and dev.tsv: a list of (id, question1, question2, label).
-
-    Rows that are not 6 tab-separated fields ending in a 0/1 label are skipped and reported: this is someone
-    else's file, and one bad row among 400,000 should not stop you from getting the data."""
+    Rows that are not 6 tab-separated fields ending in a 0/1 label are skipped and reported (one bad row among
+    400,000 of someone else's file should not stop you)."""
     pairs, skipped = [], []  # skipped: (member:line, what is wrong with it)
     try:
         archive = zipfile.ZipFile(zip_path)
@@ -137,7 +132,6 @@ def fetch_quora(data_dir, dev_size=COURSE_DEV_SIZE, test_size=COURSE_TEST_SIZE):
 
 
 def fetch(config):
-    """Check the files already in --data_dir, then fetch the sonnets and (unless --skip_quora) build Quora."""
     data_dir, quora = writable_dir(config["data_dir"], "--data-dir"), not config["skip_quora"]
     check_present_files(data_dir, quora)
     for name, sha256 in SONNET_FILES.items():

@@ -33,13 +33,10 @@ class QuoraPair:
 
 
 def read_quora(path, limit=None):
-    """Read a Quora file in the course's format; `limit` keeps only the first N pairs.
-
-    Like the course's own loader, a malformed row (a wrong number of columns, a label other than 0/1) is
-    skipped, and one warning on stderr gives how many were skipped and their first line numbers; blank lines
-    are ignored. A missing or empty file, a file that is not UTF-8, a wrong header, no pairs at all, or a file
-    whose rows are mostly (over half) malformed is an InputError naming the file (and line).
-    """
+    """The pairs of a Quora file in the course's format; `limit` keeps the first N. As in the course's loader, a
+    malformed row (a wrong number of columns, a label not 0/1) is skipped (one warning) and blank lines ignored;
+    an InputError names the file (and line) if it is missing, empty, not UTF-8, has a wrong header, no pairs, or
+    mostly (over half) malformed rows."""
     text = read_course_file(path, limit).removeprefix("\ufeff")  # tolerate the byte-order mark some editors write
     rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
     header = next(rows, None)
@@ -80,8 +77,7 @@ def read_quora(path, limit=None):
 
 
 def warn_skipped(source, skipped, n_rows):
-    """One line on stderr about skipped malformed rows, if any: how many, where (the first five), and what was
-    wrong with the first. `skipped`: (where, what is wrong) for each."""
+    """One warning about the skipped rows, if any (`skipped`: (where, what is wrong) for each)."""
     if skipped:
         shown = ", ".join(where for where, _ in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         print(f"warning: {source}: skipped {len(skipped)} malformed row{'s' if len(skipped) > 1 else ''} of "

@@ -52,9 +52,7 @@ def split_prompt(sonnet_text, n_lines=PROMPT_LINES):
 
 
 def sonnet_example(sonnet):
-    """For SFT: learn to write the whole sonnet, then stop (the end-of-text token ends the target).
-
-    There is no prompt: every token after the first is a target, so the model learns openings too."""
+    """For SFT: no prompt, the whole sonnet and end-of-text the target (so the model learns openings, and to stop)."""
     return Example(prompt=[], target=encode(sonnet.text) + [END_OF_TEXT])
 
 

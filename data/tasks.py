@@ -16,9 +16,8 @@ SONNETS = {
 
 
 def load_task_data(config):
-    """(training records, dev set) for a run's config (its task, data_dir, train_limit and dev_limit): Quora
-    pairs, or sonnets and (dev prompts, true dev sonnets). Read before any model is loaded, so that a missing
-    or malformed file fails at once."""
+    """(training records, dev set) for a run's config (task, data_dir, train_limit, dev_limit): Quora pairs, or
+    sonnets and (dev prompts, true dev sonnets)."""
     data_dir = Path(config["data_dir"])
     if config["task"] == "paraphrase":
         train = read_quora(data_dir / QUORA["train"], limit=config.get("train_limit"))

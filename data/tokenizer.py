@@ -1,7 +1,5 @@
-"""GPT-2's byte-pair encoding (the 50257-token vocabulary), through tiktoken.
-
-Importing this file reads nothing and needs no network: tiktoken's BPE files load on the first encode/decode.
-"""
+"""GPT-2's byte-pair encoding (the 50257-token vocabulary), through tiktoken, whose BPE files load (downloaded
+once, then from its cache) on the first encode/decode, not on import."""
 
 import functools
 
@@ -14,7 +12,6 @@ END_OF_TEXT = 50256  # GPT-2's <|endoftext|>: ends a document, and pads batches 
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer():
-    """tiktoken's "gpt2" encoding: its two BPE files are downloaded on first use, then read from its cache."""
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises whatever its HTTP client raises
