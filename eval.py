@@ -4,11 +4,6 @@ The two tasks' scores as the Stanford CS224N GPT-2 project defines them, of a mo
     python eval.py --task paraphrase --checkpoint gpt2                    # accuracy and macro-F1 on the dev pairs
     python eval.py --task sonnet --checkpoint out/my-model --split test   # the test sonnets, written for submission
     python eval.py --task sonnet --predictions generated_sonnets.txt      # chrF of a submission file, no model
-
-Paraphrase: the course's accuracy and macro-F1 take the most likely next token after the prompt, over the whole
-vocabulary, against the answer token ("yes" or "no"); the restricted figures, and the predictions file, compare
-only logit("yes") with logit("no"). Sonnets: the model continues each held-out sonnet's first 3 lines (the
-course's sampling), and the whole sonnet, given lines included as in the course, is scored by chrF.
 """
 
 import sys
@@ -202,8 +197,7 @@ def evaluate_sonnets(model, held_out, references, device="cpu", **generation):
 
 
 def write_paraphrase_predictions(path, pairs, predictions):
-    """A header, then "id, prediction" per line: the restricted 0/1 answers, right wherever the course's argmax
-    is (an argmax "yes" also beats "no"), and more."""
+    """A header, then "id, prediction" per line (the restricted 0/1 answers: right wherever the argmax is)."""
     with atomic_open(path) as f:
         f.write("id \t Predicted_Is_Paraphrase \n")
         for pair, prediction in zip(pairs, predictions):
@@ -254,7 +248,6 @@ def score_paraphrase_file(path, reference):
 # -----------------------------------------------------------------------------
 # the command line: a row per flag, then the checks that span flags or read files, before any real work
 
-SONNET_SPLITS = {"dev": (SONNETS["dev"], SONNETS["dev_true"]), "test": (SONNETS["test"], None)}  # prompts, references
 SONNET_TAGS = {"seed": "seed", "temperature": "temp", "top_p": "topp", "max_new_tokens": "tokens",
                "batch_size": "batch"}  # the file name's tag of each sampling setting
 
@@ -278,7 +271,7 @@ SETTINGS = {
 
 def check_config(config):
     """The checks that span several flags or look at files (each flag's own are flags.parse's)."""
-    if config["task"] == "sonnet" and config["split"] not in SONNET_SPLITS:
+    if config["task"] == "sonnet" and config["split"] == "train":
         raise InputError(f"--split {config['split']}: --task sonnet has a dev and a test split (sonnets.txt is for "
                          f"training)")
     if config["predictions"] is not None:
@@ -322,25 +315,22 @@ def check_prompts(task, prompts, path, context, max_new_tokens):
     """Every prompt must fit the model's `context` positions: a sonnet's with the max_new_tokens written after
     it, a labelled pair's (train, dev) alone. The test file's pairs, which all need a prediction, keep their
     last `context` tokens instead, with one warning."""
-    if task == "sonnet":
-        for sonnet in prompts:
-            n = len(encode(sonnet.text))
-            if n + max_new_tokens > context:
-                raise InputError(f"{path}: sonnet {sonnet.number}'s prompt is {n} tokens; with --max_new_tokens "
-                                 f"{max_new_tokens} that makes {n + max_new_tokens}, more than the model's {context} "
-                                 f"positions; give --max_new_tokens at most {context - n}")
-        return
-    too_long = [(row, pair, n) for row, pair in enumerate(prompts, start=1)
-                if (n := len(paraphrase_example(pair).prompt)) > context]
+    sonnet = task == "sonnet"
+    lengths = [len(encode(p.text) if sonnet else paraphrase_example(p).prompt) for p in prompts]
+    too_long = [i for i, n in enumerate(lengths) if n > (context - max_new_tokens if sonnet else context)]
     if not too_long:
         return
-    row, pair, n = too_long[0]
-    if pair.label is not None:
+    row, first, n = too_long[0] + 1, prompts[too_long[0]], lengths[too_long[0]]
+    if sonnet:
+        raise InputError(f"{path}: sonnet {first.number}'s prompt is {n} tokens; with --max_new_tokens "
+                         f"{max_new_tokens} that makes {n + max_new_tokens}, more than the model's {context} "
+                         f"positions; give --max_new_tokens at most {context - n}")
+    if first.label is not None:
         more = f" (and {len(too_long) - 1} more)" if len(too_long) > 1 else ""
-        raise InputError(f"{path}: pair {row} (id {pair.id}) makes a prompt of {n} tokens, more than the model's "
+        raise InputError(f"{path}: pair {row} (id {first.id}) makes a prompt of {n} tokens, more than the model's "
                          f"{context} positions{more}; shorten its questions or remove it")
     print(f"warning: {path}: {len(too_long)} of {len(prompts)} prompts are longer than the model's {context} "
-          f"positions (the first: pair {row}, id {pair.id}, {n} tokens); each keeps its last {context} tokens, "
+          f"positions (the first: pair {row}, id {first.id}, {n} tokens); each keeps its last {context} tokens, "
           f"the start of question 1 is cut", file=sys.stderr)
 
 
@@ -366,7 +356,7 @@ def run(config):
     paraphrase, unit = task == "paraphrase", "pairs" if task == "paraphrase" else "sonnets"
     if config["predictions"] is not None:
         path = config["predictions"]
-        reference = data_dir / (QUORA[split] if paraphrase else SONNET_SPLITS[split][1])
+        reference = data_dir / (QUORA[split] if paraphrase else SONNETS["dev_true"])
         if paraphrase:
             result = score_paraphrase_file(path, reference)
             score = f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's)"
@@ -377,27 +367,26 @@ def run(config):
             score = f"chrF {result['chrf']:.2f}"
         print(f"{task} {split}: {score}  ({result['n']} {unit} of {path}, against {reference})")
         return result
-    data_file = data_dir / (QUORA[split] if paraphrase else SONNET_SPLITS[split][0])
+    data_file = data_dir / (QUORA if paraphrase else SONNETS)[split]
     data = (read_quora if paraphrase else read_sonnets)(data_file, limit=config["limit"])
-    references = None if paraphrase or split == "test" else read_sonnets(data_dir / SONNET_SPLITS[split][1])
+    references = None if paraphrase or split == "test" else read_sonnets(data_dir / SONNETS["dev_true"])
     context = model_context(config["checkpoint"])
     check_prompts(task, data, data_file, context, config["max_new_tokens"])
     model = load_model(config["checkpoint"], config["adapter"]).to(config["device"])
     print(f"{config['checkpoint']}: {model.num_parameters() / 1e6:.1f}M parameters on {config['device']}")
     out = prediction_file(config)
-    if paraphrase and data[0].label is None:  # the test file: a prompt too long keeps its end
-        prompts = [paraphrase_example(p).prompt[-context:] for p in data]
-        result = {"predictions": answers_yes(model, prompts, config["batch_size"], config["device"])}
-    elif paraphrase:
-        result = evaluate_paraphrase(model, data, config["batch_size"], config["device"])
+    if paraphrase:
+        if data[0].label is None:  # the test file: a prompt too long keeps its end
+            prompts = [paraphrase_example(p).prompt[-context:] for p in data]
+            result = {"predictions": answers_yes(model, prompts, config["batch_size"], config["device"])}
+        else:
+            result = evaluate_paraphrase(model, data, config["batch_size"], config["device"])
+        write_paraphrase_predictions(out, data, result["predictions"])
+        score = paraphrase_score(result) if "f1" in result else "(no labels)"
     else:
         generation = {name: config[name] for name in ("temperature", "top_p", "max_new_tokens", "seed", "batch_size")}
         result = evaluate_sonnets(model, data, references, config["device"], **generation)
         write_sonnets(out, result["sonnets"])
-    if paraphrase:
-        write_paraphrase_predictions(out, data, result["predictions"])
-        score = paraphrase_score(result) if "f1" in result else "(no labels)"
-    else:
         score = f"chrF {result['chrf']:.2f}" if references else "(no references)"
     print(f"{task} {split}: {score}  ({len(data)} {unit}, {time.time() - t0:.1f}s)")
     print(f"predictions: {out}")
