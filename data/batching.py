@@ -45,16 +45,6 @@ class Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask, self.lengths)))
 
 
-def check_token_ids(ids, vocab_size=VOCAB_SIZE):
-    """Every id of a CPU tensor must be in [0, vocab_size): checked here, where batches are built, so that the
-    model's forward pass never stops to ask the GPU (an out-of-range id would fail there as a device assert)."""
-    outside = (ids < 0) | (ids >= vocab_size)
-    if outside.any():
-        raise ValueError(f"token id {ids[outside][0].item()} is outside the vocabulary: ids must be in "
-                         f"[0, vocab_size={vocab_size})")
-    return ids
-
-
 def collate(examples, pad_id=END_OF_TEXT, max_len=1024, vocab_size=VOCAB_SIZE):
     """Right-pad a list of Examples into a Batch (every token id checked to be in [0, vocab_size))."""
     if not examples:
@@ -68,22 +58,24 @@ def collate(examples, pad_id=END_OF_TEXT, max_len=1024, vocab_size=VOCAB_SIZE):
     input_ids = torch.full((len(examples), len(position)), pad_id)
     for i, ex in enumerate(examples):
         input_ids[i, :len(ex)] = torch.tensor(ex.prompt + ex.target)
+    # checked here, on the CPU, so that the model's forward pass never stops to ask the GPU (an id out of range
+    # would fail there as a device assert)
+    outside = (input_ids < 0) | (input_ids >= vocab_size)
+    if outside.any():
+        raise ValueError(f"token id {input_ids[outside][0].item()} is outside the vocabulary: ids must be in "
+                         f"[0, vocab_size={vocab_size})")
     attention_mask = (position < lengths[:, None]).long()
     loss_mask = attention_mask * (position >= target_starts[:, None])
-    return Batch(check_token_ids(input_ids, vocab_size), attention_mask, loss_mask, lengths)
+    return Batch(input_ids, attention_mask, loss_mask, lengths)
 
 
 def left_pad(prompts, pad_id=END_OF_TEXT, vocab_size=VOCAB_SIZE):
-    """Left-pad token lists for batched generation: (input_ids, attention_mask), every row ending at column -1."""
+    """Left-pad token lists for batched generation: (input_ids, attention_mask), every row ending at column -1.
+    That is the right-padded batch of the reversed prompts, flipped."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError(f"left_pad needs one or more prompts, none empty; got {[len(p) for p in prompts]} tokens")
-    lengths = torch.tensor([len(p) for p in prompts])
-    position = torch.arange(lengths.max())
-    input_ids = torch.full((len(prompts), len(position)), pad_id)
-    for i, p in enumerate(prompts):
-        input_ids[i, len(position) - len(p):] = torch.tensor(p)
-    attention_mask = (position >= len(position) - lengths[:, None]).long()
-    return check_token_ids(input_ids, vocab_size), attention_mask
+    batch = collate([Example(list(reversed(p)), []) for p in prompts], pad_id, max(map(len, prompts)), vocab_size)
+    return batch.input_ids.flip(1), batch.attention_mask.flip(1)
 
 
 def batch_indices(lengths, batch_size, shuffle=False, seed=0, pool_batches=50):
