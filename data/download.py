@@ -1,13 +1,9 @@
 """
-Fetch the two tasks' data into data/, under the Stanford CS224N project's file names (python -m data.download).
-
-- The sonnet files: from a copy of the course's handout, pinned by commit and checked by sha256.
-- Quora: the course's three files, if you copy them into data/; otherwise files in the same format built from
-  GLUE's QQP: its labelled train and dev pairs, shuffled with a fixed seed and cut into the course's sizes (dev
-  40,429 pairs, test 80,858, the rest train). quora-test.csv keeps the test labels, quora-test-student.csv not.
-
-Files already there are never touched (sonnet files are checked against their sha256 first). Offline, the error
-names every missing file and where to put it. Downloads resume after an interruption and land atomically.
+Fetch the two tasks' data into data/, under the Stanford CS224N project's file names (python -m data.download):
+the sonnet files from a pinned copy of the course's handout (sha256-checked); for Quora, the course's three
+files if you copy them into data/, else files in the same format built from GLUE's QQP labelled pairs, shuffled
+with a fixed seed and cut into the course's sizes (quora-test.csv keeps the test labels, quora-test-student.csv
+not). Files already there are never touched; offline, the error names every missing file and where to put it.
 """
 
 import csv
