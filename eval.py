@@ -152,13 +152,6 @@ def evaluate_paraphrase(model, pairs, batch_size=64, device="cpu"):
             "predictions": predictions, "predicted_tokens": tokens}
 
 
-def paraphrase_score(result):
-    """evaluate_paraphrase's figures on one line, naming which are the course's."""
-    return (f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's: argmax over the "
-            f"vocabulary)  yes/no accuracy {result['yes_no_accuracy']:.4f}  macro-F1 {result['yes_no_f1']:.4f}  "
-            f"yes/no share {result['yes_no_share']:.4f}")
-
-
 @torch.no_grad()
 def sample_continuations(model, prompts, temperature=1.2, top_p=0.9, max_new_tokens=128, seed=11711, batch_size=16,
                          device="cpu"):
@@ -379,10 +372,13 @@ def run(config):
         if data[0].label is None:  # the test file: a prompt too long keeps its end
             prompts = [paraphrase_example(p).prompt[-context:] for p in data]
             result = {"predictions": answers_yes(model, prompts, config["batch_size"], config["device"])}
+            score = "(no labels)"
         else:
             result = evaluate_paraphrase(model, data, config["batch_size"], config["device"])
+            score = (f"accuracy {result['accuracy']:.4f}  macro-F1 {result['f1']:.4f} (the course's: argmax over the "
+                     f"vocabulary)  yes/no accuracy {result['yes_no_accuracy']:.4f}  macro-F1 "
+                     f"{result['yes_no_f1']:.4f}  yes/no share {result['yes_no_share']:.4f}")
         write_paraphrase_predictions(out, data, result["predictions"])
-        score = paraphrase_score(result) if "f1" in result else "(no labels)"
     else:
         generation = {name: config[name] for name in ("temperature", "top_p", "max_new_tokens", "seed", "batch_size")}
         result = evaluate_sonnets(model, data, references, config["device"], **generation)

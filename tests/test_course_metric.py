@@ -142,10 +142,3 @@ def test_one_forward_pass_per_batch_gives_both_answers(sample_data, tiny_model):
     tiny_model.hidden_states = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
     evaluation.evaluate_paraphrase(tiny_model, pairs, batch_size=8)
     assert len(calls) == 4  # 30 pairs in batches of 8
-
-
-def test_score_line_names_the_course_figures():
-    result = {"accuracy": 0.125, "f1": 0.25, "yes_no_accuracy": 0.5, "yes_no_f1": 0.625, "yes_no_share": 0.75}
-    line = evaluation.paraphrase_score(result)
-    assert "accuracy 0.1250  macro-F1 0.2500 (the course's" in line
-    assert "yes/no accuracy 0.5000  macro-F1 0.6250  yes/no share 0.7500" in line

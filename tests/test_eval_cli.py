@@ -47,10 +47,12 @@ def run_cli(*args):
 
 def test_cli_scores_paraphrases(hub_checkpoint, data_dir, tmp_path, capsys):
     directory, _ = hub_checkpoint
-    run_cli("--task", "paraphrase", "--checkpoint", directory, "--data-dir", data_dir, "--out-dir", tmp_path / "p",
-            "--limit", 10, "--batch-size", 4)
-    out = capsys.readouterr().out
-    assert "paraphrase dev: accuracy" in out and "macro-F1" in out and "(10 pairs" in out
+    r = run_cli("--task", "paraphrase", "--checkpoint", directory, "--data-dir", data_dir, "--out-dir", tmp_path / "p",
+                "--limit", 10, "--batch-size", 4)
+    out = capsys.readouterr().out  # the score line names the course's figures
+    assert f"paraphrase dev: accuracy {r['accuracy']:.4f}  macro-F1 {r['f1']:.4f} (the course's" in out
+    assert (f"yes/no accuracy {r['yes_no_accuracy']:.4f}  macro-F1 {r['yes_no_f1']:.4f}  yes/no share "
+            f"{r['yes_no_share']:.4f}  (10 pairs") in out
     lines = (tmp_path / "p" / f"{directory.name}-para-dev-limit10-output.csv").read_text().splitlines()
     assert lines[0] == "id \t Predicted_Is_Paraphrase " and len(lines) == 11
     run_cli("--task", "paraphrase", "--checkpoint", directory, "--data_dir", data_dir, "--out_dir", tmp_path / "p",
