@@ -2,9 +2,8 @@
 Shakespeare's sonnets, as the Stanford CS224N GPT-2 project uses them.
 
 sonnets.txt holds a header (the Folger edition's title lines), then every sonnet as a line with its number,
-a blank line, and its lines (usually 14). The held-out files hold only each sonnet's first 3 lines: the
-prompt; the model writes the rest. TRUE_sonnets_held_out_dev.txt holds the same sonnets in full: the
-references that chrF compares the model's sonnets with.
+a blank line, and its lines (usually 14). The held-out files hold each sonnet's first 3 lines (the prompt),
+TRUE_sonnets_held_out_dev.txt the same sonnets in full (chrF's references).
 """
 
 import re
