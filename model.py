@@ -1,25 +1,14 @@
 """
-GPT-2, in one file you can read top to bottom (after Karpathy's nanoGPT).
+GPT-2 (Radford et al. 2019) in one file, after Karpathy's nanoGPT. It imports only torch: it runs copied alone.
 
     logits = model(input_ids, attention_mask=None)        # (B, T, vocab): a prediction at every position
     logits = model(input_ids, logits_at=pos)              # (B, K, vocab): only where a loss reads
     model = checkpoint.from_pretrained("gpt2")            # OpenAI's weights (checkpoint.py reads the hub's files)
     tokens = model.generate(prompt_ids, max_new_tokens=128, temperature=1.2, top_p=0.9)
 
-The architecture is exactly GPT-2's (Radford et al. 2019): learned token and position embeddings, then
-n_layer pre-LayerNorm blocks of causal self-attention and a GELU MLP, a final LayerNorm, and an output
-layer that shares its weights with the token embedding. Module names match OpenAI's checkpoint, so loading
-is a rename plus a transpose. This file imports only torch: copy it alone into a notebook and it runs.
-
-Padding: a batch of sequences of different lengths is padded to one length. `attention_mask` (B, T) marks
-real tokens with 1 and padding with 0. Positions count real tokens only, and no real token attends to
-padding, so every real position gets the logits it would get if its sequence ran alone. Right padding is
-what training and scoring use; left padding is what batched generation uses (every prompt then ends at
-the last column, where the next token goes).
-
-Attention runs PyTorch's fused scaled_dot_product_attention. To read or step through it, set
-model.config.attention = "manual": every layer then runs manual_attention, softmax(Q K^T / sqrt(d) + M) V
-written out in four lines (the tests check that both give the same logits, gradients and tokens).
+Module names match OpenAI's checkpoint. attention_mask (B, T) marks real tokens 1 and padding 0: positions count
+real tokens only and nothing attends to padding, so each row gets the logits it would get alone. Training pads on
+the right, batched generation on the left (every prompt then ends at the last column).
 """
 
 import math
@@ -46,11 +35,10 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if type(value) is not int or value <= 0:
                 raise ValueError(f"GPTConfig {name} must be a positive whole number, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig n_embd={self.n_embd} is not divisible by n_head={self.n_head} "
-                             f"(each head gets n_embd / n_head channels)")
+            raise ValueError(f"GPTConfig n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig dropout must be in [0, 1), got {self.dropout!r}")
         if not self.layer_norm_epsilon > 0:
@@ -80,8 +68,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # prepend the keys and values of the tokens already seen
             k, v = kv_cache.update(self.layer_idx, k, v)
         # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V        (Vaswani et al. 2017, eq. 1)
-        # M is -inf where a query may not look: the future (causal), and padding. attn_mask=None means
-        # "causal only", which lets PyTorch use its fastest kernels.
+        # M is -inf on the future and on padding; attn_mask=None means causal only (PyTorch's fastest kernels)
         dropout_p = self.config.dropout if self.training else 0.0
         if self.config.attention == "manual":
             y = manual_attention(q, k, v, attn_mask, dropout_p)
@@ -93,11 +80,8 @@ class CausalSelfAttention(nn.Module):
 
 
 def manual_attention(q, k, v, attn_mask=None, dropout_p=0.0):
-    """softmax(Q K^T / sqrt(d_k) + M) V written out: what scaled_dot_product_attention computes, fused.
-
-    q: (B, n_head, T, head_size) for T new tokens; k, v: (B, n_head, S, head_size) for all S tokens seen
-    (S = T without a KV cache); attn_mask: (B, 1, T, S) with True = may attend, or None for plain causal.
-    """
+    """What scaled_dot_product_attention computes, fused. q: (B, n_head, T, head_size) for T new tokens; k, v:
+    (B, n_head, S, head_size) for all S seen; attn_mask: (B, 1, T, S), True = may attend, or None: causal."""
     T, S = q.size(-2), k.size(-2)
     if attn_mask is None:  # causal: query t sees keys 0..t (None comes only without a cache, so S == T)
         attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
@@ -136,11 +120,7 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """The keys and values of every token seen so far, one tensor pair per layer.
-
-    With it, generating a token runs the network on that one token instead of the whole sequence again:
-    attention needs the new token's query, but the keys and values of all tokens, which never change.
-    """
+    """Every seen token's keys and values, per layer: a new token then runs alone, as they never change."""
 
     def __init__(self, n_layer):
         self.keys = [None] * n_layer
@@ -158,12 +138,9 @@ class KVCache:
 
 
 def attention_inputs(attention_mask, batch_size, seq_len, past_len, device):
-    """Position ids and attention mask for `seq_len` new tokens that follow `past_len` cached ones.
-
-    attention_mask: (B, past_len + seq_len) with 1 = real token, 0 = padding; or None for no padding.
-    Returns positions (B or 1, seq_len) and a boolean mask (B, 1, seq_len, past_len + seq_len) with
-    True = may attend, or None when plain causal attention is already exact (no padding, no cache).
-    """
+    """Positions (B or 1, seq_len) and mask (B, 1, seq_len, past_len + seq_len), True = may attend, for seq_len
+    new tokens after past_len cached ones. attention_mask (B, past_len + seq_len): 1 = real, 0 = padding, or
+    None. The mask is None when plain causal attention is exact (no padding, no cache)."""
     if attention_mask is None:
         positions = torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)
         if past_len == 0:
@@ -216,10 +193,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def hidden_states(self, input_ids, attention_mask=None, kv_cache=None):
-        """The final (post-LayerNorm) hidden state at every position: (B, T, n_embd).
-
-        Callers that need only a few positions' logits (scoring, generation) apply lm_head to those alone.
-        """
+        """The final (post-LayerNorm) hidden state at every position: (B, T, n_embd)."""
         B, T = input_ids.size()  # token ids are checked where batches are built, on the CPU (data/batching.py)
         past_len = len(kv_cache) if kv_cache is not None else 0
         if past_len + T > self.config.block_size:
@@ -231,14 +205,9 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, input_ids, attention_mask=None, kv_cache=None, logits_at=None, head=None):
-        """Logits for the next token at every position: (B, T, vocab_size).
-
-        logits_at (B, K) long: only at these positions of each row, (B, K, vocab_size). The output layer is
-        a large share of GPT-2's compute (50257 x n_embd per position), so a loss that reads a few positions
-        (paraphrase: one answer token) should not pay for all of them.
-        head: a function (hidden states, output weight) -> result, applied instead of the output layer
-        (chunked_logprobs passes one that never holds every position's logits).
-        """
+        """Logits for the next token at every position: (B, T, vocab_size); with logits_at (B, K) long, only at those
+        positions, (B, K, vocab_size), as the output layer is much of GPT-2's compute. head: a function (hidden
+        states, output weight) -> result run instead of the output layer (chunked_logprobs passes one)."""
         h = self.hidden_states(input_ids, attention_mask, kv_cache)  # (B, T, n_embd)
         if logits_at is not None:
             h = h.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, h.size(-1)))  # (B, K, n_embd)
@@ -249,16 +218,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_p=1.0, attention_mask=None,
                  eos_token_id=END_OF_TEXT, use_cache=True, generator=None):
-        """Continue each prompt by up to `max_new_tokens` tokens.
+        """Continue each (B, T) prompt, left-padded under attention_mask, by up to max_new_tokens: (B, T + new).
 
-        input_ids: (B, T) prompts, left-padded when their lengths differ (with attention_mask marking them).
-        temperature=0 picks the most likely token (greedy); otherwise sample from softmax(logits / temperature)
-        restricted to the top-p nucleus. Pass a seeded torch.Generator for reproducible samples.
-        A row that emits eos_token_id is finished: its later tokens are eos_token_id too, and generation
-        stops when every row is finished (eos_token_id=None: always max_new_tokens). Returns (B, T + new).
+        temperature=0 is greedy; otherwise sample softmax(logits / temperature) within the top-p nucleus (pass a
+        seeded torch.Generator to reproduce). After eos_token_id a row emits only eos_token_id, and generation
+        stops when every row has (eos_token_id=None: always max_new_tokens).
         """
         B, T = input_ids.size()
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        if type(max_new_tokens) is not int or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive whole number, got {max_new_tokens!r}")
         if not 0 <= temperature < math.inf:  # also refuses nan
             raise ValueError(f"temperature must be a finite number >= 0 (0 picks the most likely token), "
@@ -279,7 +246,11 @@ class GPT(nn.Module):
             # with the cache, feed only what the model has not seen yet; without it, the whole sequence
             h = self.hidden_states(new_tokens if use_cache else tokens, attention_mask, kv_cache)
             logits = self.lm_head(h[:, -1, :])  # (B, vocab): only the last position predicts what comes next
-            next_token = sample_next_token(logits, temperature, top_p, generator)
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1)
+            else:
+                probs = F.softmax(top_p_filter(logits / temperature, top_p), dim=-1)
+                next_token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
             if eos_token_id is not None:
                 next_token = torch.where(finished, eos_token_id, next_token)
                 finished |= next_token == eos_token_id
@@ -291,18 +262,9 @@ class GPT(nn.Module):
         return tokens
 
 
-def sample_next_token(logits, temperature=1.0, top_p=1.0, generator=None):
-    """Pick one token per row of logits (B, vocab): greedy when temperature == 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = top_p_filter(logits / temperature, top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-
-
 def top_p_filter(logits, top_p):
-    """Nucleus filtering (Holtzman et al. 2020): keep the smallest set of most likely tokens whose probability
-    adds up to at least top_p, and set every other logit to -inf. The most likely token is always kept."""
+    """Nucleus filtering (Holtzman et al. 2020): -inf for every logit outside the smallest set of most likely
+    tokens whose probability adds up to at least top_p (never the most likely one)."""
     if top_p >= 1.0:
         return logits
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
