@@ -1,7 +1,6 @@
 """
-Per-token log-probabilities without ever holding every position's logits: the memory-saving path beside the plain
-one (train_sft.sequence_logprobs), as nanoGPT keeps a manual attention beside the fused kernel. train_sft takes it
-only when a batch's logits would be large (a 16-sonnet DPO batch's; docs/costs.md measures both).
+Per-token log-probabilities that never hold every position's logits, beside the plain train_sft.sequence_logprobs
+(as nanoGPT keeps a manual attention beside the fused one) for batches whose logits are large (docs/costs.md).
 
     logps = model(input_ids, logits_at=positions, head=chunked_head(targets))    # (B, K) float32
 
@@ -12,9 +11,8 @@ With z = W h the logits of one position and p = softmax(z),
     d log p(t | h) / d h   = w_t - sum_v p_v w_v         (the target's row of W minus the expected row)
 
 so for an incoming gradient g per position, dL/dh = g (w_t - sum_v p_v w_v) and dL/dW = sum g (onehot(t) - p) h^T.
-The forward pass computes the logits CHUNK positions at a time and, having each chunk's p at hand, d log p / d h.
-When W trains (not under LoRA), the backward pass recomputes each chunk's logits to add its g (onehot(t) - p) h^T
-into one float32 dL/dW. Only one chunk's (n, vocab) numbers exist at a time, so memory does not grow with the batch.
+The forward pass computes CHUNK positions' logits at a time, and d log p / d h while it has their p. When W trains
+(not under LoRA), backward recomputes each chunk's logits to add g (onehot(t) - p) h^T into one float32 dL/dW.
 """
 
 import torch
@@ -35,24 +33,21 @@ def chunked_token_logprobs(hidden, weight, targets, chunk_size):
     return ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size, torch.is_grad_enabled())
 
 
-class ChunkedTokenLogprobs(torch.autograd.Function):
-    """chunked_token_logprobs' forward and backward passes (the derivation is the module's docstring)."""
+class ChunkedTokenLogprobs(torch.autograd.Function):  # the derivation is the module's docstring
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, grad_enabled):
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype  # the matmuls'
         want_hidden = grad_enabled and ctx.needs_input_grad[0]
         h, w, t = hidden.reshape(-1, hidden.size(-1)).to(dtype), weight.to(dtype), targets.reshape(-1)
         logps = torch.empty(t.shape, dtype=torch.float32, device=hidden.device)
         logsumexp = torch.empty_like(logps)
         dlogp_dh = torch.empty_like(h) if want_hidden else None
-        for start in range(0, len(t), chunk_size):
-            rows = slice(start, start + chunk_size)
+        for rows in (slice(i, i + chunk_size) for i in range(0, len(t), chunk_size)):
             z = (h[rows] @ w.t()).float()  # this chunk's logits (n, vocab)
             target_logits = z.gather(1, t[rows, None]).squeeze(1)
-            # logsumexp(z) = m + log sum_v exp(z_v - m) with m = max_v z_v, so no exp overflows; z becomes
-            # softmax(z) in place, with no second (n, vocab) tensor
+            # z becomes softmax(z) in place; logsumexp(z) = m + log sum_v exp(z_v - m), m = max_v z_v: no overflow
             m = z.amax(-1, keepdim=True)
             total = z.sub_(m).exp_().sum(-1, keepdim=True)
             z.div_(total)
@@ -75,8 +70,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             h, w, t = hidden.reshape(-1, hidden.size(-1)).to(ctx.dtype), weight.to(ctx.dtype), targets.reshape(-1)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # summed in float32
-            for start in range(0, len(t), ctx.chunk_size):  # the chunk's logits again, instead of having kept them
-                rows = slice(start, start + ctx.chunk_size)
+            for rows in (slice(i, i + ctx.chunk_size) for i in range(0, len(t), ctx.chunk_size)):  # logits again
                 softmax = (h[rows] @ w.t()).float().sub_(logsumexp[rows, None]).exp_()  # exp(z - logsumexp(z))
                 scaled = onehot_minus_(softmax, t[rows]).mul_(g[rows]).to(ctx.dtype)  # g (onehot(t) - p)
                 if scaled.dtype == torch.float32:

@@ -1,12 +1,10 @@
 """
-LoRA, by hand (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"). The pretrained W stays
-frozen; the update is learned as the product of B (d_out x r) and A (r x d_in), r << d:
+LoRA, by hand (Hu et al. 2021): the pretrained W stays frozen and the update is B (d_out x r) A (r x d_in), r << d:
 
     h = W x + (alpha / r) * B A x                                   (Hu et al. 2021, eq. 3)
 
-B starts at zero, so training starts exactly at the pretrained function; after training, B A can be folded into
-W ("merged") to run as fast as the original. rsLoRA (rslora=True; Kalajdzievski 2023) scales by alpha / sqrt(r)
-instead, so that the learning speed does not fall as r grows. (LoRA+ is the optimizer's: trainer.py.)
+B starts at zero, so training starts at the pretrained function; B A can then be folded into W ("merged").
+rsLoRA (rslora=True; Kalajdzievski 2023) scales by alpha / sqrt(r), so learning does not slow as r grows.
 
     model = apply_lora(checkpoint.from_pretrained("gpt2"), r=8, alpha=16)  # freezes all but A and B
     save_lora(model, "adapter.safetensors")                        # a few MB, not the whole model
@@ -31,8 +29,6 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, r, alpha, dropout=0.0, rslora=False):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
@@ -46,13 +42,11 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.merged:
             if self.training:
-                raise RuntimeError("this LoRA layer is merged into its base weight; unmerge it with "
-                                   "merge_lora(model, False) before training")
+                raise RuntimeError("a merged LoRA layer cannot train: unmerge it with merge_lora(model, False)")
             return self.base(x)
         return self.base(x) + (self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
-    def delta_weight(self):
-        """The update this layer adds to W: scaling B A, shape (out_features, in_features)."""
+    def delta_weight(self):  # what merging adds to W: scaling B A, (out_features, in_features)
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def extra_repr(self):
@@ -117,8 +111,7 @@ def lora_state_dict(model):
 
 
 def save_lora(model, path):
-    """Write every LoRA layer's A and B as a small safetensors file, with alpha, dropout, rsLoRA, and the model's
-    depth, width and rank, so that load_lora can say what does not fit."""
+    """Every LoRA layer's A and B, as safetensors, with what load_lora needs to say what does not fit a model."""
     layers = list(lora_layers(model).values())
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
@@ -128,17 +121,15 @@ def save_lora(model, path):
 
 
 def load_lora(model, path):
-    """Load an adapter written by save_lora; a model without LoRA layers first gets the file's (its layers, rank,
-    alpha and scaling). One that does not fit (depth, width, rank, scaling or layers) is an InputError naming the
-    file and each mismatch. Files without that metadata are measured from their tensors (written before rsLoRA:
-    alpha / r). Returns the model."""
+    """Load save_lora's adapter (into the file's LoRA layers, made first if the model has none); one that does not
+    fit is an InputError naming each mismatch. Older files lack metadata: measured from the tensors, alpha / r."""
     tensors, metadata = read_safetensors(path)
     names = sorted(k.removesuffix(".lora_A") for k in tensors if k.endswith(".lora_A"))
     if not names or "lora_alpha" not in metadata or any(
             not re.fullmatch(r"transformer\.h\.\d+\..+", name) or name + ".lora_B" not in tensors for name in names):
         raise InputError(f"{path}: not a LoRA adapter written by save_lora (it needs lora_A and lora_B tensors "
                          f"named transformer.h.<i>.<layer>, and lora_alpha)")
-    c, layers = model.config, lora_layers(model).values()
+    c, layers = model.config, list(lora_layers(model).values())
     try:
         (r, d_in), d_out = tensors[names[0] + ".lora_A"].shape, tensors[names[0] + ".lora_B"].shape[0]
         depth = int(metadata.get("n_layer", 1 + max(int(name.split(".")[2]) for name in names)))
@@ -161,15 +152,14 @@ def load_lora(model, path):
         if not layers:
             apply_lora(model, r, float(metadata["lora_alpha"]), float(metadata.get("lora_dropout", 0.0)), names,
                        rslora)
-        expected = lora_state_dict(model)
-        missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-        if missing or unexpected:
+        expected = {key: tuple(value.shape) for key, value in lora_state_dict(model).items()}
+        got = {key: tuple(value.shape) for key, value in tensors.items()}
+        if got != expected:
+            missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+            shapes = [f"{key} {got[key]}, the model's {expected[key]}" for key in sorted(got.keys() & expected.keys())
+                      if got[key] != expected[key]]
             raise ValueError(f"LoRA state dict does not match the model: missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}")
-        for key, tensor in tensors.items():
-            if tensor.shape != expected[key].shape:
-                raise ValueError(f"LoRA tensor {key} has shape {tuple(tensor.shape)}, the model has "
-                                 f"{tuple(expected[key].shape)}")
+                             f"unexpected {unexpected[:4]}, shapes {shapes[:4]}")
     except ValueError as e:  # targets this model does not have, shapes that differ, a damaged file
         raise InputError(f"{path}: {e}") from None
     model.load_state_dict(tensors, strict=False)
@@ -177,8 +167,7 @@ def load_lora(model, path):
 
 
 def merged_state_dict(model):
-    """A plain GPT state dict (no LoRA names) whose weights are W + scaling B A. The model is unchanged."""
-    # a LoRA layer's W and b are named <layer>.base.weight and <layer>.base.bias; a plain GPT's <layer>.weight, .bias
+    """A plain GPT state dict (<layer>.base.weight is <layer>.weight) whose weights are W + scaling B A."""
     plain = {key.replace(".base.", "."): value.detach().clone()
              for key, value in model.state_dict().items() if not key.endswith(LORA_NAMES)}
     for name, layer in lora_layers(model).items():
