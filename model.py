@@ -59,8 +59,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, attn_mask=None, kv_cache=None):
         B, T, C = x.size()
         n_head = self.config.n_head
-        # split the channels into heads: each of q, k, v (B, T, C) -> (B, n_head, T, head_size)
-        q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, n_head, T, head_size): split into heads
+        k = k.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, n_head, T, head_size)
+        v = v.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, n_head, T, head_size)
         if kv_cache is not None:  # prepend the keys and values of the tokens already seen, and keep them all
             if kv_cache[self.layer_idx] is not None:
                 k, v = (torch.cat([seen, new], dim=2) for seen, new in zip(kv_cache[self.layer_idx], (k, v)))
