@@ -168,8 +168,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def hidden_states(self, input_ids, attention_mask=None, kv_cache=None):
-        """The final (post-LayerNorm) hidden state at every position: (B, T, n_embd). kv_cache: one (keys, values)
-        per layer (None until its first token), which the new tokens extend: they then run alone."""
+        """The final (post-LayerNorm) hidden state at every position: (B, T, n_embd). kv_cache ([None] * n_layer to
+        start): each layer keeps its (keys, values) there, so a later call runs only the tokens not yet seen."""
         B, T = input_ids.size()  # token ids are checked where batches are built, on the CPU (data/batching.py)
         past_len = kv_cache[0][0].size(2) if kv_cache and kv_cache[0] is not None else 0
         if past_len + T > self.config.block_size:
@@ -194,7 +194,7 @@ class GPT(nn.Module):
                  eos_token_id=END_OF_TEXT, use_cache=True, generator=None):
         """Continue each (B, T) prompt, left-padded under attention_mask, by up to max_new_tokens: (B, T + new).
         temperature=0 is greedy, else sample softmax(logits / temperature) in the top-p nucleus (a seeded generator
-        reproduces it). After eos_token_id a row emits only eos_token_id; all rows done, generation stops."""
+        reproduces it). A row that emits eos_token_id then emits only that; once every row has, generation stops."""
         B, T = input_ids.size()
         if type(max_new_tokens) is not int or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive whole number, got {max_new_tokens!r}")
