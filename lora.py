@@ -1,22 +1,12 @@
 """
-LoRA, by hand (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
-
-Full fine-tuning learns a whole new d_out x d_in matrix for every layer. LoRA freezes the pretrained W and
-learns the update as a product of two thin matrices, B (d_out x r) and A (r x d_in) with r << d:
+LoRA, by hand (Hu et al. 2021): the pretrained W stays frozen and the update is B (d_out x r) A (r x d_in), r << d:
 
     h = W x + (alpha / r) * B A x                                   (Hu et al. 2021, eq. 3)
 
-A starts random and B starts at zero, so B A = 0 and training starts exactly at the pretrained function.
-alpha / r keeps the update's scale steady when you change r. After training, B A can be folded into W
-("merged"), so the adapted model runs as fast as the original one.
-
-rsLoRA (rslora=True; Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA")
-scales by alpha / sqrt(r) instead: with alpha / r a larger rank learns slower (the update shrinks as 1/r
-while its variance grows only as r), so ranks above ~16 gain nothing; alpha / sqrt(r) keeps the learning
-speed steady in r. (LoRA+, B's own learning rate, is the optimizer's: trainer.configure_optimizer.)
+B starts at zero, so training starts at the pretrained function; B A can then be folded into W ("merged").
+rsLoRA (rslora=True; Kalajdzievski 2023) scales by alpha / sqrt(r), so learning does not slow as r grows.
 
     model = apply_lora(checkpoint.from_pretrained("gpt2"), r=8, alpha=16)  # freezes all but A and B
-    ... train ...
     save_lora(model, "adapter.safetensors")                        # a few MB, not the whole model
     plain = merged_model(model)                                    # a plain GPT whose weights are W + (alpha/r) B A
 """
@@ -35,13 +25,10 @@ LORA_NAMES = (".lora_A", ".lora_B")
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update: y = W x + b + scaling B A dropout(x), where scaling
-    is alpha / r (rsLoRA: alpha / sqrt(r))."""
+    """A frozen nn.Linear plus y = W x + b + scaling B A dropout(x), scaling = alpha / r (rsLoRA: alpha / sqrt(r))."""
 
     def __init__(self, base, r, alpha, dropout=0.0, rslora=False):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
@@ -55,12 +42,11 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.merged:
             if self.training:
-                raise RuntimeError("this LoRA layer is merged into its base weight; call unmerge_lora before training")
+                raise RuntimeError("a merged LoRA layer cannot train: unmerge it with merge_lora(model, False)")
             return self.base(x)
         return self.base(x) + (self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
-    def delta_weight(self):
-        """The update this layer adds to W: scaling B A, shape (out_features, in_features)."""
+    def delta_weight(self):  # what merging adds to W: scaling B A, (out_features, in_features)
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def extra_repr(self):
@@ -68,13 +54,9 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model, r, alpha, dropout=0.0, targets=DEFAULT_TARGETS, rslora=False):
-    """Replace every nn.Linear whose name is, or ends in, one of `targets` by a LoRALinear; freeze the rest.
-    Returns the model (changed in place).
-
-    Targets match by dotted suffix: "c_proj" matches attention's and the MLP's c_proj, "attn.c_proj" only
-    attention's, "transformer.h.0.attn.c_attn" one layer.
-    """
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+    """Replace every nn.Linear whose dotted name ends in one of `targets` by a LoRALinear and freeze the rest, in
+    place: "c_proj" matches attention's and the MLP's, "attn.c_proj" attention's, "transformer.h.0.attn.c_attn" one."""
+    if type(r) is not int or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
     if not alpha > 0:
         raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
@@ -110,22 +92,13 @@ def lora_layers(model):
 
 
 @torch.no_grad()
-def merge_lora(model):
-    """Fold every layer's update into its W (W += scaling B A), so a forward pass costs one matmul per layer."""
+def merge_lora(model, merged=True):
+    """Fold every layer's update into its W (W += scaling B A), so a forward pass costs one matmul per layer;
+    merged=False takes it back out (W -= scaling B A), to train again."""
     for layer in lora_layers(model).values():
-        if not layer.merged:
-            layer.base.weight += layer.delta_weight()
-            layer.merged = True
-    return model
-
-
-@torch.no_grad()
-def unmerge_lora(model):
-    """Undo merge_lora (W -= scaling B A), to train again."""
-    for layer in lora_layers(model).values():
-        if layer.merged:
-            layer.base.weight -= layer.delta_weight()
-            layer.merged = False
+        if layer.merged != merged:
+            layer.base.weight += layer.delta_weight() if merged else -layer.delta_weight()
+            layer.merged = merged
     return model
 
 
@@ -138,8 +111,7 @@ def lora_state_dict(model):
 
 
 def save_lora(model, path):
-    """Write the adapter (A, B of every LoRA layer, plus alpha, dropout, whether it is rsLoRA, and the model's
-    depth, width and rank, so load_lora can say what does not fit) as a small safetensors file."""
+    """Every LoRA layer's A and B, as safetensors, with what load_lora needs to say what does not fit a model."""
     layers = list(lora_layers(model).values())
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
@@ -149,71 +121,53 @@ def save_lora(model, path):
 
 
 def load_lora(model, path):
-    """Load an adapter written by save_lora. A model without LoRA layers gets them first, on exactly the
-    layers the file adapts, with the file's rank, alpha and scaling (files written before rsLoRA are alpha / r).
-    Returns the model. An adapter that does not fit the model (its depth, width, rank, scaling or layers) is an
-    InputError naming the file and each mismatch."""
+    """Load save_lora's adapter (into the file's LoRA layers, made first if the model has none); one that does not
+    fit is an InputError naming each mismatch. Older files lack metadata: measured from the tensors, alpha / r."""
     tensors, metadata = read_safetensors(path)
     names = sorted(k.removesuffix(".lora_A") for k in tensors if k.endswith(".lora_A"))
     if not names or "lora_alpha" not in metadata or any(
             not re.fullmatch(r"transformer\.h\.\d+\..+", name) or name + ".lora_B" not in tensors for name in names):
         raise InputError(f"{path}: not a LoRA adapter written by save_lora (it needs lora_A and lora_B tensors "
                          f"named transformer.h.<i>.<layer>, and lora_alpha)")
+    c, layers = model.config, list(lora_layers(model).values())
     try:
-        mismatches = adapter_mismatches(model, names, tensors, metadata)
+        (r, d_in), d_out = tensors[names[0] + ".lora_A"].shape, tensors[names[0] + ".lora_B"].shape[0]
+        depth = int(metadata.get("n_layer", 1 + max(int(name.split(".")[2]) for name in names)))
+        # every adapted layer reads n_embd numbers, except the MLP's c_proj (4 n_embd), which writes n_embd
+        width = int(metadata.get("n_embd", d_out if names[0].endswith("mlp.c_proj") else d_in))
+        rslora = metadata.get("rslora", "False") == "True"  # safetensors metadata is text
+        ranks, scalings = sorted({layer.r for layer in layers}), {layer.rslora for layer in layers}
+        mismatches = []
+        if depth > c.n_layer or (depth != c.n_layer and "n_layer" in metadata):  # unsaved: it may skip the last
+            mismatches.append(f"depth n_layer={depth}, the model's is {c.n_layer}")
+        if width != c.n_embd:
+            mismatches.append(f"width n_embd={width}, the model's is {c.n_embd}")
+        if ranks and ranks != [r]:
+            mismatches.append(f"rank r={r}, the model's LoRA layers have r={', '.join(map(str, ranks))}")
+        if scalings and scalings != {rslora}:
+            mismatches.append(f"scaling {'alpha/sqrt(r) (rsLoRA)' if rslora else 'alpha/r'}, the model's "
+                              f"LoRA layers scale by {'alpha/sqrt(r)' if True in scalings else 'alpha/r'}")
         if mismatches:
             raise InputError(f"{path}: this adapter does not fit the model: {'; '.join(mismatches)}")
-        if not lora_layers(model):
-            apply_lora(model, r=tensors[names[0] + ".lora_A"].shape[0], alpha=float(metadata["lora_alpha"]),
-                       dropout=float(metadata.get("lora_dropout", 0.0)), targets=names, rslora=saved_rslora(metadata))
-        expected = lora_state_dict(model)
-        missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-        if missing or unexpected:
+        if not layers:
+            apply_lora(model, r, float(metadata["lora_alpha"]), float(metadata.get("lora_dropout", 0.0)), names,
+                       rslora)
+        expected = {key: tuple(value.shape) for key, value in lora_state_dict(model).items()}
+        got = {key: tuple(value.shape) for key, value in tensors.items()}
+        if got != expected:
+            missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+            shapes = [f"{key} {got[key]}, the model's {expected[key]}" for key in sorted(got.keys() & expected.keys())
+                      if got[key] != expected[key]]
             raise ValueError(f"LoRA state dict does not match the model: missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}")
-        for key, tensor in tensors.items():
-            if tensor.shape != expected[key].shape:
-                raise ValueError(f"LoRA tensor {key} has shape {tuple(tensor.shape)}, the model has "
-                                 f"{tuple(expected[key].shape)}")
+                             f"unexpected {unexpected[:4]}, shapes {shapes[:4]}")
     except ValueError as e:  # targets this model does not have, shapes that differ, a damaged file
         raise InputError(f"{path}: {e}") from None
     model.load_state_dict(tensors, strict=False)
     return model
 
 
-def saved_rslora(metadata):
-    """Whether save_lora wrote an rsLoRA adapter (safetensors metadata is text: "True" or "False")."""
-    return metadata.get("rslora", "False") == "True"
-
-
-def adapter_mismatches(model, names, tensors, metadata):
-    """What about an adapter does not fit `model`: its depth, width, rank or scaling, e.g. ["depth n_layer=3, the
-    model's is 2"]. Adapters saved without that metadata are measured from their names and shapes."""
-    c, A = model.config, tensors[names[0] + ".lora_A"]  # A: (r, in_features)
-    deepest = 1 + max(int(name.split(".")[2]) for name in names)  # names are transformer.h.{i}.<module>
-    depth = int(metadata.get("n_layer", deepest))
-    # width: what every adapted layer reads is n_embd wide, except the MLP's c_proj (4 n_embd), whose B is n_embd
-    width = int(metadata.get("n_embd", tensors[names[0] + ".lora_B"].shape[0] if names[0].endswith("mlp.c_proj")
-                                       else A.shape[1]))
-    rslora = saved_rslora(metadata)
-    model_ranks = sorted({layer.r for layer in lora_layers(model).values()})
-    model_rslora = {layer.rslora for layer in lora_layers(model).values()}
-    mismatches = []
-    if depth != c.n_layer and (depth > c.n_layer or "n_layer" in metadata):
-        mismatches.append(f"depth n_layer={depth}, the model's is {c.n_layer}")
-    if width != c.n_embd:
-        mismatches.append(f"width n_embd={width}, the model's is {c.n_embd}")
-    if model_ranks and model_ranks != [A.shape[0]]:
-        mismatches.append(f"rank r={A.shape[0]}, the model's LoRA layers have r={', '.join(map(str, model_ranks))}")
-    if model_rslora and model_rslora != {rslora}:
-        mismatches.append(f"scaling {'alpha/sqrt(r) (rsLoRA)' if rslora else 'alpha/r'}, the model's "
-                          f"LoRA layers scale by {'alpha/sqrt(r)' if True in model_rslora else 'alpha/r'}")
-    return mismatches
-
-
 def merged_state_dict(model):
-    """A plain GPT state dict (no LoRA names) whose weights are W + scaling B A. The model is unchanged."""
-    # a LoRA layer's W and b are named <layer>.base.weight and <layer>.base.bias; a plain GPT's <layer>.weight, .bias
+    """A plain GPT state dict (<layer>.base.weight is <layer>.weight) whose weights are W + scaling B A."""
     plain = {key.replace(".base.", "."): value.detach().clone()
              for key, value in model.state_dict().items() if not key.endswith(LORA_NAMES)}
     for name, layer in lora_layers(model).items():

@@ -1,25 +1,13 @@
 """
-GPT-2, in one file you can read top to bottom (after Karpathy's nanoGPT).
+GPT-2 (Radford et al. 2019) in one file, after Karpathy's nanoGPT. It imports only torch: it runs copied alone.
 
     logits = model(input_ids, attention_mask=None)        # (B, T, vocab): a prediction at every position
     logits = model(input_ids, logits_at=pos)              # (B, K, vocab): only where a loss reads
     model = checkpoint.from_pretrained("gpt2")            # OpenAI's weights (checkpoint.py reads the hub's files)
     tokens = model.generate(prompt_ids, max_new_tokens=128, temperature=1.2, top_p=0.9)
 
-The architecture is exactly GPT-2's (Radford et al. 2019): learned token and position embeddings, then
-n_layer pre-LayerNorm blocks of causal self-attention and a GELU MLP, a final LayerNorm, and an output
-layer that shares its weights with the token embedding. Module names match OpenAI's checkpoint, so loading
-is a rename plus a transpose. This file imports only torch: copy it alone into a notebook and it runs.
-
-Padding: a batch of sequences of different lengths is padded to one length. `attention_mask` (B, T) marks
-real tokens with 1 and padding with 0. Positions count real tokens only, and no real token attends to
-padding, so every real position gets the logits it would get if its sequence ran alone. Right padding is
-what training and scoring use; left padding is what batched generation uses (every prompt then ends at
-the last column, where the next token goes).
-
-Attention runs PyTorch's fused scaled_dot_product_attention. To read or step through it, set
-model.config.attention = "manual": every layer then runs manual_attention, softmax(Q K^T / sqrt(d) + M) V
-written out in four lines (the tests check that both give the same logits, gradients and tokens).
+attention_mask (B, T) marks real tokens 1 and padding 0: positions count real tokens only and nothing attends to
+padding, so each row gets the logits it would get alone (training pads right; generation left, so prompts end level).
 """
 
 import math
@@ -46,11 +34,10 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if type(value) is not int or value <= 0:
                 raise ValueError(f"GPTConfig {name} must be a positive whole number, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig n_embd={self.n_embd} is not divisible by n_head={self.n_head} "
-                             f"(each head gets n_embd / n_head channels)")
+            raise ValueError(f"GPTConfig n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig dropout must be in [0, 1), got {self.dropout!r}")
         if not self.layer_norm_epsilon > 0:
@@ -64,7 +51,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.config = config  # shared by every layer: model.config.attention = "manual" switches them all
-        self.layer_idx = layer_idx  # which slot of a KVCache this layer reads and writes
+        self.layer_idx = layer_idx  # which slot of a KV cache this layer reads and writes
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -72,16 +59,16 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, attn_mask=None, kv_cache=None):
         B, T, C = x.size()
         n_head = self.config.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # split the channels into heads: (B, T, C) -> (B, n_head, T, head_size)
-        q = q.view(B, T, n_head, C // n_head).transpose(1, 2)
-        k = k.view(B, T, n_head, C // n_head).transpose(1, 2)
-        v = v.view(B, T, n_head, C // n_head).transpose(1, 2)
-        if kv_cache is not None:  # prepend the keys and values of the tokens already seen
-            k, v = kv_cache.update(self.layer_idx, k, v)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, n_head, T, head_size): split into heads
+        k = k.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, n_head, T, head_size)
+        v = v.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, n_head, T, head_size)
+        if kv_cache is not None:  # prepend the keys and values of the tokens already seen, and keep them all
+            if kv_cache[self.layer_idx] is not None:
+                k, v = (torch.cat([seen, new], dim=2) for seen, new in zip(kv_cache[self.layer_idx], (k, v)))
+            kv_cache[self.layer_idx] = (k, v)  # (B, n_head, tokens seen, head_size) each
         # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V        (Vaswani et al. 2017, eq. 1)
-        # M is -inf where a query may not look: the future (causal), and padding. attn_mask=None means
-        # "causal only", which lets PyTorch use its fastest kernels.
+        # M is -inf on the future and on padding; attn_mask=None means causal only (PyTorch's fastest kernels)
         dropout_p = self.config.dropout if self.training else 0.0
         if self.config.attention == "manual":
             y = manual_attention(q, k, v, attn_mask, dropout_p)
@@ -93,11 +80,8 @@ class CausalSelfAttention(nn.Module):
 
 
 def manual_attention(q, k, v, attn_mask=None, dropout_p=0.0):
-    """softmax(Q K^T / sqrt(d_k) + M) V written out: what scaled_dot_product_attention computes, fused.
-
-    q: (B, n_head, T, head_size) for T new tokens; k, v: (B, n_head, S, head_size) for all S tokens seen
-    (S = T without a KV cache); attn_mask: (B, 1, T, S) with True = may attend, or None for plain causal.
-    """
+    """What scaled_dot_product_attention computes, fused. q: (B, n_head, T, head_size) for T new tokens; k, v:
+    (B, n_head, S, head_size) for all S seen; attn_mask: (B, 1, T, S), True = may attend, or None: causal."""
     T, S = q.size(-2), k.size(-2)
     if attn_mask is None:  # causal: query t sees keys 0..t (None comes only without a cache, so S == T)
         attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
@@ -135,39 +119,13 @@ class Block(nn.Module):
         return x
 
 
-class KVCache:
-    """The keys and values of every token seen so far, one tensor pair per layer.
-
-    With it, generating a token runs the network on that one token instead of the whole sequence again:
-    attention needs the new token's query, but the keys and values of all tokens, which never change.
-    """
-
-    def __init__(self, n_layer):
-        self.keys = [None] * n_layer
-        self.values = [None] * n_layer
-
-    def __len__(self):  # number of cached positions
-        return 0 if self.keys[0] is None else self.keys[0].size(2)
-
-    def update(self, layer_idx, k, v):
-        if self.keys[layer_idx] is not None:
-            k = torch.cat([self.keys[layer_idx], k], dim=2)
-            v = torch.cat([self.values[layer_idx], v], dim=2)
-        self.keys[layer_idx], self.values[layer_idx] = k, v
-        return k, v
-
-
 def attention_inputs(attention_mask, batch_size, seq_len, past_len, device):
-    """Position ids and attention mask for `seq_len` new tokens that follow `past_len` cached ones.
-
-    attention_mask: (B, past_len + seq_len) with 1 = real token, 0 = padding; or None for no padding.
-    Returns positions (B or 1, seq_len) and a boolean mask (B, 1, seq_len, past_len + seq_len) with
-    True = may attend, or None when plain causal attention is already exact (no padding, no cache).
-    """
+    """Positions (B or 1, seq_len) and mask (B, 1, seq_len, past_len + seq_len), True = may attend, for seq_len
+    new tokens after past_len cached ones. attention_mask (B, past_len + seq_len): 1 = real, 0 = padding, or
+    None. The mask is None when plain causal attention is exact (no padding, no cache)."""
     if attention_mask is None:
-        positions = torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)
         if past_len == 0:
-            return positions, None
+            return torch.arange(seq_len, device=device).unsqueeze(0), None
         attention_mask = torch.ones(batch_size, past_len + seq_len, dtype=torch.long, device=device)
     if attention_mask.shape != (batch_size, past_len + seq_len):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
@@ -177,10 +135,8 @@ def attention_inputs(attention_mask, batch_size, seq_len, past_len, device):
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
     query = torch.arange(past_len, past_len + seq_len, device=device).view(-1, 1)
     key = torch.arange(past_len + seq_len, device=device).view(1, -1)
-    causal = key <= query  # (seq_len, past_len + seq_len)
-    # a padding query would otherwise see no key at all (softmax of all -inf = NaN): let it see itself
-    mask = causal & (real[:, None, None, :] | (key == query))
-    return positions, mask
+    # causal, and no padding key; but a padding query would then see nothing (softmax of all -inf = NaN): it sees itself
+    return positions, (key <= query) & (real[:, None, None, :] | (key == query))
 
 
 class GPT(nn.Module):
@@ -198,30 +154,24 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
         # GPT-2's initialisation, for training from scratch (checkpoint.from_pretrained skips it and loads every weight)
-        self.apply(self._init_weights)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # scale residual projections by 1/sqrt(number of residual adds)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_parameters(self, trainable_only=False):
         """Parameters counted once each (the tied embedding too); trainable_only counts requires_grad ones."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def hidden_states(self, input_ids, attention_mask=None, kv_cache=None):
-        """The final (post-LayerNorm) hidden state at every position: (B, T, n_embd).
-
-        Callers that need only a few positions' logits (scoring, generation) apply lm_head to those alone.
-        """
+        """The final (post-LayerNorm) hidden state at every position: (B, T, n_embd). kv_cache ([None] * n_layer to
+        start): each layer keeps its (keys, values) there, so a later call runs only the tokens not yet seen."""
         B, T = input_ids.size()  # token ids are checked where batches are built, on the CPU (data/batching.py)
-        past_len = len(kv_cache) if kv_cache is not None else 0
+        past_len = kv_cache[0][0].size(2) if kv_cache and kv_cache[0] is not None else 0
         if past_len + T > self.config.block_size:
             raise ValueError(f"sequence of {past_len + T} tokens is longer than block_size={self.config.block_size}")
         positions, attn_mask = attention_inputs(attention_mask, B, T, past_len, input_ids.device)
@@ -230,35 +180,23 @@ class GPT(nn.Module):
             x = block(x, attn_mask, kv_cache)
         return self.transformer.ln_f(x)
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None, logits_at=None, head=None):
-        """Logits for the next token at every position: (B, T, vocab_size).
-
-        logits_at (B, K) long: only at these positions of each row, (B, K, vocab_size). The output layer is
-        a large share of GPT-2's compute (50257 x n_embd per position), so a loss that reads a few positions
-        (paraphrase: one answer token) should not pay for all of them.
-        head: a function (hidden states, output weight) -> result, applied instead of the output layer
-        (chunked_logprobs passes one that never holds every position's logits).
-        """
-        h = self.hidden_states(input_ids, attention_mask, kv_cache)  # (B, T, n_embd)
+    def forward(self, input_ids, attention_mask=None, logits_at=None, head=None):
+        """Logits for the next token at every position: (B, T, vocab_size); with logits_at (B, K) long, only at those
+        positions, (B, K, vocab_size), as the output layer is much of GPT-2's compute. head: a function (hidden
+        states, output weight) -> result run instead of the output layer (chunked_logprobs passes one)."""
+        h = self.hidden_states(input_ids, attention_mask)  # (B, T, n_embd)
         if logits_at is not None:
             h = h.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, h.size(-1)))  # (B, K, n_embd)
-        if head is not None:
-            return head(h, self.lm_head.weight)
-        return self.lm_head(h)
+        return self.lm_head(h) if head is None else head(h, self.lm_head.weight)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_p=1.0, attention_mask=None,
                  eos_token_id=END_OF_TEXT, use_cache=True, generator=None):
-        """Continue each prompt by up to `max_new_tokens` tokens.
-
-        input_ids: (B, T) prompts, left-padded when their lengths differ (with attention_mask marking them).
-        temperature=0 picks the most likely token (greedy); otherwise sample from softmax(logits / temperature)
-        restricted to the top-p nucleus. Pass a seeded torch.Generator for reproducible samples.
-        A row that emits eos_token_id is finished: its later tokens are eos_token_id too, and generation
-        stops when every row is finished (eos_token_id=None: always max_new_tokens). Returns (B, T + new).
-        """
+        """Continue each (B, T) prompt, left-padded under attention_mask, by up to max_new_tokens: (B, T + new).
+        temperature=0 is greedy, else sample softmax(logits / temperature) in the top-p nucleus (a seeded generator
+        reproduces it). A row that emits eos_token_id then emits only that; once every row has, generation stops."""
         B, T = input_ids.size()
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        if type(max_new_tokens) is not int or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive whole number, got {max_new_tokens!r}")
         if not 0 <= temperature < math.inf:  # also refuses nan
             raise ValueError(f"temperature must be a finite number >= 0 (0 picks the most likely token), "
@@ -266,20 +204,23 @@ class GPT(nn.Module):
         if not 0 < top_p <= 1:  # also refuses nan
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds "
-                             f"block_size={self.config.block_size}")
+            raise ValueError(f"prompt of {T} + {max_new_tokens} new tokens exceeds block_size={self.config.block_size}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         elif not attention_mask[:, -1].all():
             raise ValueError("generate() needs left-padded prompts: every row must end with a real token")
-        kv_cache = KVCache(self.config.n_layer) if use_cache else None
+        kv_cache = [None] * self.config.n_layer if use_cache else None
         tokens, new_tokens = input_ids, input_ids
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             # with the cache, feed only what the model has not seen yet; without it, the whole sequence
             h = self.hidden_states(new_tokens if use_cache else tokens, attention_mask, kv_cache)
             logits = self.lm_head(h[:, -1, :])  # (B, vocab): only the last position predicts what comes next
-            next_token = sample_next_token(logits, temperature, top_p, generator)
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1)
+            else:
+                probs = F.softmax(top_p_filter(logits / temperature, top_p), dim=-1)
+                next_token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
             if eos_token_id is not None:
                 next_token = torch.where(finished, eos_token_id, next_token)
                 finished |= next_token == eos_token_id
@@ -291,27 +232,16 @@ class GPT(nn.Module):
         return tokens
 
 
-def sample_next_token(logits, temperature=1.0, top_p=1.0, generator=None):
-    """Pick one token per row of logits (B, vocab): greedy when temperature == 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = top_p_filter(logits / temperature, top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-
-
 def top_p_filter(logits, top_p):
-    """Nucleus filtering (Holtzman et al. 2020): keep the smallest set of most likely tokens whose probability
-    adds up to at least top_p, and set every other logit to -inf. The most likely token is always kept."""
+    """Nucleus filtering (Holtzman et al. 2020): -inf for every logit outside the smallest set of most likely
+    tokens whose probability adds up to at least top_p (never the most likely one)."""
     if top_p >= 1.0:
         return logits
-    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-    sorted_probs = F.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # probability of the more likely tokens
+    sorted_probs, sorted_idx = F.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the more likely tokens
     remove_sorted = mass_before >= top_p  # the nucleus is already full without this token
     remove_sorted[..., 0] = False  # however small top_p is, keep the most likely token
-    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)  # back to vocabulary order
-    return logits.masked_fill(remove, float("-inf"))
+    return logits.masked_fill(remove_sorted.scatter(-1, sorted_idx, remove_sorted), float("-inf"))  # vocab order
 
 
 PRETRAINED = {  # OpenAI's four sizes (vocab_size=50257, block_size=1024 for all)

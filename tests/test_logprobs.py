@@ -191,7 +191,7 @@ def forward_passes(model, inputs):
     model(ids, logits_at=positions)
     model(ids, logits_at=positions[:, :-1], head=chunked_head(input_ids[:, 1:]))
     model(ids, attention_mask=attention_mask)
-    cache = model_module.KVCache(model.config.n_layer)
+    cache = [None] * model.config.n_layer
     model.hidden_states(ids[:, :5], attention_mask[:, :5], kv_cache=cache)
     model.hidden_states(ids[:, 5:6], attention_mask[:, :6], kv_cache=cache)
 
