@@ -64,9 +64,8 @@ class ChunkedTokenLogprobs(torch.autograd.Function):  # the derivation is the mo
     def backward(ctx, grad_logps):
         hidden, weight, targets, logsumexp, dlogp_dh = ctx.saved_tensors
         g = grad_logps.reshape(-1, 1).float()  # dL / d log p, one per position
-        grad_h = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_h = (g * dlogp_dh.float()).to(hidden.dtype).view(hidden.shape)
+        grad_h = (g * dlogp_dh.float()).to(hidden.dtype).view(hidden.shape) if ctx.needs_input_grad[0] else None
+        grad_w = None
         if ctx.needs_input_grad[1]:
             h, w, t = hidden.reshape(-1, hidden.size(-1)).to(ctx.dtype), weight.to(ctx.dtype), targets.reshape(-1)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # summed in float32

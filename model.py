@@ -82,9 +82,8 @@ class CausalSelfAttention(nn.Module):
 def manual_attention(q, k, v, attn_mask=None, dropout_p=0.0):
     """What scaled_dot_product_attention computes, fused. q: (B, n_head, T, head_size) for T new tokens; k, v:
     (B, n_head, S, head_size) for all S seen; attn_mask: (B, 1, T, S), True = may attend, or None: causal."""
-    T, S = q.size(-2), k.size(-2)
     if attn_mask is None:  # causal: query t sees keys 0..t (None comes only without a cache, so S == T)
-        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        attn_mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, n_head, T, S): Q K^T / sqrt(d_k)
     scores = scores.masked_fill(~attn_mask, float("-inf"))  # + M
     weights = F.dropout(F.softmax(scores, dim=-1), dropout_p)  # (B, n_head, T, S): each row sums to 1
