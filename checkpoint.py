@@ -15,7 +15,6 @@ A model folder (last/, best/) is one of two layouts:
   (a GPT-2 name, a hub folder, or another adapter folder: SFT LoRA -> DPO LoRA stacks).
 """
 
-import json
 import os
 import random
 import re
@@ -95,11 +94,8 @@ def save_pretrained(model, directory):
     if lora_layers(model):
         raise ValueError("this model has LoRA layers, whose names a GPT-2 checkpoint does not have: save the "
                          "adapter with lora.save_lora, or save lora.merged_model(model) (a plain GPT-2)")
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied to transformer.wte.weight
-        tensors[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+    tensors = {name: tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+               for name, tensor in model.state_dict().items() if name != "lm_head.weight"}  # lm_head is wte, tied
     write_safetensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
     c = model.config
     write_json(directory / "config.json", {
@@ -118,14 +114,12 @@ def read_hub_config(path, dropout=0.0):
     hub = read_json(path)
     if hub.get("model_type", "gpt2") != "gpt2":
         raise InputError(f"{path}: model_type is {hub['model_type']!r}, this loader reads GPT-2 checkpoints only")
-    hub.setdefault("n_positions", hub.get("n_ctx"))  # older configs name the context length n_ctx
-    missing = [key for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if hub.get(key) is None]
-    if missing:
-        raise InputError(f"{path}: missing the GPT-2 setting {missing[0]!r}")
-    try:
-        return GPTConfig(block_size=int(hub["n_positions"]), vocab_size=int(hub["vocab_size"]),
+    try:  # older configs name the context length n_ctx
+        return GPTConfig(block_size=int(hub.get("n_positions") or hub["n_ctx"]), vocab_size=int(hub["vocab_size"]),
                          n_layer=int(hub["n_layer"]), n_head=int(hub["n_head"]), n_embd=int(hub["n_embd"]),
                          layer_norm_epsilon=float(hub.get("layer_norm_epsilon", 1e-5)), dropout=dropout)
+    except KeyError as e:
+        raise InputError(f"{path}: missing the GPT-2 setting {e}") from None
     except (TypeError, ValueError) as e:  # not a number, or numbers that make no GPT (n_embd % n_head)
         raise InputError(f"{path}: {e}") from None
 
@@ -145,8 +139,7 @@ def state_dict_from_hub(tensors, model, source):
     missing, unexpected = sorted(expected.keys() - ours.keys()), sorted(ours.keys() - expected.keys())
     if missing or unexpected:
         raise InputError(f"{source}: does not match a GPT-2 with n_layer={model.config.n_layer}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+                         f"missing {missing[:5]} and unexpected {unexpected[:5]} (at most 5 of each)")
     for name, shape in expected.items():
         if ours[name].shape != shape:
             raise InputError(f"{source}: tensor {name} has shape {tuple(ours[name].shape)}, the model (n_embd="
@@ -176,32 +169,24 @@ def save_model(model, directory, config):
     })
 
 
-def model_folder(name_or_dir):
-    """The model folder a path means: a run folder means its last/, the final weights (best/ is chosen on dev, so
-    it is used only when named, <run>/best, or when there is no last/); anything else is itself."""
-    directory = Path(str(name_or_dir))
-    if directory.is_dir() and not (directory / "config.json").exists() and not (directory / ADAPTER_CONFIG).exists():
-        for kept in ("last", "best"):
-            if (directory / kept).is_dir():
-                return directory / kept
-    return directory
-
-
 def model_chain(name_or_dir):
     """What load_model(name_or_dir) is built from, read from JSON alone: [a GPT-2 name or hub folder, then the
-    adapter folders stacked on it, each naming the one before as its base_model_name_or_path]."""
+    adapter folders stacked on it, each naming the one before as its base_model_name_or_path]. A run folder
+    means its last/, the final weights (best/ is chosen on dev: used when named, <run>/best, or alone)."""
     chain = []
     while gpt2_name(name_or_dir) is None:
         check_source(name_or_dir)
-        directory = model_folder(name_or_dir)
+        directory = Path(name_or_dir)
+        if not (directory / "config.json").exists() and not (directory / ADAPTER_CONFIG).exists():
+            directory = next((directory / kept for kept in ("last", "best") if (directory / kept).is_dir()), directory)
         if directory.resolve() in [d.resolve() for d in chain]:
             raise InputError(f"{directory / ADAPTER_CONFIG}: its base_model_name_or_path leads back to {directory}")
         chain.insert(0, directory)
         if not (directory / ADAPTER_CONFIG).is_file():
             return chain
         try:
-            name_or_dir = json.loads((directory / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            name_or_dir = read_json(directory / ADAPTER_CONFIG)["base_model_name_or_path"]
+        except (KeyError, TypeError) as e:
             raise InputError(f"{directory / ADAPTER_CONFIG}: not an adapter config with a base_model_name_or_path "
                              f"({e!r})") from None
     return [name_or_dir, *chain]
@@ -226,8 +211,7 @@ def load_model(name_or_dir, adapter=None, dropout=0.0):
 
 
 def is_sft_run(init_from):
-    """Whether init_from is a training run's folder or one of its model folders (SFT->DPO), rather than GPT-2
-    itself (DPO-only)."""
+    """Whether init_from is a run folder or one of its model folders (SFT->DPO), not GPT-2 itself (DPO only)."""
     directory = Path(init_from)
     return directory.is_dir() and any((d / "results.json").exists() for d in (directory, directory.parent))
 

@@ -91,8 +91,7 @@ def lock_dir(path):
             raise InputError(f"{path}: in use by process {f.read().strip() or '?'} (another run is writing this "
                              f"folder); wait for it to finish or use another folder") from None
         f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        print(os.getpid(), file=f, flush=True)
         LOCKED.add(path.resolve())
         try:
             yield path
@@ -256,20 +255,17 @@ def read_safetensors(path):
                              for name, info in header.items())
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise bad(f"a tensor's entry is malformed ({e!r})") from None
-        offset = 0  # the tensors must tile the data region exactly, in order
+        tensors, offset = {}, 0  # the tensors must tile the data region exactly, in order
         for begin, end, name, dtype, shape in entries:
             needed = math.prod(shape) * dtype.itemsize
             if (begin, end) != (offset, offset + needed):
                 raise bad(f"tensor {name!r} has bytes {begin}..{end}; shape {shape} needs {offset}..{offset + needed}")
-            offset = end
-        if offset != size - 8 - header_len:
-            raise bad(f"the tensors need {offset} bytes of data but the file holds {size - 8 - header_len} "
-                      f"(truncated or corrupted; delete it and download again)")
-        tensors = {}
-        for begin, end, name, dtype, shape in entries:
             tensors[name] = torch.empty(shape, dtype=dtype)
-            f.seek(8 + header_len + begin)
             f.readinto(tensors[name].reshape(-1).view(torch.uint8).numpy())  # straight into the tensor's memory
+            offset = end
+    if offset != size - 8 - header_len:
+        raise bad(f"the tensors need {offset} bytes of data but the file holds {size - 8 - header_len} "
+                  f"(truncated or corrupted; delete it and download again)")
     return tensors, metadata
 
 
