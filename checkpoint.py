@@ -153,8 +153,7 @@ def state_dict_from_hub(tensors, model, source):
 # model folders: written by save_model, read by load_model
 
 def save_model(model, directory, config):
-    """FFT: the hub layout (config.json + model.safetensors). LoRA: only the adapter, plus adapter_config.json
-    naming the model it adapts, which is all load_model needs to rebuild the fine-tuned model."""
+    """FFT: the hub layout. LoRA: the adapter, and adapter_config.json naming the model it adapts."""
     directory = Path(directory)
     if not config["lora_r"]:
         save_pretrained(model, directory)
@@ -293,9 +292,9 @@ def trained_with(config):
     return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
 
 
-def check_same_settings(path, saved, config, ignore=()):
-    """Settings that change what is trained must be what `path` was written with (`ignore`: more to pass over)."""
-    changed = [(k, v, config.get(k)) for k, v in trained_with(saved).items() if k not in ignore and config.get(k) != v]
+def check_same_settings(path, saved, config):
+    """Settings that change what is trained must be what `path` was written with."""
+    changed = [(k, v, config.get(k)) for k, v in trained_with(saved).items() if config.get(k) != v]
     if changed:
         k, then, now = changed[0]
         raise InputError(f"{path}: written by a run with other settings (--{k} {then} then, {now} now); "
@@ -306,9 +305,8 @@ def check_same_settings(path, saved, config, ignore=()):
 # results.json, and the costs it records
 
 def run_results(run, regime, model, progress):
-    """What results.json holds. `score` and `metrics` are the final evaluation's: every run gets the same fixed
-    budget and nothing is selected on the dev set it is scored on. `best_score` and `best_epoch` are the best
-    dev evaluation's, by its `selection` figure (the course's practice; best/ holds that model)."""
+    """What results.json holds. `score` and `metrics` are the final evaluation's (nothing is selected on the dev
+    set it is scored on); `best_score` and `best_epoch` the best dev evaluation's, by `selection` (in best/)."""
     config, history = run.config, progress["history"]
     final = history[-1]
     best = max(history, key=lambda h: h["selection"])

@@ -94,9 +94,7 @@ def read_log(path):
     """The lines of a log.jsonl, as dicts (none if there is no file). A last line cut short by a killed run is
     dropped; any other line that is not JSON is an InputError naming it."""
     path = Path(path)
-    if not path.exists():
-        return []
-    text = read_text(path)
+    text = read_text(path) if path.exists() else ""
     lines = []
     for number, line in enumerate(text.splitlines(), 1):
         try:
