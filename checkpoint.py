@@ -1,6 +1,5 @@
 """
-The run folder: everything a training run writes and every script reads back, in one place (after nanochat's
-checkpoint manager).
+The run folder: everything a training run writes and every script reads back (after nanochat's checkpoint manager).
 
     out/sft-paraphrase-fft/
         last/               the final epoch's model (always)
