@@ -1,6 +1,5 @@
 """
-The run folder: everything a training run writes and every script reads back, in one place (after nanochat's
-checkpoint manager).
+The run folder: everything a training run writes and every script reads back (after nanochat's checkpoint manager).
 
     out/sft-paraphrase-fft/
         last/               the final epoch's model (always)
@@ -13,15 +12,14 @@ A model folder (last/, best/) is one of two layouts:
 - FFT: the Hugging Face hub's GPT-2 layout, config.json + model.safetensors (save_pretrained);
 - LoRA: adapter.safetensors + adapter_config.json, whose "base_model_name_or_path" names the model it adapts
   (a GPT-2 name, a hub folder, or another adapter folder: SFT LoRA -> DPO LoRA stacks).
-
-load_model reads any of these, a GPT-2 name, or a whole run folder (its last/: the final weights).
 """
 
-import json
 import os
 import random
+import re
 import resource
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -42,25 +40,33 @@ HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.saf
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+def gpt2_name(name_or_dir):
+    """The OpenAI size that `name_or_dir` names (gpt2, openai-community/gpt2, ...), or None; a folder wins."""
+    name = str(name_or_dir).removeprefix("openai-community/")
+    return name if name in PRETRAINED and not Path(name_or_dir).is_dir() else None
+
+
+def check_source(name_or_dir, flag=""):
+    """What a script was pointed at must be a GPT-2 name or an existing directory: checked before any work."""
+    if gpt2_name(name_or_dir) is None and not Path(name_or_dir).is_dir():
+        raise InputError(f"{flag} {str(name_or_dir)!r}: neither a GPT-2 name ({', '.join(PRETRAINED)}) "
+                         f"nor an existing directory".lstrip())
+
+
 def from_pretrained(name_or_dir, dropout=0.0):
     """A GPT from one of gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once into GPT2_CACHE_DIR), or from a
     local folder holding config.json and model.safetensors, as the hub has them and save_pretrained writes."""
-    name_or_dir = str(name_or_dir)
-    if name_or_dir.removeprefix("openai-community/") in PRETRAINED and not Path(name_or_dir).is_dir():
-        name_or_dir = name_or_dir.removeprefix("openai-community/")
-    if name_or_dir in PRETRAINED:
-        config = GPTConfig(**PRETRAINED[name_or_dir], dropout=dropout)
+    name = gpt2_name(name_or_dir)
+    if name:
+        config = GPTConfig(**PRETRAINED[name], dropout=dropout)
         cache = Path(os.environ.get("GPT2_CACHE_DIR", Path.home() / ".cache" / "gpt2-sft-dpo")).expanduser()
-        weights = download(
-            HUB_URL.format(name=name_or_dir), cache / name_or_dir / "model.safetensors",
-            hint=f"Without internet access, get {name_or_dir}'s config.json and model.safetensors from "
-                 f"huggingface.co/openai-community/{name_or_dir} elsewhere, put them in a directory, "
-                 f"and pass that directory instead of the name.",
-        )
+        weights = download(HUB_URL.format(name=name), cache / name / "model.safetensors",
+                           hint=f"Without internet access, get {name}'s config.json and model.safetensors from "
+                                f"huggingface.co/openai-community/{name} elsewhere, put them in a directory, "
+                                f"and pass that directory instead of the name.")
     else:
+        check_source(name_or_dir)
         directory = Path(name_or_dir)
-        if not directory.is_dir():
-            raise InputError(f"{name_or_dir!r} is neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
         config = read_hub_config(directory / "config.json", dropout)
         weights = directory / "model.safetensors"
         if not weights.is_file():
@@ -79,21 +85,16 @@ def save_pretrained(model, directory):
     """Write config.json and model.safetensors in the hub's layout: from_pretrained (ours, or Hugging Face's
     GPT2LMHeadModel) loads them back. Each file is written atomically. `model` must have no LoRA layers."""
     directory = Path(directory)
-    for path in [directory, *directory.parents]:  # the deepest part that exists must be a folder
-        if path.exists():
-            if not path.is_dir():
-                where = "is a file" if path == directory else f"lies under {path}, which is a file"
-                raise InputError(f"{directory}: {where}, not a folder; save_pretrained writes config.json and "
-                                 f"model.safetensors into a folder")
-            break
+    deepest = next(path for path in [directory, *directory.parents] if path.exists())  # must be a folder
+    if not deepest.is_dir():
+        where = "is a file" if deepest == directory else f"lies under {deepest}, which is a file"
+        raise InputError(f"{directory}: {where}, not a folder; save_pretrained writes config.json and "
+                         f"model.safetensors into a folder")
     if lora_layers(model):
         raise ValueError("this model has LoRA layers, whose names a GPT-2 checkpoint does not have: save the "
                          "adapter with lora.save_lora, or save lora.merged_model(model) (a plain GPT-2)")
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied to transformer.wte.weight
-        tensors[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+    tensors = {name: tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+               for name, tensor in model.state_dict().items() if name != "lm_head.weight"}  # lm_head is wte, tied
     write_safetensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
     c = model.config
     write_json(directory / "config.json", {
@@ -109,25 +110,16 @@ def read_hub_config(path, dropout=0.0):
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file; a model directory needs config.json and model.safetensors")
-    try:
-        hub = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+    hub = read_json(path)
     if hub.get("model_type", "gpt2") != "gpt2":
         raise InputError(f"{path}: model_type is {hub['model_type']!r}, this loader reads GPT-2 checkpoints only")
-    hub.setdefault("n_positions", hub.get("n_ctx"))  # older configs name the context length n_ctx
-    for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
-        if hub.get(key) is None:
-            raise InputError(f"{path}: missing the GPT-2 setting {key!r}")
-    try:
-        settings = dict(block_size=int(hub["n_positions"]), vocab_size=int(hub["vocab_size"]),
-                        n_layer=int(hub["n_layer"]), n_head=int(hub["n_head"]), n_embd=int(hub["n_embd"]),
-                        layer_norm_epsilon=float(hub.get("layer_norm_epsilon", 1e-5)))
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: a GPT-2 setting is not a number ({e})") from None
-    try:
-        return GPTConfig(**settings, dropout=dropout)
-    except ValueError as e:  # numbers that make no GPT, e.g. n_embd not divisible by n_head
+    try:  # older configs name the context length n_ctx
+        return GPTConfig(block_size=int(hub.get("n_positions") or hub["n_ctx"]), vocab_size=int(hub["vocab_size"]),
+                         n_layer=int(hub["n_layer"]), n_head=int(hub["n_head"]), n_embd=int(hub["n_embd"]),
+                         layer_norm_epsilon=float(hub.get("layer_norm_epsilon", 1e-5)), dropout=dropout)
+    except KeyError as e:
+        raise InputError(f"{path}: missing the GPT-2 setting {e}") from None
+    except (TypeError, ValueError) as e:  # not a number, or numbers that make no GPT (n_embd % n_head)
         raise InputError(f"{path}: {e}") from None
 
 
@@ -146,8 +138,7 @@ def state_dict_from_hub(tensors, model, source):
     missing, unexpected = sorted(expected.keys() - ours.keys()), sorted(ours.keys() - expected.keys())
     if missing or unexpected:
         raise InputError(f"{source}: does not match a GPT-2 with n_layer={model.config.n_layer}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+                         f"missing {missing[:5]} and unexpected {unexpected[:5]} (at most 5 of each)")
     for name, shape in expected.items():
         if ours[name].shape != shape:
             raise InputError(f"{source}: tensor {name} has shape {tuple(ours[name].shape)}, the model (n_embd="
@@ -160,10 +151,8 @@ def state_dict_from_hub(tensors, model, source):
 # -----------------------------------------------------------------------------
 # model folders: written by save_model, read by load_model
 
-
 def save_model(model, directory, config):
-    """FFT: the hub layout (config.json + model.safetensors). LoRA: only the adapter, plus adapter_config.json
-    naming the model it adapts, which is all load_model needs to rebuild the fine-tuned model."""
+    """FFT: the hub layout. LoRA: the adapter, and adapter_config.json naming the model it adapts."""
     directory = Path(directory)
     if not config["lora_r"]:
         save_pretrained(model, directory)
@@ -178,74 +167,49 @@ def save_model(model, directory, config):
     })
 
 
-def check_source(name_or_dir, flag):
-    """What a script was pointed at must be a GPT-2 name or an existing directory: checked before any work."""
-    if str(name_or_dir).removeprefix("openai-community/") not in PRETRAINED and not Path(name_or_dir).is_dir():
-        raise InputError(f"{flag} {str(name_or_dir)!r}: neither a GPT-2 name ({', '.join(PRETRAINED)}) "
-                         f"nor an existing directory")
-
-
-def model_folder(name_or_dir):
-    """The model folder a path means: a run folder means its last/, the final weights (best/ is chosen on dev, so
-    it is used only when named, <run>/best, or when there is no last/); anything else is itself."""
-    directory = Path(str(name_or_dir))
-    if directory.is_dir() and not (directory / "config.json").exists() and not (directory / ADAPTER_CONFIG).exists():
-        for kept in ("last", "best"):
-            if (directory / kept).is_dir():
-                return directory / kept
-    return directory
+def model_chain(name_or_dir):
+    """What load_model(name_or_dir) is built from, read from JSON alone: [a GPT-2 name or hub folder, then the
+    adapter folders stacked on it, each naming the one before as its base_model_name_or_path]. A run folder
+    means its last/, the final weights (best/ is chosen on dev: used when named, <run>/best, or alone)."""
+    chain = []
+    while gpt2_name(name_or_dir) is None:
+        check_source(name_or_dir)
+        directory = Path(name_or_dir)
+        if not (directory / "config.json").exists() and not (directory / ADAPTER_CONFIG).exists():
+            directory = next((directory / kept for kept in ("last", "best") if (directory / kept).is_dir()), directory)
+        if directory.resolve() in [d.resolve() for d in chain]:
+            raise InputError(f"{directory / ADAPTER_CONFIG}: its base_model_name_or_path leads back to {directory}")
+        chain.insert(0, directory)
+        if not (directory / ADAPTER_CONFIG).is_file():
+            return chain
+        try:
+            name_or_dir = read_json(directory / ADAPTER_CONFIG)["base_model_name_or_path"]
+        except (KeyError, TypeError) as e:
+            raise InputError(f"{directory / ADAPTER_CONFIG}: not an adapter config with a base_model_name_or_path "
+                             f"({e!r})") from None
+    return [name_or_dir, *chain]
 
 
 def model_context(name_or_dir):
-    """How many positions (block_size) the model that load_model(name_or_dir) loads has, read from its JSON
-    files alone, so that lengths are checked before any weights are loaded: a GPT-2 name (1024), a hub folder's
-    config.json, an adapter folder's base (followed to the end), or a run folder's last/."""
-    seen = set()
-    while str(name_or_dir).removeprefix("openai-community/") not in PRETRAINED:
-        directory = model_folder(name_or_dir)
-        if not directory.is_dir():
-            raise InputError(f"{str(name_or_dir)!r} is neither a GPT-2 name ({', '.join(PRETRAINED)}) nor a directory")
-        if not (directory / ADAPTER_CONFIG).is_file():
-            return read_hub_config(directory / "config.json").block_size
-        if directory.resolve() in seen:
-            raise InputError(f"{directory / ADAPTER_CONFIG}: its base_model_name_or_path leads back to {directory}")
-        seen.add(directory.resolve())
-        name_or_dir = adapter_base(directory)  # an adapter's context is its base model's
-    return 1024  # all four of OpenAI's sizes
-
-
-def adapter_base(directory):
-    """The base_model_name_or_path of an adapter folder."""
-    config_path = Path(directory) / ADAPTER_CONFIG
-    try:
-        return json.loads(config_path.read_text())["base_model_name_or_path"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InputError(f"{config_path}: not an adapter config with a base_model_name_or_path ({e!r})") from None
+    """The positions (block_size) of what load_model(name_or_dir) loads, from JSON alone, so that lengths are
+    checked before any weights are loaded: an adapter's is its base model's."""
+    base = model_chain(name_or_dir)[0]
+    return 1024 if gpt2_name(base) else read_hub_config(Path(base) / "config.json").block_size
 
 
 def load_model(name_or_dir, adapter=None, dropout=0.0):
-    """A plain GPT (no LoRA layers) from any of:
-
-    - a GPT-2 name (gpt2, gpt2-medium, ...) or a hub-layout directory (config.json + model.safetensors);
-    - a LoRA model folder: its base is loaded first (by this same function, so a base may itself be an adapter
-      folder) and the adapter is folded into its weights, W + (alpha/r) B A;
-    - a training run's folder (out/my-run): its last/ (name out/my-run/best for the best dev evaluation's).
-    `adapter` (a .safetensors file written by lora.save_lora) is folded in on top.
-    """
-    directory = model_folder(name_or_dir)
-    if directory.is_dir() and (directory / ADAPTER_CONFIG).is_file():
-        base = load_model(adapter_base(directory), dropout=dropout)
-        model = merged_model(load_lora(base, directory / ADAPTER_FILE))
-    else:
-        model = from_pretrained(directory if directory.is_dir() else name_or_dir, dropout=dropout)
-    if adapter is not None:
-        model = merged_model(load_lora(model, adapter))
+    """A plain GPT (no LoRA layers) from a GPT-2 name, a hub-layout folder, a LoRA model folder (its base loaded
+    first, then each adapter folded in: W + (alpha/r) B A) or a run folder (its last/; name <run>/best for the
+    best dev evaluation's). `adapter` (a file lora.save_lora wrote) is folded in on top."""
+    base, *adapters = model_chain(name_or_dir)
+    model = from_pretrained(base, dropout=dropout)
+    for file in [directory / ADAPTER_FILE for directory in adapters] + ([adapter] if adapter is not None else []):
+        model = merged_model(load_lora(model, file))
     return model
 
 
 def is_sft_run(init_from):
-    """Whether init_from is a training run's folder or one of its model folders (SFT->DPO), rather than GPT-2
-    itself (DPO-only)."""
+    """Whether init_from is a run folder or one of its model folders (SFT->DPO), not GPT-2 itself (DPO only)."""
     directory = Path(init_from)
     return directory.is_dir() and any((d / "results.json").exists() for d in (directory, directory.parent))
 
@@ -253,28 +217,13 @@ def is_sft_run(init_from):
 # -----------------------------------------------------------------------------
 # checkpoint.pt: the exact state of an unfinished run
 
-
-def trainable_state(model):
-    """LoRA: only A and B (the frozen rest is init_from). FFT: everything."""
-    return lora_state_dict(model) or model.state_dict()
-
-
-def rng_state():
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(path, model, optimizer, progress):
-    """Everything needed to continue exactly: weights (only the trainable ones for LoRA: the rest is
-    init_from), AdamW's moments, where we are in the data (epoch, batch) and every random number generator."""
-    state = {"model": trainable_state(model), "optimizer": optimizer.state_dict(), "rng": rng_state(), **progress}
+    """Everything needed to continue exactly: weights (for LoRA only A and B: the rest is init_from), AdamW's
+    moments, where we are in the data (epoch, batch) and every random number generator."""
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    state = {"model": lora_state_dict(model) or model.state_dict(), "optimizer": optimizer.state_dict(),
+             "rng": rng, **progress}
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
 
@@ -283,14 +232,17 @@ def load_checkpoint(path, model, optimizer):
     """Restore what save_checkpoint saved; returns the progress dict (epoch, batch, step, ...)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never runs code
-        missing = set(trainable_state(model)) - set(state["model"])
+        missing = set(lora_state_dict(model) or model.state_dict()) - set(state["model"])
         if missing:
             raise KeyError(f"it lacks {sorted(missing)[:3]} (was it written by a run with other settings?)")
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, KeyError, ValueError, OSError) as e:
         raise InputError(f"{path}: cannot resume from it: {e}") from None
-    set_rng_state(state["rng"])
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
 
 
@@ -339,11 +291,9 @@ def trained_with(config):
     return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
 
 
-def check_same_settings(path, saved, config, ignore=()):
-    """Settings that change what is trained must be what `path` was written with (`ignore`: more to pass over)."""
-    now = trained_with(config)
-    changed = [(k, v, now.get(k)) for k, v in saved.items()
-               if k not in RESUMABLE_CHANGES and k not in ignore and now.get(k) != v]
+def check_same_settings(path, saved, config):
+    """Settings that change what is trained must be what `path` was written with."""
+    changed = [(k, v, config.get(k)) for k, v in trained_with(saved).items() if config.get(k) != v]
     if changed:
         k, then, now = changed[0]
         raise InputError(f"{path}: written by a run with other settings (--{k} {then} then, {now} now); "
@@ -353,11 +303,9 @@ def check_same_settings(path, saved, config, ignore=()):
 # -----------------------------------------------------------------------------
 # results.json, and the costs it records
 
-
 def run_results(run, regime, model, progress):
-    """What results.json holds. `score` and `metrics` are the final evaluation's: every run gets the same fixed
-    budget and nothing is selected on the dev set it is scored on. `best_score` and `best_epoch` are the best
-    dev evaluation's, by its `selection` figure (the course's practice; best/ holds that model)."""
+    """What results.json holds. `score` and `metrics` are the final evaluation's (nothing is selected on the dev
+    set it is scored on); `best_score` and `best_epoch` the best dev evaluation's, by `selection` (in best/)."""
     config, history = run.config, progress["history"]
     final = history[-1]
     best = max(history, key=lambda h: h["selection"])
@@ -387,15 +335,12 @@ def print_results(results):
 
 
 def reset_peak_memory(device_type):
-    """Start counting peak memory now (so a study that trains condition after condition in one process
-    measures each on its own)."""
+    """Count peak memory from now (a study measures condition after condition in one process)."""
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    elif Path("/proc/self/clear_refs").exists():
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the process's peak resident memory
-        except OSError:
-            pass
+    else:
+        with suppress(OSError):  # Linux: reset the process's peak resident memory (elsewhere: no such file)
+            Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory_bytes(device_type):
@@ -404,9 +349,6 @@ def peak_memory_bytes(device_type):
         return torch.cuda.max_memory_allocated()
     if device_type == "mps":
         return torch.mps.driver_allocated_memory()
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+    if Path("/proc/self/status").exists():  # Linux: VmHWM, which clear_refs resets
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

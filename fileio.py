@@ -1,17 +1,9 @@
 """
-Everything that touches the disk or the network, in one place. InputError is the one exception for "the input is
-wrong" (a bad file, a failed download): its message says what was wrong, where, and what to do about it.
-
-- read_text, read_json: a UTF-8 text or JSON file, or an error naming the line that is wrong.
-- writable_dir: prove an output folder can be created and written to before any work is done.
-- lock_dir: hold a folder for one writer (an OS lock that dies with its process); a second writer is an InputError.
-- atomic_open: write a temporary file, then rename it, so a crash never leaves half a file. Every file is written
-  through it (write_json, write_safetensors, checkpoints): the one place where a full disk becomes one line.
-- fingerprint: a short hash of what a cache depends on, for its name; read_cache: the cache, or None if it is
-  missing or damaged (a damaged one is deleted with a one-line warning, and the caller computes it again).
-- download: a resumable, optionally hash-checked HTTP download; check_sha256 checks a file already there.
-- read_safetensors / write_safetensors: the safetensors format by hand: [8 bytes: header length N, little-endian]
-  [N bytes: JSON header] [raw tensor bytes]. Unlike pickle (torch.load), reading it never runs code from the file.
+Everything that touches the disk or the network. InputError is the one exception for "the input is wrong" (a bad
+file, a failed download): its message says what was wrong, where, and what to do about it. Every file is written
+through atomic_open, the one place where a full disk becomes one line. The safetensors format is written by hand:
+[8 bytes: header length N, little-endian] [N bytes: JSON header] [raw tensor bytes]; unlike pickle (torch.load),
+reading it never runs code from the file.
 """
 
 import errno
@@ -84,11 +76,8 @@ LOCKED = set()  # the folders this process holds
 
 @contextmanager
 def lock_dir(path):
-    """Hold `path` for one writer while the block runs: flock(LOCK_EX) on `path/.lock`, which holds our pid.
-
-    The OS drops the lock when the process ends, however it ends (kill -9 included), so a lock is never stale.
-    Another process that holds it is an InputError at once, naming the folder and that process. The same
-    process may lock a folder it holds again (nested): the inner block just runs."""
+    """Hold `path` for one writer: flock on `path/.lock`, which holds our pid. The OS drops the lock when the
+    process ends (kill -9 too), so it is never stale; another holder is an InputError; nesting just runs."""
     path = Path(path)
     if path.resolve() in LOCKED:
         yield path
@@ -102,8 +91,7 @@ def lock_dir(path):
             raise InputError(f"{path}: in use by process {f.read().strip() or '?'} (another run is writing this "
                              f"folder); wait for it to finish or use another folder") from None
         f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        print(os.getpid(), file=f, flush=True)
         LOCKED.add(path.resolve())
         try:
             yield path
@@ -117,11 +105,8 @@ def lock_dir(path):
 
 @contextmanager
 def atomic_open(path, mode="w", newline=None, size=None):
-    """Open a temporary file beside `path`; on success fsync it and rename it over `path` (atomic on POSIX).
-
-    On any failure the temporary file is removed and `path` keeps what it held. A full disk (ENOSPC, or a
-    quota: EDQUOT) is an InputError naming the folder, the bytes needed (`size` if the caller knows it, else
-    at least those written) and the bytes free."""
+    """A temporary file beside `path`, fsynced and renamed over it on success; on failure `path` is untouched.
+    A full disk or quota is an InputError naming the bytes needed (`size`, or more than those written) and free."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -167,9 +152,8 @@ def fingerprint(*parts):
 
 
 def read_cache(path, read):
-    """read(path), or None when there is no cache to use: none there, or a damaged one (read raised InputError),
-    which is deleted with a one-line warning so that the caller computes it again. Only for caches: a damaged
-    checkpoint or results.json must stay an error."""
+    """read(path), or None when there is none, or it is damaged (read raised InputError): then it is deleted with
+    a one-line warning and the caller computes it again. Only for caches: a damaged results.json is an error."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -185,11 +169,8 @@ def read_cache(path, read):
 # downloads
 
 def download(url, dest, sha256=None, hint=""):
-    """Fetch `url` into `dest` unless it is already there (then only check it against `sha256`). Returns dest.
-
-    Bytes go to `dest.part`; an interrupted download resumes from there (HTTP Range) on the next call. Only a
-    whole file with the right sha256 is renamed to `dest`. `hint` ends the error when the download fails, e.g.
-    where to put the file by hand."""
+    """Fetch `url` into `dest` unless it is there (then only check its sha256). Bytes go to `dest.part`, which the
+    next call resumes (HTTP Range); only a whole file with the right sha256 becomes `dest`. `hint` ends an error."""
     dest = Path(dest)
     if dest.exists():
         if sha256 is not None:
@@ -201,26 +182,20 @@ def download(url, dest, sha256=None, hint=""):
     failed = f"could not download {url} to {dest}"
     request = urllib.request.Request(url, headers={"User-Agent": "gpt2-sft-dpo", "Range": f"bytes={have}-"})
     try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code != 416:  # 416 = nothing left past `have`: the .part file is already whole
-            raise InputError(f"{failed}: HTTP {e.code} {e.reason}. {hint}".strip()) from None
-        response = None
-    except OSError as e:  # no route, refused, timed out (URLError is an OSError)
-        raise InputError(f"{failed}: {getattr(e, 'reason', e)}. {hint}".strip()) from None
-    if response is not None:
-        with response:
+        with urllib.request.urlopen(request, timeout=60) as response:
             have = have if response.status == 206 else 0  # 200: the server ignored our Range, so start over
             length = response.headers.get("Content-Length")
             total = have + int(length) if length is not None else None
-            try:
-                with (open(part, "ab" if have else "wb") as f,
-                      tqdm.wrapattr(f, "write", total=total, initial=have, desc=dest.name, disable=None) as out):
-                    shutil.copyfileobj(response, out, 1 << 20)
-            except (OSError, http.client.HTTPException) as e:
-                raise InputError(f"{failed}: interrupted ({e}); run again to resume from {part}") from None
+            with (open(part, "ab" if have else "wb") as f,
+                  tqdm.wrapattr(f, "write", total=total, initial=have, desc=dest.name, disable=None) as out):
+                shutil.copyfileobj(response, out, 1 << 20)
         if total is not None and part.stat().st_size != total:
             raise InputError(f"{failed}: got {part.stat().st_size} of {total} bytes; run again to resume")
+    except urllib.error.HTTPError as e:
+        if e.code != 416:  # 416 = nothing left past `have`: the .part file is already whole
+            raise InputError(f"{failed}: HTTP {e.code} {e.reason}. {hint}".strip()) from None
+    except (OSError, http.client.HTTPException) as e:  # refused, timed out (URLError), or cut off
+        raise InputError(f"{failed}: {getattr(e, 'reason', e)}; run again to resume. {hint}".strip()) from None
     if sha256 is not None:
         check_sha256(part, sha256, delete=True)
     os.replace(part, dest)
@@ -228,8 +203,7 @@ def download(url, dest, sha256=None, hint=""):
 
 
 def check_sha256(path, expected, delete=False):
-    """An InputError unless the file at `path` has this sha256, so a truncated or wrong file is never used
-    (`delete`: the file is deleted first, as a download that went wrong is)."""
+    """An InputError unless the file at `path` has this sha256 (`delete`: delete it first, as a bad download is)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -252,8 +226,8 @@ assert sys.byteorder == "little", "safetensors stores little-endian bytes; this 
 
 
 def read_safetensors(path):
-    """Every tensor of a .safetensors file: (tensors: dict name -> Tensor, metadata: dict). Any inconsistency
-    (a truncated file, a garbage header, offsets that do not match the shapes) is an InputError naming the file."""
+    """(tensors: dict name -> Tensor, metadata: dict). A truncated file, a garbage header or offsets that do not
+    tile the data exactly by the shapes is an InputError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -275,30 +249,23 @@ def read_safetensors(path):
         if not isinstance(header, dict):
             raise bad("the header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
-        entries = []
-        for name, info in header.items():
-            try:
-                dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], [int(n) for n in info["shape"]]
-                begin, end = (int(n) for n in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise bad(f"tensor {name!r} has a malformed entry {info!r}") from None
-            if end - begin != math.prod(shape) * dtype.itemsize:
-                raise bad(f"tensor {name!r} has shape {shape} ({info['dtype']}) but {end - begin} bytes")
-            entries.append((begin, end, name, dtype, shape))
-        # The tensors must tile the data region exactly: this is what catches a truncated file.
-        offset = 0
-        for begin, end, name, _, _ in sorted(entries):
-            if begin != offset:
-                raise bad(f"tensor {name!r} starts at byte {begin}, expected {offset}")
-            offset = end
-        if offset != size - 8 - header_len:
-            raise bad(f"the tensors need {offset} bytes of data but the file holds {size - 8 - header_len} "
-                      f"(truncated or corrupted; delete it and download again)")
-        tensors = {}
+        try:
+            entries = sorted((int(info["data_offsets"][0]), int(info["data_offsets"][1]), name,
+                              SAFETENSORS_DTYPES[info["dtype"]], [int(n) for n in info["shape"]])
+                             for name, info in header.items())
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise bad(f"a tensor's entry is malformed ({e!r})") from None
+        tensors, offset = {}, 0  # the tensors must tile the data region exactly, in order
         for begin, end, name, dtype, shape in entries:
+            needed = math.prod(shape) * dtype.itemsize
+            if (begin, end) != (offset, offset + needed):
+                raise bad(f"tensor {name!r} has bytes {begin}..{end}; shape {shape} needs {offset}..{offset + needed}")
             tensors[name] = torch.empty(shape, dtype=dtype)
-            f.seek(8 + header_len + begin)
             f.readinto(tensors[name].reshape(-1).view(torch.uint8).numpy())  # straight into the tensor's memory
+            offset = end
+    if offset != size - 8 - header_len:
+        raise bad(f"the tensors need {offset} bytes of data but the file holds {size - 8 - header_len} "
+                  f"(truncated or corrupted; delete it and download again)")
     return tensors, metadata
 
 

@@ -41,11 +41,9 @@ LIMIT = (lambda v: v >= 1, "must be at least 1 (leave it out to use every exampl
 
 
 def parse_bool(value):
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value.lower() in ("1", "true", "yes", "on")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -54,8 +52,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse(argv, settings, doc):
-    """argv -> {name: value} for every row of `settings`, each checked by check()."""
-    parser = OneLineParser(description=doc.strip().split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=doc.strip().split("\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, (default, kind, _, why) in settings.items():
         names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         if kind is bool:
@@ -82,16 +80,11 @@ def check(config, settings):
 
 
 def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def check_device(device, flag="--device"):
-    """`device` if this machine has it (cpu, cuda, cuda:N, mps); else InputError naming the flag, the value
-    and the devices there are."""
+    """`device` if this machine has it (cpu, cuda, cuda:N, mps); else an InputError naming the devices there are."""
     here = ["cpu"]
     if torch.cuda.is_available():
         here += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -107,7 +100,6 @@ def check_device(device, flag="--device"):
 
 
 def main(entry, settings, doc, argv=None):
-    """A script's command line: parse and check the flags, run entry(config); bad input is one line, no traceback."""
     try:
         return entry(parse(argv, settings, doc))
     except InputError as e:

@@ -26,18 +26,20 @@ from fileio import InputError, read_text
 
 
 class Log:
-    """log.jsonl: a line every --log_every steps with the means since the last line (loss, gradient norm before
-    clipping, and what loss_fn adds), the learning rate, tokens per second and the time; a line per dev
-    evaluation. Appended and flushed line by line, so a killed run keeps every line; printed too when tqdm is
-    off (output to a file), and sent to Weights & Biases with --wandb_project."""
-
     def __init__(self, run, progress):
         self.run, self.sums, self.steps = run, {}, 0
         self.path = Path(run.config["out_dir"]) / "log.jsonl"
         self.tokens, self.time = progress["real_tokens"], time.time()
         self.since_evaluation = [0.0, 0]  # the summed per-step loss and the steps since the last evaluation
         self.echo = not sys.stderr.isatty()  # tqdm's bar is off (nohup, a scheduler, study --jobs): print lines
-        self.wandb = start_wandb(run.config) if run.master and run.config["wandb_project"] else None
+        self.wandb = None
+        if run.master and run.config["wandb_project"]:
+            try:
+                import wandb
+            except ImportError:
+                raise InputError(f"--wandb_project {run.config['wandb_project']}: the wandb package is not "
+                                 f"installed (pip install wandb)") from None
+            self.wandb = wandb.init(project=run.config["wandb_project"], config=run.config, name=self.path.parent.name)
         if run.master:  # a resumed run drops the lines written after its checkpoint: every step appears once
             kept = [line for line in read_log(self.path) if line["step"] <= progress["step"]]
             self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
@@ -54,7 +56,11 @@ class Log:
             dist.all_reduce(totals)  # loss shares add up over processes; the norm is the same on each
             totals[names.index("grad_norm")] /= self.run.world_size
         means = dict(zip(names, (totals / self.steps).tolist()))
-        check_finite(means["loss"], progress, self.run.config["out_dir"])
+        if not math.isfinite(means["loss"]):  # stop before anything more is saved: the last checkpoint is good
+            checkpoint = Path(self.run.config["out_dir"]) / CHECKPOINT
+            raise InputError(f"the loss is {means['loss']} at step {progress['step']} (epoch {progress['epoch'] + 1}); "
+                             f"stopped. The last good state is {checkpoint if checkpoint.exists() else 'not saved'}; "
+                             f"try a lower --lr")
         now = time.time()
         line = {"step": progress["step"], "epoch": round(epoch, 4), "loss": means.pop("loss"), "lr": lr, **means,
                 "tokens_per_second": (progress["real_tokens"] - self.tokens) / max(now - self.time, 1e-9),
@@ -88,9 +94,7 @@ def read_log(path):
     """The lines of a log.jsonl, as dicts (none if there is no file). A last line cut short by a killed run is
     dropped; any other line that is not JSON is an InputError naming it."""
     path = Path(path)
-    if not path.exists():
-        return []
-    text = read_text(path)
+    text = read_text(path) if path.exists() else ""
     lines = []
     for number, line in enumerate(text.splitlines(), 1):
         try:
@@ -101,19 +105,3 @@ def read_log(path):
             raise InputError(f"{path}:{number}: not a line of JSON: {line[:60]!r}") from None
     return lines
 
-
-def start_wandb(config):
-    try:
-        import wandb
-    except ImportError:
-        raise InputError(f"--wandb_project {config['wandb_project']}: the wandb package is not installed "
-                         f"(pip install wandb)") from None
-    return wandb.init(project=config["wandb_project"], config=config, name=Path(config["out_dir"]).name)
-
-
-def check_finite(loss, progress, out_dir):
-    """A NaN/inf loss stops the run before anything more is saved, so the last checkpoint is still a good one."""
-    if not math.isfinite(loss):
-        checkpoint = Path(out_dir) / CHECKPOINT
-        raise InputError(f"the loss is {loss} at step {progress['step']} (epoch {progress['epoch'] + 1}); stopped. "
-                         f"The last good state is {checkpoint if checkpoint.exists() else 'not saved'}; try a lower --lr")

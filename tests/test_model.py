@@ -492,12 +492,12 @@ def test_model_context_of_the_gpt2_names_reads_no_weights(monkeypatch, tmp_path)
 
 
 def test_model_context_errors_name_what_is_wrong(tmp_path):
-    with pytest.raises(InputError, match=r"'nope' is neither a GPT-2 name \(gpt2, gpt2-medium"):
+    with pytest.raises(InputError, match=r"'nope': neither a GPT-2 name \(gpt2, gpt2-medium"):
         checkpoint.model_context("nope")
     with pytest.raises(InputError, match=r"config.json: no such file"):
         checkpoint.model_context(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(InputError, match=r"config.json: not valid JSON"):
+    with pytest.raises(InputError, match=r"config.json:1: not valid JSON"):
         checkpoint.model_context(tmp_path)
     loop = tmp_path / "loop"
     loop.mkdir()
