@@ -59,8 +59,7 @@ SETTINGS = {
                                               "0.5 * beta, the gamma/beta ratio of the authors' released configs"),
     "live_reference": (False, bool, None, "compute the reference's log-probabilities every step, not once before "
                                           "training (the same loss, for checking; slower)"),
-    "cache_dir": (None, str, None, "where reference log-probabilities and sampled rejections are cached, under a "
-                                   "fingerprint of what they depend on; default out_dir"),
+    "cache_dir": (None, str, None, "where reference log-probabilities and rejections are cached; default out_dir"),
     "rejections_from": (None, str, None, "sonnets: sample the rejections from this model or run, not the starting "
                                          "model (e.g. one set for every regime)"),
 }
@@ -79,10 +78,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                  noisy preferences"), DPO's expected loss if each label is flipped with probability eps
         ipo      (h - 1 / (2 beta))^2          IPO (Azar et al. 2023, eq. 17): the margin is pulled to 1/(2 beta)
 
-    Inputs are (B,) log-probabilities of whole answers: summed for DPO, per-token averages for IPO (as the IPO
-    paper uses; pair_losses passes each what it reads). Returns (losses, chosen_rewards, rejected_rewards), each
-    (B,); the rewards are detached (they are for logging, not for gradients).
-    """
+    Inputs (B,): summed log-probabilities for DPO, per-token averages for IPO (the IPO paper's). Returns (losses,
+    chosen_rewards, rejected_rewards), each (B,); the rewards are detached (for logging, not gradients)."""
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
     h = chosen_logratios - rejected_logratios
@@ -97,13 +94,10 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 
 def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta, gamma):
-    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6): the
-    reward of an answer is beta times its per-token average log-probability, and the chosen one's must beat the
-    rejected one's by a margin gamma. No reference model:
+    """SimPO (Meng et al. 2024, eq. 6): an answer's reward is beta times its per-token average log-probability,
+    and the chosen one's must beat the rejected one's by gamma. No reference model. Inputs (B,), output as dpo_loss:
 
-        L_SimPO = -log sigmoid( beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma )
-
-    Inputs (B,) per-token averages. Returns (losses, chosen_rewards, rejected_rewards) as dpo_loss does."""
+        L_SimPO = -log sigmoid( beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma )"""
     chosen_rewards = beta * policy_chosen_avg_logps
     rejected_rewards = beta * policy_rejected_avg_logps
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
@@ -111,10 +105,8 @@ def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta, gamma):
 
 
 def rpo_loss(losses, policy_chosen_avg_logps, alpha):
-    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3): the pair losses plus alpha
-    times the chosen answer's per-token NLL, which holds up the chosen answer's likelihood (DPO alone often
-    lowers it):
-        L_RPO = L_DPO - alpha * log pi(y_w|x) / |y_w|                                             all (B,)"""
+    """RPO (Pang et al. 2024, eq. 3): + alpha * the chosen answer's per-token NLL, which holds its likelihood up
+    (DPO alone often lowers it):    L_RPO = L_DPO - alpha * log pi(y_w|x) / |y_w|                     all (B,)"""
     return losses - alpha * policy_chosen_avg_logps
 
 
@@ -133,8 +125,7 @@ def pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, pairs,
 
 
 def concatenated_logps(model, chosen, rejected, device, path="auto"):
-    """The policy's log-probabilities of the chosen and the rejected answers (lists of Examples) in one
-    forward pass over one batch of 2B rows: half the kernel launches of two passes, and one backward."""
+    """log p of the chosen and the rejected answers (lists of Examples) in one forward pass over 2B rows."""
     logps = batch_logprobs(model, collate(chosen + rejected), device, path)
     return logps[:len(chosen)], logps[len(chosen):]
 
@@ -177,10 +168,8 @@ def scored_logps(model, pairs, config, autocast):
 
 
 def cached_reference_logps(model, pairs, config, autocast, weights_id, name):
-    """scored_logps of the reference, computed once and kept in cache_dir under a fingerprint of the reference
-    weights, the pairs and the tokenizer/dtype: a rerun, or another condition with the same reference and pairs,
-    reads them back, and a changed model or data set never picks up a stale file. A damaged file is a cache
-    miss: computed again, with a warning."""
+    """scored_logps of the reference, kept in cache_dir under a fingerprint of its weights, the pairs and the
+    dtype: a rerun or another condition reads them back, a changed model or data set never a stale file."""
     device_type = config["device"].split(":")[0]
     key = fingerprint(weights_id, [(p.chosen.prompt, p.chosen.target, p.rejected.target) for p in pairs],
                       "gpt2-bpe", str(getattr(autocast, "fast_dtype", "float32")), device_type)
@@ -210,10 +199,8 @@ def check_reference(model, pairs, ref_chosen, ref_rejected, config, autocast):
 
 
 def preference_metrics(model, pairs, ref_chosen, ref_rejected, config, autocast):
-    """Over the whole dev set: the loss (--loss_type's, without RPO's NLL) as "preference_loss", reward
-    accuracy (chosen reward > rejected), mean margin, and both rewards and log-probabilities. A falling chosen
-    log-probability is not a bug: DPO optimises only the margin, and often lowers both answers' probabilities
-    while pushing the rejected one down faster (RPO's NLL term is there to stop that)."""
+    """Over the dev set: --loss_type's loss (without RPO's NLL), reward accuracy and margin, both rewards and
+    log-probabilities. A falling chosen log-probability is no bug: DPO moves only the margin (RPO holds it up)."""
     chosen, rejected = scored_logps(model, pairs, config, autocast)
     losses, chosen_rewards, rejected_rewards = pair_losses(chosen, rejected, ref_chosen, ref_rejected, pairs, config)
     return {"preference_loss": losses.mean().item(),
@@ -245,10 +232,8 @@ def train(config):
     config, device = run.config, run.device
     autocast = trainer.autocast_context(config, run.device_type)
 
-    # The reference, built before fit restores any checkpoint, so it is always the starting model. By default
-    # its log-probabilities are computed once, now (it never changes, so the loss is the same and each step
-    # skips a forward pass). --live_reference recomputes them every step: with LoRA on the same network with
-    # its adapters off, with FFT on a frozen copy. A reference-free loss (SimPO) has none of this.
+    # The reference is the model before fit restores any checkpoint: scored once, now, or every step with
+    # --live_reference (LoRA: the same network, adapters off; FFT: a frozen copy). SimPO has none.
     reference, frozen, ref_chosen, ref_rejected, dev_ref = "none", None, None, None, (None, None)
     if config["loss_type"] not in REFERENCE_FREE:
         weights_id = weights_fingerprint(policy)

@@ -1,12 +1,11 @@
 """
-ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model") of GPT-2 on one
-of the two tasks, FFT or LoRA.
+ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model") of GPT-2, FFT or LoRA.
 
     python train_orpo.py --task paraphrase                       # from pretrained gpt2: no SFT stage first
     python train_orpo.py --task sonnet --lora_r 8 --orpo_lambda 0.1
 
-ORPO trains on DPO's preference pairs (preferences.py) with one loss, SFT on the chosen answer plus a penalty on
-the rejected one, and no reference model (no reference pass, no step-0 check):
+One loss on DPO's pairs (preferences.py), SFT on the chosen answer plus a penalty on the rejected one, and no
+reference model (no reference pass, no step-0 check):
 
     L_ORPO = NLL(y_w|x) + lambda * L_OR,      L_OR = -log sigmoid( log odds(y_w|x) - log odds(y_l|x) )
 
@@ -33,8 +32,7 @@ SETTINGS = {
     **trainer.SETTINGS,
     "init_from": ("gpt2", str, None, "a GPT-2 name, model folder or run's out_dir (ORPO needs no SFT stage first)"),
     "out_dir": (None, str, None, "where this run writes; default out/orpo-{task}-{fft|lora}"),
-    "orpo_lambda": (0.1, float, POSITIVE, "ORPO's lambda, the odds-ratio term's weight (the paper's 0.1; TRL's "
-                                          "ORPOConfig.beta)"),
+    "orpo_lambda": (0.1, float, POSITIVE, "lambda, the odds-ratio term's weight (the paper's 0.1; TRL: beta)"),
     "cache_dir": (None, str, None, "where sampled sonnet rejections are cached; default out_dir"),
     "rejections_from": train_dpo.SETTINGS["rejections_from"],
 }

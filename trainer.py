@@ -164,9 +164,8 @@ def start(config):
 
 
 def load_policy(config):
-    """init_from, with LoRA adapters when --lora_r is set (the rest frozen): fresh, or --lora_init's (drawn at
-    random all the same, so every later random number is too). An SFT run's LoRA folder loads with its adapter
-    folded in, so SFT->DPO with LoRA trains a new adapter on top of the SFT model."""
+    """init_from, with LoRA adapters when --lora_r is set (the rest frozen): fresh or --lora_init's (drawn all the
+    same, so every later random number is too). A LoRA SFT run loads with its adapter folded in."""
     model = load_model(config["init_from"], dropout=config["dropout"])
     if config["lora_r"]:
         try:
@@ -301,8 +300,7 @@ def evaluate_and_save(run, model, optimizer, evaluate, progress, log, epoch):
         print(f"epoch {epoch:g}, step {progress['step']}: "
               + "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k not in ("score", "selection"))
               + ("  (best so far)" if improved else ""))
-    progress["eval_seconds"] += time.time() - t0
-    if run.master:
+        progress["eval_seconds"] += time.time() - t0
         save_checkpoint(out_dir / CHECKPOINT, model, optimizer, progress)
     if run.world_size > 1:
         dist.barrier()
