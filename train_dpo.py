@@ -29,6 +29,7 @@ import preferences
 import trainer
 from checkpoint import is_sft_run
 from data.batching import batch_indices, collate
+from eval import eval_mode
 from fileio import InputError, fingerprint, read_cache, read_safetensors, write_safetensors
 from flags import NON_NEGATIVE, POSITIVE, between, one_of
 from lora import lora_layers
@@ -154,16 +155,12 @@ def adapters_off(model):
 def scored_logps(model, pairs, config, autocast):
     """log p(chosen | x) and log p(rejected | x) of every pair under `model` in eval mode: (N,), (N,) float32.
     The reference's before training, and the policy's on the dev set."""
-    was_training = model.training
-    model.eval()
     chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    order = batch_indices([len(p.chosen) + len(p.rejected) for p in pairs], config["eval_batch_size"])
-    for idx in order:
-        with autocast:
+    for idx in batch_indices([len(p.chosen) + len(p.rejected) for p in pairs], config["eval_batch_size"]):
+        with eval_mode(model), autocast:
             c, r = concatenated_logps(model, [pairs[i].chosen for i in idx], [pairs[i].rejected for i in idx],
                                       config["device"], config["logprobs"])
         chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
-    model.train(was_training)
     return chosen, rejected
 
 

@@ -257,9 +257,7 @@ def train_loop(run, model, sizes, loss_fn, evaluate, title):
             evaluate_now = (progress["step"] == total_steps or every > 0 and progress["step"] % every == 0
                             or every == 0 and progress["step"] % steps_per_epoch == 0)
             if log_now or save_now or evaluate_now or progress["batch"] == len(batches):
-                # The step's only waits for the device: this read (every --log_every steps, before a save and
-                # at an epoch's end) and, under torchrun, its all-reduce. Elsewhere the host runs ahead: batches
-                # are cut on the CPU, the loss adds up on the device, clipping and AdamW read nothing back.
+                # the step's only wait for the device (with torchrun's all-reduce): elsewhere the host runs ahead
                 line = log.write(progress, epoch, lr, t0)
                 bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}")
             if progress["batch"] == len(batches):  # a checkpoint saved from here on starts the next epoch
