@@ -59,12 +59,14 @@ SETTINGS = {
     "lora_r": (0, int, (lambda v: v >= 0, "must be 0 (full fine-tuning) or a rank such as 8"), "LoRA rank; 0 = FFT"),
     "lora_alpha": (16.0, float, POSITIVE, "LoRA's alpha: the update is (alpha / r) B A (alpha = 2r is common)"),
     "lora_dropout": (0.0, float, between(0, 0.999), "dropout on LoRA's input"),
-    "lora_targets": (",".join(DEFAULT_TARGETS), str, None, "comma-separated Linear layers LoRA adapts"),
+    "lora_targets": (",".join(DEFAULT_TARGETS), str, (lambda v: v.strip(", "), "name at least one Linear layer"),
+                     "comma-separated Linear layers LoRA adapts"),
     "lora_rslora": (False, bool, None, "rsLoRA (Kalajdzievski 2023): scale by alpha / sqrt(r), not alpha / r, so a "
                                        "larger rank does not learn slower"),
     "lora_plus_ratio": (1.0, float, POSITIVE, "LoRA+ (Hayou et al. 2024): B's learning rate is this times A's; 1 = "
                                               "plain LoRA, the paper suggests about 16"),
-    "lora_init": (None, str, None, "start LoRA's A and B from this file: a run's lora_init.safetensors repeats it"),
+    "lora_init": (None, str, (lambda v: Path(v).is_file(), "no such file (a run's lora_init.safetensors)"),
+                  "start LoRA's A and B from this file: a run's lora_init.safetensors repeats it"),
     "seed": (11711, int, None, "the course's seed"),
     "device": (default_device(), str, None, "cuda, cuda:N, mps or cpu (default: the best one here)"),
     "dtype": ("auto", str, one_of("auto", "float32", "bfloat16"), "auto: bfloat16 autocast on a GPU that has it"),
@@ -101,11 +103,6 @@ def check_config(config, settings=SETTINGS, prefix="sft"):
                  for k in ("lora_plus_ratio", "lora_rslora", "lora_init") if config[k] != settings[k][0]]
     if not config["lora_r"] and lora_only:
         raise InputError(f"{lora_only[0]}: needs --lora_r (full fine-tuning has no LoRA A and B)")
-    if config["lora_init"] is not None and not Path(config["lora_init"]).is_file():
-        raise InputError(f"--lora_init {config['lora_init']!r}: no such file (a run's lora_init.safetensors)")
-    if not lora_targets(config):
-        raise InputError(f"--lora_targets {config['lora_targets']}: name at least one Linear layer, "
-                         f"e.g. {','.join(DEFAULT_TARGETS)}")
     check_device(config["device"])
     check_source(config["init_from"], "--init_from")
     if config["out_dir"] is None:
