@@ -44,16 +44,14 @@ SETTINGS = {
     **trainer.SETTINGS,
     "init_from": ("gpt2", str, None, "DPO-only: a GPT-2 name or model folder; SFT->DPO: an SFT run's out_dir"),
     "out_dir": (None, str, None, "where this run writes; default out/dpo-{task}-{fft|lora}"),
-    "dropout": (0.0, float, between(0, 0.999), "off: at step 0 the policy must compute exactly the "
-                "reference's function, and dropout noise in log pi - log ref biases the loss (the DPO authors' "
-                "code turns it off)"),
-    "loss_type": ("sigmoid", str, one_of(*LOSS_TYPES), "sigmoid: DPO (Rafailov et al. 2023); ipo: IPO (Azar et "
-                  "al. 2023), on per-token average log-probabilities as in the IPO paper; simpo: SimPO (Meng et al. "
-                  "2024), reference-free"),
+    "dropout": (0.0, float, between(0, 0.999), "off (as in the DPO authors' code): dropout noise in log pi - log "
+                "ref biases the loss, and at step 0 the policy must compute the reference's function"),
+    "loss_type": ("sigmoid", str, one_of(*LOSS_TYPES), "sigmoid: DPO; ipo: IPO (Azar et al. 2023), on per-token "
+                  "averages as in its paper; simpo: SimPO (Meng et al. 2024), reference-free"),
     "beta": (None, float, POSITIVE, "the strength of the preference: default 0.1 (the DPO paper's) for sigmoid and "
                                     "ipo, 2.0 for simpo (SimPO's recommended 2.0-2.5)"),
-    "label_smoothing": (0.0, float, (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"), "cDPO (Mitchell 2023): the "
-                        "share eps of preference labels taken to be flipped; 0 = DPO"),
+    "label_smoothing": (0.0, float, (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+                        "cDPO (Mitchell 2023): the share eps of labels taken to be flipped; 0 = DPO"),
     "rpo_alpha": (0.0, float, NON_NEGATIVE, "RPO (Pang et al. 2024): add alpha * the chosen answer's per-token NLL; "
                                             "0 = off (the paper's is 1)"),
     "simpo_gamma": (1.0, float, NON_NEGATIVE, "SimPO's target reward margin gamma (Meng et al. 2024, eq. 6); 1.0 is "

@@ -32,7 +32,8 @@ SETTINGS = {
     **trainer.SETTINGS,
     "init_from": ("gpt2", str, None, "a GPT-2 name, model folder or run's out_dir (ORPO needs no SFT stage first)"),
     "out_dir": (None, str, None, "where this run writes; default out/orpo-{task}-{fft|lora}"),
-    "orpo_lambda": (0.1, float, POSITIVE, "lambda, the odds-ratio term's weight (the paper's 0.1; TRL: beta)"),
+    "orpo_lambda": (0.1, float, POSITIVE, "lambda, the odds-ratio term's weight (the paper's 0.1; TRL's "
+                                          "ORPOConfig.beta)"),
     "cache_dir": (None, str, None, "where sampled sonnet rejections are cached; default out_dir"),
     "rejections_from": train_dpo.SETTINGS["rejections_from"],
 }

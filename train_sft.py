@@ -87,7 +87,7 @@ def predicted_targets(example):
 
 
 # -----------------------------------------------------------------------------
-# the examples, and the dev score
+# the dev score
 
 
 @torch.no_grad()

@@ -126,17 +126,10 @@ class Run:
     world_size: int = 1  # how many processes share each batch
     held: ExitStack = field(default_factory=ExitStack)  # the lock on out_dir, released when the run ends
 
-    @property
-    def device(self):
-        return self.config["device"]
-
-    @property
-    def device_type(self):
-        return self.device.split(":")[0]
-
-    @property
-    def master(self):  # only one process prints and writes
-        return self.rank == 0
+    def __post_init__(self):
+        self.device = self.config["device"]
+        self.device_type = self.device.split(":")[0]
+        self.master = self.rank == 0  # only one process prints and writes
 
 
 def start(config):
