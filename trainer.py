@@ -111,10 +111,6 @@ def check_config(config, settings=SETTINGS, prefix="sft"):
     return config
 
 
-def lora_targets(config):
-    return [t.strip() for t in config["lora_targets"].split(",") if t.strip()]
-
-
 # -----------------------------------------------------------------------------
 # the run: this process's settings, its place among torchrun's processes, and its hold on out_dir
 
@@ -160,7 +156,8 @@ def load_policy(config):
     if config["lora_r"]:
         try:
             apply_lora(model, r=config["lora_r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
-                       targets=lora_targets(config), rslora=config["lora_rslora"])
+                       targets=[t.strip() for t in config["lora_targets"].split(",") if t.strip()],
+                       rslora=config["lora_rslora"])
         except ValueError as e:
             raise InputError(f"--lora_targets {config['lora_targets']}: {e}") from None
         if config["lora_init"] is not None:
