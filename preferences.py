@@ -1,12 +1,9 @@
 """
-Preference pairs (x, y_w, y_l) for the two tasks: what DPO, RPO (train_dpo.py) and ORPO (train_orpo.py) train on.
-They mirror each task's supervised objective:
+Preference pairs (x, y_w, y_l), what DPO (train_dpo.py) and ORPO (train_orpo.py) train on, and their shared run.
 
 - paraphrase: the course's prompt; chosen y_w = the correct answer token, rejected y_l = the other one.
-- sonnets: the first 3 lines; chosen = the true rest of the sonnet and end-of-text, rejected = a continuation
-  sampled from the starting model (the DPO paper's "sample from the starting model"; --rejections_from another
-  model instead), kept as the sampled token ids (end-of-text only where the sampler wrote it), sampled once
-  with a budget that fits the longest true rest, and cached. The dev pairs' rejections are only for measuring.
+- sonnets: the first 3 lines; chosen = the true rest and end-of-text, rejected = the token ids the starting model
+  (the DPO paper's choice; or --rejections_from) samples after them, end-of-text only where it wrote one.
 """
 
 import statistics
@@ -16,17 +13,19 @@ from pathlib import Path
 import torch
 
 import trainer
-from checkpoint import load_model
+from checkpoint import check_source, load_model
 from data.batching import Example
 from data.quora import NO_TOKEN, YES_TOKEN, paraphrase_example
 from data.sonnets import continuation_examples
 from data.tasks import load_task_data
 from data.tokenizer import decode
 from eval import check_lengths, check_task_lengths, chrf, sample_continuations
-from fileio import fingerprint, read_cache, read_json, write_json
+from fileio import fingerprint, read_cache, read_json, writable_dir, write_json
 from lora import merged_state_dict
-from train_sft import predicted_targets
+from train_sft import evaluate, predicted_targets
 
+# -----------------------------------------------------------------------------
+# the pairs
 
 
 @dataclass(frozen=True)
@@ -44,30 +43,25 @@ def average_logps(logps, examples):
 
 def paraphrase_pairs(quora_pairs):
     """Same prompt; chosen = the correct answer token, rejected = the other one."""
-    pairs = []
-    for p in quora_pairs:
-        prompt = paraphrase_example(p).prompt
-        right, wrong = (YES_TOKEN, NO_TOKEN) if p.label == 1 else (NO_TOKEN, YES_TOKEN)
-        pairs.append(Pair(Example(prompt, [right]), Example(prompt, [wrong])))
-    return pairs
+    chosen = [paraphrase_example(p) for p in quora_pairs]
+    return [Pair(c, Example(c.prompt, [NO_TOKEN if c.target == [YES_TOKEN] else YES_TOKEN])) for c in chosen]
 
 
 def sonnet_pairs(sonnets, rejected):
-    """Prompt = the first 3 lines; chosen = the true rest and end-of-text, rejected = the sampled token ids
-    (with end-of-text only where the sampler wrote it)."""
+    """Prompt = the first 3 lines; chosen = the true rest and end-of-text, rejected = the sampled token ids."""
     return [Pair(chosen, Example(chosen.prompt, tokens))
             for chosen, tokens in zip(continuation_examples(sonnets), rejected, strict=True)]
 
 
 def sample_rejections(model, sonnets, config, cache_dir, weights_id, block_size):
-    """For each sonnet, the token ids the sampling model writes after its first 3 lines, with a budget that fits
-    the longest true rest (cached: sampling is slow)."""
+    """The token ids `model` samples after each sonnet's first 3 lines, with a budget that fits the longest true
+    rest; cached (sampling is slow; a damaged file is sampled again)."""
     chosen = continuation_examples(sonnets)
     prompts = [c.prompt for c in chosen]
     budget = min(max(len(c.target) for c in chosen), block_size - max(len(p) for p in prompts))
     key = fingerprint(weights_id, prompts, config["temperature"], config["top_p"], budget, config["seed"])
     path = Path(cache_dir) / f"rejections-{key}.json"
-    cached = read_cache(path, read_json)  # a damaged file is sampled again
+    cached = read_cache(path, read_json)
     if cached is not None:
         return cached["rejected"]
     rejected = sample_continuations(model, prompts, temperature=config["temperature"], top_p=config["top_p"],
@@ -104,30 +98,41 @@ def preference_pairs(model, train_data, dev, config):
                                                          block_size)) for sonnets in (train_data, true))
 
 
-def task_data(config):
-    """(training records, dev data), with every chosen answer's length checked before any model loads (and
-    before the run's folder is made); the rejections' lengths are checked once they are sampled."""
+# -----------------------------------------------------------------------------
+# DPO's and ORPO's run: its start and its end
+
+
+def start(config):
+    """From a checked config: (run, policy, training pairs, dev pairs, dev data). Every chosen answer's length
+    is checked before any model loads (and before out_dir is made), the rejections' once they are sampled. The
+    policy is the starting model (with LoRA adapters if asked), which is also the model trained."""
+    config["cache_dir"] = config["cache_dir"] or config["out_dir"]
+    writable_dir(config["cache_dir"], "--cache_dir")
+    if config["rejections_from"] is not None:
+        check_source(config["rejections_from"], "--rejections_from")
     train_data, dev = load_task_data(config)  # a missing file fails in a second
     chosen = ([p.chosen for p in paraphrase_pairs(train_data)] if config["task"] == "paraphrase"
               else continuation_examples(train_data))
     check_task_lengths(config, chosen, dev)
-    return train_data, dev
-
-
-def policy_and_pairs(run, train_data, dev):
-    """The starting model (with LoRA adapters if asked), which is also the model trained, and the preference
-    pairs: (policy, training pairs, dev pairs). DPO's and ORPO's."""
+    run = trainer.start(config)
     policy = trainer.load_policy(run.config).to(run.device)
     pairs, dev_pairs = preference_pairs(policy, train_data, dev, run.config)
     check_lengths([e for p in pairs for e in (p.chosen, p.rejected)], policy.config.block_size)
-    return policy, pairs, dev_pairs
+    return run, policy, pairs, dev_pairs, dev
 
 
-def rejections_summary(run, pairs):
-    """Sonnets: results.json's "rejections" (rejection_stats), also printed. Paraphrase: nothing."""
-    if run.config["task"] != "sonnet":
-        return {}
-    stats = rejection_stats(pairs)
-    if run.master:
-        print("rejections: " + ", ".join(f"{k} {v:.1f}" for k, v in stats.items()))
-    return {"rejections": stats}
+def fit(run, policy, pairs, dev, loss_fn, metrics, regime, title, extra):
+    """trainer.fit on the pairs. The dev figures are the task's (train_sft.evaluate) and metrics(model)'s; a
+    sonnet run's results.json adds "rejections" (rejection_stats), also printed."""
+    config = run.config
+
+    def dev_metrics(model):
+        return {**evaluate(model, config["task"], dev, config, run.device), **metrics(model)}
+
+    if config["task"] == "sonnet":
+        extra = {**extra, "rejections": rejection_stats(pairs)}
+        if run.master:
+            print("rejections: " + ", ".join(f"{k} {v:.1f}" for k, v in extra["rejections"].items()))
+    title = f"{config['task']} {title} of {config['init_from']}"
+    sizes = [len(p.chosen) + len(p.rejected) for p in pairs]
+    return trainer.fit(run, policy, sizes, loss_fn, dev_metrics, regime, title, extra)

@@ -5,23 +5,15 @@ Direct Preference Optimization (DPO, Rafailov et al. 2023) of GPT-2 on one of th
     python train_dpo.py --task paraphrase --init_from out/sft-paraphrase-fft # SFT->DPO: from an SFT run
     python train_dpo.py --task sonnet --lora_r 8 --beta 0.1                 # LoRA
 
-DPO trains on pairs (x, y_w, y_l): a prompt, a chosen and a rejected answer. Its loss needs no reward model:
+DPO trains on pairs (x, y_w, y_l) of preferences.py: a prompt, a chosen and a rejected answer. No reward model:
 
     L_DPO = -log sigmoid( beta * [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
 
-where pi is the model being trained (the policy) and ref the frozen model it started from. The implicit
-reward of an answer is beta * (log pi - log ref): DPO raises the chosen answer's reward above the rejected
-one's, and beta sets how far from the reference the policy may move. log pi(y|x) is the same summed
-log-likelihood that SFT maximises (train_sft.batch_logprobs).
-
-Variants, each beside dpo_loss with its paper: --label_smoothing eps (cDPO: preferences flipped with
-probability eps), --loss_type ipo (IPO: a squared loss that holds the margin at 1/(2 beta) instead of pushing
-it on), --rpo_alpha alpha (RPO: + alpha * the chosen answer's NLL, which holds its likelihood up) and
---loss_type simpo (SimPO: no reference model at all; the reward is beta times the per-token average
-log-probability). ORPO, also reference-free, is train_orpo.py.
-
-The pairs are preferences.py's (shared with ORPO); the loop (settings, optimizer, schedule, checkpoints,
---resume, log.jsonl, results.json) is trainer.py's.
+where pi is the policy being trained and ref the frozen model it started from; log pi(y|x) is SFT's summed
+log-likelihood (train_sft.batch_logprobs). An answer's implicit reward is beta * (log pi - log ref): DPO raises
+the chosen one's above the rejected one's, and beta sets how far from the reference the policy may move.
+Variants, beside dpo_loss with their papers: cDPO (--label_smoothing), IPO (--loss_type ipo), RPO (--rpo_alpha)
+and SimPO (--loss_type simpo, reference-free). ORPO, also reference-free, is train_orpo.py.
 """
 
 import copy
@@ -33,14 +25,16 @@ import torch
 import torch.nn.functional as F
 
 import flags
+import preferences
 import trainer
-from checkpoint import check_source, is_sft_run
+from checkpoint import is_sft_run
 from data.batching import batch_indices, collate
-from fileio import InputError, fingerprint, read_cache, read_safetensors, writable_dir, write_safetensors
+from eval import eval_mode
+from fileio import InputError, fingerprint, read_cache, read_safetensors, write_safetensors
 from flags import NON_NEGATIVE, POSITIVE, between, one_of
 from lora import lora_layers
-from preferences import average_logps, policy_and_pairs, rejections_summary, task_data, weights_fingerprint
-from train_sft import batch_logprobs, evaluate
+from preferences import average_logps, weights_fingerprint
+from train_sft import batch_logprobs
 
 # -----------------------------------------------------------------------------
 # settings: trainer.py's, with these changes and additions
@@ -48,29 +42,25 @@ LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 REFERENCE_FREE = ("simpo",)  # losses with no reference model: no reference pass, no step-0 check
 SETTINGS = {
     **trainer.SETTINGS,
-    "init_from": ("gpt2", str, None, "DPO-only: a GPT-2 name or model directory; SFT->DPO: an SFT run's out_dir "
-                                     "(its last/)"),
+    "init_from": ("gpt2", str, None, "DPO-only: a GPT-2 name or model folder; SFT->DPO: an SFT run's out_dir"),
     "out_dir": (None, str, None, "where this run writes; default out/dpo-{task}-{fft|lora}"),
-    "dropout": (0.0, float, between(0, 0.999), "off: at step 0 the policy must compute exactly the "
-                "reference's function, and dropout noise in log pi - log ref biases the loss (the DPO authors' "
-                "code turns it off)"),
-    "loss_type": ("sigmoid", str, one_of(*LOSS_TYPES), "sigmoid: DPO (Rafailov et al. 2023); ipo: IPO (Azar et "
-                  "al. 2023), on per-token average log-probabilities as in the IPO paper; simpo: SimPO (Meng et al. "
-                  "2024), reference-free"),
+    "dropout": (0.0, float, between(0, 0.999), "off (as in the DPO authors' code): dropout noise in log pi - log "
+                "ref biases the loss, and at step 0 the policy must compute the reference's function"),
+    "loss_type": ("sigmoid", str, one_of(*LOSS_TYPES), "sigmoid: DPO; ipo: IPO (Azar et al. 2023), on per-token "
+                  "averages as in its paper; simpo: SimPO (Meng et al. 2024), reference-free"),
     "beta": (None, float, POSITIVE, "the strength of the preference: default 0.1 (the DPO paper's) for sigmoid and "
                                     "ipo, 2.0 for simpo (SimPO's recommended 2.0-2.5)"),
-    "label_smoothing": (0.0, float, (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"), "cDPO (Mitchell 2023): the "
-                        "share eps of preference labels taken to be flipped; 0 = DPO"),
+    "label_smoothing": (0.0, float, (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+                        "cDPO (Mitchell 2023): the share eps of labels taken to be flipped; 0 = DPO"),
     "rpo_alpha": (0.0, float, NON_NEGATIVE, "RPO (Pang et al. 2024): add alpha * the chosen answer's per-token NLL; "
                                             "0 = off (the paper's is 1)"),
     "simpo_gamma": (1.0, float, NON_NEGATIVE, "SimPO's target reward margin gamma (Meng et al. 2024, eq. 6); 1.0 is "
                                               "0.5 * beta, the gamma/beta ratio of the authors' released configs"),
-    "live_reference": (False, bool, None, "compute the reference's log-probabilities every step instead of once "
-                                          "before training (the same loss, for checking; slower)"),
-    "cache_dir": (None, str, None, "where reference log-probabilities and sampled rejections are cached, under a "
-                                   "fingerprint of what they depend on; default out_dir"),
-    "rejections_from": (None, str, None, "sonnets: sample the rejected continuations from this model or run folder "
-                                         "instead of the starting model (e.g. one shared set for every regime)"),
+    "live_reference": (False, bool, None, "compute the reference's log-probabilities every step, not once before "
+                                          "training (the same loss, for checking; slower)"),
+    "cache_dir": (None, str, None, "where reference log-probabilities and rejections are cached; default out_dir"),
+    "rejections_from": (None, str, None, "sonnets: sample the rejections from this model or run, not the starting "
+                                         "model (e.g. one set for every regime)"),
 }
 
 # -----------------------------------------------------------------------------
@@ -87,10 +77,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                  noisy preferences"), DPO's expected loss if each label is flipped with probability eps
         ipo      (h - 1 / (2 beta))^2          IPO (Azar et al. 2023, eq. 17): the margin is pulled to 1/(2 beta)
 
-    Inputs are (B,) log-probabilities of whole answers: summed for DPO, per-token averages for IPO (as the IPO
-    paper uses; pair_losses passes each what it reads). Returns (losses, chosen_rewards, rejected_rewards), each
-    (B,); the rewards are detached (they are for logging, not for gradients).
-    """
+    Inputs (B,): summed log-probabilities for DPO, per-token averages for IPO (the IPO paper's). Returns (losses,
+    chosen_rewards, rejected_rewards), each (B,); the rewards are detached (for logging, not gradients)."""
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
     h = chosen_logratios - rejected_logratios
@@ -105,13 +93,10 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 
 def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta, gamma):
-    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6): the
-    reward of an answer is beta times its per-token average log-probability, and the chosen one's must beat the
-    rejected one's by a margin gamma. No reference model:
+    """SimPO (Meng et al. 2024, eq. 6): an answer's reward is beta times its per-token average log-probability,
+    and the chosen one's must beat the rejected one's by gamma. No reference model. Inputs (B,), output as dpo_loss:
 
-        L_SimPO = -log sigmoid( beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma )
-
-    Inputs (B,) per-token averages. Returns (losses, chosen_rewards, rejected_rewards) as dpo_loss does."""
+        L_SimPO = -log sigmoid( beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma )"""
     chosen_rewards = beta * policy_chosen_avg_logps
     rejected_rewards = beta * policy_rejected_avg_logps
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
@@ -119,10 +104,8 @@ def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta, gamma):
 
 
 def rpo_loss(losses, policy_chosen_avg_logps, alpha):
-    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3): the pair losses plus alpha
-    times the chosen answer's per-token NLL, which holds up the chosen answer's likelihood (DPO alone often
-    lowers it):
-        L_RPO = L_DPO - alpha * log pi(y_w|x) / |y_w|                                             all (B,)"""
+    """RPO (Pang et al. 2024, eq. 3): + alpha * the chosen answer's per-token NLL, which holds its likelihood up
+    (DPO alone often lowers it):    L_RPO = L_DPO - alpha * log pi(y_w|x) / |y_w|                     all (B,)"""
     return losses - alpha * policy_chosen_avg_logps
 
 
@@ -141,8 +124,7 @@ def pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, pairs,
 
 
 def concatenated_logps(model, chosen, rejected, device, path="auto"):
-    """The policy's log-probabilities of the chosen and the rejected answers (lists of Examples) in one
-    forward pass over one batch of 2B rows: half the kernel launches of two passes, and one backward."""
+    """log p of the chosen and the rejected answers (lists of Examples) in one forward pass over 2B rows."""
     logps = batch_logprobs(model, collate(chosen + rejected), device, path)
     return logps[:len(chosen)], logps[len(chosen):]
 
@@ -171,27 +153,21 @@ def adapters_off(model):
 def scored_logps(model, pairs, config, autocast):
     """log p(chosen | x) and log p(rejected | x) of every pair under `model` in eval mode: (N,), (N,) float32.
     The reference's before training, and the policy's on the dev set."""
-    was_training = model.training
-    model.eval()
     chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-    order = batch_indices([len(p.chosen) + len(p.rejected) for p in pairs], config["eval_batch_size"])
-    for idx in order:
-        with autocast:
+    for idx in batch_indices([len(p.chosen) + len(p.rejected) for p in pairs], config["eval_batch_size"]):
+        with eval_mode(model), autocast:
             c, r = concatenated_logps(model, [pairs[i].chosen for i in idx], [pairs[i].rejected for i in idx],
                                       config["device"], config["logprobs"])
         chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
-    model.train(was_training)
     return chosen, rejected
 
 
 def cached_reference_logps(model, pairs, config, autocast, weights_id, name):
-    """scored_logps of the reference, computed once and kept in cache_dir under a fingerprint of the reference
-    weights, the pairs and the tokenizer/dtype: a rerun, or another condition with the same reference and pairs,
-    reads them back, and a changed model or data set never picks up a stale file. A damaged file is a cache
-    miss: computed again, with a warning."""
+    """scored_logps of the reference, kept in cache_dir under a fingerprint of its weights, the pairs and the
+    dtype: a rerun or another condition reads them back, a changed model or data set never a stale file."""
     device_type = config["device"].split(":")[0]
     key = fingerprint(weights_id, [(p.chosen.prompt, p.chosen.target, p.rejected.target) for p in pairs],
-                      "gpt2-bpe", trainer.compute_dtype(config, device_type), device_type)
+                      "gpt2-bpe", str(getattr(autocast, "fast_dtype", "float32")), device_type)
     path = Path(config["cache_dir"]) / f"reference-{name}-{key}.safetensors"
     cached = read_cache(path, lambda p: read_safetensors(p)[0])
     if cached is not None:
@@ -218,10 +194,8 @@ def check_reference(model, pairs, ref_chosen, ref_rejected, config, autocast):
 
 
 def preference_metrics(model, pairs, ref_chosen, ref_rejected, config, autocast):
-    """Over the whole dev set: the loss (--loss_type's, without RPO's NLL) as "preference_loss", reward
-    accuracy (chosen reward > rejected), mean margin, and both rewards and log-probabilities. A falling chosen
-    log-probability is not a bug: DPO optimises only the margin, and often lowers both answers' probabilities
-    while pushing the rejected one down faster (RPO's NLL term is there to stop that)."""
+    """Over the dev set: --loss_type's loss (without RPO's NLL), reward accuracy and margin, both rewards and
+    log-probabilities. A falling chosen log-probability is no bug: DPO moves only the margin (RPO holds it up)."""
     chosen, rejected = scored_logps(model, pairs, config, autocast)
     losses, chosen_rewards, rejected_rewards = pair_losses(chosen, rejected, ref_chosen, ref_rejected, pairs, config)
     return {"preference_loss": losses.mean().item(),
@@ -235,41 +209,32 @@ def preference_metrics(model, pairs, ref_chosen, ref_rejected, config, autocast)
 # training
 
 
-def check_config(config, settings=SETTINGS, prefix="dpo"):
-    """trainer.check_config's checks, and DPO's (train_orpo.py's too, with its settings)."""
-    config = trainer.check_config(config, settings, prefix=prefix)
-    if config.get("beta", 0) is None:
+def check_config(config):
+    """trainer.check_config's checks, DPO's, and --beta's default."""
+    config = trainer.check_config(config, SETTINGS, prefix="dpo")
+    if config["beta"] is None:
         config["beta"] = 2.0 if config["loss_type"] == "simpo" else 0.1
-    if config.get("loss_type", "sigmoid") != "sigmoid" and config["label_smoothing"]:
+    if config["loss_type"] != "sigmoid" and config["label_smoothing"]:
         raise InputError(f"--label_smoothing {config['label_smoothing']}: only for --loss_type sigmoid (cDPO)")
-    if config.get("loss_type") in REFERENCE_FREE and config["live_reference"]:
+    if config["loss_type"] in REFERENCE_FREE and config["live_reference"]:
         raise InputError(f"--live_reference: --loss_type {config['loss_type']} has no reference model")
-    config["cache_dir"] = config["cache_dir"] or config["out_dir"]
-    writable_dir(config["cache_dir"], "--cache_dir")
-    if config["rejections_from"] is not None:
-        check_source(config["rejections_from"], "--rejections_from")
     return config
 
 
 def train(config):
     """Run DPO as `config` (a dict of SETTINGS) says; returns what it writes to out_dir/results.json."""
-    config = check_config(config)
-    train_data, dev = task_data(config)  # checked before the model loads
-    run = trainer.start(config)
+    run, policy, pairs, dev_pairs, dev = preferences.start(check_config(config))
     config, device = run.config, run.device
-    policy, pairs, dev_pairs = policy_and_pairs(run, train_data, dev)
     autocast = trainer.autocast_context(config, run.device_type)
-    sizes = [len(p.chosen) + len(p.rejected) for p in pairs]
 
-    # The reference, built before fit restores any checkpoint, so it is always the starting model. By default
-    # its log-probabilities are computed once, now (it never changes, so the loss is the same and each step
-    # skips a forward pass). --live_reference recomputes them every step: with LoRA on the same network with
-    # its adapters off, with FFT on a frozen copy. A reference-free loss (SimPO) has none of this.
+    # The reference is the model before fit restores any checkpoint: scored once, now, or every step with
+    # --live_reference (LoRA: the same network, adapters off; FFT: a frozen copy). SimPO has none.
     reference, frozen, ref_chosen, ref_rejected, dev_ref = "none", None, None, None, (None, None)
     if config["loss_type"] not in REFERENCE_FREE:
         weights_id = weights_fingerprint(policy)
         ref_chosen, ref_rejected = cached_reference_logps(policy, pairs, config, autocast, weights_id, "train")
         dev_ref = cached_reference_logps(policy, dev_pairs, config, autocast, weights_id, "dev")
+        sizes = [len(p.chosen) + len(p.rejected) for p in pairs]
         first = trainer.epoch_batches(sizes, config, 0, run.world_size)[0]
         check_reference(policy, [pairs[i] for i in first], ref_chosen[first], ref_rejected[first], config, autocast)
         reference = "precomputed"
@@ -300,16 +265,15 @@ def train(config):
                                       "reward_margin": (chosen_rewards - rejected_rewards).sum() / share}
 
     def dev_metrics(model):
-        return {**evaluate(model, config["task"], dev, config, device),
-                **preference_metrics(model, dev_pairs, *dev_ref, config, autocast)}
+        return preference_metrics(model, dev_pairs, *dev_ref, config, autocast)
 
     regime = ("sft_dpo" if is_sft_run(config["init_from"]) else "simpo" if config["loss_type"] == "simpo"
               else "rpo" if config["rpo_alpha"] else "dpo")
     rpo = f", RPO alpha={config['rpo_alpha']}" if config["rpo_alpha"] else ""
-    title = (f"{config['task']} DPO ({trainer.describe(config)}, {config['loss_type']} loss, beta={config['beta']}"
-             f"{rpo}, {reference} reference) of {config['init_from']}")
-    extra = {"beta": config["beta"], "reference": reference, **rejections_summary(run, pairs)}
-    return trainer.fit(run, policy, sizes, loss_fn, dev_metrics, regime, title, extra)
+    title = (f"DPO ({trainer.describe(config)}, {config['loss_type']} loss, beta={config['beta']}{rpo}, "
+             f"{reference} reference)")
+    extra = {"beta": config["beta"], "reference": reference}
+    return preferences.fit(run, policy, pairs, dev, loss_fn, dev_metrics, regime, title, extra)
 
 
 def main(argv=None):

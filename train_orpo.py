@@ -1,21 +1,16 @@
 """
-ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model") of GPT-2 on one
-of the two tasks, FFT or LoRA.
+ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model") of GPT-2, FFT or LoRA.
 
     python train_orpo.py --task paraphrase                       # from pretrained gpt2: no SFT stage first
     python train_orpo.py --task sonnet --lora_r 8 --orpo_lambda 0.1
 
-ORPO trains on DPO's preference pairs (train_dpo.py's: the same prompts, chosen and rejected answers) with one
-loss, SFT on the chosen answer plus a penalty on the rejected one, and no reference model at all:
+One loss on DPO's pairs (preferences.py), SFT on the chosen answer plus a penalty on the rejected one, and no
+reference model (no reference pass, no step-0 check):
 
     L_ORPO = NLL(y_w|x) + lambda * L_OR,      L_OR = -log sigmoid( log odds(y_w|x) - log odds(y_l|x) )
 
-where NLL is the chosen answer's per-token negative log-likelihood, odds(y|x) = p / (1 - p) with p = exp(the
-answer's per-token average log-probability), and lambda (--orpo_lambda) weighs the penalty. There is nothing
-to precompute: no reference log-probabilities, no step-0 check; each step is one forward pass over the chosen
-and the rejected answers, as in DPO.
-
-The loop (settings, optimizer, schedule, checkpoints, --resume, results.json) is trainer.py's.
+with NLL the chosen answer's per-token negative log-likelihood and odds(y|x) = p / (1 - p), p = exp(the answer's
+per-token average log-probability).
 """
 
 import math
@@ -24,22 +19,21 @@ import torch
 import torch.nn.functional as F
 
 import flags
+import preferences
 import trainer
 import train_dpo
 from flags import POSITIVE
-from preferences import average_logps, policy_and_pairs, rejections_summary, task_data
+from preferences import average_logps
 from train_dpo import concatenated_logps, scored_logps
-from train_sft import evaluate
 
 # -----------------------------------------------------------------------------
 # settings: trainer.py's (GPT-2's dropout 0.1, as in SFT: with no reference, dropout biases nothing), and these
 SETTINGS = {
     **trainer.SETTINGS,
-    "init_from": ("gpt2", str, None, "a GPT-2 name, a model directory or an earlier run's out_dir (ORPO's point is "
-                                     "to need no SFT stage first)"),
+    "init_from": ("gpt2", str, None, "a GPT-2 name, model folder or run's out_dir (ORPO needs no SFT stage first)"),
     "out_dir": (None, str, None, "where this run writes; default out/orpo-{task}-{fft|lora}"),
-    "orpo_lambda": (0.1, float, POSITIVE, "ORPO's lambda, the weight of the odds-ratio term (Hong et al. "
-                                                  "2024's 0.1; TRL's ORPOConfig.beta)"),
+    "orpo_lambda": (0.1, float, POSITIVE, "lambda, the odds-ratio term's weight (the paper's 0.1; TRL's "
+                                          "ORPOConfig.beta)"),
     "cache_dir": (None, str, None, "where sampled sonnet rejections are cached; default out_dir"),
     "rejections_from": train_dpo.SETTINGS["rejections_from"],
 }
@@ -55,10 +49,8 @@ def odds_ratio_loss(chosen_avg_logps, rejected_avg_logps):
 
         L_OR = -log sigmoid(log odds(y_w) - log odds(y_l)),   log odds(y) = log p - log(1 - p),   p = exp(x)
 
-    log(1 - exp(x)) is computed stably (Maechler 2012's log1mexp: a plain log1p(-exp(x)) rounds to log 0 once p
-    is within float32's epsilon of 1). Such a p is 1 to float32, so x is capped at
-    log(1 - eps): a sure answer, or one with no tokens (average 0), has a large finite log odds, never inf/NaN.
-    """
+    log(1 - exp(x)) is Maechler 2012's stable log1mexp, and x is capped at log(1 - eps): a sure answer, or one
+    with no tokens (average 0), has a large finite log odds, never inf/NaN."""
     def log_odds(x):
         x = x.clamp(max=math.log1p(-torch.finfo(x.dtype).eps))
         log1mexp = torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -94,11 +86,8 @@ def orpo_metrics(model, pairs, config, autocast):
 
 def train(config):
     """Run ORPO as `config` (a dict of SETTINGS) says; returns what it writes to out_dir/results.json."""
-    config = train_dpo.check_config(config, SETTINGS, prefix="orpo")
-    train_data, dev = task_data(config)  # checked before the model loads
-    run = trainer.start(config)
+    run, model, pairs, dev_pairs, dev = preferences.start(trainer.check_config(config, SETTINGS, prefix="orpo"))
     config, device = run.config, run.device
-    model, pairs, dev_pairs = policy_and_pairs(run, train_data, dev)
     autocast = trainer.autocast_context(config, run.device_type)
 
     def loss_fn(model, micro_batch, batch):
@@ -109,14 +98,11 @@ def train(config):
         return losses.sum() / len(batch), {}  # this micro-batch's share of the mean over the whole batch's pairs
 
     def dev_metrics(model):
-        return {**evaluate(model, config["task"], dev, config, device),
-                **orpo_metrics(model, dev_pairs, config, autocast)}
+        return orpo_metrics(model, dev_pairs, config, autocast)
 
-    title = (f"{config['task']} ORPO ({trainer.describe(config)}, lambda={config['orpo_lambda']}, no reference "
-             f"model) of {config['init_from']}")
-    extra = {"orpo_lambda": config["orpo_lambda"], "reference": "none"}  # no reference pass, no step-0 check
-    return trainer.fit(run, model, [len(p.chosen) + len(p.rejected) for p in pairs], loss_fn, dev_metrics, "orpo",
-                       title, {**extra, **rejections_summary(run, pairs)})
+    title = f"ORPO ({trainer.describe(config)}, lambda={config['orpo_lambda']}, no reference model)"
+    extra = {"orpo_lambda": config["orpo_lambda"], "reference": "none"}
+    return preferences.fit(run, model, pairs, dev, loss_fn, dev_metrics, "orpo", title, extra)
 
 
 def main(argv=None):

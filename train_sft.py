@@ -10,12 +10,8 @@ SFT maximises the likelihood of the target tokens given the prompt: with N targe
 
     L_SFT = -(1/N) * sum over target tokens t of log p_theta(x_t | x_<t)
 
-Paraphrase: the target is one token, "yes" or "no", after the course's prompt. Sonnets: the target is the
-whole sonnet and its end-of-text token. Prompt and padding tokens are never in the loss (the batch's loss_mask).
-
-This file holds only what SFT is: its examples, the log-likelihood, the loss, and the dev score. The loop
-(AdamW, schedule, accumulation, DDP, resume, log.jsonl, results.json) is trainer.py's; the run folder it writes
-(best/, last/, checkpoint.pt, results.json) is described in checkpoint.py. --help lists every setting.
+Paraphrase: the target is "yes" or "no" after the course's prompt. Sonnets: the whole sonnet and end-of-text.
+Prompt and padding tokens are never in the loss (the batch's loss_mask). The loop is trainer.py's.
 """
 
 import torch
@@ -30,9 +26,8 @@ from data.sonnets import continuation_examples, sonnet_example
 from data.tasks import load_task_data
 from eval import answer_tokens, check_task_lengths, eval_mode, evaluate_paraphrase, evaluate_sonnets
 
-SETTINGS = trainer.SETTINGS  # SFT adds none of its own: GPT-2's dropout 0.1 is the default
-# batch_logprobs("auto") is chunked above this many window logits: 2**26 float32 numbers are 256 MiB
-CHUNKED_ABOVE = 2**26  # a 16-sonnet DPO batch has 5x that; a paraphrase batch of 8, 0.8M
+SETTINGS = trainer.SETTINGS  # SFT adds none of its own
+CHUNKED_ABOVE = 2**26  # --logprobs auto: chunked above 256 MiB of float32 logits (a 16-sonnet DPO batch has 5x)
 
 
 # -----------------------------------------------------------------------------
@@ -40,23 +35,17 @@ CHUNKED_ABOVE = 2**26  # a 16-sonnet DPO batch has 5x that; a paraphrase batch o
 
 
 def sequence_logprobs(logits, input_ids, loss_mask):
-    """log p(target tokens | what precedes them), summed per sequence: (B,) float32.
-
-    logits (B, T, V); input_ids, loss_mask (B, T). The logits at position t predict the token at t + 1, so
-    logits[:, :-1] scores input_ids[:, 1:], weighted by loss_mask[:, 1:] (1 on target tokens, 0 elsewhere).
-    """
+    """log p(target tokens | what precedes them), summed per sequence: (B,) float32. logits (B, T, V); input_ids,
+    loss_mask (B, T). Position t's logits predict token t + 1; loss_mask is 1 on target tokens, 0 elsewhere."""
     logps = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): float32 even under bf16 autocast
     token_logps = logps.gather(2, input_ids[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T-1): log p(the next token)
     return (token_logps * loss_mask[:, 1:]).sum(-1)  # (B,): prompt and padding count 0
 
 
 def target_window(batch):
-    """The stretch of each row a loss reads: from the position before its first target token to its last
-    target token. Returns (positions (B, W), input_ids (B, W), loss_mask (B, W)) for sequence_logprobs.
-
-    Targets follow the prompt, so they are contiguous; a paraphrase row's window is 2 positions wide (the last
-    prompt token, which predicts the answer, and the answer), so the output layer runs on 2 positions, not ~50.
-    """
+    """(positions, input_ids, loss_mask), each (B, W): the stretch of each row a loss reads, from the position
+    before its first target token to its last. A paraphrase row's is 2 wide (the last prompt token and the
+    answer), so the output layer runs on 2 positions, not ~50."""
     B, T = batch.input_ids.shape
     first = batch.loss_mask.float().argmax(1)  # (B,) the first target token of each row
     start = (first - 1).clamp(min=0)  # the position that predicts it (a sonnet's first token has none)
@@ -70,46 +59,35 @@ def target_window(batch):
 
 
 def batch_logprobs(model, batch, device=None, path="auto"):
-    """sequence_logprobs of each row of a right-padded batch, with the output layer run only on the target
-    window. No attention mask is needed: causal attention never looks right, where the padding is. The batch
-    may stay on the CPU: its window is cut there and what the model reads moves to `device`.
-
-    path "plain": logits, then sequence_logprobs. "chunked": chunked_logprobs, which never holds the window's
-    (B, W, vocab) logits (the same numbers). "auto": chunked only when those logits would be large."""
+    """sequence_logprobs of each row of a right-padded batch (no attention mask: causal attention never looks
+    right, where the padding is), the output layer run only on the target window. path "plain": logits, then
+    sequence_logprobs; "chunked": chunked_logprobs, which never holds the window's logits; "auto": chunked only
+    when those would be large. The batch may stay on the CPU; what the model reads moves to `device`."""
     device = device or next(model.parameters()).device
     positions, input_ids, loss_mask = (t.to(device) for t in target_window(batch))
     if path == "auto":
         path = "chunked" if positions.numel() * VOCAB_SIZE > CHUNKED_ABOVE else "plain"
     if path == "plain":
         return sequence_logprobs(model(batch.input_ids.to(device), logits_at=positions), input_ids, loss_mask)
-    # window position w predicts the token at w + 1; the last column predicts nothing (roll's wrapped-around
-    # target, dropped below)
-    head = chunked_head(input_ids.roll(-1, dims=1))
+    head = chunked_head(input_ids.roll(-1, dims=1))  # position w predicts w + 1; the last, wrapped, is dropped
     logps = model(batch.input_ids.to(device), logits_at=positions, head=head)  # (B, W)
     return (logps[:, :-1] * loss_mask[:, 1:]).sum(-1)
 
 
 def sft_loss(model, batch, normalizer=None, path="auto"):
-    """(loss, number of target tokens). The loss is the summed token cross-entropy of the batch's targets
-    divided by `normalizer` (default: their count, i.e. the mean). Gradient accumulation and several GPUs
-    pass the whole effective batch's target count, so every target token weighs the same."""
+    """(loss, number of target tokens): the targets' summed cross-entropy over `normalizer` (default: their count).
+    fit passes the whole batch's count, so every target token weighs the same however the batch is split."""
     n_targets = int(batch.loss_mask[:, 1:].sum())
     return -batch_logprobs(model, batch, path=path).sum() / (normalizer or n_targets), n_targets
 
 
 def predicted_targets(example):
-    """How many of an example's target tokens the loss reads: all, except a first token with no prompt
-    before it (nothing predicts a sequence's first token)."""
+    """How many target tokens the loss reads: all but a first token with no prompt (nothing predicts it)."""
     return len(example.target) - (len(example.prompt) == 0)
 
 
 # -----------------------------------------------------------------------------
-# the examples, and the dev score
-
-
-def sft_examples(task, records):
-    """Paraphrase: prompt + the answer token. Sonnets: the whole sonnet + end-of-text, every token a target."""
-    return [paraphrase_example(r) if task == "paraphrase" else sonnet_example(r) for r in records]
+# the dev score
 
 
 @torch.no_grad()
@@ -125,11 +103,9 @@ def mean_token_nll(model, examples, batch_size, device):
 
 
 def evaluate(model, task, dev, config, device):
-    """The dev figures with eval.py's own functions, and per-example lists (predictions, the argmax tokens and
-    whether each is correct; the sampled sonnets) for dev_predictions.json. 'score' is what the study reports
-    (the course's accuracy, or chrF) and 'selection' what best/ is chosen by: paraphrase accuracy; for sonnets
-    minus the dev loss (the true continuations' log-likelihood), since chrF of a dozen sampled sonnets moves by
-    about a point with the sampling seed alone, and choosing the epoch by it would mostly choose noise."""
+    """eval.py's dev figures, and per-example lists for dev_predictions.json. 'score' is the course's accuracy or
+    chrF; 'selection', what best/ is chosen by, is accuracy or, for sonnets, minus the dev loss: chrF of a dozen
+    sampled sonnets moves by about a point with the sampling seed alone, so choosing by it would choose noise."""
     if task == "paraphrase":  # accuracy and f1 are the course's (whole-vocabulary argmax); see eval.py
         result = evaluate_paraphrase(model, dev, config["eval_batch_size"], device)
         correct = [int(t == a) for t, a in zip(result["predicted_tokens"], answer_tokens([p.label for p in dev]))]
@@ -153,13 +129,12 @@ def train(config):
     """Run SFT as `config` (a dict of SETTINGS) says; returns what it writes to out_dir/results.json."""
     config = trainer.check_config(config, SETTINGS, prefix="sft")
     records, dev = load_task_data(config)  # before the model: a missing file fails in a second
-    examples = sft_examples(config["task"], records)
+    examples = [paraphrase_example(r) if config["task"] == "paraphrase" else sonnet_example(r) for r in records]
     check_task_lengths(config, examples, dev)  # before the model (and before out_dir is made), too
     run = trainer.start(config)
     model = trainer.load_policy(config).to(run.device)
 
     def loss_fn(model, micro_batch, batch):
-        # every target token of the whole batch weighs the same, however it is split over GPUs and micro-batches
         n_targets = sum(predicted_targets(examples[i]) for i in batch)
         return sft_loss(model, collate([examples[i] for i in micro_batch]), n_targets, config["logprobs"])[0], {}
 

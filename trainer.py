@@ -5,20 +5,11 @@ The training loop, written once for every objective (after nanoGPT's train.py an
     model = trainer.load_policy(run.config).to(run.device)    # GPT-2, with LoRA adapters if --lora_r
     results = trainer.fit(run, model, sizes, loss_fn, evaluate, regime="sft", title="...")
 
-fit knows nothing of SFT, DPO or ORPO. The objective comes in as a function of training-item indices:
-
-    loss_fn(model, micro_batch, batch) -> (loss, figures)
-
-`batch` holds the items of one optimizer step (over every process), `micro_batch` those this call computes;
-the loss is micro_batch's share of the mean over batch, so the micro-batches' gradients add up to the gradient
-of the whole batch's mean loss however it is split. `figures` are more such shares for log.jsonl (DPO's reward
-accuracy and margin), or {}. `sizes` are the items' token counts. `evaluate(model)` returns the dev metrics:
-"score" (what results.json and the study report) and "selection" (what best/ is chosen by).
-
-The loop: AdamW, warm-up then cosine decay, gradient clipping, bfloat16 autocast, gradient accumulation, DDP
-under torchrun, log.jsonl (runlog.py), a stop on a NaN loss, a clean stop on SIGTERM or Ctrl-C, checkpoint.pt
-and an exact --resume, the dev score every --eval_every steps (default: each epoch's end) with last/ and best/,
-and results.json (checkpoint.py writes and reads the run folder).
+fit knows nothing of SFT, DPO or ORPO: the objective is loss_fn(model, micro_batch, batch) -> (loss, figures),
+on lists of item indices. `batch` is one optimizer step's items (over every process), `micro_batch` this call's;
+the loss is micro_batch's share of the mean over batch, so the shares' gradients add up to the batch mean's
+however it is split. `figures` are more such shares for log.jsonl, or {}. `evaluate(model)` returns the dev
+metrics: "score" (what results.json reports) and "selection" (what best/ is chosen by).
 """
 
 import math
@@ -51,65 +42,57 @@ from runlog import Log
 
 SETTINGS = {
     "task": (REQUIRED, str, one_of("paraphrase", "sonnet"), "paraphrase or sonnet"),
-    "init_from": ("gpt2", str, None, "a GPT-2 name (gpt2 ... gpt2-xl), a model directory, or an earlier run's "
-                                     "out_dir (its last/)"),
+    "init_from": ("gpt2", str, None, "a GPT-2 name (gpt2 ... gpt2-xl), a model folder or a run's out_dir (its last/)"),
     "data_dir": ("data", str, None, "where the course's files are (python -m data.download puts them there)"),
     "out_dir": (None, str, None, "where this run writes; default out/{sft|dpo}-{task}-{fft|lora}"),
     "epochs": (10, int, at_least(1), "the course's starter trains 10 epochs"),
-    "batch_size": (8, int, at_least(1), "examples per optimizer step, the course's 8 (split over --grad_accum and GPUs)"),
+    "batch_size": (8, int, at_least(1), "examples per optimizer step, the course's 8 (split over --grad_accum, GPUs)"),
     "grad_accum": (1, int, at_least(1), "split each batch into this many micro-batches: same update, less memory"),
-    "lr": (None, float, POSITIVE, "peak learning rate such as 1e-5; default 1e-5 for FFT (the course's) and 2e-4 "
-                                  "for LoRA (Hu et al. 2021's GPT-2 setting: at 1e-5 a LoRA run barely moves)"),
-    "warmup": (0.05, float, between(0, 1), "fraction of the steps spent warming the learning rate up from 0, at "
-                                           "least one step when above 0 (AdamW's first moment estimates are noise)"),
+    "lr": (None, float, POSITIVE, "peak learning rate; default 1e-5 for FFT (the course's), 2e-4 for LoRA (Hu et al. "
+                                  "2021's GPT-2 setting: at 1e-5 a LoRA run barely moves)"),
+    "warmup": (0.05, float, between(0, 1), "share of the steps warming the learning rate up from 0, at least one if "
+                                           "above 0 (AdamW's first moment estimates are noise)"),
     "min_lr_ratio": (0.1, float, between(0, 1), "cosine decay ends at lr * this (nanoGPT's and Chinchilla's 10x)"),
-    "weight_decay": (0.0, float, NON_NEGATIVE, "AdamW's decay, on 2-D weight matrices only; the course's starter uses 0"),
-    "grad_clip": (1.0, float, NON_NEGATIVE, "clip the global gradient norm to this (0 = off): one bad batch can't "
-                                            "wreck a run"),
+    "weight_decay": (0.0, float, NON_NEGATIVE, "AdamW's decay, on 2-D weight matrices only; the course's is 0"),
+    "grad_clip": (1.0, float, NON_NEGATIVE, "clip the grad norm to this (0 = off): one bad batch can't wreck a run"),
     "dropout": (0.1, float, between(0, 0.999), "GPT-2's own (and the course's) dropout"),
-    "lora_r": (0, int, (lambda v: v >= 0, "must be 0 (full fine-tuning) or a positive rank such as 8"),
-               "LoRA rank; 0 = full fine-tuning"),
-    "lora_alpha": (16.0, float, POSITIVE, "LoRA scale alpha: the update is (alpha / r) B A (alpha = 2r, a common choice)"),
+    "lora_r": (0, int, (lambda v: v >= 0, "must be 0 (full fine-tuning) or a rank such as 8"), "LoRA rank; 0 = FFT"),
+    "lora_alpha": (16.0, float, POSITIVE, "LoRA's alpha: the update is (alpha / r) B A (alpha = 2r is common)"),
     "lora_dropout": (0.0, float, between(0, 0.999), "dropout on LoRA's input"),
-    "lora_targets": (",".join(DEFAULT_TARGETS), str, None, "comma-separated Linear layers LoRA adapts (all of a block's)"),
-    "lora_rslora": (False, bool, None, "rsLoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of "
-                                       "alpha / r, so that a larger rank does not learn slower"),
-    "lora_plus_ratio": (1.0, float, POSITIVE, "LoRA+ (Hayou et al. 2024): B's learning rate is this times A's (--lr); "
-                                              "1 = plain LoRA, the paper suggests about 16"),
-    "lora_init": (None, str, None, "start LoRA's A (and B) from this adapter file instead of at random: another run's "
-                                   "lora_init.safetensors repeats that run exactly"),
+    "lora_targets": (",".join(DEFAULT_TARGETS), str, (lambda v: v.strip(", "), "name at least one Linear layer"),
+                     "comma-separated Linear layers LoRA adapts"),
+    "lora_rslora": (False, bool, None, "rsLoRA (Kalajdzievski 2023): scale by alpha / sqrt(r), not alpha / r, so a "
+                                       "larger rank does not learn slower"),
+    "lora_plus_ratio": (1.0, float, POSITIVE, "LoRA+ (Hayou et al. 2024): B's learning rate is this times A's; 1 = "
+                                              "plain LoRA, the paper suggests about 16"),
+    "lora_init": (None, str, (lambda v: Path(v).is_file(), "no such file (a run's lora_init.safetensors)"),
+                  "start LoRA's A and B from this file: a run's lora_init.safetensors repeats it"),
     "seed": (11711, int, None, "the course's seed"),
-    "device": (default_device(), str, None, "cuda, cuda:N, mps or cpu (the default is the best one here)"),
-    "dtype": ("auto", str, one_of("auto", "float32", "bfloat16"),
-              "auto (bfloat16 autocast on a GPU that has it, else float32), float32 or bfloat16"),
+    "device": (default_device(), str, None, "cuda, cuda:N, mps or cpu (default: the best one here)"),
+    "dtype": ("auto", str, one_of("auto", "float32", "bfloat16"), "auto: bfloat16 autocast on a GPU that has it"),
     "compile": (False, bool, None, "torch.compile the model (worth it on a GPU for long runs)"),
-    "logprobs": ("auto", str, one_of("auto", "plain", "chunked"), "how log-probabilities are computed: plain "
-                 "(logits, log_softmax, gather), chunked (never holds a batch's logits: chunked_logprobs.py), auto: "
-                 "chunked only when the logits would be large"),
+    "logprobs": ("auto", str, one_of("auto", "plain", "chunked"), "plain (log_softmax, gather), chunked (never a "
+                 "batch's logits: chunked_logprobs.py), auto: chunked only when the logits would be large"),
     "train_limit": (None, int, LIMIT, "train on the first N examples only"),
     "dev_limit": (None, int, LIMIT, "evaluate on the first N dev examples only (paraphrase)"),
-    "eval_every": (0, int, at_least(-1), "score on dev every N optimizer steps and when the run ends; 0 = at each "
-                                         "epoch's end (the course's); -1 = only when the run ends"),
+    "eval_every": (0, int, at_least(-1), "score on dev every N steps and at the end; 0 = each epoch's end (the "
+                                         "course's); -1 = only at the end"),
     "eval_batch_size": (64, int, at_least(1), "examples per batch when scoring the dev set"),
     "temperature": (1.2, float, NON_NEGATIVE, "sonnet generation when scoring: the course's"),
     "top_p": (0.9, float, between(1e-9, 1), "sonnet generation when scoring: the course's"),
     "max_new_tokens": (128, int, at_least(1), "sonnet generation when scoring: the course's"),
-    "resume": (False, bool, None, "continue from out_dir/checkpoint.pt (starts afresh, and says so, if there is none)"),
-    "checkpoint_every": (0, int, NON_NEGATIVE, "also save a resumable state every N optimizer steps (0: only when "
-                                               "the dev set is scored, and on SIGTERM or Ctrl-C)"),
-    "log_every": (10, int, at_least(1), "a line of log.jsonl (and the progress bar) every N steps; each reads the "
-                                        "loss back from the GPU, and a NaN is caught there, always before a save"),
-    "save_best": (True, bool, None, "also keep best/, the best dev evaluation's model (the course's practice); "
-                                    "last/ is always kept"),
-    "keep_checkpoints": (False, bool, None, "keep checkpoint.pt when the run has finished (it exists to resume "
-                                            "an interrupted run, and holds AdamW's state: 3x the model)"),
-    "wandb_project": (None, str, None, "send each log.jsonl line to this Weights & Biases project (pip install wandb)"),
+    "resume": (False, bool, None, "continue from out_dir/checkpoint.pt (starts afresh, and says so, if none)"),
+    "checkpoint_every": (0, int, NON_NEGATIVE, "also save checkpoint.pt every N steps (0: only when dev is scored)"),
+    "log_every": (10, int, at_least(1), "a log.jsonl line every N steps; each reads the loss back from the GPU, "
+                                        "where a NaN is caught (always before a save)"),
+    "save_best": (True, bool, None, "also keep best/, the best dev score's model (the course's); last/ is kept"),
+    "keep_checkpoints": (False, bool, None, "keep checkpoint.pt after the run (it holds AdamW's state: 3x the model)"),
+    "wandb_project": (None, str, None, "send log.jsonl's lines to this Weights & Biases project (pip install wandb)"),
 }
 
 
 def check_config(config, settings=SETTINGS, prefix="sft"):
-    """Every setting that can be checked without loading anything (each row's valid values, then the checks
-    that span several settings); fills in the derived defaults."""
+    """flags.check, the checks that span several settings, and the derived defaults: nothing is loaded."""
     config = check(config, settings)
     if config["lr"] is None:
         config["lr"] = 2e-4 if config["lora_r"] else 1e-5
@@ -120,21 +103,12 @@ def check_config(config, settings=SETTINGS, prefix="sft"):
                  for k in ("lora_plus_ratio", "lora_rslora", "lora_init") if config[k] != settings[k][0]]
     if not config["lora_r"] and lora_only:
         raise InputError(f"{lora_only[0]}: needs --lora_r (full fine-tuning has no LoRA A and B)")
-    if config["lora_init"] is not None and not Path(config["lora_init"]).is_file():
-        raise InputError(f"--lora_init {config['lora_init']!r}: no such file (a run's lora_init.safetensors)")
-    if not lora_targets(config):
-        raise InputError(f"--lora_targets {config['lora_targets']}: name at least one Linear layer, "
-                         f"e.g. {','.join(DEFAULT_TARGETS)}")
     check_device(config["device"])
     check_source(config["init_from"], "--init_from")
     if config["out_dir"] is None:
         config["out_dir"] = f"out/{prefix}-{config['task']}-{'lora' if config['lora_r'] else 'fft'}"
     writable_dir(config["out_dir"], "--out_dir")
     return config
-
-
-def lora_targets(config):
-    return [t.strip() for t in config["lora_targets"].split(",") if t.strip()]
 
 
 # -----------------------------------------------------------------------------
@@ -148,17 +122,10 @@ class Run:
     world_size: int = 1  # how many processes share each batch
     held: ExitStack = field(default_factory=ExitStack)  # the lock on out_dir, released when the run ends
 
-    @property
-    def device(self):
-        return self.config["device"]
-
-    @property
-    def device_type(self):
-        return self.device.split(":")[0]
-
-    @property
-    def master(self):  # only one process prints and writes
-        return self.rank == 0
+    def __post_init__(self):
+        self.device = self.config["device"]
+        self.device_type = self.device.split(":")[0]
+        self.master = self.rank == 0  # only one process prints and writes
 
 
 def start(config):
@@ -183,14 +150,14 @@ def start(config):
 
 
 def load_policy(config):
-    """init_from, with LoRA adapters when --lora_r is set (the rest frozen): fresh, or --lora_init's (drawn at
-    random all the same, so every later random number is too). An SFT run's LoRA folder loads with its adapter
-    folded in, so SFT->DPO with LoRA trains a new adapter on top of the SFT model."""
+    """init_from, with LoRA adapters when --lora_r is set (the rest frozen): fresh or --lora_init's (drawn all the
+    same, so every later random number is too). A LoRA SFT run loads with its adapter folded in."""
     model = load_model(config["init_from"], dropout=config["dropout"])
     if config["lora_r"]:
         try:
             apply_lora(model, r=config["lora_r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
-                       targets=lora_targets(config), rslora=config["lora_rslora"])
+                       targets=[t.strip() for t in config["lora_targets"].split(",") if t.strip()],
+                       rslora=config["lora_rslora"])
         except ValueError as e:
             raise InputError(f"--lora_targets {config['lora_targets']}: {e}") from None
         if config["lora_init"] is not None:
@@ -251,7 +218,9 @@ def train_loop(run, model, sizes, loss_fn, evaluate, title):
             lr = lr_at(progress["step"], total_steps, config["lr"], config["warmup"], config["min_lr_ratio"])
             for group in optimizer.param_groups:  # LoRA+'s B group keeps its ratio to the rest
                 group["lr"] = lr * group["lr_scale"]
-            parts = micro_batches(batch[run.rank::run.world_size], config["grad_accum"])  # this process's share
+            mine = batch[run.rank::run.world_size]  # this process's share, in --grad_accum micro-batches
+            size = math.ceil(len(mine) / config["grad_accum"])
+            parts = [mine[i:i + size] for i in range(0, len(mine), size)]
             for k, part in enumerate(parts):
                 # DDP averages gradients over processes once per batch, on its last micro-batch
                 sync = ddp_model.no_sync() if run.world_size > 1 and k < len(parts) - 1 else nullcontext()
@@ -271,11 +240,11 @@ def train_loop(run, model, sizes, loss_fn, evaluate, title):
             log_now = progress["step"] % config["log_every"] == 0
             stopping = stop.requested(run, log_now)
             save_now = stopping or config["checkpoint_every"] and progress["step"] % config["checkpoint_every"] == 0
-            evaluate_now = due_for_evaluation(config, progress["step"], steps_per_epoch, total_steps)
+            every = config["eval_every"]  # N: every N steps; 0: at each epoch's end; -1: only at the end
+            evaluate_now = (progress["step"] == total_steps or every > 0 and progress["step"] % every == 0
+                            or every == 0 and progress["step"] % steps_per_epoch == 0)
             if log_now or save_now or evaluate_now or progress["batch"] == len(batches):
-                # The step's only waits for the device: this read (every --log_every steps, before a save and
-                # at an epoch's end) and, under torchrun, its all-reduce. Elsewhere the host runs ahead: batches
-                # are cut on the CPU, the loss adds up on the device, clipping and AdamW read nothing back.
+                # the step's only wait for the device (with torchrun's all-reduce): elsewhere the host runs ahead
                 line = log.write(progress, epoch, lr, t0)
                 bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}")
             if progress["batch"] == len(batches):  # a checkpoint saved from here on starts the next epoch
@@ -294,16 +263,6 @@ def train_loop(run, model, sizes, loss_fn, evaluate, title):
         bar.close()
     stop.restore()
     return progress
-
-
-def due_for_evaluation(config, step, steps_per_epoch, total_steps):
-    """--eval_every N: every N steps; 0: at each epoch's end; -1: only at the end. Always at the end."""
-    every = config["eval_every"]
-    if step == total_steps:
-        return True
-    if every == 0:
-        return step % steps_per_epoch == 0
-    return every > 0 and step % every == 0
 
 
 def evaluate_and_save(run, model, optimizer, evaluate, progress, log, epoch):
@@ -326,8 +285,7 @@ def evaluate_and_save(run, model, optimizer, evaluate, progress, log, epoch):
         print(f"epoch {epoch:g}, step {progress['step']}: "
               + "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k not in ("score", "selection"))
               + ("  (best so far)" if improved else ""))
-    progress["eval_seconds"] += time.time() - t0
-    if run.master:
+        progress["eval_seconds"] += time.time() - t0
         save_checkpoint(out_dir / CHECKPOINT, model, optimizer, progress)
     if run.world_size > 1:
         dist.barrier()
@@ -376,13 +334,10 @@ class StopSignal:
 
 
 def configure_optimizer(model, lr, weight_decay, device_type, lora_plus_ratio=1.0):
-    """AdamW over the trainable parameters only (frozen GPT-2 weights get no optimizer state). Weight decay
-    applies to 2-D weight matrices; biases, LayerNorms and LoRA's A and B are not decayed.
-
-    LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): with lora_plus_ratio
-    lambda != 1, LoRA's B matrices get their own group with learning rate lambda * lr (A keeps lr); B starts
-    at 0 and, in wide layers, learns efficiently only with a larger step than A. Each group's "lr_scale" is
-    its multiple of the schedule's learning rate (fit sets group["lr"] = lr_at(step) * lr_scale)."""
+    """AdamW over the trainable parameters only, decaying 2-D weight matrices (not biases, LayerNorms, LoRA's A, B).
+    LoRA+ (Hayou et al. 2024): with lora_plus_ratio lambda != 1, B gets its own group at lambda * lr (B starts at 0
+    and, in wide layers, learns efficiently only with a larger step than A). A group's "lr_scale" is its multiple
+    of the schedule's learning rate."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decayed = {n for n, p in params if p.dim() >= 2 and not n.endswith((".lora_A", ".lora_B"))}
     own_b = {n for n, _ in params if n.endswith(".lora_B")} if lora_plus_ratio != 1 else set()
@@ -407,35 +362,19 @@ def lr_at(step, total_steps, lr, warmup=0.05, min_lr_ratio=0.1):
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def epoch_seed(seed, epoch):
-    """One shuffling seed per (seed, epoch) pair, no two alike: seed + epoch would make seed 11711's epoch 1
-    seed 11712's epoch 0, so that runs with neighbouring seeds would share data orders."""
-    return seed * 2**32 + epoch
-
-
 def epoch_batches(sizes, config, epoch, world_size=1):
-    """This epoch's batches (lists of item indices): shuffled by (seed, epoch), similar sizes together.
-    With several processes, a batch must hold at least one item per process; a smaller last one is dropped."""
-    batches = batch_indices(sizes, config["batch_size"], shuffle=True, seed=epoch_seed(config["seed"], epoch))
+    """This epoch's batches (lists of item indices): shuffled by (seed, epoch), similar sizes together. The seed
+    is seed * 2**32 + epoch: with seed + epoch, seed 11711's epoch 1 would be seed 11712's epoch 0. With several
+    processes, a batch must hold at least one item per process; a smaller last one is dropped."""
+    batches = batch_indices(sizes, config["batch_size"], shuffle=True, seed=config["seed"] * 2**32 + epoch)
     return [b for b in batches if len(b) >= world_size]
 
 
-def micro_batches(indices, n):
-    """Split a list into n nearly equal consecutive parts (fewer when it is shorter than n)."""
-    size = math.ceil(len(indices) / n)
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
-
-
-def compute_dtype(config, device_type):
-    """auto: bfloat16 on a GPU that has it (half the memory traffic, same range as float32), else float32."""
-    if config["dtype"] == "auto":
-        return "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return config["dtype"]
-
-
 def autocast_context(config, device_type):
-    """bfloat16 autocast: matmuls in bfloat16, reductions such as softmax and the loss in float32."""
-    if compute_dtype(config, device_type) == "bfloat16":
+    """bfloat16 autocast (matmuls in bfloat16, softmax and the loss in float32) if --dtype says so; auto: on a GPU
+    that has bfloat16 (half the memory traffic, float32's range)."""
+    auto = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    if config["dtype"] == "bfloat16" or config["dtype"] == "auto" and auto:
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return nullcontext()
 

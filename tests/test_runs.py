@@ -57,7 +57,7 @@ def test_log_lines_hold_the_mean_loss_that_the_same_weights_and_batches_give(tin
         assert set(line) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_second", "elapsed"}
         assert line["lr"] == 0.0 and line["grad_norm"] > 0 and line["tokens_per_second"] > 0
     model = checkpoint.load_model(tiny_dir)
-    examples = train_sft.sft_examples("paraphrase", train_sft.load_task_data(config)[0])
+    examples = [train_sft.paraphrase_example(r) for r in train_sft.load_task_data(config)[0]]
     config = trainer.check_config(config)
     for epoch in range(2):
         batches = trainer.epoch_batches([len(e) for e in examples], config, epoch)
