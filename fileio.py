@@ -54,8 +54,11 @@ def read_json(path):
 
 def writable_dir(path, flag="--out_dir"):
     """Prove `path` can hold our files before any work: create it (and missing parents) and a temporary file
-    in it, then remove all of that again, so a run that fails later leaves nothing behind. Returns the path."""
+    in it, then remove all of that again, so a run that fails later leaves nothing behind. Returns the path.
+    Under torchrun only rank 0 checks: processes making and removing one folder at once would fail each other."""
     path = Path(path)
+    if os.environ.get("RANK", "0") != "0":
+        return path
     if path.exists() and not path.is_dir():
         raise InputError(f"{flag} {str(path)!r}: is a file, not a directory")
     created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first

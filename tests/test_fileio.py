@@ -157,6 +157,17 @@ def test_writable_dir(tmp_path):
         writable_dir(tmp_path / "file" / "sub", "--out-dir")
 
 
+def test_under_torchrun_only_rank_0_checks_a_folder(tmp_path, monkeypatch):
+    """torchrun's processes all check out_dir; two making and removing one folder at once failed each other
+    ("is a file, not a directory" when one removed it between the other's exists() and is_dir())."""
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("RANK", "1")
+    assert writable_dir(tmp_path / "file" / "sub") == tmp_path / "file" / "sub"  # rank 1 leaves it to rank 0
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(InputError, match="cannot be created or written"):
+        writable_dir(tmp_path / "file" / "sub")
+
+
 def hold_lock(folder):
     """Another process that takes lock_dir(folder), says so on its stdout, and sleeps until it is killed."""
     code = ("import sys, time\nfrom fileio import lock_dir\n"
