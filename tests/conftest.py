@@ -127,6 +127,6 @@ class LocalFileServer:
 @pytest.fixture
 def file_server():
     server = LocalFileServer()
-    threading.Thread(target=server.httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=server.httpd.serve_forever, args=(0.05,), daemon=True).start()
     yield server
     server.httpd.shutdown()
