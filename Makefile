@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python 3.10+ with venv):
 #   make study   downloads the data and GPT-2, and runs the study (study.py: 12 conditions, one table)
-#   make test    runs the test suite (CPU, about 6 minutes on 2 cores: 345 s measured in a fresh clone)
+#   make test    runs the test suite (CPU, about 5 minutes on 2 cores: 257 s measured in a fresh clone)
 # Each creates .venv and installs the pinned requirements the first time.
 
 PYTHON ?= python3
